@@ -1,0 +1,110 @@
+# iteris-mpi build. `make deps` installs the Debian packages, `make` builds the library and the
+# binary, `make test` builds and runs every test and ends with "N passed, N failed".
+# Variables: BUILD (output folder, default build), WERROR=1 (warnings are errors; CI sets it),
+# SAN=1 (AddressSanitizer + UndefinedBehaviorSanitizer build), OPT (optimisation flags).
+
+BUILD  ?= build
+OPT    ?= -O2 -g
+WERROR ?= 0
+SAN    ?= 0
+PKGS   := petsc hdf5-openmpi scalapack-openmpi lapacke openblas libcjson
+
+CC  := mpicc
+CXX := mpicxx
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lgfortran -lm
+
+WARN := -Wall -Wextra
+ifeq ($(WERROR),1)
+WARN += -Werror
+endif
+SANFLAGS :=
+ifeq ($(SAN),1)
+SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+endif
+
+CPPFLAGS := -Iinclude -Isrc $(PKG_CFLAGS) -D_POSIX_C_SOURCE=200809L -DOMPI_SKIP_MPICXX=1
+CFLAGS   := -std=c11 $(OPT) $(WARN) $(SANFLAGS) -fPIC
+CXXFLAGS := -std=c++17 $(OPT) $(WARN) $(SANFLAGS) $(shell pkg-config --cflags gtest)
+LDFLAGS  := $(SANFLAGS)
+
+LAYERS   := core io model dist merge eval
+LIB_SRC  := $(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c))
+CLI_SRC  := $(wildcard src/cli/*.c)
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+CLI_OBJ  := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
+LIB      := $(BUILD)/lib/libiteris.a
+BIN      := $(BUILD)/bin/iteris-mpi
+
+UNIT_SRC := $(wildcard tests/unit/*.cc) tests/common/unit_main.cc
+MPI_SRC  := $(wildcard tests/mpi/*.cc) tests/common/mpi_main.cc
+BENCH_SRC := $(wildcard bench/*.c)
+UNIT_OBJ := $(UNIT_SRC:%.cc=$(BUILD)/obj/%.o)
+MPI_OBJ  := $(MPI_SRC:%.cc=$(BUILD)/obj/%.o)
+UNIT_BIN := $(BUILD)/tests/unit_tests
+MPI_BIN  := $(BUILD)/tests/mpi_tests
+BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+
+.PHONY: all deps test test-unit test-mpi test-e2e test-asan test-slurm bench demo clean format help
+all: $(BIN)
+
+help:
+	@sed -n '1,4p' Makefile | sed 's/^# //'
+
+deps:
+	bash scripts/install-deps.sh --python
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/obj/%.o: %.cc
+	@mkdir -p $(dir $@)
+	$(CXX) $(CPPFLAGS) $(CXXFLAGS) -MMD -MP -c $< -o $@
+
+$(LIB): $(LIB_OBJ)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(BIN): $(CLI_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $(CLI_OBJ) $(LIB) $(PKG_LIBS)
+
+$(UNIT_BIN): $(UNIT_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CXX) $(LDFLAGS) -o $@ $(UNIT_OBJ) $(LIB) $(PKG_LIBS) $(shell pkg-config --libs gtest)
+
+$(MPI_BIN): $(MPI_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CXX) $(LDFLAGS) -o $@ $(MPI_OBJ) $(LIB) $(PKG_LIBS) $(shell pkg-config --libs gtest)
+
+$(BUILD)/bench/%: bench/%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(LIB) $(PKG_LIBS)
+
+tests: $(BIN) $(UNIT_BIN) $(MPI_BIN)
+
+# Everything: unit tests, the same unit tests under ASan/UBSan, MPI tests at -np 1..4, end-to-end runs.
+test: tests
+	$(MAKE) --no-print-directory BUILD=$(BUILD)/asan SAN=1 OPT="-O1 -g" $(BUILD)/asan/tests/unit_tests
+	BUILD=$(BUILD) bash tests/run.sh
+
+test-unit: $(UNIT_BIN)
+	$(UNIT_BIN) --gtest_color=no
+
+test-slurm: $(BIN)
+	bash tests/slurm/run.sh
+
+bench: $(BIN) $(BENCH_BIN)
+	BUILD=$(BUILD) bash bench/run.sh
+
+demo: $(BIN)
+	bash scripts/demo.sh
+
+format:
+	clang-format -i $(LIB_SRC) $(CLI_SRC) $(wildcard include/iteris/*.h src/*/*.h tests/*/*.cc)
+
+clean:
+	rm -rf $(BUILD)
+
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(UNIT_OBJ:.o=.d) $(MPI_OBJ:.o=.d)
