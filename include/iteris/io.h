@@ -1,0 +1,219 @@
+/* iteris-mpi io: safetensors (mmap'd reader, sharded folders, atomic writer), Hugging Face
+ * config.json, PEFT LoRA adapters (reader and writer), calibration JSONL, and the one table of
+ * Hugging Face / PEFT tensor names. Every file is treated as hostile: each length is bounded by
+ * the bytes left, products are checked for overflow, errors name the file and the field.
+ * Not Collective: nothing here calls MPI. Files are written to a temporary name, synced and
+ * renamed, so no reader ever sees half a file.
+ *
+ * safetensors layout (https://github.com/huggingface/safetensors), byte by byte:
+ *   bytes [0, 8)        N, unsigned 64-bit little-endian: length of the JSON header
+ *   bytes [8, 8+N)      UTF-8 JSON object: { "__metadata__": {str: str, ...} (optional),
+ *                         "<name>": {"dtype": "F32"|"F16"|"BF16"|"F64",
+ *                                    "shape": [d0, d1, ...],
+ *                                    "data_offsets": [begin, end]}, ... }
+ *                       padded with spaces; the writer pads so that 8+N is a multiple of 8.
+ *   bytes [8+N, size)   the data buffer; a tensor's bytes are [8+N+begin, 8+N+end), row-major,
+ *                       little-endian; end-begin == prod(shape) * dtype size; tensors do not
+ *                       overlap and together cover the whole buffer (no bytes left over).
+ */
+#ifndef ITERIS_IO_H
+#define ITERIS_IO_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "iteris/core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ITR_MAX_DIMS 8
+#define ITR_PATH_MAX 4096
+
+/* ---- safetensors: one file ---------------------------------------------------------------- */
+
+typedef struct {
+  const char *name; /* owned by the file object */
+  const char *file; /* path of the file holding it, for messages */
+  itr_dtype dtype;
+  int ndim;
+  int64_t shape[ITR_MAX_DIMS];
+  int64_t numel;
+  size_t nbytes;
+  const void *data; /* inside the mapping: little-endian, possibly unaligned; touch only what you need */
+} itr_tensor_info;
+
+typedef struct itr_safetensors itr_safetensors;
+
+/* Maps and validates a whole file (header, dtypes, offsets, no overlap, no bytes left over,
+ * no duplicate names). ITR_ERR_INPUT with the file's path and the offending tensor on failure. */
+itr_err itr_safetensors_open(const char *path, itr_safetensors **out);
+void itr_safetensors_destroy(itr_safetensors *st); /* accepts NULL */
+int itr_safetensors_count(const itr_safetensors *st);
+const itr_tensor_info *itr_safetensors_at(const itr_safetensors *st, int i); /* in file order */
+const itr_tensor_info *itr_safetensors_find(const itr_safetensors *st, const char *name); /* NULL: absent */
+const char *itr_safetensors_metadata(const itr_safetensors *st, const char *key);        /* NULL: absent */
+const char *itr_safetensors_path(const itr_safetensors *st);
+
+/* Converts a tensor's elements to f32 / f64 (dst holds numel). Rejects NaN or infinity with an
+ * ITR_ERR_INPUT naming the file, the tensor and the first bad element's index. */
+itr_err itr_tensor_read_f32(const itr_tensor_info *t, float *dst);
+itr_err itr_tensor_read_f64(const itr_tensor_info *t, double *dst);
+/* Checks that a tensor has exactly this shape; the message names file and tensor and both shapes.
+ * `what` says what the shape was expected from (e.g. "the base model's q_proj"). */
+itr_err itr_tensor_check_shape(const itr_tensor_info *t, int ndim, const int64_t *shape, const char *what);
+
+/* ---- safetensors: a model folder (one file, or shards listed by model.safetensors.index.json) */
+
+typedef struct itr_tensor_store itr_tensor_store;
+
+/* Opens DIR/model.safetensors.index.json (weight_map: name -> shard file) or, without an index,
+ * DIR/model.safetensors. Shards are mapped lazily, on first access, so a rank touches only the
+ * shards holding its tensors. */
+itr_err itr_tensor_store_open(const char *dir, itr_tensor_store **out);
+void itr_tensor_store_destroy(itr_tensor_store *s); /* accepts NULL */
+/* Looks up a tensor; ITR_ERR_INPUT naming the folder when absent. */
+itr_err itr_tensor_store_get(itr_tensor_store *s, const char *name, const itr_tensor_info **out);
+int itr_tensor_store_has(const itr_tensor_store *s, const char *name);
+int itr_tensor_store_count(const itr_tensor_store *s);
+const char *itr_tensor_store_name(const itr_tensor_store *s, int i); /* sorted by name */
+const char *itr_tensor_store_dir(const itr_tensor_store *s);
+
+/* ---- safetensors: writer -------------------------------------------------------------------- */
+
+typedef struct itr_st_writer itr_st_writer;
+itr_err itr_st_writer_create(itr_st_writer **out);
+void itr_st_writer_destroy(itr_st_writer *w); /* accepts NULL */
+/* Adds a tensor whose data (already in dtype, little-endian) the caller keeps alive until write. */
+itr_err itr_st_writer_add(itr_st_writer *w, const char *name, itr_dtype dtype, int ndim,
+                          const int64_t *shape, const void *data);
+/* Adds a tensor given as f32, converted (and copied) to dtype now. */
+itr_err itr_st_writer_add_f32(itr_st_writer *w, const char *name, itr_dtype dtype, int ndim,
+                              const int64_t *shape, const float *data);
+itr_err itr_st_writer_set_metadata(itr_st_writer *w, const char *key, const char *value);
+/* Writes path atomically: path.tmp.<pid>, fsync, rename. Tensors are stored sorted by name. */
+itr_err itr_st_writer_write(const itr_st_writer *w, const char *path);
+
+/* ---- the one table of Hugging Face / PEFT names ----------------------------------------------- */
+
+typedef enum {
+  ITR_Q_PROJ = 0, ITR_K_PROJ, ITR_V_PROJ, ITR_O_PROJ, ITR_GATE_PROJ, ITR_UP_PROJ, ITR_DOWN_PROJ,
+  ITR_MODULE_COUNT
+} itr_module;
+/* Input sites: modules that read the same input share its Gram. */
+typedef enum { ITR_SITE_ATTN_IN = 0, ITR_SITE_ATTN_OUT, ITR_SITE_MLP_IN, ITR_SITE_MLP_OUT, ITR_SITE_COUNT } itr_site;
+
+const char *itr_module_name(itr_module m);  /* "q_proj" */
+const char *itr_module_block(itr_module m); /* "self_attn" or "mlp" */
+itr_site itr_module_site(itr_module m);
+int itr_module_parse(const char *s, itr_module *out); /* "q_proj" -> ITR_Q_PROJ; 0 when unknown */
+/* "model.layers.<l>.self_attn.q_proj.weight" (suffix "weight" or "bias") */
+void itr_name_base(int layer, itr_module m, const char *suffix, char *buf, size_t len);
+/* "base_model.model.model.layers.<l>.self_attn.q_proj.lora_A.weight" (which = 'A' or 'B') */
+void itr_name_lora(int layer, itr_module m, char which, char *buf, size_t len);
+/* Parses a PEFT LoRA tensor name; returns 0 when it is not one. */
+int itr_name_parse_lora(const char *name, int *layer, itr_module *m, char *which);
+/* Non-layer names: "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+ * "model.layers.<l>.input_layernorm.weight", "model.layers.<l>.post_attention_layernorm.weight" */
+extern const char *const ITR_NAME_EMBED, *const ITR_NAME_FINAL_NORM, *const ITR_NAME_LM_HEAD;
+void itr_name_layer_norm(int layer, int post_attention, char *buf, size_t len);
+
+/* ---- Hugging Face config.json --------------------------------------------------------------- */
+
+typedef enum { ITR_ARCH_LLAMA = 0, ITR_ARCH_MISTRAL, ITR_ARCH_QWEN2 } itr_arch;
+
+typedef struct {
+  itr_arch arch;
+  char model_type[32];         /* "llama", "mistral", "qwen2" */
+  int hidden_size;             /* D */
+  int intermediate_size;       /* F */
+  int num_hidden_layers;       /* L */
+  int num_attention_heads;
+  int num_key_value_heads;     /* defaults to num_attention_heads */
+  int head_dim;                /* defaults to hidden_size / num_attention_heads */
+  int vocab_size;
+  int max_position_embeddings;
+  double rms_norm_eps;
+  double rope_theta;           /* default 10000 */
+  int tie_word_embeddings;     /* default 0 (llama), as in transformers */
+  int attention_bias;          /* q/k/v (and o for llama) carry biases; qwen2: q/k/v always */
+  int o_bias;                  /* o_proj has a bias (llama with attention_bias) */
+  int mlp_bias;
+} itr_model_config;
+
+/* Reads DIR/config.json (or a path to a .json file). Unsupported architectures and values
+ * (rope_scaling other than null, hidden_act other than silu, ...) are refused by name. */
+itr_err itr_model_config_read(const char *path, itr_model_config *out);
+itr_err itr_model_config_write(const char *path, const itr_model_config *cfg);
+/* (d_out, d_in) of module m under cfg. */
+void itr_module_shape(const itr_model_config *cfg, itr_module m, int64_t *d_out, int64_t *d_in);
+
+/* ---- PEFT LoRA adapters --------------------------------------------------------------------- */
+
+typedef struct {
+  int present;                  /* 0: the adapter does not target this module: it contributes zero */
+  int r;                        /* r_i after rank_pattern */
+  double alpha;                 /* lora_alpha after alpha_pattern */
+  double scaling;               /* alpha / r, or alpha / sqrt(r) with use_rslora */
+  const itr_tensor_info *A;     /* (r, d_in)  */
+  const itr_tensor_info *B;     /* (d_out, r) */
+} itr_lora_module;
+
+typedef struct {
+  char dir[ITR_PATH_MAX];
+  char base_model[512];          /* base_model_name_or_path ("" when absent) */
+  int r;                         /* default r */
+  double lora_alpha;             /* default lora_alpha */
+  int use_rslora;
+  int num_layers;                /* L of the base model */
+  unsigned target_mask;          /* bit m set when some layer has module m */
+  itr_lora_module *modules;      /* [L * ITR_MODULE_COUNT], index layer * ITR_MODULE_COUNT + m */
+  itr_safetensors *file;         /* adapter_model.safetensors, mapped */
+} itr_adapter;
+
+/* Opens DIR/adapter_config.json and DIR/adapter_model.safetensors and checks them against the
+ * base model: shapes, ranks against the config, lora_A without lora_B, NaN/Inf weights, layer
+ * indices. Refuses DoRA, LoRA bias, modules_to_save and fan_in_fan_out with the reason. */
+itr_err itr_adapter_open(const char *dir, const itr_model_config *base, itr_adapter **out);
+void itr_adapter_destroy(itr_adapter *a); /* accepts NULL */
+const itr_lora_module *itr_adapter_module(const itr_adapter *a, int layer, itr_module m);
+
+/* The merged adapter: per (layer, module) factors A (r, d_in) and B (d_out, r), any r >= 1 per
+ * module. Written as PEFT expects, with lora_alpha per module equal to r (scaling 1) through
+ * rank_pattern / alpha_pattern when the ranks differ. */
+typedef struct itr_adapter_writer itr_adapter_writer;
+itr_err itr_adapter_writer_create(const itr_model_config *base, const char *base_model_name,
+                                  itr_dtype dtype, itr_adapter_writer **out);
+void itr_adapter_writer_destroy(itr_adapter_writer *w);
+/* Copies (and converts to the writer's dtype) the factors; dW = B A with scaling 1. */
+itr_err itr_adapter_writer_add(itr_adapter_writer *w, int layer, itr_module m, int r,
+                               const float *A, const float *B);
+/* Writes DIR/adapter_config.json and DIR/adapter_model.safetensors (each atomically). */
+itr_err itr_adapter_writer_write(const itr_adapter_writer *w, const char *dir);
+
+/* ---- calibration / evaluation data (JSONL) ---------------------------------------------------- */
+
+typedef struct {
+  int n_seqs;
+  int64_t n_tokens;
+  int64_t *offsets; /* (n_seqs + 1): sequence s is ids[offsets[s] .. offsets[s+1]) */
+  int32_t *ids;     /* (n_tokens) */
+} itr_token_set;
+
+/* Reads one {"input_ids": [ints]} per line (blank lines skipped); checks 0 <= id < vocab_size
+ * and non-empty sequences. Errors name the file and the line. */
+itr_err itr_token_set_read(const char *path, int vocab_size, itr_token_set *out);
+void itr_token_set_fini(itr_token_set *ts);
+itr_err itr_token_set_write(const char *path, const itr_token_set *ts);
+
+/* ---- inspect ---------------------------------------------------------------------------------- */
+
+/* Prints a readable summary of a model folder (config, tensors, shapes, dtypes) or an adapter
+ * folder (target modules, ranks and scaling per module) to f. */
+itr_err itr_inspect_dir(const char *dir, FILE *f);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
