@@ -207,6 +207,17 @@ itr_err itr_token_set_read(const char *path, int vocab_size, itr_token_set *out)
 void itr_token_set_fini(itr_token_set *ts);
 itr_err itr_token_set_write(const char *path, const itr_token_set *ts);
 
+/* ---- files ------------------------------------------------------------------------------------ */
+
+/* Writes len bytes to path atomically: path.tmp.<pid>, fsync, rename. Not Collective. */
+itr_err itr_iofile_write_atomic(const char *path, const void *data, size_t len);
+/* mkdir -p (mode 0755); ITR_ERR_INPUT naming the folder on failure. */
+itr_err itr_iofile_mkdirs(const char *dir);
+/* 1 when path names an existing directory. */
+int itr_iofile_is_dir(const char *path);
+/* Removes a folder and everything under it (no symlinks followed); a missing folder is fine. */
+itr_err itr_iofile_remove_tree(const char *dir);
+
 /* ---- inspect ---------------------------------------------------------------------------------- */
 
 /* Prints a readable summary of a model folder (config, tensors, shapes, dtypes) or an adapter

@@ -1,3 +1,94 @@
+/* iteris-mpi: main(). Initialises MPI and PETSc, reads the options, runs one mode, and makes
+ * every rank exit with the same code and rank 0 print the same message. */
+#include <mpi.h>
+#include <petscsys.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "cli/options.h"
 #include "iteris/core.h"
-int main(void) { printf("iteris-mpi\n"); return 0; }
+#include "iteris/dist.h"
+
+/* Before PETSc starts: -help (ours, not PETSc's 300 lines) and a missing -options_file, which
+ * PETSc would report with a 3 KB banner on every rank. */
+static int prescan_args(int argc, char **argv, int rank, int *exit_code) {
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "-help") || !strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+      if (rank == 0) itr_options_print_help(stdout);
+      *exit_code = 0;
+      return 1;
+    }
+    if ((!strcmp(argv[i], "-options_file") || !strcmp(argv[i], "-options_file_yaml"))) {
+      if (i + 1 >= argc || access(argv[i + 1], R_OK) != 0) {
+        if (rank == 0)
+          fprintf(stderr, "error: cannot read the job file given by %s '%s'. Check the path (jobs/ holds examples).\n",
+                  argv[i], i + 1 < argc ? argv[i + 1] : "");
+        *exit_code = 2;
+        return 1;
+      }
+    }
+  }
+  return 0;
+}
+
+static void set_log_label(int rank, int size) {
+  char label[128];
+  const char *job = getenv("SLURM_JOB_ID"), *step = getenv("SLURM_STEP_ID");
+  if (job)
+    snprintf(label, sizeof label, "[job %s.%s rank %d/%d]", job, step ? step : "?", rank, size);
+  else
+    snprintf(label, sizeof label, "[rank %d/%d]", rank, size);
+  itr_log_set_label(size > 1 || job ? label : "");
+  itr_log_set_quiet(rank != 0);
+}
+
+int main(int argc, char **argv) {
+  MPI_Init(&argc, &argv);
+  int rank = 0, size = 1, code = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  set_log_label(rank, size);
+  if (argc == 1) {
+    if (rank == 0) itr_options_print_help(stdout);
+    MPI_Finalize();
+    return 0;
+  }
+  if (prescan_args(argc, argv, rank, &code)) {
+    MPI_Finalize();
+    return code;
+  }
+  if (PetscInitialize(&argc, &argv, NULL, NULL) != 0) {
+    if (rank == 0) fprintf(stderr, "error: PETSc failed to start\n");
+    MPI_Finalize();
+    return 4;
+  }
+  PetscPushErrorHandler(PetscReturnErrorHandler, NULL);
+
+  itr_options *opt = calloc(1, sizeof *opt);
+  itr_err err = opt ? itr_options_parse(opt) : itr_error_set(ITR_ERR_INTERNAL, "out of memory for the options");
+  if (err == ITR_OK) {
+    if (opt->verbose >= 2) itr_log_set_level(ITR_LOG_DEBUG);
+    switch (opt->mode) {
+      case ITR_MODE_INSPECT: err = itr_cli_inspect(opt, MPI_COMM_WORLD); break;
+      case ITR_MODE_MAKE_DEMO: err = itr_cli_make_demo(opt, MPI_COMM_WORLD); break;
+      case ITR_MODE_LOGITS: err = itr_cli_logits(opt, MPI_COMM_WORLD); break;
+      case ITR_MODE_MERGE: err = itr_cli_merge(opt, MPI_COMM_WORLD); break;
+    }
+  }
+  /* every mode returns the agreed error on all ranks; rank 0 prints it */
+  if (err != ITR_OK && rank == 0) {
+    /* input errors: the message alone; numerical and internal ones: with the traceback */
+    char head[1024];
+    itr_error_headline(head, sizeof head);
+    int trace = err != ITR_ERR_INPUT || (opt && opt->verbose >= 1);
+    fprintf(stderr, "error: %s\n", trace ? itr_error_message() : head);
+    fprintf(stderr, "(exit code %d: %s)\n", itr_exit_code(err), itr_err_name(err));
+  }
+  free(opt);
+  PetscFinalize();
+  MPI_Finalize();
+  return itr_exit_code(err);
+}

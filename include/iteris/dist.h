@@ -1,0 +1,133 @@
+/* iteris-mpi dist: agreement points, BLACS process grids on any communicator, block-cyclic
+ * matrices (the one place where ScaLAPACK's column-major local blocks are entered and left),
+ * reductions of per-rank partial sums straight into the block-cyclic layout, and the
+ * distributed SPD solve T2 Y = RHS with its HPL-style scaled residual.
+ *
+ * Vocabulary (see core.h): d_in x d_in for T2, d_in x R for the right-hand sides; ScaLAPACK's
+ * words for distributed sizes: nprow x npcol grid, (myrow, mycol) this process, mb = nb block
+ * size, m_loc x n_loc the local part, lld its leading dimension.
+ *
+ * Arguments marked [same on all ranks] must have the same value on every rank of the grid's
+ * communicator; the solve checks the sizes and reports a mismatch as ITR_ERR_INTERNAL.
+ * Every Collective function returns the same error code and the same message on every rank
+ * (it ends at an agreement point), unless the MPI library itself aborts. */
+#ifndef ITERIS_DIST_H
+#define ITERIS_DIST_H
+
+#include <mpi.h>
+
+#include "iteris/core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- agreement ---------------------------------------------------------------------------- */
+
+/* Agreement point: every rank passes its local result; returns on every rank the largest error
+ * code found (ITR_OK when all succeeded). On failure the message of the lowest rank holding that
+ * code, prefixed with "rank k of n: ", becomes the current message of every rank (so all ranks
+ * print and return the same thing). Collective on comm. */
+itr_err itr_dist_agree(MPI_Comm comm, itr_err local);
+
+/* ---- grids -------------------------------------------------------------------------------- */
+
+enum { ITR_DIST_MB_DEFAULT = 64 };
+
+typedef struct {
+  MPI_Comm comm;    /* owned duplicate of the communicator given to create */
+  int rank, size;   /* in comm */
+  int ctxt;         /* BLACS context */
+  int nprow, npcol; /* nprow * npcol == size, nprow <= npcol, as square as size allows */
+  int myrow, mycol; /* this process; row-major order: rank == myrow * npcol + mycol */
+  int mb;           /* block size, rows and columns (mb == nb) */
+} itr_dist_grid;
+
+/* The grid shape used for size processes: nprow = largest divisor of size with
+ * nprow * nprow <= size, npcol = size / nprow (3 gives 1 x 3, 12 gives 3 x 4). Not Collective. */
+void itr_dist_grid_shape(int size, int *nprow, int *npcol);
+/* A BLACS grid over every process of comm (any size, any sub-communicator); mb <= 0 means
+ * ITR_DIST_MB_DEFAULT [same on all ranks]. Collective on comm. */
+itr_err itr_dist_grid_create(MPI_Comm comm, int mb, itr_dist_grid **out);
+/* Collective on the grid's comm; accepts NULL (then not collective). */
+void itr_dist_grid_destroy(itr_dist_grid *grid);
+
+/* ---- block-cyclic matrices ---------------------------------------------------------------- */
+
+typedef struct {
+  const itr_dist_grid *grid; /* not owned */
+  int m, n;                  /* global size */
+  int m_loc, n_loc;          /* this process's part: numroc_ of m over nprow, n over npcol */
+  int lld;                   /* max(1, m_loc) */
+  int desc[9];               /* ScaLAPACK descriptor (rsrc = csrc = 0, mb = nb = grid->mb) */
+  double *a;                 /* (n_loc, lld) f64: local blocks, column-major, owned */
+} itr_dist_matrix;
+
+/* Describes and allocates (zeroed) an m x n block-cyclic matrix; m, n >= 1 [same on all ranks].
+ * Not Collective (allocation failures are local: end the phase with itr_dist_agree). */
+itr_err itr_dist_matrix_init(itr_dist_matrix *A, const itr_dist_grid *grid, int m, int n);
+void itr_dist_matrix_fini(itr_dist_matrix *A); /* accepts a zeroed or finished struct */
+
+/* Which part of the matrix to move. */
+typedef enum {
+  ITR_DIST_ALL = 0,   /* every entry */
+  ITR_DIST_LOWER = 1, /* only blocks on or below the block diagonal (all that ScaLAPACK's
+                         uplo = 'L' routines read): about half the traffic for T2 */
+} itr_dist_part;
+
+/* Sums a per-rank partial matrix over the ranks of A's grid into A's block-cyclic layout: on
+ * return each process holds exactly its own blocks of sum_ranks partial (blocks outside part
+ * are zero). partial: (m, n) f64 row-major, on every rank (its own share, e.g. of the tokens).
+ * Cost: one MPI_Reduce_scatter per panel of block columns (see src/dist/README.md), so each
+ * rank sends about m*n doubles and receives its own m_loc*n_loc per other rank, never the whole
+ * matrix; temporary memory is bounded by a panel of about 8 MiB (plus this rank's share of it).
+ * Collective on the grid. */
+itr_err itr_dist_matrix_reduce(itr_dist_matrix *A, itr_dist_part part, const double *partial);
+/* Test hook: the panel size of itr_dist_matrix_reduce in bytes (0 restores 8 MiB), to make small
+ * matrices cross several panels [same on all ranks]. Not Collective. */
+void itr_dist_set_reduce_panel_bytes(size_t bytes);
+/* Copies this process's blocks out of a full matrix that every rank holds (replicated).
+ * full: (m, n) f64 row-major. Not Collective. */
+void itr_dist_matrix_scatter(itr_dist_matrix *A, const double *full);
+/* Gathers the whole matrix into out: (m, n) f64 row-major, written on rank root of the grid's
+ * comm, or on every rank when root < 0 [same on all ranks]. Collective on the grid. */
+itr_err itr_dist_matrix_gather(const itr_dist_matrix *A, int root, double *out);
+
+/* ---- SPD solve ---------------------------------------------------------------------------- */
+
+#define ITR_DIST_RESIDUAL_THRESHOLD 16.0
+
+typedef struct {
+  double residual;  /* ||T2 Y - RHS||_inf / ((||T2||_inf ||Y||_inf + ||RHS||_inf) d_in eps), eps = 2^-53 */
+  double threshold; /* ITR_DIST_RESIDUAL_THRESHOLD */
+  int passed;       /* residual < threshold (0 for NaN) */
+  double t2_norm, y_norm, rhs_norm; /* the infinity norms above */
+  double seconds;                   /* wall time of reduce + factor + solve + residual + gather */
+} itr_dist_solve_report;
+
+/* Solves T2 Y = RHS on already distributed matrices with pdpotrf + pdpotrs ('L'); T2 (d_in, d_in)
+ * symmetric positive definite, only its lower triangle read; RHS (d_in, R). T2 and RHS are left
+ * unchanged; Y must be initialised with the same shape as RHS and receives the solution (its
+ * contents are unspecified after an error).
+ * label names the system in messages (e.g. "layers.3.self_attn.q_proj") [same on all ranks].
+ * Errors: ITR_ERR_NUMERIC on every rank when T2 is not positive definite (message names label
+ * and the failing leading minor, and suggests a larger -alpha_2) or when Y is not finite;
+ * ITR_ERR_INTERNAL for a ScaLAPACK argument error (a bug: names the argument). A residual
+ * above the threshold is not an error: it is reported (and logged as a warning).
+ * Collective on the grid. */
+itr_err itr_dist_solve_spd(const char *label, const itr_dist_matrix *T2, const itr_dist_matrix *RHS,
+                           itr_dist_matrix *Y, itr_dist_solve_report *report);
+
+/* The whole phase: reduces the per-rank partials t2_partial (d_in, d_in) f64 row-major
+ * (symmetric; entries above the diagonal are not read) and rhs_partial (d_in, R) f64 row-major,
+ * solves, and gathers Y (d_in, R) f64 row-major on rank root of the grid's comm, or on every
+ * rank when root < 0. d_in, R >= 1, root [same on all ranks]. report may be NULL.
+ * Collective on the grid; ends at an agreement point (same error and message everywhere). */
+itr_err itr_dist_spd_solve_partial(const itr_dist_grid *grid, const char *label, int d_in, int R,
+                                   const double *t2_partial, const double *rhs_partial, int root, double *y,
+                                   itr_dist_solve_report *report);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,142 @@
+/* iteris-mpi model: the rank-local forward pass of a Llama-family decoder (Llama 2/3, Mistral,
+ * Qwen2) with Hugging Face semantics, LoRA terms applied in factored form, and activation capture.
+ * Not Collective anywhere: nothing here calls MPI. A process owns layers [layer_begin, layer_end)
+ * (and optionally the embedding and the head); the dist layer moves hidden states between ranks.
+ *
+ * Computation (float32, OpenBLAS sgemm), per layer l, on a block of T tokens made of sequences
+ * packed back to back (itr_seq_layout; attention never crosses a sequence; no padding):
+ *   x  = rmsnorm(h) * w_in          rmsnorm(x) = x / sqrt(mean(x^2) + eps)
+ *   site ATTN_IN  (T, D)       -> q = x Wq^T + bq, k = x Wk^T + bk, v = x Wv^T + bv
+ *   rotary (rotate-half), position = index inside its sequence (from 0), inv_freq_i = theta^(-2i/hd)
+ *   a  = softmax(q k^T / sqrt(hd) + causal mask) v, per head, kv head = head / (heads / kv_heads)
+ *   site ATTN_OUT (T, H*hd)    -> h += a Wo^T (+ bo)
+ *   x  = rmsnorm(h) * w_post
+ *   site MLP_IN   (T, D)       -> m = silu(x Wg^T) * (x Wu^T)
+ *   site MLP_OUT  (T, F)       -> h += m Wd^T
+ * Every projection y = x W^T (+ b) also gets, for each LoRA term of its (layer, module),
+ * scaling * (x A^T) B^T, and, when given, scale * x dW^T (see itr_lora_set).
+ * Logits: rmsnorm(h) * w_final, then (T, V) = that lm_head^T (lm_head = embed_tokens when tied).
+ * Mistral's sliding_window is not applied (exact for sequences not longer than the window). */
+#ifndef ITERIS_MODEL_H
+#define ITERIS_MODEL_H
+
+#include <stdint.h>
+
+#include "iteris/core.h"
+#include "iteris/io.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- LoRA terms: what is added to the base projections --------------------------------------- */
+
+typedef struct {
+  int r;         /* rank of this term */
+  float scaling; /* the term adds scaling * B A */
+  float *A;      /* (r, d_in) f32, owned by the set */
+  float *B;      /* (d_out, r) f32, owned by the set */
+} itr_lora_term;
+
+typedef struct {
+  int n_terms, cap;
+  itr_lora_term *terms;
+  const float *dW; /* (d_out, d_in) f32 dense update or NULL; added as dW_scale * x dW^T */
+  float dW_scale;
+  float *dW_owned; /* == dW when the set owns it, else NULL */
+} itr_lora_slot;
+
+/* Per (layer, module) lists of terms. Any number of adapters (each with its own rank and scaling)
+ * are summed; a module with no term contributes nothing. The merged factorised update is one more
+ * term with scaling 1; with_pretrain's dense update is the slot's dW. */
+typedef struct {
+  itr_model_config cfg;  /* copied at creation; shapes are checked against it */
+  int num_layers;        /* L */
+  itr_lora_slot *slots;  /* [L * ITR_MODULE_COUNT], index layer * ITR_MODULE_COUNT + m */
+} itr_lora_set;
+
+/* An empty set for a model of this configuration. Not Collective. */
+itr_err itr_lora_set_create(const itr_model_config *cfg, itr_lora_set **out);
+void itr_lora_set_destroy(itr_lora_set *s); /* accepts NULL */
+/* Adds a term scaling * B A to (layer, m); copies A (r, d_in) f32 and B (d_out, r) f32. */
+itr_err itr_lora_set_add(itr_lora_set *s, int layer, itr_module m, int r, float scaling,
+                         const float *A, const float *B);
+/* Sets the dense update of (layer, m): scale * dW, dW (d_out, d_in) f32. copy = 1: the set keeps a
+ * copy; copy = 0: the caller keeps dW alive and unchanged while the set is used. Replaces an
+ * earlier dense update of the slot. */
+itr_err itr_lora_set_set_dense(itr_lora_set *s, int layer, itr_module m, const float *dW,
+                               float scale, int copy);
+/* Adds every module of adapter a in layers [layer_begin, layer_end) as a term with scaling
+ * weight * a's scaling, converting A and B to f32 (only those layers are read). Not Collective. */
+itr_err itr_lora_set_add_adapter(itr_lora_set *s, const itr_adapter *a, int layer_begin,
+                                 int layer_end, double weight);
+/* Removes every term and dense update (keeps the allocation of the slot table). */
+void itr_lora_set_clear(itr_lora_set *s);
+const itr_lora_slot *itr_lora_set_slot(const itr_lora_set *s, int layer, itr_module m);
+
+/* ---- the model --------------------------------------------------------------------------------- */
+
+typedef struct itr_model itr_model;
+
+/* Sequence boundaries inside a block of T tokens: sequence s is rows [offsets[s], offsets[s+1]),
+ * offsets[0] = 0, strictly increasing, offsets[n_seqs] = T. Positions restart at 0 for each. */
+typedef struct {
+  int n_seqs;
+  const int64_t *offsets; /* (n_seqs + 1) */
+} itr_seq_layout;
+
+/* Called with the input of every target module before it is applied, once per input site (q/k/v
+ * share ATTN_IN, gate/up share MLP_IN). rows (T, d_in) f32 is valid only during the call:
+ * d_in = D for ATTN_IN and MLP_IN, heads * head_dim for ATTN_OUT, F for MLP_OUT. Returning an
+ * error stops the forward pass, which returns that error. */
+typedef itr_err (*itr_capture_fn)(int layer, itr_site site, const float *rows, int64_t T,
+                                  int64_t d_in, void *ctx);
+
+/* A model owning layers [layer_begin, layer_end) (0 <= begin <= end <= L), the embedding when
+ * with_embed, the final norm and lm_head when with_head; every weight zero. Fill it through the
+ * accessors below (tests) or use itr_model_load. Not Collective. */
+itr_err itr_model_create(const itr_model_config *cfg, int layer_begin, int layer_end,
+                         int with_embed, int with_head, itr_model **out);
+/* Same, then reads the owned weights (bf16/f16/f32) from store, converted to f32; checks every
+ * shape against cfg and names the tensor on error. Not Collective. */
+itr_err itr_model_load(const itr_model_config *cfg, itr_tensor_store *store, int layer_begin,
+                       int layer_end, int with_embed, int with_head, itr_model **out);
+void itr_model_destroy(itr_model *m); /* accepts NULL */
+
+const itr_model_config *itr_model_config_of(const itr_model *m);
+void itr_model_layers(const itr_model *m, int *layer_begin, int *layer_end);
+
+/* Weight accessors (f32, writable). NULL when the model does not own it or it does not exist. */
+float *itr_model_weight(itr_model *m, int layer, itr_module mod); /* (d_out, d_in) */
+float *itr_model_bias(itr_model *m, int layer, itr_module mod);   /* (d_out); NULL: no bias */
+float *itr_model_norm(itr_model *m, int layer, int post_attention); /* (D) */
+float *itr_model_embed_weight(itr_model *m);                      /* (V, D) */
+float *itr_model_final_norm(itr_model *m);                        /* (D) */
+/* (V, D); when tie_word_embeddings and with_embed this is the embedding itself. */
+float *itr_model_lm_head(itr_model *m);
+
+/* hidden (T, D) f32 = rows of the embedding for ids (T); each id in [0, V). Needs with_embed. */
+itr_err itr_model_embed(const itr_model *m, const int32_t *ids, int64_t T, float *hidden);
+/* Runs layers [a, b) (owned) on hidden (T, D) f32 in place. seqs NULL: one sequence of T tokens.
+ * lora NULL: base model. sink NULL: nothing captured. */
+itr_err itr_model_run_layers(const itr_model *m, int a, int b, float *hidden, int64_t T,
+                             const itr_seq_layout *seqs, const itr_lora_set *lora,
+                             itr_capture_fn sink, void *ctx);
+/* logits (T, V) f32 = final norm of hidden (T, D) (not modified) times lm_head^T. Needs with_head. */
+itr_err itr_model_logits(const itr_model *m, const float *hidden, int64_t T, float *logits);
+/* Whole forward (needs every layer, embedding and head): logits (T, V) f32 for ids (T). */
+itr_err itr_model_forward(const itr_model *m, const int32_t *ids, int64_t T,
+                          const itr_seq_layout *seqs, const itr_lora_set *lora,
+                          itr_capture_fn sink, void *ctx, float *logits);
+
+/* For the CLI (`-logits FILE.jsonl -logits_out OUT.safetensors`): loads the model in base_dir and
+ * the adapters (summed, each with its own scaling), runs every line of tokens_jsonl
+ * ({"input_ids": [...]}) as its own sequence and writes F32 tensors logits.0, logits.1, ...
+ * (seq_len, V) to out_safetensors (atomically). Not Collective (run it on one rank). */
+itr_err itr_model_write_logits(const char *base_dir, const char *const *adapter_dirs, int n_adapters,
+                               const char *tokens_jsonl, const char *out_safetensors);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

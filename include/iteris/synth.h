@@ -1,0 +1,79 @@
+/* iteris-mpi synth: deterministic generators of test cases — a random Llama-family model
+ * (config.json + safetensors, optionally sharded), PEFT LoRA adapters with noticeable updates,
+ * JSONL token files, and the bundled demo case. Everything is a pure function of the seed: the
+ * random numbers come from xoshiro256** seeded by splitmix64 and normals from Marsaglia's polar
+ * method, so the files do not depend on the platform, the number of shards or the call order.
+ * Not Collective: nothing here calls MPI (call it on one rank, then synchronise). */
+#ifndef ITERIS_SYNTH_H
+#define ITERIS_SYNTH_H
+
+#include <stdint.h>
+
+#include "iteris/core.h"
+#include "iteris/io.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- random numbers -------------------------------------------------------------------------- */
+
+typedef struct {
+  uint64_t s[4];   /* xoshiro256** state */
+  int has_spare;   /* the polar method makes normals in pairs */
+  double spare;
+} itr_rng;
+
+/* Seeds the state with four splitmix64 outputs of seed. */
+void itr_rng_init(itr_rng *g, uint64_t seed);
+uint64_t itr_splitmix64(uint64_t *state); /* advances *state, returns the next output */
+uint64_t itr_rng_next(itr_rng *g);        /* xoshiro256** */
+double itr_rng_uniform(itr_rng *g);       /* [0, 1), 53 random bits */
+uint64_t itr_rng_below(itr_rng *g, uint64_t n); /* uniform in [0, n), unbiased; n >= 1 */
+double itr_rng_normal(itr_rng *g);        /* standard normal */
+/* A seed derived from (seed, name) (FNV-1a of name mixed by splitmix64): one stream per tensor. */
+uint64_t itr_synth_seed(uint64_t seed, const char *name);
+
+/* ---- generators ------------------------------------------------------------------------------ */
+
+/* Relative size of a synthetic adapter's update: ||scaling B A||_F ~= this x ||W0||_F (in
+ * expectation, for W0 drawn by itr_synth_model_write). */
+#define ITR_SYNTH_ADAPTER_REL_NORM 0.2
+
+/* Writes DIR/config.json and the weights of a random model (creating DIR): one
+ * DIR/model.safetensors, or with n_shards > 1, DIR/model-0000k-of-0000n.safetensors and
+ * DIR/model.safetensors.index.json. Projections W (d_out, d_in) ~ N(0, 1/d_in); RMSNorm weights
+ * 1 + N(0, 0.1^2); biases (when cfg asks) N(0, 0.1^2); embeddings N(0, 1) (N(0, 9/D) when tied,
+ * so logits stay moderate); lm_head (untied) N(0, 9/D). Every tensor has its own stream
+ * itr_synth_seed(seed, name), so values do not depend on n_shards. */
+itr_err itr_synth_model_write(const char *dir, const itr_model_config *cfg, itr_dtype dtype, int n_shards,
+                              uint64_t seed);
+
+/* Writes DIR/adapter_config.json and DIR/adapter_model.safetensors (creating DIR): a PEFT LoRA
+ * of rank r on the modules whose bit (1u << itr_module) is set in module_mask, in every layer,
+ * with lora_alpha alpha and use_rslora as given. A (r, d_in) ~ N(0, 1/d_in); B (d_out, r) scaled
+ * so that ||scaling B A||_F ~= ITR_SYNTH_ADAPTER_REL_NORM ||W0||_F. */
+itr_err itr_synth_adapter_write(const char *dir, const itr_model_config *cfg, int r, double alpha, int use_rslora,
+                                unsigned module_mask, itr_dtype dtype, uint64_t seed, const char *base_model_name);
+
+/* Writes n_seqs sequences of lengths uniform in [min_len, max_len], ids uniform in [0, vocab). */
+itr_err itr_synth_tokens_write(const char *path, int vocab, int n_seqs, int min_len, int max_len, uint64_t seed);
+/* Same, but each id is drawn from [band_lo, band_hi) with probability in_band and from the whole
+ * vocabulary otherwise: tasks with different bands have distinguishable data. */
+itr_err itr_synth_tokens_write_band(const char *path, int vocab, int band_lo, int band_hi, double in_band,
+                                    int n_seqs, int min_len, int max_len, uint64_t seed);
+
+/* The bundled demo case, under DIR (created):
+ *   DIR/base           Llama, D 64, F 172, L 4, 4 heads (2 key/value heads), vocab 256, BF16, untied
+ *   DIR/adapter_{0,1,2} LoRA on all seven modules: r 4 (alpha 8, BF16), r 8 (alpha 16, F32),
+ *                      r 16 (alpha 16, use_rslora, F16)
+ *   DIR/calib_{0,1,2}.jsonl (32 sequences) and DIR/heldout_{0,1,2}.jsonl (16), lengths 16..48;
+ *                      task i draws 90% of its ids from its own third of the vocabulary. */
+itr_err itr_synth_demo_write(const char *dir);
+/* The demo's base config (what DIR/base/config.json holds). */
+void itr_synth_demo_config(itr_model_config *cfg);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

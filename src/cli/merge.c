@@ -1,0 +1,680 @@
+/* The merge pipeline: `mpirun -np P iteris-mpi -base DIR -adapters ... -calib ... -out OUT`.
+ *
+ * Phases (each ends at an agreement point, so every rank goes on or every rank stops with the
+ * same error):
+ *   validate  rank 0 reads every header (config, adapters against the base, token files); then
+ *             the other ranks open the same inputs.
+ *   load      every rank maps the base model (v1: all layers on every rank; data parallel).
+ *   iterate   for k = 1..max_iter, layer by layer: every rank runs the source model i and (k >= 2)
+ *             the merged model of iteration k-1 on its shard of calibration set i, in lockstep,
+ *             capturing X_i and Xt_i at every input site; the per-rank statistics are summed
+ *             (MPI_SUM) and every module's system is solved with ScaLAPACK's Cholesky on a grid
+ *             over all ranks (src/dist).
+ *   write     rank 0 writes OUT.partial/ (adapter, report) and renames it to OUT.
+ *   evaluate  with -heldout: kl_ratio and top-1 per task, on held-out shards, summed over ranks.
+ */
+#include <errno.h>
+#include <math.h>
+#include <petscsys.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "cli/merge_internal.h"
+#include "iteris/dist.h"
+#include "iteris/eval.h"
+#include "iteris/io.h"
+#include "iteris/merge.h"
+#include "iteris/model.h"
+
+#define SLOT(l, m) ((size_t)(l) * ITR_MODULE_COUNT + (size_t)(m))
+
+/* ---- partition of sequences over ranks ------------------------------------------------------ */
+
+/* Assigns the sequences of ts to ranks, longest first, each to the rank with the fewest tokens so
+ * far (lowest rank on ties): deterministic, the same on every rank. Builds this rank's shard. */
+static itr_err shard_make(const itr_token_set *ts, int rank, int size, itr_shard *sh) {
+  memset(sh, 0, sizeof *sh);
+  int n = ts->n_seqs;
+  int *order = NULL, *owner = NULL;
+  int64_t *load = NULL;
+  itr_err e = ITR_OK;
+  ITR_TRY_GOTO(itr_calloc((size_t)n, sizeof(int), "sequence order", &order), e, done);
+  ITR_TRY_GOTO(itr_calloc((size_t)n, sizeof(int), "sequence owners", &owner), e, done);
+  ITR_TRY_GOTO(itr_calloc((size_t)size, sizeof(int64_t), "rank loads", &load), e, done);
+  for (int s = 0; s < n; s++) order[s] = s;
+  /* insertion sort by length, descending, stable (n is a few dozen to a few thousand) */
+  for (int a = 1; a < n; a++) {
+    int v = order[a], b = a;
+    int64_t lv = ts->offsets[v + 1] - ts->offsets[v];
+    while (b > 0 && ts->offsets[order[b - 1] + 1] - ts->offsets[order[b - 1]] < lv) {
+      order[b] = order[b - 1];
+      b--;
+    }
+    order[b] = v;
+  }
+  for (int a = 0; a < n; a++) {
+    int s = order[a], best = 0;
+    for (int p = 1; p < size; p++)
+      if (load[p] < load[best]) best = p;
+    owner[s] = best;
+    load[best] += ts->offsets[s + 1] - ts->offsets[s];
+  }
+  for (int s = 0; s < n; s++)
+    if (owner[s] == rank) {
+      sh->n_seqs++;
+      sh->T += ts->offsets[s + 1] - ts->offsets[s];
+    }
+  ITR_TRY_GOTO(itr_calloc((size_t)sh->n_seqs + 1, sizeof(int64_t), "shard offsets", &sh->offsets), e, done);
+  ITR_TRY_GOTO(itr_calloc((size_t)sh->T + 1, sizeof(int32_t), "shard tokens", &sh->ids), e, done);
+  int k = 0;
+  for (int s = 0; s < n; s++)
+    if (owner[s] == rank) {
+      int64_t len = ts->offsets[s + 1] - ts->offsets[s];
+      memcpy(sh->ids + sh->offsets[k], ts->ids + ts->offsets[s], (size_t)len * sizeof(int32_t));
+      sh->offsets[k + 1] = sh->offsets[k] + len;
+      k++;
+    }
+done:
+  free(order);
+  free(owner);
+  free(load);
+  if (e != ITR_OK) shard_fini(sh);
+  return e;
+}
+
+void shard_fini(itr_shard *sh) {
+  free(sh->offsets);
+  free(sh->ids);
+  memset(sh, 0, sizeof *sh);
+}
+
+/* ---- inputs --------------------------------------------------------------------------------- */
+
+static itr_err open_inputs(merge_ctx *c) {
+  const itr_options *o = c->opt;
+  char path[ITR_PATH_MAX + 32];
+  snprintf(path, sizeof path, "%s/config.json", o->base);
+  ITR_TRY(itr_model_config_read(path, &c->cfg));
+  for (int i = 0; i < c->N; i++) ITR_TRY(itr_adapter_open(o->adapters[i], &c->cfg, &c->ad[i]));
+  for (int i = 0; i < o->n_calib; i++) ITR_TRY(itr_token_set_read(o->calib[i], c->cfg.vocab_size, &c->calib[i]));
+  for (int i = 0; i < o->n_heldout; i++)
+    ITR_TRY(itr_token_set_read(o->heldout[i], c->cfg.vocab_size, &c->heldout[i]));
+  for (int i = 1; i < c->N; i++)
+    if (strcmp(c->ad[i]->base_model, c->ad[0]->base_model) != 0)
+      itr_log(ITR_LOG_WARN, "adapters name different base models: '%s' (%s) and '%s' (%s); shapes match -base, going on",
+              c->ad[0]->base_model, o->adapters[0], c->ad[i]->base_model, o->adapters[i]);
+  c->module_mask = 0;
+  for (int i = 0; i < c->N; i++) c->module_mask |= c->ad[i]->target_mask;
+  return ITR_OK;
+}
+
+static itr_err check_out_dir(const itr_options *o) {
+  struct stat sb;
+  char path[ITR_PATH_MAX + 64];
+  if (stat(o->out, &sb) == 0) {
+    snprintf(path, sizeof path, "%s/merge_report.json", o->out);
+    ITR_CHECK(access(path, F_OK) == 0, ITR_ERR_INPUT,
+              "-out '%s' exists and is not an iteris-mpi output (no merge_report.json): choose another -out "
+              "or remove it",
+              o->out);
+  }
+  return ITR_OK;
+}
+
+/* ---- capture of the inputs of the target modules ---------------------------------------------- */
+
+typedef struct {
+  float **buf; /* [ITR_SITE_COUNT] (T, d_in) f32 */
+  const int64_t *d_in;
+} capture_ctx;
+
+static itr_err capture_copy(int layer, itr_site site, const float *rows, int64_t T, int64_t d_in, void *ctx) {
+  (void)layer;
+  capture_ctx *cc = ctx;
+  ITR_CHECK(d_in == cc->d_in[site], ITR_ERR_INTERNAL, "capture: site %d has %lld inputs, expected %lld", (int)site,
+            (long long)d_in, (long long)cc->d_in[site]);
+  if (cc->buf[site]) memcpy(cc->buf[site], rows, (size_t)T * (size_t)d_in * sizeof(float));
+  return ITR_OK;
+}
+
+static int64_t site_d_in(const itr_model_config *cfg, itr_site s) {
+  static const itr_module first[ITR_SITE_COUNT] = {ITR_Q_PROJ, ITR_O_PROJ, ITR_GATE_PROJ, ITR_DOWN_PROJ};
+  int64_t d_out, d_in;
+  itr_module_shape(cfg, first[s], &d_out, &d_in);
+  return d_in;
+}
+
+/* ---- statistics: reduce over ranks ---------------------------------------------------------- */
+
+static itr_err allreduce_doubles(double *buf, int64_t n, MPI_Comm comm) {
+  const int64_t chunk = (int64_t)1 << 26;
+  for (int64_t off = 0; off < n; off += chunk) {
+    int cnt = (int)(n - off < chunk ? n - off : chunk);
+    ITR_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf + off, cnt, MPI_DOUBLE, MPI_SUM, comm) == MPI_SUCCESS,
+              ITR_ERR_INTERNAL, "MPI_Allreduce of statistics failed");
+  }
+  return ITR_OK;
+}
+
+static itr_err stats_allreduce(itr_stats *st, MPI_Comm comm) {
+  double *bufs[3];
+  int64_t counts[3];
+  int nb = itr_stats_additive(st, bufs, counts);
+  for (int b = 0; b < nb; b++) ITR_TRY(allreduce_doubles(bufs[b], counts[b], comm));
+  int64_t n[2] = {st->n_x, st->n_t};
+  ITR_CHECK(MPI_Allreduce(MPI_IN_PLACE, n, 2, MPI_INT64_T, MPI_SUM, comm) == MPI_SUCCESS, ITR_ERR_INTERNAL,
+            "MPI_Allreduce of row counts failed");
+  st->n_x = n[0];
+  st->n_t = n[1];
+  itr_stats_finalize(st);
+  return ITR_OK;
+}
+
+/* ---- one module's solve --------------------------------------------------------------------- */
+
+static void to_f64(const float *src, size_t n, double *dst) {
+  for (size_t k = 0; k < n; k++) dst[k] = src[k];
+}
+
+/* factors of adapter i for (l, m) in f64, or r = 0 */
+static itr_err task_factors(const itr_adapter *a, int l, itr_module m, int64_t d_out, int64_t d_in,
+                            itr_merge_task *t, double **A, double **B) {
+  const itr_lora_module *lm = itr_adapter_module(a, l, m);
+  *A = *B = NULL;
+  t->r = 0;
+  t->scale = 0;
+  if (!lm || !lm->present) return ITR_OK;
+  float *tmp = NULL;
+  size_t na = (size_t)lm->r * (size_t)d_in, nb = (size_t)d_out * (size_t)lm->r;
+  itr_err e = ITR_OK;
+  ITR_TRY_GOTO(itr_calloc(na > nb ? na : nb, sizeof(float), "adapter factor", &tmp), e, fail);
+  ITR_TRY_GOTO(itr_calloc(na, sizeof(double), "lora_A f64", A), e, fail);
+  ITR_TRY_GOTO(itr_calloc(nb, sizeof(double), "lora_B f64", B), e, fail);
+  ITR_TRY_GOTO(itr_tensor_read_f32(lm->A, tmp), e, fail);
+  to_f64(tmp, na, *A);
+  ITR_TRY_GOTO(itr_tensor_read_f32(lm->B, tmp), e, fail);
+  to_f64(tmp, nb, *B);
+  free(tmp);
+  t->r = lm->r;
+  t->scale = lm->scaling;
+  t->A = *A;
+  t->B = *B;
+  return ITR_OK;
+fail:
+  free(tmp);
+  free(*A);
+  free(*B);
+  *A = *B = NULL;
+  return e;
+}
+
+/* Solves the assembled (replicated) system on the grid; sys->rhs becomes the solution Y. */
+static itr_err solve_distributed(merge_ctx *c, itr_system *sys, itr_dist_solve_report *rep) {
+  int64_t d = sys->d_in, R = sys->nrhs;
+  itr_dist_matrix T2 = {0}, B = {0}, Y = {0};
+  double *tmp = NULL;
+  itr_err e = ITR_OK;
+  ITR_TRY_GOTO(itr_dist_matrix_init(&T2, c->grid, (int)d, (int)d), e, done);
+  ITR_TRY_GOTO(itr_dist_matrix_init(&B, c->grid, (int)d, (int)R), e, done);
+  ITR_TRY_GOTO(itr_dist_matrix_init(&Y, c->grid, (int)d, (int)R), e, done);
+  ITR_TRY_GOTO(itr_calloc((size_t)d * (size_t)R, sizeof(double), "right-hand sides (d_in, R)", &tmp), e, done);
+  itr_dist_matrix_scatter(&T2, sys->T2);
+  for (int64_t r = 0; r < R; r++) /* rhs (R, d_in) -> (d_in, R) row-major */
+    for (int64_t j = 0; j < d; j++) tmp[j * R + r] = sys->rhs[r * d + j];
+  itr_dist_matrix_scatter(&B, tmp);
+done:
+  e = itr_dist_agree(c->comm, e);
+  if (e == ITR_OK) e = itr_dist_solve_spd(sys->label, &T2, &B, &Y, rep);
+  if (e == ITR_OK) e = itr_dist_matrix_gather(&Y, -1, tmp);
+  if (e == ITR_OK) {
+    for (int64_t r = 0; r < R; r++)
+      for (int64_t j = 0; j < d; j++) sys->rhs[r * d + j] = tmp[j * R + r];
+    sys->solved = 1;
+    sys->residual = rep->residual;
+    sys->passed = rep->passed;
+  }
+  free(tmp);
+  itr_dist_matrix_fini(&T2);
+  itr_dist_matrix_fini(&B);
+  itr_dist_matrix_fini(&Y);
+  return e;
+}
+
+/* ---- the layer loop ---------------------------------------------------------------------------- */
+
+static itr_err alloc_site_buffers(merge_ctx *c) {
+  for (int i = 0; i < c->N; i++)
+    for (int s = 0; s < ITR_SITE_COUNT; s++) {
+      size_t n = (size_t)c->calib_sh[i].T * (size_t)c->site_d[s];
+      ITR_TRY(itr_calloc(n ? n : 1, sizeof(float), "captured source inputs X", &c->X[i][s]));
+      ITR_TRY(itr_calloc(n ? n : 1, sizeof(float), "captured merged inputs Xt", &c->Xt[i][s]));
+    }
+  return ITR_OK;
+}
+
+static itr_err embed_all(merge_ctx *c, float **h) {
+  for (int i = 0; i < c->N; i++)
+    if (c->calib_sh[i].T > 0) ITR_TRY(itr_model_embed(c->model, c->calib_sh[i].ids, c->calib_sh[i].T, h[i]));
+  return ITR_OK;
+}
+
+/* Forward of layer l for every task: source model i into X, merged model into Xt (k >= 2). */
+static itr_err forward_layer(merge_ctx *c, int k, int l) {
+  for (int i = 0; i < c->N; i++) {
+    const itr_shard *sh = &c->calib_sh[i];
+    if (sh->T == 0) continue;
+    itr_seq_layout lay = {sh->n_seqs, sh->offsets};
+    capture_ctx cx = {c->X[i], c->site_d};
+    ITR_TRY(itr_model_run_layers(c->model, l, l + 1, c->h_src[i], sh->T, &lay, c->lora_task[i], capture_copy, &cx));
+    if (k >= 2) {
+      capture_ctx ct = {c->Xt[i], c->site_d};
+      ITR_TRY(itr_model_run_layers(c->model, l, l + 1, c->h_mrg[i], sh->T, &lay, c->lora_merged, capture_copy, &ct));
+    }
+  }
+  return ITR_OK;
+}
+
+/* Solves every targeted module at site s of layer l (iteration k) into c->next. */
+static itr_err solve_site(merge_ctx *c, int k, int l, itr_site s, double *max_resid, int *n_failed) {
+  const itr_options *o = c->opt;
+  const int N = c->N;
+  const int64_t d_in = c->site_d[s];
+  int any = 0;
+  for (int m = 0; m < ITR_MODULE_COUNT; m++)
+    if (itr_module_site((itr_module)m) == s && (c->module_mask & (1u << m))) any = 1;
+  if (!any) return ITR_OK;
+
+  itr_stats st[ITR_MAX_TASKS];
+  memset(st, 0, sizeof st);
+  itr_err e = ITR_OK;
+  const int need_x = (k == 1) || o->reg_coef > 0 || c->method == METHOD_REGMEAN;
+  for (int i = 0; i < N && e == ITR_OK; i++) {
+    const int64_t T = c->calib_sh[i].T;
+    e = itr_stats_init(&st[i], d_in, ITR_STATS_FULL_CROSS);
+    if (e == ITR_OK && need_x && T > 0) e = itr_stats_add_x(&st[i], T, c->X[i][s]);
+    if (e == ITR_OK && k >= 2) e = itr_stats_reset_xt(&st[i]);
+    if (e == ITR_OK && k >= 2 && T > 0) e = itr_stats_add_pair(&st[i], T, c->X[i][s], c->Xt[i][s]);
+  }
+  e = itr_dist_agree(c->comm, e);
+  for (int i = 0; i < N && e == ITR_OK; i++) e = itr_dist_agree(c->comm, stats_allreduce(&st[i], c->comm));
+
+  for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++) {
+    if (itr_module_site((itr_module)m) != s || !(c->module_mask & (1u << m))) continue;
+    int64_t d_out, din;
+    itr_module_shape(&c->cfg, (itr_module)m, &d_out, &din);
+    char label[96];
+    snprintf(label, sizeof label, "layers.%d.%s.%s", l, itr_module_block((itr_module)m), itr_module_name((itr_module)m));
+    itr_merge_task tasks[ITR_MAX_TASKS];
+    double *A[ITR_MAX_TASKS] = {0}, *B[ITR_MAX_TASKS] = {0}, *W0 = NULL;
+    memset(tasks, 0, sizeof tasks);
+    itr_system sys = {0};
+    itr_update upd = {0};
+    itr_dist_solve_report rep = {0};
+    double *coef = c->coef + SLOT(l, m) * (size_t)N;
+    for (int i = 0; i < N && e == ITR_OK; i++) {
+      e = task_factors(c->ad[i], l, (itr_module)m, d_out, d_in, &tasks[i], &A[i], &B[i]);
+      tasks[i].weight = c->method == METHOD_ITERIS ? o->manual_coef[i] : 1.0;
+      tasks[i].stats = &st[i];
+    }
+    if (e == ITR_OK) e = itr_calloc((size_t)d_out * (size_t)d_in, sizeof(double), "W0 f64", &W0);
+    if (e == ITR_OK) to_f64(itr_model_weight(c->model, l, (itr_module)m), (size_t)d_out * (size_t)d_in, W0);
+    if (c->method == METHOD_ITERIS) {
+      itr_iteris_opts io;
+      itr_iteris_opts_default(&io);
+      io.alpha_1 = o->alpha_1;
+      io.alpha_2 = o->alpha_2;
+      io.reg_coef = o->reg_coef;
+      io.with_pretrain = o->with_pretrain;
+      if (k == 1)
+        for (int i = 0; i < N && e == ITR_OK; i++)
+          e = itr_iteris_coef(&tasks[i], d_out, d_in, W0, label, i, &coef[i]);
+      if (e == ITR_OK) e = itr_iteris_assemble(&io, N, tasks, d_out, d_in, W0, coef, label, &sys);
+    } else { /* regmean */
+      e = itr_baseline_regmean_assemble(N, tasks, d_in, o->regmean_alpha, o->alpha_2, label, &sys);
+    }
+    e = itr_dist_agree(c->comm, e);
+    if (e == ITR_OK) e = solve_distributed(c, &sys, &rep);
+    if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_update_from_system(&sys, N, tasks, d_out, W0, &upd));
+    if (e == ITR_OK) {
+      itr_update_fini(&c->next[SLOT(l, m)]);
+      c->next[SLOT(l, m)] = upd;
+      c->resid[(size_t)(k - 1) * (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT + SLOT(l, m)] = rep.residual;
+      if (rep.residual > *max_resid || isnan(rep.residual)) *max_resid = rep.residual;
+      if (!rep.passed) (*n_failed)++;
+      itr_log(c->opt->verbose >= 1 ? ITR_LOG_INFO : ITR_LOG_DEBUG, "  %s: R = %lld, scaled residual %.3g %s", label,
+              (long long)sys.nrhs, rep.residual, rep.passed ? "PASSED" : "FAILED");
+    }
+    itr_system_fini(&sys);
+    for (int i = 0; i < N; i++) {
+      free(A[i]);
+      free(B[i]);
+    }
+    free(W0);
+  }
+  for (int i = 0; i < N; i++) itr_stats_fini(&st[i]);
+  return e;
+}
+
+/* Rebuilds the merged model's LoRA set from c->cur. */
+static itr_err rebuild_merged_lora(merge_ctx *c) {
+  itr_lora_set_clear(c->lora_merged);
+  const int L = c->cfg.num_hidden_layers;
+  for (int l = 0; l < L; l++)
+    for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+      const itr_update *u = &c->cur[SLOT(l, m)];
+      if (!u->A && !u->dense) continue;
+      size_t nA = (size_t)u->rank * (size_t)u->d_in, nB = (size_t)u->d_out * (size_t)u->rank;
+      size_t nD = (size_t)u->d_out * (size_t)u->d_in;
+      float *a = NULL, *b = NULL;
+      itr_err e = ITR_OK;
+      if (u->rank > 0) {
+        ITR_TRY_GOTO(itr_calloc(nA, sizeof(float), "merged A f32", &a), e, fail);
+        ITR_TRY_GOTO(itr_calloc(nB, sizeof(float), "merged B f32", &b), e, fail);
+        for (size_t q = 0; q < nA; q++) a[q] = (float)u->A[q];
+        for (size_t q = 0; q < nB; q++) b[q] = (float)u->B[q];
+        ITR_TRY_GOTO(itr_lora_set_add(c->lora_merged, l, (itr_module)m, (int)u->rank, 1.0f, a, b), e, fail);
+      } else {
+        ITR_TRY_GOTO(itr_calloc(nD, sizeof(float), "merged dW f32", &a), e, fail);
+        for (size_t q = 0; q < nD; q++) a[q] = (float)u->dense[q];
+        ITR_TRY_GOTO(itr_lora_set_set_dense(c->lora_merged, l, (itr_module)m, a, 1.0f, 1), e, fail);
+      }
+    fail:
+      free(a);
+      free(b);
+      ITR_TRY(e);
+    }
+  return ITR_OK;
+}
+
+static itr_err run_iterations(merge_ctx *c) {
+  const int L = c->cfg.num_hidden_layers, K = c->method == METHOD_ITERIS ? c->opt->max_iter : 1;
+  const double t0 = itr_wtime();
+  const int total = K * L;
+  int done = 0;
+  for (int k = c->start_iter; k <= K; k++) {
+    itr_err e = embed_all(c, c->h_src);
+    if (e == ITR_OK && k >= 2) e = embed_all(c, c->h_mrg);
+    ITR_TRY(itr_dist_agree(c->comm, e));
+    for (int l = 0; l < L; l++) {
+      double tl = itr_wtime(), max_resid = 0;
+      int n_failed = 0;
+      PetscLogStagePush(c->stage_forward);
+      e = forward_layer(c, k, l);
+      PetscLogStagePop();
+      ITR_TRY(itr_dist_agree(c->comm, e));
+      PetscLogStagePush(c->stage_solve);
+      for (int s = 0; s < ITR_SITE_COUNT && e == ITR_OK; s++) e = solve_site(c, k, l, (itr_site)s, &max_resid, &n_failed);
+      PetscLogStagePop();
+      ITR_TRY(e);
+      done++;
+      double el = itr_wtime() - t0, eta = el / done * (total - done);
+      itr_log(ITR_LOG_INFO, "iter %d/%d layer %d/%d: %.2f s, max scaled residual %.3g %s, elapsed %.1f s, ETA %.1f s", k,
+              K, l + 1, L, itr_wtime() - tl, max_resid, n_failed ? "FAILED" : "PASSED", el, eta);
+      c->n_residual_failed += n_failed;
+    }
+    /* the new updates become the merged model of the next iteration */
+    for (size_t q = 0; q < (size_t)L * ITR_MODULE_COUNT; q++) {
+      itr_update_fini(&c->cur[q]);
+      c->cur[q] = c->next[q];
+      memset(&c->next[q], 0, sizeof c->next[q]);
+    }
+    ITR_TRY(itr_dist_agree(c->comm, rebuild_merged_lora(c)));
+    c->iters_done = k;
+  }
+  return ITR_OK;
+}
+
+/* ---- baselines without statistics ------------------------------------------------------------ */
+
+static itr_err run_task_arithmetic(merge_ctx *c) {
+  const int L = c->cfg.num_hidden_layers, N = c->N;
+  itr_err e = ITR_OK;
+  for (int l = 0; l < L && e == ITR_OK; l++)
+    for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++) {
+      if (!(c->module_mask & (1u << m))) continue;
+      int64_t d_out, d_in;
+      itr_module_shape(&c->cfg, (itr_module)m, &d_out, &d_in);
+      itr_merge_task tasks[ITR_MAX_TASKS];
+      double *A[ITR_MAX_TASKS] = {0}, *B[ITR_MAX_TASKS] = {0};
+      memset(tasks, 0, sizeof tasks);
+      int R = 0;
+      for (int i = 0; i < N && e == ITR_OK; i++) {
+        e = task_factors(c->ad[i], l, (itr_module)m, d_out, d_in, &tasks[i], &A[i], &B[i]);
+        tasks[i].weight = c->opt->manual_coef[i];
+        R += tasks[i].r;
+      }
+      if (e == ITR_OK && R > 0)
+        e = itr_baseline_task_arithmetic(N, tasks, d_out, d_in, c->opt->ta_lambda, &c->cur[SLOT(l, m)]);
+      for (int i = 0; i < N; i++) {
+        free(A[i]);
+        free(B[i]);
+      }
+    }
+  ITR_TRY(itr_dist_agree(c->comm, e));
+  ITR_TRY(itr_dist_agree(c->comm, rebuild_merged_lora(c)));
+  c->iters_done = 1;
+  return ITR_OK;
+}
+
+/* ---- evaluation -------------------------------------------------------------------------------- */
+
+static itr_err evaluate(merge_ctx *c) {
+  const int64_t V = c->cfg.vocab_size;
+  for (int i = 0; i < c->N; i++) {
+    itr_shard sh;
+    ITR_TRY(shard_make(&c->heldout[i], c->rank, c->size, &sh));
+    itr_fidelity_acc acc = {0, 0, 0, 0};
+    int64_t maxlen = 0;
+    for (int s = 0; s < sh.n_seqs; s++)
+      if (sh.offsets[s + 1] - sh.offsets[s] > maxlen) maxlen = sh.offsets[s + 1] - sh.offsets[s];
+    float *lt = NULL, *lm = NULL, *lb = NULL;
+    size_t n = (size_t)(maxlen ? maxlen : 1) * (size_t)V;
+    itr_err e = itr_calloc(n, sizeof(float), "logits", &lt);
+    if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "logits", &lm);
+    if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "logits", &lb);
+    for (int s = 0; s < sh.n_seqs && e == ITR_OK; s++) {
+      const int32_t *ids = sh.ids + sh.offsets[s];
+      int64_t T = sh.offsets[s + 1] - sh.offsets[s];
+      e = itr_model_forward(c->model, ids, T, NULL, c->lora_task[i], NULL, NULL, lt);
+      if (e == ITR_OK) e = itr_model_forward(c->model, ids, T, NULL, c->lora_merged, NULL, NULL, lm);
+      if (e == ITR_OK) e = itr_model_forward(c->model, ids, T, NULL, NULL, NULL, NULL, lb);
+      if (e == ITR_OK) itr_fidelity_add(&acc, lt, lm, lb, T, V);
+    }
+    free(lt);
+    free(lm);
+    free(lb);
+    shard_fini(&sh);
+    ITR_TRY(itr_dist_agree(c->comm, e));
+    double v[4] = {acc.kl_merged, acc.kl_base, acc.top1, acc.n};
+    MPI_Allreduce(MPI_IN_PLACE, v, 4, MPI_DOUBLE, MPI_SUM, c->comm);
+    acc.kl_merged = v[0], acc.kl_base = v[1], acc.top1 = v[2], acc.n = v[3];
+    itr_fidelity_result(&acc, &c->kl_ratio[i], &c->top1[i]);
+  }
+  c->evaluated = 1;
+  return ITR_OK;
+}
+
+/* ---- output ------------------------------------------------------------------------------------ */
+
+static itr_err write_adapter(merge_ctx *c, const char *dir) {
+  itr_dtype dt = ITR_F32;
+  (void)itr_dtype_parse(c->opt->out_dtype, &dt);
+  itr_adapter_writer *w = NULL;
+  ITR_TRY(itr_adapter_writer_create(&c->cfg, c->ad[0]->base_model[0] ? c->ad[0]->base_model : c->opt->base, dt, &w));
+  itr_err e = ITR_OK;
+  const int L = c->cfg.num_hidden_layers;
+  for (int l = 0; l < L && e == ITR_OK; l++)
+    for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++) {
+      const itr_update *u = &c->cur[SLOT(l, m)];
+      if (!u->A && !u->dense) continue;
+      itr_update t = {0};
+      const itr_update *use = u;
+      if (c->opt->out_rank > 0 && (u->rank == 0 || u->rank > c->opt->out_rank)) {
+        e = itr_update_truncate(u, c->opt->out_rank, &t);
+        use = &t;
+        c->energy_kept_min = fmin(c->energy_kept_min, t.energy_kept);
+      }
+      size_t nA = (size_t)use->rank * (size_t)use->d_in, nB = (size_t)use->d_out * (size_t)use->rank;
+      float *a = NULL, *b = NULL;
+      if (e == ITR_OK) e = itr_calloc(nA, sizeof(float), "A f32", &a);
+      if (e == ITR_OK) e = itr_calloc(nB, sizeof(float), "B f32", &b);
+      if (e == ITR_OK) {
+        for (size_t q = 0; q < nA; q++) a[q] = (float)use->A[q];
+        for (size_t q = 0; q < nB; q++) b[q] = (float)use->B[q];
+        e = itr_adapter_writer_add(w, l, (itr_module)m, (int)use->rank, a, b);
+      }
+      free(a);
+      free(b);
+      itr_update_fini(&t);
+    }
+  if (e == ITR_OK) e = itr_adapter_writer_write(w, dir);
+  itr_adapter_writer_destroy(w);
+  return e;
+}
+
+static itr_err write_outputs(merge_ctx *c) {
+  const itr_options *o = c->opt;
+  char partial[ITR_PATH_MAX + 16], old[ITR_PATH_MAX + 32];
+  snprintf(partial, sizeof partial, "%s.partial", o->out);
+  snprintf(old, sizeof old, "%s.old.%ld", o->out, (long)getpid());
+  ITR_TRY(itr_iofile_remove_tree(partial));
+  ITR_CHECK(mkdir(partial, 0777) == 0, ITR_ERR_INPUT, "cannot create '%s': %s", partial, strerror(errno));
+  itr_err e = write_adapter(c, partial);
+  if (e == ITR_OK) e = merge_report_write(c, partial);
+  if (e != ITR_OK) {
+    (void)itr_iofile_remove_tree(partial); /* never leave a half-written adapter */
+    return e;
+  }
+  int had_old = access(o->out, F_OK) == 0;
+  if (had_old) ITR_CHECK(rename(o->out, old) == 0, ITR_ERR_INTERNAL, "cannot move the old '%s' aside: %s", o->out, strerror(errno));
+  ITR_CHECK(rename(partial, o->out) == 0, ITR_ERR_INTERNAL, "cannot rename '%s' to '%s': %s", partial, o->out,
+            strerror(errno));
+  if (had_old) ITR_TRY(itr_iofile_remove_tree(old));
+  return ITR_OK;
+}
+
+/* ---- entry ------------------------------------------------------------------------------------- */
+
+static void ctx_fini(merge_ctx *c) {
+  const size_t nslots = (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT;
+  if (c->cur)
+    for (size_t q = 0; q < nslots; q++) itr_update_fini(&c->cur[q]);
+  if (c->next)
+    for (size_t q = 0; q < nslots; q++) itr_update_fini(&c->next[q]);
+  free(c->cur);
+  free(c->next);
+  free(c->coef);
+  free(c->resid);
+  for (int i = 0; i < ITR_MAX_TASKS; i++) {
+    itr_adapter_destroy(c->ad[i]);
+    itr_token_set_fini(&c->calib[i]);
+    itr_token_set_fini(&c->heldout[i]);
+    shard_fini(&c->calib_sh[i]);
+    itr_lora_set_destroy(c->lora_task[i]);
+    free(c->h_src[i]);
+    free(c->h_mrg[i]);
+    for (int s = 0; s < ITR_SITE_COUNT; s++) {
+      free(c->X[i][s]);
+      free(c->Xt[i][s]);
+    }
+  }
+  itr_lora_set_destroy(c->lora_merged);
+  itr_model_destroy(c->model);
+  itr_tensor_store_destroy(c->store);
+  itr_dist_grid_destroy(c->grid);
+}
+
+static itr_err setup(merge_ctx *c) {
+  const itr_options *o = c->opt;
+  /* validate on rank 0 first, so that an input error is reported once, then everywhere */
+  itr_err e = c->rank == 0 ? open_inputs(c) : ITR_OK;
+  if (e == ITR_OK && c->rank == 0) e = check_out_dir(o);
+  ITR_TRY(itr_dist_agree(c->comm, e));
+  ITR_TRY(itr_dist_agree(c->comm, c->rank != 0 ? open_inputs(c) : ITR_OK));
+
+  PetscLogStagePush(c->stage_load);
+  e = itr_tensor_store_open(o->base, &c->store);
+  if (e == ITR_OK)
+    e = itr_model_load(&c->cfg, c->store, 0, c->cfg.num_hidden_layers, 1, o->n_heldout > 0, &c->model);
+  PetscLogStagePop();
+  ITR_TRY(itr_dist_agree(c->comm, e));
+
+  const int L = c->cfg.num_hidden_layers, N = c->N;
+  const size_t nslots = (size_t)L * ITR_MODULE_COUNT;
+  const int K = c->method == METHOD_ITERIS ? o->max_iter : 1;
+  e = itr_calloc(nslots, sizeof(itr_update), "updates", &c->cur);
+  if (e == ITR_OK) e = itr_calloc(nslots, sizeof(itr_update), "updates", &c->next);
+  if (e == ITR_OK) e = itr_calloc(nslots * (size_t)N, sizeof(double), "adaptive weights", &c->coef);
+  if (e == ITR_OK) e = itr_calloc(nslots * (size_t)K, sizeof(double), "residuals", &c->resid);
+  for (int s = 0; s < ITR_SITE_COUNT; s++) c->site_d[s] = site_d_in(&c->cfg, (itr_site)s);
+  if (e == ITR_OK) e = itr_lora_set_create(&c->cfg, &c->lora_merged);
+  for (int i = 0; i < N && e == ITR_OK; i++) {
+    e = itr_lora_set_create(&c->cfg, &c->lora_task[i]);
+    if (e == ITR_OK) e = itr_lora_set_add_adapter(c->lora_task[i], c->ad[i], 0, L, 1.0);
+  }
+  if (c->method != METHOD_TA) {
+    for (int i = 0; i < N && e == ITR_OK; i++) {
+      e = shard_make(&c->calib[i], c->rank, c->size, &c->calib_sh[i]);
+      size_t n = (size_t)(c->calib_sh[i].T ? c->calib_sh[i].T : 1) * (size_t)c->cfg.hidden_size;
+      if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "hidden states", &c->h_src[i]);
+      if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "hidden states", &c->h_mrg[i]);
+    }
+    if (e == ITR_OK) e = alloc_site_buffers(c);
+  }
+  ITR_TRY(itr_dist_agree(c->comm, e));
+  ITR_TRY(itr_dist_grid_create(c->comm, 0, &c->grid));
+  return ITR_OK;
+}
+
+itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm) {
+  merge_ctx *c = NULL;
+  ITR_TRY(itr_dist_agree(comm, itr_calloc(1, sizeof *c, "merge context", &c)));
+  c->opt = opt;
+  c->comm = comm;
+  MPI_Comm_rank(comm, &c->rank);
+  MPI_Comm_size(comm, &c->size);
+  c->N = opt->n_adapters;
+  c->start_iter = 1;
+  c->energy_kept_min = 1.0;
+  c->method = !strcmp(opt->method, "iteris") ? METHOD_ITERIS
+              : !strcmp(opt->method, "regmean") ? METHOD_REGMEAN
+              : !strcmp(opt->method, "task_arithmetic") ? METHOD_TA
+                                                         : METHOD_OTHER;
+  PetscLogStageRegister("load", &c->stage_load);
+  PetscLogStageRegister("forward", &c->stage_forward);
+  PetscLogStageRegister("stats+solve", &c->stage_solve);
+  PetscLogStageRegister("write", &c->stage_write);
+  PetscLogStageRegister("evaluate", &c->stage_eval);
+  double t0 = itr_wtime();
+  itr_err e = ITR_OK;
+  if (c->method == METHOD_OTHER)
+    e = itr_error_set(ITR_ERR_INPUT, "-method %s is not available in the pipeline yet (iteris, regmean, task_arithmetic are)",
+                      opt->method);
+  if (e == ITR_OK) e = setup(c);
+  if (e == ITR_OK) {
+    itr_log(ITR_LOG_INFO, "merging %d adapters of %s (%d layers, D = %d) with %s on %d rank(s)", c->N, opt->base,
+            c->cfg.num_hidden_layers, c->cfg.hidden_size, opt->method, c->size);
+    e = c->method == METHOD_TA ? run_task_arithmetic(c) : run_iterations(c);
+  }
+  c->seconds_merge = itr_wtime() - t0;
+  if (e == ITR_OK && opt->n_heldout > 0) {
+    PetscLogStagePush(c->stage_eval);
+    e = evaluate(c);
+    PetscLogStagePop();
+  }
+  if (e == ITR_OK) {
+    PetscLogStagePush(c->stage_write);
+    e = itr_dist_agree(comm, c->rank == 0 ? write_outputs(c) : ITR_OK);
+    PetscLogStagePop();
+  }
+  if (e == ITR_OK && c->rank == 0) merge_report_print(c, stdout);
+  if (e == ITR_OK && c->n_residual_failed > 0)
+    itr_log(ITR_LOG_WARN, "%d solve(s) had a scaled residual above the threshold: see merge_report.json", c->n_residual_failed);
+  ctx_fini(c);
+  free(c);
+  return e;
+}

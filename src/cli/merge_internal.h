@@ -1,0 +1,63 @@
+/* State of one merge run, shared by the pipeline (merge.c) and the report (report.c). */
+#ifndef ITERIS_CLI_MERGE_INTERNAL_H
+#define ITERIS_CLI_MERGE_INTERNAL_H
+
+#include <mpi.h>
+#include <petscsys.h>
+#include <stdio.h>
+
+#include "cli/options.h"
+#include "iteris/dist.h"
+#include "iteris/io.h"
+#include "iteris/merge.h"
+#include "iteris/model.h"
+
+typedef enum { METHOD_ITERIS, METHOD_REGMEAN, METHOD_TA, METHOD_OTHER } merge_method;
+
+/* This rank's share of a token set: whole sequences, packed. */
+typedef struct {
+  int n_seqs;
+  int64_t T;        /* tokens */
+  int64_t *offsets; /* (n_seqs + 1) */
+  int32_t *ids;     /* (T) */
+} itr_shard;
+
+void shard_fini(itr_shard *sh);
+
+typedef struct {
+  const itr_options *opt;
+  MPI_Comm comm;
+  int rank, size;
+  merge_method method;
+  int N; /* adapters */
+  itr_model_config cfg;
+  itr_tensor_store *store;
+  itr_model *model;
+  itr_adapter *ad[ITR_MAX_TASKS];
+  itr_token_set calib[ITR_MAX_TASKS], heldout[ITR_MAX_TASKS];
+  itr_shard calib_sh[ITR_MAX_TASKS];
+  unsigned module_mask; /* union of the adapters' target modules */
+  itr_lora_set *lora_task[ITR_MAX_TASKS]; /* source model i: base + adapter i */
+  itr_lora_set *lora_merged;              /* base + the merged update of the last iteration */
+  int64_t site_d[ITR_SITE_COUNT];         /* d_in of each input site */
+  float *h_src[ITR_MAX_TASKS], *h_mrg[ITR_MAX_TASKS];                   /* (T_i, D) f32 hidden states */
+  float *X[ITR_MAX_TASKS][ITR_SITE_COUNT], *Xt[ITR_MAX_TASKS][ITR_SITE_COUNT]; /* (T_i, d_in) f32, one layer */
+  itr_update *cur, *next; /* [L * ITR_MODULE_COUNT]: merged updates of the last / current iteration */
+  double *coef;           /* [L * ITR_MODULE_COUNT * N] adaptive weights c_i (iteration 1) */
+  double *resid;          /* [K * L * ITR_MODULE_COUNT] scaled residual of each solve */
+  itr_dist_grid *grid;
+  int start_iter, iters_done, n_residual_failed;
+  double energy_kept_min;
+  int evaluated;
+  double kl_ratio[ITR_MAX_TASKS], top1[ITR_MAX_TASKS];
+  double seconds_merge;
+  PetscLogStage stage_load, stage_forward, stage_solve, stage_write, stage_eval;
+} merge_ctx;
+
+/* Writes DIR/merge_report.json (options, per-iteration residuals, weights, fidelity, timings).
+ * Not Collective (rank 0). */
+itr_err merge_report_write(const merge_ctx *c, const char *dir);
+/* Prints the fidelity table (when evaluated) and a one-line summary. Not Collective. */
+void merge_report_print(const merge_ctx *c, FILE *f);
+
+#endif

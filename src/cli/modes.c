@@ -1,0 +1,42 @@
+/* The small modes: -inspect, -make_demo, -logits. Each runs on rank 0; the other ranks wait at
+ * the agreement point and return the same error. */
+#include "cli/cli.h"
+#include "iteris/dist.h"
+#include "iteris/io.h"
+#include "iteris/model.h"
+#include "iteris/synth.h"
+
+itr_err itr_cli_inspect(const itr_options *opt, MPI_Comm comm) {
+  int rank;
+  MPI_Comm_rank(comm, &rank);
+  itr_err err = rank == 0 ? itr_inspect_dir(opt->inspect, stdout) : ITR_OK;
+  fflush(stdout);
+  return itr_dist_agree(comm, err);
+}
+
+itr_err itr_cli_make_demo(const itr_options *opt, MPI_Comm comm) {
+  int rank;
+  MPI_Comm_rank(comm, &rank);
+  itr_err err = ITR_OK;
+  if (rank == 0) {
+    err = itr_synth_demo_write(opt->make_demo);
+    if (err == ITR_OK)
+      itr_log(ITR_LOG_INFO,
+              "demo case written to %s: base/ (tiny Llama), adapter_{0,1,2}/ (ranks 4, 8, 16), "
+              "calib_{0,1,2}.jsonl, heldout_{0,1,2}.jsonl",
+              opt->make_demo);
+  }
+  return itr_dist_agree(comm, err);
+}
+
+itr_err itr_cli_logits(const itr_options *opt, MPI_Comm comm) {
+  int rank;
+  MPI_Comm_rank(comm, &rank);
+  itr_err err = ITR_OK;
+  if (rank == 0) {
+    const char *dirs[ITR_MAX_TASKS];
+    for (int i = 0; i < opt->n_adapter_logits; i++) dirs[i] = opt->adapter[i];
+    err = itr_model_write_logits(opt->base, dirs, opt->n_adapter_logits, opt->logits, opt->logits_out);
+  }
+  return itr_dist_agree(comm, err);
+}

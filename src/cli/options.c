@@ -1,0 +1,304 @@
+/* The option table: every option iteris-mpi accepts, its type, default, meaning and the modes /
+ * methods it applies to. Values come from PETSc's options database, so the command line,
+ * -options_file (PETSc format or YAML) and PETSC_OPTIONS all work; later wins. An option that is
+ * unknown, or set but not used by the chosen mode/method, is an error. */
+#include "cli/options.h"
+
+#include <errno.h>
+#include <math.h>
+#include <petscsys.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef enum { T_STR, T_STRLIST, T_INT, T_REAL, T_REALLIST, T_BOOL } opt_type;
+
+/* where an option applies */
+enum {
+  U_ITERIS = 1 << 0, U_TA = 1 << 1, U_REGMEAN = 1 << 2, U_TIES = 1 << 3, U_DARE = 1 << 4, U_KNOTS = 1 << 5,
+  U_INSPECT = 1 << 6, U_LOGITS = 1 << 7, U_DEMO = 1 << 8,
+  U_MERGE = U_ITERIS | U_TA | U_REGMEAN | U_TIES | U_DARE | U_KNOTS,
+  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO,
+};
+
+typedef struct {
+  const char *name; /* without the leading '-' */
+  opt_type type;
+  size_t off;       /* offset of the value in itr_options */
+  size_t count_off; /* offset of the count for list types */
+  size_t cap;       /* bytes of a string value (T_STR) */
+  const char *def;  /* default, as text ("" = none) */
+  unsigned used_by;
+  const char *help;
+} opt_entry;
+
+#define OFF(f) offsetof(itr_options, f)
+static const opt_entry table_[] = {
+    {"base", T_STR, OFF(base), 0, sizeof(((itr_options *)0)->base), "", U_MERGE | U_LOGITS, "Hugging Face model folder (config.json + safetensors)"},
+    {"adapters", T_STRLIST, OFF(adapters), OFF(n_adapters), 0, "", U_MERGE, "PEFT LoRA adapter folders, comma-separated"},
+    {"calib", T_STRLIST, OFF(calib), OFF(n_calib), 0, "", U_MERGE,
+     "calibration JSONL files, one per adapter, same order ({\"input_ids\": [...]} per line)"},
+    {"heldout", T_STRLIST, OFF(heldout), OFF(n_heldout), 0, "", U_MERGE,
+     "held-out JSONL files, one per adapter: the report gives kl_ratio and top1 per task"},
+    {"out", T_STR, OFF(out), 0, sizeof(((itr_options *)0)->out), "", U_MERGE, "output folder for the merged PEFT adapter and the report"},
+    {"method", T_STR, OFF(method), 0, sizeof(((itr_options *)0)->method), "iteris", U_MERGE,
+     "iteris | task_arithmetic | regmean | ties | dare | knots"},
+    {"max_iter", T_INT, OFF(max_iter), 0, 0, "10", U_ITERIS, "IterIS iterations (solves)"},
+    {"alpha_1", T_REAL, OFF(alpha_1), 0, 0, "1e-7", U_ITERIS, "ridge on X_i^T Xt_i, relative to its Frobenius norm"},
+    {"alpha_2", T_REAL, OFF(alpha_2), 0, 0, "1e-7", U_ITERIS | U_REGMEAN,
+     "ridge on Xt_i^T Xt_i, relative to its Frobenius norm"},
+    {"reg_coef", T_REAL, OFF(reg_coef), 0, 0, "0", U_ITERIS, "mixing rho: Xt_i <- (1-rho) Xt_i + rho X_i"},
+    {"manual_coef", T_REALLIST, OFF(manual_coef), OFF(n_manual_coef), 0, "", U_ITERIS | U_TA,
+     "manual weight w_i per adapter, comma-separated (default 1 each)"},
+    {"with_pretrain", T_BOOL, OFF(with_pretrain), 0, 0, "0", U_ITERIS,
+     "use W0 + dW_i in the solve (full-rank result, written with -out_rank)"},
+    {"out_rank", T_INT, OFF(out_rank), 0, 0, "0", U_MERGE, "truncate the merged update to this rank (0: exact)"},
+    {"out_dtype", T_STR, OFF(out_dtype), 0, sizeof(((itr_options *)0)->out_dtype), "F32", U_MERGE, "dtype of the written adapter: F32 | BF16 | F16 | F64"},
+    {"ta_lambda", T_REAL, OFF(ta_lambda), 0, 0, "1", U_TA | U_TIES | U_DARE | U_KNOTS, "scale lambda of the merged update"},
+    {"regmean_alpha", T_REAL, OFF(regmean_alpha), 0, 0, "1", U_REGMEAN, "RegMean: scale of the Grams' off-diagonal entries"},
+    {"density", T_REAL, OFF(density), 0, 0, "0.2", U_TIES | U_KNOTS | U_DARE, "TIES: fraction of entries kept per task"},
+    {"dare_p", T_REAL, OFF(dare_p), 0, 0, "0.5", U_DARE, "DARE: drop probability"},
+    {"dare_ties", T_BOOL, OFF(dare_ties), 0, 0, "0", U_DARE, "DARE: combine with TIES instead of a sum"},
+    {"seed", T_INT, OFF(seed), 0, 0, "0", U_DARE, "random seed (DARE)"},
+    {"restart", T_BOOL, OFF(restart), 0, 0, "0", U_ITERIS, "resume from the checkpoint in OUT.partial/"},
+    {"max_tokens", T_INT, OFF(max_tokens), 0, 0, "0", U_MERGE, "cap on tokens per sequence (0: no cap)"},
+    {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
+    {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,
+     "write the demo case (tiny model, 3 adapters, calibration data) into this folder and exit"},
+    {"logits", T_STR, OFF(logits), 0, sizeof(((itr_options *)0)->logits), "", U_LOGITS, "JSONL token file: write the logits of -base (+ -adapter)"},
+    {"logits_out", T_STR, OFF(logits_out), 0, sizeof(((itr_options *)0)->logits_out), "", U_LOGITS, "safetensors file for -logits (logits.0, logits.1, ...)"},
+    {"adapter", T_STRLIST, OFF(adapter), OFF(n_adapter_logits), 0, "", U_LOGITS,
+     "adapter folder(s) applied on top of -base for -logits"},
+    {"verbose", T_INT, OFF(verbose), 0, 0, "0", U_ALL, "0: progress, 1: details, 2: debug"},
+};
+#define N_OPTS (sizeof table_ / sizeof table_[0])
+
+static const struct {
+  const char *name;
+  unsigned bit;
+} methods_[] = {{"iteris", U_ITERIS}, {"task_arithmetic", U_TA}, {"regmean", U_REGMEAN},
+                {"ties", U_TIES},     {"dare", U_DARE},          {"knots", U_KNOTS}};
+
+void itr_options_print_help(FILE *f) {
+  fprintf(f,
+          "iteris-mpi: merge LoRA adapters of one base model into one adapter with IterIS (CVPR 2025), with MPI.\n\n"
+          "usage:\n"
+          "  mpirun -np P iteris-mpi -base DIR -adapters D1,D2,... -calib C1.jsonl,C2.jsonl,... -out OUT [options]\n"
+          "  srun iteris-mpi -options_file jobs/NAME.yaml          (YAML job file: one 'key: value' per option)\n"
+          "  iteris-mpi -inspect DIR                              (summary of a model or adapter folder)\n"
+          "  iteris-mpi -base DIR [-adapter DIR] -logits IN.jsonl -logits_out OUT.safetensors\n"
+          "  iteris-mpi -make_demo DIR                            (write the bundled demo case)\n\n"
+          "options (default in brackets):\n");
+  for (size_t i = 0; i < N_OPTS; i++) {
+    const opt_entry *e = &table_[i];
+    char lhs[64];
+    snprintf(lhs, sizeof lhs, "-%s%s", e->name,
+             e->type == T_BOOL ? " 0|1" : e->type == T_INT ? " N" : e->type == T_REAL ? " X" :
+             e->type == T_REALLIST ? " X,X,..." : e->type == T_STRLIST ? " A,B,..." : " S");
+    fprintf(f, "  %-24s %s", lhs, e->help);
+    if (e->def[0]) fprintf(f, " [%s]", e->def);
+    fputc('\n', f);
+  }
+  fprintf(f,
+          "\nPETSc options that also work: -options_file FILE, -log_view [:FILE], -help.\n"
+          "Unknown options, and options the chosen mode or -method does not use, are errors.\n"
+          "exit codes: 0 success, 2 usage or input error, 3 numerical error (e.g. a system that is not\n"
+          "positive definite: raise -alpha_2), 4 internal error.\n");
+}
+
+static itr_err split_list(const char *name, const char *s, char *out, size_t elem, size_t cap, int *n) {
+  int k = 0;
+  const char *p = s;
+  while (*p) {
+    const char *c = strchr(p, ',');
+    size_t len = c ? (size_t)(c - p) : strlen(p);
+    ITR_CHECK(len > 0, ITR_ERR_INPUT, "option -%s: empty item in list '%s'", name, s);
+    ITR_CHECK(len < elem, ITR_ERR_INPUT, "option -%s: item too long in '%s'", name, s);
+    ITR_CHECK((size_t)k < cap, ITR_ERR_INPUT, "option -%s: more than %zu items", name, cap);
+    memcpy(out + (size_t)k * elem, p, len);
+    out[(size_t)k * elem + len] = '\0';
+    k++;
+    if (!c) break;
+    p = c + 1;
+    ITR_CHECK(*p, ITR_ERR_INPUT, "option -%s: list '%s' ends with a comma", name, s);
+  }
+  *n = k;
+  return ITR_OK;
+}
+
+static itr_err parse_real(const char *name, const char *s, double *out) {
+  char *end;
+  errno = 0;
+  double v = strtod(s, &end);
+  ITR_CHECK(end != s && *end == '\0' && errno == 0 && isfinite(v), ITR_ERR_INPUT,
+            "option -%s: '%s' is not a finite number", name, s);
+  *out = v;
+  return ITR_OK;
+}
+
+static itr_err parse_long(const char *name, const char *s, long *out) {
+  char *end;
+  errno = 0;
+  long v = strtol(s, &end, 10);
+  ITR_CHECK(end != s && *end == '\0' && errno == 0, ITR_ERR_INPUT, "option -%s: '%s' is not an integer",
+            name, s);
+  *out = v;
+  return ITR_OK;
+}
+
+static itr_err set_value(itr_options *opt, const opt_entry *e, const char *s) {
+  char *base = (char *)opt;
+  switch (e->type) {
+    case T_STR:
+      ITR_CHECK(strlen(s) < e->cap, ITR_ERR_INPUT, "option -%s: value longer than %zu characters", e->name,
+                e->cap - 1);
+      strcpy(base + e->off, s);
+      return ITR_OK;
+    case T_STRLIST:
+      return split_list(e->name, s, base + e->off, ITR_OPT_PATH, ITR_MAX_TASKS, (int *)(base + e->count_off));
+    case T_INT: {
+      long v;
+      ITR_TRY(parse_long(e->name, s, &v));
+      ITR_CHECK(v >= 0 && v <= 1000000000L, ITR_ERR_INPUT, "option -%s: %ld is out of range [0, 1e9]", e->name, v);
+      if (e->off == OFF(seed)) *(long *)(base + e->off) = v;
+      else *(int *)(base + e->off) = (int)v;
+      return ITR_OK;
+    }
+    case T_BOOL: {
+      long v;
+      if (strcmp(s, "true") == 0) v = 1;
+      else if (strcmp(s, "false") == 0) v = 0;
+      else ITR_TRY(parse_long(e->name, s, &v));
+      ITR_CHECK(v == 0 || v == 1, ITR_ERR_INPUT, "option -%s: expected 0 or 1, got '%s'", e->name, s);
+      *(int *)(base + e->off) = (int)v;
+      return ITR_OK;
+    }
+    case T_REAL: return parse_real(e->name, s, (double *)(base + e->off));
+    case T_REALLIST: {
+      char items[ITR_MAX_TASKS][64];
+      int n;
+      ITR_TRY(split_list(e->name, s, &items[0][0], 64, ITR_MAX_TASKS, &n));
+      for (int i = 0; i < n; i++) ITR_TRY(parse_real(e->name, items[i], (double *)(base + e->off) + i));
+      *(int *)(base + e->count_off) = n;
+      return ITR_OK;
+    }
+  }
+  return itr_error_set(ITR_ERR_INTERNAL, "option -%s: unknown type", e->name);
+}
+
+void itr_options_defaults(itr_options *opt) {
+  memset(opt, 0, sizeof *opt);
+  for (size_t i = 0; i < N_OPTS; i++)
+    if (table_[i].def[0]) (void)set_value(opt, &table_[i], table_[i].def);
+}
+
+static int is_petsc_option(const char *name) {
+  /* options PETSc itself reads; they never count as unknown */
+  static const char *const ok[] = {"options_file", "options_file_yaml", "log_view", "help", "skip_petscrc",
+                                   "options_left", "malloc_debug", "malloc_dump", "log_view_memory",
+                                   "info", "on_error_abort", "no_signal_handler", "checkstack"};
+  for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
+    if (strcmp(name, ok[i]) == 0) return 1;
+  return 0;
+}
+
+itr_err itr_options_parse(itr_options *opt) {
+  itr_options_defaults(opt);
+  int set[N_OPTS] = {0};
+  char *val = NULL;
+  ITR_TRY(itr_calloc(ITR_OPT_PATH * 4, 1, "option value", &val));
+  itr_err err = ITR_OK;
+  for (size_t i = 0; i < N_OPTS && err == ITR_OK; i++) {
+    char key[64];
+    snprintf(key, sizeof key, "-%s", table_[i].name);
+    PetscBool has = PETSC_FALSE;
+    val[0] = '\0';
+    if (PetscOptionsGetString(NULL, NULL, key, val, ITR_OPT_PATH * 4, &has) != 0) {
+      err = itr_error_set(ITR_ERR_INPUT, "option %s: could not be read", key);
+      break;
+    }
+    if (!has) continue;
+    set[i] = 1;
+    if (val[0] == '\0') {
+      err = itr_error_set(ITR_ERR_INPUT, "option %s needs a value (see -help)", key);
+      break;
+    }
+    err = set_value(opt, &table_[i], val);
+  }
+  free(val);
+  ITR_TRY(err);
+
+  /* unknown options: whatever PETSc holds that nobody asked for */
+  PetscInt nleft = 0;
+  char **names = NULL, **values = NULL;
+  if (PetscOptionsLeftGet(NULL, &nleft, &names, &values) == 0) {
+    for (PetscInt i = 0; i < nleft && err == ITR_OK; i++)
+      if (!is_petsc_option(names[i]))
+        err = itr_error_set(ITR_ERR_INPUT, "unknown option -%s%s%s (see -help for the list)", names[i],
+                            values[i] ? " " : "", values[i] ? values[i] : "");
+    PetscOptionsLeftRestore(NULL, &nleft, &names, &values);
+  }
+  ITR_TRY(err);
+
+  /* mode, then method, then options that the mode/method does not use */
+  int nmodes = (opt->inspect[0] != 0) + (opt->make_demo[0] != 0) + (opt->logits[0] != 0);
+  ITR_CHECK(nmodes <= 1, ITR_ERR_INPUT, "-inspect, -make_demo and -logits are separate modes: give one");
+  unsigned use;
+  if (opt->inspect[0]) opt->mode = ITR_MODE_INSPECT, use = U_INSPECT;
+  else if (opt->make_demo[0]) opt->mode = ITR_MODE_MAKE_DEMO, use = U_DEMO;
+  else if (opt->logits[0]) opt->mode = ITR_MODE_LOGITS, use = U_LOGITS;
+  else {
+    opt->mode = ITR_MODE_MERGE;
+    use = 0;
+    for (size_t m = 0; m < sizeof methods_ / sizeof methods_[0]; m++)
+      if (strcmp(opt->method, methods_[m].name) == 0) use = methods_[m].bit;
+    ITR_CHECK(use, ITR_ERR_INPUT,
+              "option -method: unknown method '%s' (iteris, task_arithmetic, regmean, ties, dare, knots)", opt->method);
+  }
+  for (size_t i = 0; i < N_OPTS; i++)
+    ITR_CHECK(!set[i] || (table_[i].used_by & use), ITR_ERR_INPUT,
+              "option -%s is not used %s%s: remove it (see -help)", table_[i].name,
+              opt->mode == ITR_MODE_MERGE ? "by -method " : "in this mode",
+              opt->mode == ITR_MODE_MERGE ? opt->method : "");
+
+  /* required options and value checks */
+  if (opt->mode == ITR_MODE_LOGITS) {
+    ITR_CHECK(opt->base[0], ITR_ERR_INPUT, "-logits needs -base DIR");
+    ITR_CHECK(opt->logits_out[0], ITR_ERR_INPUT, "-logits needs -logits_out OUT.safetensors");
+  }
+  if (opt->mode == ITR_MODE_MERGE) {
+    ITR_CHECK(opt->base[0], ITR_ERR_INPUT, "missing -base DIR (the Hugging Face model folder); see -help");
+    ITR_CHECK(opt->n_adapters >= 1, ITR_ERR_INPUT, "missing -adapters D1,D2,... (PEFT adapter folders); see -help");
+    ITR_CHECK(opt->out[0], ITR_ERR_INPUT, "missing -out DIR (where the merged adapter goes); see -help");
+    int needs_calib = (use & (U_ITERIS | U_REGMEAN)) != 0;
+    if (needs_calib)
+      ITR_CHECK(opt->n_calib == opt->n_adapters, ITR_ERR_INPUT,
+                "-calib has %d file(s) but -adapters has %d: give one calibration file per adapter, same order",
+                opt->n_calib, opt->n_adapters);
+    else
+      ITR_CHECK(opt->n_calib == 0 || opt->n_calib == opt->n_adapters, ITR_ERR_INPUT,
+                "-calib has %d file(s) but -adapters has %d", opt->n_calib, opt->n_adapters);
+    ITR_CHECK(opt->n_heldout == 0 || opt->n_heldout == opt->n_adapters, ITR_ERR_INPUT,
+              "-heldout has %d file(s) but -adapters has %d: give one per adapter, same order", opt->n_heldout,
+              opt->n_adapters);
+    ITR_CHECK(opt->n_manual_coef == 0 || opt->n_manual_coef == opt->n_adapters, ITR_ERR_INPUT,
+              "-manual_coef has %d value(s) but -adapters has %d", opt->n_manual_coef, opt->n_adapters);
+    for (int i = 0; i < opt->n_manual_coef; i++)
+      ITR_CHECK(opt->manual_coef[i] > 0, ITR_ERR_INPUT, "-manual_coef: weight %d is %g; weights must be > 0", i + 1,
+                opt->manual_coef[i]);
+    if (opt->n_manual_coef == 0)
+      for (int i = 0; i < opt->n_adapters; i++) opt->manual_coef[i] = 1.0;
+    ITR_CHECK(opt->max_iter >= 1, ITR_ERR_INPUT, "-max_iter must be at least 1, got %d", opt->max_iter);
+    ITR_CHECK(opt->alpha_1 >= 0 && opt->alpha_2 >= 0, ITR_ERR_INPUT, "-alpha_1 and -alpha_2 must be >= 0");
+    ITR_CHECK(opt->reg_coef >= 0 && opt->reg_coef <= 1, ITR_ERR_INPUT, "-reg_coef must be in [0, 1], got %g",
+              opt->reg_coef);
+    ITR_CHECK(opt->density > 0 && opt->density <= 1, ITR_ERR_INPUT, "-density must be in (0, 1], got %g", opt->density);
+    ITR_CHECK(opt->dare_p >= 0 && opt->dare_p < 1, ITR_ERR_INPUT, "-dare_p must be in [0, 1), got %g", opt->dare_p);
+    ITR_CHECK(!opt->with_pretrain || opt->out_rank > 0, ITR_ERR_INPUT,
+              "-with_pretrain 1 gives a full-rank update: give -out_rank k to write it as a LoRA of rank k");
+    ITR_CHECK(strcmp(opt->out_dtype, "F32") == 0 || strcmp(opt->out_dtype, "BF16") == 0 ||
+                  strcmp(opt->out_dtype, "F16") == 0 || strcmp(opt->out_dtype, "F64") == 0,
+              ITR_ERR_INPUT, "-out_dtype must be F32, BF16, F16 or F64, got '%s'", opt->out_dtype);
+  }
+  return ITR_OK;
+}

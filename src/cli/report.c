@@ -1,0 +1,118 @@
+/* merge_report.json and the summary printed at the end of a merge. */
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/merge_internal.h"
+
+static cJSON *num_or_null(double v) { return isfinite(v) ? cJSON_CreateNumber(v) : cJSON_CreateNull(); }
+
+static cJSON *options_json(const itr_options *o) {
+  cJSON *j = cJSON_CreateObject();
+  cJSON_AddStringToObject(j, "base", o->base);
+  cJSON *ad = cJSON_AddArrayToObject(j, "adapters"), *ca = cJSON_AddArrayToObject(j, "calib"),
+        *ho = cJSON_AddArrayToObject(j, "heldout"), *mc = cJSON_AddArrayToObject(j, "manual_coef");
+  for (int i = 0; i < o->n_adapters; i++) {
+    cJSON_AddItemToArray(ad, cJSON_CreateString(o->adapters[i]));
+    cJSON_AddItemToArray(mc, cJSON_CreateNumber(o->manual_coef[i]));
+  }
+  for (int i = 0; i < o->n_calib; i++) cJSON_AddItemToArray(ca, cJSON_CreateString(o->calib[i]));
+  for (int i = 0; i < o->n_heldout; i++) cJSON_AddItemToArray(ho, cJSON_CreateString(o->heldout[i]));
+  cJSON_AddStringToObject(j, "out", o->out);
+  cJSON_AddStringToObject(j, "method", o->method);
+  cJSON_AddNumberToObject(j, "max_iter", o->max_iter);
+  cJSON_AddNumberToObject(j, "alpha_1", o->alpha_1);
+  cJSON_AddNumberToObject(j, "alpha_2", o->alpha_2);
+  cJSON_AddNumberToObject(j, "reg_coef", o->reg_coef);
+  cJSON_AddNumberToObject(j, "with_pretrain", o->with_pretrain);
+  cJSON_AddNumberToObject(j, "out_rank", o->out_rank);
+  cJSON_AddStringToObject(j, "out_dtype", o->out_dtype);
+  cJSON_AddNumberToObject(j, "ta_lambda", o->ta_lambda);
+  cJSON_AddNumberToObject(j, "regmean_alpha", o->regmean_alpha);
+  return j;
+}
+
+itr_err merge_report_write(const merge_ctx *c, const char *dir) {
+  const int L = c->cfg.num_hidden_layers, N = c->N;
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddStringToObject(root, "tool", "iteris-mpi");
+  cJSON_AddItemToObject(root, "options", options_json(c->opt));
+  cJSON_AddNumberToObject(root, "ranks", c->size);
+  cJSON_AddNumberToObject(root, "iterations", c->iters_done);
+  cJSON_AddNumberToObject(root, "seconds_merge", c->seconds_merge);
+  cJSON_AddNumberToObject(root, "residual_threshold", ITR_DIST_RESIDUAL_THRESHOLD);
+  cJSON_AddNumberToObject(root, "residual_failed", c->n_residual_failed);
+  if (c->opt->out_rank > 0) cJSON_AddNumberToObject(root, "energy_kept_min", c->energy_kept_min);
+
+  cJSON *tasks = cJSON_AddArrayToObject(root, "tasks");
+  for (int i = 0; i < N; i++) {
+    cJSON *t = cJSON_CreateObject();
+    cJSON_AddStringToObject(t, "adapter", c->opt->adapters[i]);
+    cJSON_AddNumberToObject(t, "r", c->ad[i]->r);
+    cJSON_AddNumberToObject(t, "lora_alpha", c->ad[i]->lora_alpha);
+    if (c->opt->n_calib > i) {
+      cJSON_AddNumberToObject(t, "calib_sequences", c->calib[i].n_seqs);
+      cJSON_AddNumberToObject(t, "calib_tokens", (double)c->calib[i].n_tokens);
+    }
+    if (c->evaluated) {
+      cJSON_AddItemToObject(t, "kl_ratio", num_or_null(c->kl_ratio[i]));
+      cJSON_AddItemToObject(t, "top1", num_or_null(c->top1[i]));
+    }
+    cJSON_AddItemToArray(tasks, t);
+  }
+  if (c->evaluated) {
+    double kl = 0, t1 = 0;
+    for (int i = 0; i < N; i++) kl += c->kl_ratio[i] / N, t1 += c->top1[i] / N;
+    cJSON *f = cJSON_AddObjectToObject(root, "fidelity_mean");
+    cJSON_AddItemToObject(f, "kl_ratio", num_or_null(kl));
+    cJSON_AddItemToObject(f, "top1", num_or_null(t1));
+  }
+
+  /* per module: adaptive weights and the residual of every iteration's solve */
+  cJSON *mods = cJSON_AddArrayToObject(root, "modules");
+  const int K = c->method == METHOD_ITERIS ? c->opt->max_iter : 1;
+  for (int l = 0; l < L; l++)
+    for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+      if (!(c->module_mask & (1u << m))) continue;
+      size_t slot = (size_t)l * ITR_MODULE_COUNT + (size_t)m;
+      cJSON *j = cJSON_CreateObject();
+      char name[96];
+      snprintf(name, sizeof name, "layers.%d.%s.%s", l, itr_module_block((itr_module)m), itr_module_name((itr_module)m));
+      cJSON_AddStringToObject(j, "module", name);
+      cJSON_AddNumberToObject(j, "rank", (double)c->cur[slot].rank);
+      if (c->method == METHOD_ITERIS) {
+        cJSON *w = cJSON_AddArrayToObject(j, "adaptive_weight");
+        for (int i = 0; i < N; i++) cJSON_AddItemToArray(w, num_or_null(c->coef[slot * (size_t)N + (size_t)i]));
+      }
+      if (c->method != METHOD_TA) {
+        cJSON *r = cJSON_AddArrayToObject(j, "scaled_residual");
+        for (int k = 0; k < c->iters_done && k < K; k++)
+          cJSON_AddItemToArray(r, num_or_null(c->resid[(size_t)k * (size_t)L * ITR_MODULE_COUNT + slot]));
+      }
+      cJSON_AddItemToArray(mods, j);
+    }
+  char *text = cJSON_Print(root);
+  cJSON_Delete(root);
+  ITR_CHECK(text, ITR_ERR_INTERNAL, "out of memory printing the merge report");
+  char path[ITR_PATH_MAX + 32];
+  snprintf(path, sizeof path, "%s/merge_report.json", dir);
+  itr_err e = itr_iofile_write_atomic(path, text, strlen(text));
+  free(text);
+  return e;
+}
+
+void merge_report_print(const merge_ctx *c, FILE *f) {
+  fprintf(f, "merged %d adapters with %s in %.2f s on %d rank(s): %s\n", c->N, c->opt->method, c->seconds_merge,
+          c->size, c->opt->out);
+  if (!c->evaluated) return;
+  fprintf(f, "%-8s %-40s %10s %8s\n", "task", "adapter", "kl_ratio", "top1");
+  double kl = 0, t1 = 0;
+  for (int i = 0; i < c->N; i++) {
+    fprintf(f, "%-8d %-40s %10.4f %8.4f\n", i, c->opt->adapters[i], c->kl_ratio[i], c->top1[i]);
+    kl += c->kl_ratio[i] / c->N;
+    t1 += c->top1[i] / c->N;
+  }
+  fprintf(f, "%-8s %-40s %10.4f %8.4f\n", "mean", c->opt->method, kl, t1);
+  fflush(f);
+}

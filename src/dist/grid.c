@@ -1,0 +1,76 @@
+/* BLACS process grids on any communicator (sub-communicators included). */
+#include <stdlib.h>
+
+#include "dist/scalapack.h"
+#include "iteris/dist.h"
+
+void itr_dist_grid_shape(int size, int *nprow, int *npcol) {
+  int r = 1;
+  for (int d = 1; (long)d * d <= size; d++)
+    if (size % d == 0) r = d;
+  *nprow = r;
+  *npcol = size / r;
+}
+
+itr_err itr_dist_grid_create(MPI_Comm comm, int mb, itr_dist_grid **out) {
+  ITR_CHECK(comm != MPI_COMM_NULL, ITR_ERR_INTERNAL,
+            "itr_dist_grid_create: the communicator is MPI_COMM_NULL (a rank outside the process "
+            "group called it)");
+  int size = 1, rank = 0;
+  MPI_Comm_size(comm, &size);
+  MPI_Comm_rank(comm, &rank);
+  if (mb <= 0) mb = ITR_DIST_MB_DEFAULT;
+  itr_dist_grid *g = NULL;
+  itr_err e = itr_calloc(1, sizeof *g, "BLACS grid", &g);
+  e = itr_dist_agree(comm, e);
+  if (e != ITR_OK) {
+    free(g);
+    return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  }
+  /* Block sizes must agree, or descriptors of different ranks would describe different layouts. */
+  int mb_range[2] = {mb, -mb}, mb_all[2];
+  MPI_Allreduce(mb_range, mb_all, 2, MPI_INT, MPI_MAX, comm);
+  if (mb_all[0] != -mb_all[1]) {
+    free(g);
+    return itr_error_set(ITR_ERR_INTERNAL,
+                         "itr_dist_grid_create: block size mb differs between ranks (from %d to %d); it "
+                         "must be the same on all ranks",
+                         -mb_all[1], mb_all[0]);
+  }
+
+  MPI_Comm_dup(comm, &g->comm);
+  g->rank = rank;
+  g->size = size;
+  g->mb = mb;
+  itr_dist_grid_shape(size, &g->nprow, &g->npcol);
+  /* The system handle is only needed by gridinit (which builds its own communicators from it),
+   * so it is released at once: BLACS compacts its handle table on free, which would renumber
+   * handles kept for later. */
+  int handle = Csys2blacs_handle(g->comm);
+  g->ctxt = handle;
+  Cblacs_gridinit(&g->ctxt, "Row", g->nprow, g->npcol);
+  Cfree_blacs_system_handle(handle);
+  int nprow = 0, npcol = 0;
+  Cblacs_gridinfo(g->ctxt, &nprow, &npcol, &g->myrow, &g->mycol);
+  itr_err ge = ITR_OK;
+  if (nprow != g->nprow || npcol != g->npcol || g->myrow * g->npcol + g->mycol != rank)
+    ge = itr_error_set(ITR_ERR_INTERNAL,
+                       "BLACS grid: rank %d got position (%d, %d) in a %d x %d grid, expected (%d, %d) in "
+                       "%d x %d",
+                       rank, g->myrow, g->mycol, nprow, npcol, rank / g->npcol, rank % g->npcol, g->nprow,
+                       g->npcol);
+  ge = itr_dist_agree(g->comm, ge);
+  if (ge != ITR_OK) {
+    itr_dist_grid_destroy(g);
+    return itr_error_frame(ge, __func__, __FILE__, __LINE__);
+  }
+  *out = g;
+  return ITR_OK;
+}
+
+void itr_dist_grid_destroy(itr_dist_grid *grid) {
+  if (!grid) return;
+  if (grid->myrow >= 0) Cblacs_gridexit(grid->ctxt);
+  MPI_Comm_free(&grid->comm);
+  free(grid);
+}

@@ -1,0 +1,177 @@
+/* Calibration / evaluation token data as JSONL: one {"input_ids": [ints]} object per line (other
+ * keys ignored, blank lines skipped). Every error names the file and the line. */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io/iofile.h"
+#include "iteris/io.h"
+
+/* Growable arrays of the reader. */
+typedef struct {
+  int64_t *offsets;
+  size_t n_off, cap_off;
+  int32_t *ids;
+  size_t n_ids, cap_ids;
+} builder;
+
+static itr_err grow(void **p, size_t *cap, size_t need, size_t elem, const char *file) {
+  if (need <= *cap) return ITR_OK;
+  size_t nc = *cap ? *cap : 1024;
+  while (nc < need) {
+    ITR_CHECK(nc <= SIZE_MAX / 2, ITR_ERR_INPUT, "%s: too many tokens", file);
+    nc *= 2;
+  }
+  size_t bytes;
+  ITR_CHECK(itr_mul_size(nc, elem, &bytes), ITR_ERR_INPUT, "%s: too many tokens", file);
+  void *q = realloc(*p, bytes);
+  ITR_CHECK(q, ITR_ERR_INTERNAL, "out of memory reading %s (%zu bytes)", file, bytes);
+  *p = q;
+  *cap = nc;
+  return ITR_OK;
+}
+
+static int is_blank(const char *s, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r' && s[i] != '\n') return 0;
+  return 1;
+}
+
+static itr_err parse_line(const char *line, size_t len, const char *file, long lineno, int vocab, builder *b) {
+  const char *end = NULL;
+  cJSON *o = cJSON_ParseWithLengthOpts(line, len, &end, 0);
+  if (!o) {
+    size_t pos = (end && end >= line && end <= line + len) ? (size_t)(end - line) : 0;
+    return itr_error_set(ITR_ERR_INPUT, "%s:%ld: not valid JSON (column %zu); each line must be an object like "
+                         "{\"input_ids\": [1, 2, 3]}", file, lineno, pos + 1);
+  }
+  itr_err e = ITR_OK;
+  const cJSON *ids = cJSON_IsObject(o) ? cJSON_GetObjectItemCaseSensitive(o, "input_ids") : NULL;
+  const cJSON *mask = cJSON_IsObject(o) ? cJSON_GetObjectItemCaseSensitive(o, "attention_mask") : NULL;
+  if (!cJSON_IsObject(o)) {
+    e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: expected a JSON object like {\"input_ids\": [1, 2, 3]}", file, lineno);
+  } else if (!ids) {
+    e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: no 'input_ids' key; each line needs {\"input_ids\": [...]} "
+                      "(tokenize text before calibration)", file, lineno);
+  } else if (!cJSON_IsArray(ids)) {
+    e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: 'input_ids' must be a list of integers", file, lineno);
+  } else if (!ids->child) {
+    e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: 'input_ids' is empty; every sequence needs at least one token",
+                      file, lineno);
+  }
+  if (e == ITR_OK && mask && cJSON_IsArray(mask)) {
+    for (const cJSON *v = mask->child; v; v = v->next)
+      if (cJSON_IsNumber(v) && v->valuedouble == 0) {
+        e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: attention_mask has zeros (padded sequence); write sequences "
+                          "without padding", file, lineno);
+        break;
+      }
+  }
+  long k = 0;
+  for (const cJSON *v = (e == ITR_OK) ? ids->child : NULL; v; v = v->next, k++) {
+    double x = cJSON_IsNumber(v) ? v->valuedouble : NAN;
+    if (!cJSON_IsNumber(v) || !isfinite(x) || x != floor(x)) {
+      char got[96];
+      itr_json_describe(v, got, sizeof got);
+      e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: input_ids[%ld] is %s, not an integer token id", file, lineno, k,
+                        got);
+      break;
+    }
+    if (x < 0 || x >= (double)vocab) {
+      e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: input_ids[%ld] = %.0f is outside the vocabulary [0, %d). Was "
+                        "this data tokenized for another model?", file, lineno, k, x, vocab);
+      break;
+    }
+    e = grow((void **)&b->ids, &b->cap_ids, b->n_ids + 1, sizeof(int32_t), file);
+    if (e != ITR_OK) break;
+    b->ids[b->n_ids++] = (int32_t)x;
+  }
+  cJSON_Delete(o);
+  if (e != ITR_OK) return e;
+  ITR_TRY(grow((void **)&b->offsets, &b->cap_off, b->n_off + 1, sizeof(int64_t), file));
+  b->offsets[b->n_off++] = (int64_t)b->n_ids;
+  return ITR_OK;
+}
+
+itr_err itr_token_set_read(const char *path, int vocab_size, itr_token_set *out) {
+  ITR_CHECK(vocab_size >= 1, ITR_ERR_INPUT, "%s: vocabulary size %d must be positive", path, vocab_size);
+  FILE *f = fopen(path, "rb");
+  ITR_CHECK(f, ITR_ERR_INPUT, "cannot open '%s': %s", path, strerror(errno));
+  builder b;
+  memset(&b, 0, sizeof b);
+  itr_err e = grow((void **)&b.offsets, &b.cap_off, 1, sizeof(int64_t), path);
+  if (e == ITR_OK) b.offsets[b.n_off++] = 0;
+  char *line = NULL;
+  size_t cap = 0;
+  long lineno = 0;
+  ssize_t n;
+  while (e == ITR_OK && (n = getline(&line, &cap, f)) >= 0) {
+    lineno++;
+    if (is_blank(line, (size_t)n)) continue;
+    if (memchr(line, '\0', (size_t)n)) {
+      e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: contains a NUL byte; is this a text file?", path, lineno);
+      break;
+    }
+    e = parse_line(line, (size_t)n, path, lineno, vocab_size, &b);
+    if (e == ITR_OK && b.n_off - 1 > (size_t)(1 << 30))
+      e = itr_error_set(ITR_ERR_INPUT, "%s: too many sequences", path);
+  }
+  if (e == ITR_OK && ferror(f)) e = itr_error_set(ITR_ERR_INPUT, "cannot read '%s': %s", path, strerror(errno));
+  free(line);
+  fclose(f);
+  if (e == ITR_OK && b.n_off < 2)
+    e = itr_error_set(ITR_ERR_INPUT, "%s: holds no sequences (expected one {\"input_ids\": [...]} per line)", path);
+  if (e != ITR_OK) {
+    free(b.offsets);
+    free(b.ids);
+    return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  }
+  out->n_seqs = (int)(b.n_off - 1);
+  out->n_tokens = (int64_t)b.n_ids;
+  out->offsets = b.offsets;
+  out->ids = b.ids;
+  return ITR_OK;
+}
+
+void itr_token_set_fini(itr_token_set *ts) {
+  if (!ts) return;
+  free(ts->offsets);
+  free(ts->ids);
+  ts->offsets = NULL;
+  ts->ids = NULL;
+  ts->n_seqs = 0;
+  ts->n_tokens = 0;
+}
+
+itr_err itr_token_set_write(const char *path, const itr_token_set *ts) {
+  ITR_CHECK(ts->n_seqs >= 1 && ts->offsets && ts->offsets[0] == 0 && ts->offsets[ts->n_seqs] == ts->n_tokens,
+            ITR_ERR_INPUT, "token set for %s is malformed (%d sequences, %lld tokens)", path, ts->n_seqs,
+            (long long)ts->n_tokens);
+  for (int s = 0; s < ts->n_seqs; s++)
+    ITR_CHECK(ts->offsets[s + 1] > ts->offsets[s], ITR_ERR_INPUT,
+              "token set for %s: sequence %d is empty or its offsets decrease", path, s);
+  for (int64_t i = 0; i < ts->n_tokens; i++)
+    ITR_CHECK(ts->ids[i] >= 0, ITR_ERR_INPUT, "token set for %s: id %lld is negative (%d)", path, (long long)i,
+              (int)ts->ids[i]);
+  /* At most 12 characters per id ("2147483647, ") and 20 per line of framing. */
+  size_t cap, t1;
+  ITR_CHECK(itr_mul_size((size_t)ts->n_tokens, 12, &t1) && itr_mul_size((size_t)ts->n_seqs, 20, &cap) &&
+                cap <= SIZE_MAX - t1 - 1,
+            ITR_ERR_INPUT, "token set for %s is too large", path);
+  cap += t1 + 1;
+  char *buf = NULL;
+  ITR_TRY(itr_calloc(cap, 1, "token file text", &buf));
+  size_t pos = 0;
+  for (int s = 0; s < ts->n_seqs; s++) {
+    pos += (size_t)snprintf(buf + pos, cap - pos, "{\"input_ids\": [");
+    for (int64_t i = ts->offsets[s]; i < ts->offsets[s + 1]; i++)
+      pos += (size_t)snprintf(buf + pos, cap - pos, "%s%d", i > ts->offsets[s] ? ", " : "", (int)ts->ids[i]);
+    pos += (size_t)snprintf(buf + pos, cap - pos, "]}\n");
+  }
+  itr_err e = itr_iofile_write_atomic(path, buf, pos);
+  free(buf);
+  if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  return ITR_OK;
+}

@@ -1,0 +1,113 @@
+/* itr_lora_set: per (layer, module) lists of factored LoRA terms and an optional dense update,
+ * all f32, shapes checked against the model configuration. Pure memory: no files. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "iteris/model.h"
+#include "model/model_internal.h"
+
+static const char *const mod_names_[ITR_MODULE_COUNT] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                         "gate_proj", "up_proj", "down_proj"};
+
+itr_err itr_lora_set_create(const itr_model_config *cfg, itr_lora_set **out) {
+  itr_model_dims d;
+  ITR_TRY(itr_model_dims_from_config(cfg, &d));
+  itr_lora_set *s = NULL;
+  ITR_TRY(itr_calloc(1, sizeof *s, "LoRA set", &s));
+  size_t n = (size_t)(d.L > 0 ? d.L : 1) * ITR_MODULE_COUNT;
+  itr_err err = itr_calloc(n, sizeof(itr_lora_slot), "LoRA set slots", &s->slots);
+  if (err != ITR_OK) {
+    free(s);
+    return itr_error_frame(err, __func__, __FILE__, __LINE__);
+  }
+  s->cfg = *cfg;
+  s->num_layers = d.L;
+  *out = s;
+  return ITR_OK;
+}
+
+static void slot_clear(itr_lora_slot *sl) {
+  for (int k = 0; k < sl->n_terms; k++) {
+    free(sl->terms[k].A);
+    free(sl->terms[k].B);
+  }
+  free(sl->terms);
+  free(sl->dW_owned);
+  memset(sl, 0, sizeof *sl);
+}
+
+void itr_lora_set_clear(itr_lora_set *s) {
+  if (!s) return;
+  for (int i = 0; i < s->num_layers * ITR_MODULE_COUNT; i++) slot_clear(&s->slots[i]);
+}
+
+void itr_lora_set_destroy(itr_lora_set *s) {
+  if (!s) return;
+  itr_lora_set_clear(s);
+  free(s->slots);
+  free(s);
+}
+
+const itr_lora_slot *itr_lora_set_slot(const itr_lora_set *s, int layer, itr_module m) {
+  if (!s || layer < 0 || layer >= s->num_layers || (unsigned)m >= ITR_MODULE_COUNT) return NULL;
+  return &s->slots[layer * ITR_MODULE_COUNT + m];
+}
+
+static itr_err slot_for(itr_lora_set *s, int layer, itr_module m, itr_lora_slot **sl, int64_t *d_out,
+                        int64_t *d_in) {
+  ITR_CHECK((unsigned)m < ITR_MODULE_COUNT, ITR_ERR_INPUT, "LoRA set: module index %d is not a module", (int)m);
+  ITR_CHECK(layer >= 0 && layer < s->num_layers, ITR_ERR_INPUT,
+            "LoRA set: layer %d is outside [0, %d) (num_hidden_layers of the base model)", layer,
+            s->num_layers);
+  itr_model_dims d;
+  ITR_TRY(itr_model_dims_from_config(&s->cfg, &d));
+  itr_model_dims_module(&d, m, d_out, d_in);
+  *sl = &s->slots[layer * ITR_MODULE_COUNT + m];
+  return ITR_OK;
+}
+
+itr_err itr_lora_set_add(itr_lora_set *s, int layer, itr_module m, int r, float scaling, const float *A,
+                         const float *B) {
+  itr_lora_slot *sl;
+  int64_t d_out, d_in;
+  ITR_TRY(slot_for(s, layer, m, &sl, &d_out, &d_in));
+  ITR_CHECK(r >= 1 && A && B, ITR_ERR_INPUT,
+            "LoRA set: term for layer %d %s has rank %d or no factors (need r >= 1, A and B)", layer,
+            mod_names_[m], r);
+  if (sl->n_terms == sl->cap) {
+    int cap = sl->cap ? 2 * sl->cap : 2;
+    itr_lora_term *t = realloc(sl->terms, (size_t)cap * sizeof *t);
+    ITR_CHECK(t, ITR_ERR_INTERNAL, "LoRA set: out of memory growing the term list of layer %d", layer);
+    sl->terms = t;
+    sl->cap = cap;
+  }
+  itr_lora_term tm = {r, scaling, NULL, NULL};
+  itr_err err = itr_calloc((size_t)r * (size_t)d_in, sizeof(float), "LoRA A (f32)", &tm.A);
+  if (err == ITR_OK) err = itr_calloc((size_t)d_out * (size_t)r, sizeof(float), "LoRA B (f32)", &tm.B);
+  if (err != ITR_OK) {
+    free(tm.A);
+    return itr_error_frame(err, __func__, __FILE__, __LINE__);
+  }
+  memcpy(tm.A, A, (size_t)r * (size_t)d_in * sizeof(float));
+  memcpy(tm.B, B, (size_t)d_out * (size_t)r * sizeof(float));
+  sl->terms[sl->n_terms++] = tm;
+  return ITR_OK;
+}
+
+itr_err itr_lora_set_set_dense(itr_lora_set *s, int layer, itr_module m, const float *dW, float scale,
+                               int copy) {
+  itr_lora_slot *sl;
+  int64_t d_out, d_in;
+  ITR_TRY(slot_for(s, layer, m, &sl, &d_out, &d_in));
+  ITR_CHECK(dW, ITR_ERR_INPUT, "LoRA set: dense update of layer %d is NULL", layer);
+  float *own = NULL;
+  if (copy) {
+    ITR_TRY(itr_calloc((size_t)d_out * (size_t)d_in, sizeof(float), "dense update (f32)", &own));
+    memcpy(own, dW, (size_t)d_out * (size_t)d_in * sizeof(float));
+  }
+  free(sl->dW_owned);
+  sl->dW_owned = own;
+  sl->dW = copy ? own : dW;
+  sl->dW_scale = scale;
+  return ITR_OK;
+}

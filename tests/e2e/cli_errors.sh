@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Bad input and bad options: a clear message, exit code 2 on every rank, no hang, no partial output.
+set -uo pipefail
+BIN=${ITERIS_BIN:-build/bin/iteris-mpi}
+W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
+"$BIN" -make_demo "$W/demo" >/dev/null 2>&1 || { echo "cannot make the demo case"; exit 1; }
+D=$W/demo
+ok=0; bad=0
+# expect CODE SUBSTRING ARGS...: runs on 2 ranks under a timeout
+expect() {
+  local code=$1 want=$2; shift 2
+  local out rc
+  out=$(timeout -k 5 120 mpirun -np 2 "$BIN" "$@" 2>&1); rc=$?
+  if [ "$rc" -eq "$code" ] && grep -qF -- "$want" <<<"$out" && [ ! -e "$W/out" ] && [ ! -e "$W/out.partial" ]; then
+    ok=$((ok + 1))
+  else
+    bad=$((bad + 1)); echo "FAILED: iteris-mpi $* -> exit $rc (want $code), output:"; echo "$out" | head -n 8
+  fi
+}
+base=(-base "$D/base" -adapters "$D/adapter_0,$D/adapter_1" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out")
+expect 2 "unknown option -bogus" "${base[@]}" -bogus 3
+expect 2 "option -dare_p is not used by -method iteris" "${base[@]}" -dare_p 0.3
+expect 2 "-calib has 1 file(s) but -adapters has 2" -base "$D/base" -adapters "$D/adapter_0,$D/adapter_1" -calib "$D/calib_0.jsonl" -out "$W/out"
+expect 2 "missing -base" -adapters "$D/adapter_0" -calib "$D/calib_0.jsonl" -out "$W/out"
+expect 2 "option -max_iter: 'ten' is not an integer" "${base[@]}" -max_iter ten
+expect 2 "unknown method 'magic'" "${base[@]}" -method magic
+expect 2 "cannot read the job file" -options_file "$W/nope.yaml"
+expect 2 "$W/missing" -base "$D/base" -adapters "$W/missing,$D/adapter_1" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out"
+# token id past the vocabulary: the message names the file and the line
+printf '{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 99999]}\n' > "$W/bad.jsonl"
+expect 2 "bad.jsonl" -base "$D/base" -adapters "$D/adapter_0,$D/adapter_1" -calib "$W/bad.jsonl,$D/calib_1.jsonl" -out "$W/out"
+expect 2 "bad.jsonl:2: input_ids[1] = 99999" -base "$D/base" -adapters "$D/adapter_0,$D/adapter_1" -calib "$W/bad.jsonl,$D/calib_1.jsonl" -out "$W/out"
+# an adapter for another base model (different hidden size)
+"$BIN" -make_demo "$W/other" >/dev/null 2>&1
+/usr/bin/python3 - "$W/other/base/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1])); c["hidden_size"] = 96; c["head_dim"] = 16
+json.dump(c, open(sys.argv[1], "w"))
+PY
+expect 2 "adapter" -base "$W/other/base" -adapters "$D/adapter_0" -calib "$D/calib_0.jsonl" -out "$W/out"
+# a help that lists the options, exit 0
+out=$("$BIN" -help); if grep -q -- "-alpha_2" <<<"$out" && grep -q "exit codes" <<<"$out"; then ok=$((ok + 1)); else bad=$((bad + 1)); echo "FAILED: -help"; fi
+echo "cli_errors: $ok ok, $bad failed"
+[ "$bad" -eq 0 ]

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# IterIS on the generated demo case at -np 1, 2, 3, 4: the merged updates (written in F64) must
+# agree within 1e-10 relative (float64 statistics; only reassociation may differ).
+set -euo pipefail
+BIN=${ITERIS_BIN:-build/bin/iteris-mpi}
+W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
+"$BIN" -make_demo "$W/demo" >/dev/null 2>&1
+D=$W/demo
+args=(-base "$D/base" -adapters "$D/adapter_0,$D/adapter_1,$D/adapter_2"
+      -calib "$D/calib_0.jsonl,$D/calib_1.jsonl,$D/calib_2.jsonl" -max_iter 3 -out_dtype F64)
+for np in 1 2 3 4; do
+  mpirun -np $np "$BIN" "${args[@]}" -out "$W/np$np"
+  test -f "$W/np$np/adapter_model.safetensors"
+  test ! -e "$W/np$np.partial"
+done
+for np in 2 3 4; do
+  /usr/bin/python3 tests/ref/compare_adapters.py "$W/np1" "$W/np$np" 1e-10
+done

@@ -1,0 +1,106 @@
+// JSONL token files: reading (blank lines, other keys, CRLF), write/read round trip, and a table
+// of hostile files whose messages name the file and the line.
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "io_fixtures.h"
+#include "iteris/io.h"
+
+using io_test::failed_with;
+using io_test::TempDir;
+using io_test::write_text;
+
+TEST(TokenSet, ReadsSequencesSkippingBlankLinesAndOtherKeys) {
+  TempDir t;
+  write_text(t.file("a.jsonl"),
+             "{\"text\": \"hello world\", \"input_ids\": [1, 2, 3]}\n"
+             "\n"
+             "   \t\n"
+             "{\"input_ids\": [255], \"attention_mask\": [1]}\r\n"
+             "{\"input_ids\": [0, 0, 7, 9], \"labels\": [-100, 1, 2, 3]}");  // no final newline
+  itr_token_set ts;
+  ASSERT_EQ(itr_token_set_read(t.file("a.jsonl").c_str(), 256, &ts), ITR_OK) << itr_error_message();
+  EXPECT_EQ(ts.n_seqs, 3);
+  EXPECT_EQ(ts.n_tokens, 8);
+  EXPECT_EQ(std::vector<int64_t>(ts.offsets, ts.offsets + 4), (std::vector<int64_t>{0, 3, 4, 8}));
+  EXPECT_EQ(std::vector<int32_t>(ts.ids, ts.ids + 8), (std::vector<int32_t>{1, 2, 3, 255, 0, 0, 7, 9}));
+  itr_token_set_fini(&ts);
+  itr_token_set_fini(&ts);  // idempotent
+}
+
+TEST(TokenSet, WriteReadRoundTrip) {
+  TempDir t;
+  std::vector<int64_t> off = {0, 5, 6, 10};
+  std::vector<int32_t> ids = {10, 0, 99999, 42, 7, 3, 1, 2, 3, 131071};
+  itr_token_set ts = {3, 10, off.data(), ids.data()};
+  ASSERT_EQ(itr_token_set_write(t.file("rt.jsonl").c_str(), &ts), ITR_OK) << itr_error_message();
+  EXPECT_EQ(io_test::read_text(t.file("rt.jsonl")).substr(0, 45), "{\"input_ids\": [10, 0, 99999, 42, 7]}\n{\"input_");
+  itr_token_set back;
+  ASSERT_EQ(itr_token_set_read(t.file("rt.jsonl").c_str(), 131072, &back), ITR_OK) << itr_error_message();
+  EXPECT_EQ(back.n_seqs, 3);
+  EXPECT_EQ(std::vector<int64_t>(back.offsets, back.offsets + 4), off);
+  EXPECT_EQ(std::vector<int32_t>(back.ids, back.ids + 10), ids);
+  itr_token_set_fini(&back);
+  // A malformed set is refused before anything is written.
+  std::vector<int64_t> bad_off = {0, 5, 5, 10};
+  itr_token_set bad = {3, 10, bad_off.data(), ids.data()};
+  EXPECT_TRUE(failed_with(itr_token_set_write(t.file("bad.jsonl").c_str(), &bad), ITR_ERR_INPUT, {"sequence 1"}));
+}
+
+struct BadTokens {
+  const char *what;
+  std::string text;
+  std::vector<std::string> expect;
+};
+
+TEST(TokenSet, RefusesHostileFilesNamingFileAndLine) {
+  const std::string ok = "{\"input_ids\": [1, 2]}\n";
+  const std::vector<BadTokens> cases = {
+      {"bad JSON", ok + ok + "{\"input_ids\": [1, 2\n", {":3: not valid JSON"}},
+      {"missing input_ids", ok + "{\"text\": \"not tokenized\"}\n", {":2: no 'input_ids' key"}},
+      {"input_ids not a list", "{\"input_ids\": 5}\n", {":1: 'input_ids' must be a list"}},
+      {"non-integer id", ok + ok + ok + "{\"input_ids\": [1, 2.5]}\n", {":4: input_ids[1] is 2.5, not an integer"}},
+      {"string id", "{\"input_ids\": [\"7\"]}\n", {":1: input_ids[0] is '7', not an integer"}},
+      {"negative id", "{\"input_ids\": [3, -1]}\n", {":1: input_ids[1] = -1 is outside the vocabulary [0, 100)"}},
+      {"id past vocabulary", ok + "\n{\"input_ids\": [3, 100]}\n",
+       {":3: input_ids[1] = 100 is outside the vocabulary [0, 100)", "tokenized for another model"}},
+      {"empty sequence", ok + "{\"input_ids\": []}\n", {":2: 'input_ids' is empty"}},
+      {"not an object", "[1, 2, 3]\n", {":1: expected a JSON object"}},
+      {"padded sequence", "{\"input_ids\": [1, 2, 0], \"attention_mask\": [1, 1, 0]}\n", {":1: attention_mask has zeros"}},
+      {"empty file", "", {"holds no sequences"}},
+      {"only blank lines", "\n\n  \n", {"holds no sequences"}},
+      {"NUL byte", std::string("{\"input_ids\": [1]}\n{\"input_ids\"\0: [1]}\n", 39), {":2: contains a NUL byte"}},
+  };
+  for (const auto &bc : cases) {
+    TempDir t;
+    std::string path = t.file("data.jsonl");
+    write_text(path, bc.text);
+    itr_token_set ts = {-1, -1, nullptr, nullptr};
+    std::vector<std::string> expect = bc.expect;
+    expect.push_back(path);
+    EXPECT_TRUE(failed_with(itr_token_set_read(path.c_str(), 100, &ts), ITR_ERR_INPUT, expect)) << bc.what;
+    EXPECT_EQ(ts.n_seqs, -1) << bc.what << ": out-parameter written on failure";
+  }
+  itr_token_set ts;
+  EXPECT_TRUE(failed_with(itr_token_set_read("/nonexistent/x.jsonl", 100, &ts), ITR_ERR_INPUT,
+                          {"cannot open '/nonexistent/x.jsonl'"}));
+}
+
+TEST(TokenSet, ReadsALargeFile) {
+  TempDir t;
+  std::string text;
+  for (int s = 0; s < 300; s++) {
+    text += "{\"input_ids\": [";
+    for (int i = 0; i < 100; i++) text += (i ? ", " : "") + std::to_string((s * 7 + i) % 1000);
+    text += "]}\n";
+  }
+  write_text(t.file("big.jsonl"), text);
+  itr_token_set ts;
+  ASSERT_EQ(itr_token_set_read(t.file("big.jsonl").c_str(), 1000, &ts), ITR_OK) << itr_error_message();
+  EXPECT_EQ(ts.n_seqs, 300);
+  EXPECT_EQ(ts.n_tokens, 30000);
+  EXPECT_EQ(ts.ids[299 * 100 + 99], (299 * 7 + 99) % 1000);
+  itr_token_set_fini(&ts);
+}
