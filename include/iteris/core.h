@@ -30,6 +30,7 @@ typedef enum {
   ITR_ERR_INPUT = 2,    /* bad usage or bad input file: the user can fix it          */
   ITR_ERR_NUMERIC = 3,  /* a numerical failure (matrix not SPD, NaN in a solve, ...) */
   ITR_ERR_INTERNAL = 4, /* a bug, or the system failed us (out of memory, disk full) */
+  ITR_ERR_INTERRUPTED = 5, /* stopped by a signal after saving a checkpoint: rerun with -restart 1 */
 } itr_err;
 
 /* Records an error message (printf-style) for the calling thread and returns code.
@@ -42,7 +43,8 @@ const char *itr_error_message(void);
 /* The message without traceback frames: the first line. Copies into buf (always terminated). */
 void itr_error_headline(char *buf, size_t len);
 void itr_error_clear(void);
-/* Process exit code for an error: 0, 2 (usage/input), 3 (numerical), 4 (internal). */
+/* Process exit code for an error: 0, 2 (usage/input), 3 (numerical), 4 (internal),
+ * 5 (interrupted by a signal after a checkpoint). */
 int itr_exit_code(itr_err code);
 const char *itr_err_name(itr_err code);
 

@@ -218,6 +218,26 @@ int itr_iofile_is_dir(const char *path);
 /* Removes a folder and everything under it (no symlinks followed); a missing folder is fine. */
 itr_err itr_iofile_remove_tree(const char *dir);
 
+/* ---- HDF5 files (checkpoints, statistics) ------------------------------------------------------ */
+
+/* A small HDF5 file of named f64 datasets ("a/b/c": groups created as needed) and string / number
+ * attributes on the root. Not Collective: one process writes (serial HDF5 through the MPI-enabled
+ * library). A created file lives at path.tmp.<pid> until itr_h5_close(h, 1) flushes, closes and
+ * renames it to path, so a reader never sees half a checkpoint. */
+typedef struct itr_h5 itr_h5;
+itr_err itr_h5_create(const char *path, itr_h5 **out);
+itr_err itr_h5_open(const char *path, itr_h5 **out); /* read-only */
+/* commit = 1: publish a created file under its final name; 0: discard it (created) or just close. */
+itr_err itr_h5_close(itr_h5 *h, int commit);
+itr_err itr_h5_write_f64(itr_h5 *h, const char *name, int ndim, const int64_t *dims, const double *data);
+/* Reads a dataset whose shape must equal dims (ndim dims); the message names file and dataset. */
+itr_err itr_h5_read_f64(itr_h5 *h, const char *name, int ndim, const int64_t *dims, double *data);
+/* Shape of a dataset (ndim <= ITR_MAX_DIMS); ITR_ERR_INPUT when absent. */
+itr_err itr_h5_shape(itr_h5 *h, const char *name, int *ndim, int64_t *dims);
+int itr_h5_has(itr_h5 *h, const char *name);
+itr_err itr_h5_set_attr(itr_h5 *h, const char *key, const char *value);
+itr_err itr_h5_get_attr(itr_h5 *h, const char *key, char *buf, size_t len);
+
 /* ---- inspect ---------------------------------------------------------------------------------- */
 
 /* Prints a readable summary of a model folder (config, tensors, shapes, dtypes) or an adapter

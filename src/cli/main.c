@@ -9,6 +9,7 @@
 
 #include "cli/cli.h"
 #include "cli/options.h"
+#include "cli/signals.h"
 #include "iteris/core.h"
 #include "iteris/dist.h"
 
@@ -66,6 +67,7 @@ int main(int argc, char **argv) {
     return 4;
   }
   PetscPushErrorHandler(PetscReturnErrorHandler, NULL);
+  itr_cli_signals_install(); /* SIGTERM/SIGINT/SIGUSR1: checkpoint and stop at the next layer */
 
   itr_options *opt = calloc(1, sizeof *opt);
   itr_err err = opt ? itr_options_parse(opt) : itr_error_set(ITR_ERR_INTERNAL, "out of memory for the options");
@@ -83,7 +85,7 @@ int main(int argc, char **argv) {
     /* input errors: the message alone; numerical and internal ones: with the traceback */
     char head[1024];
     itr_error_headline(head, sizeof head);
-    int trace = err != ITR_ERR_INPUT || (opt && opt->verbose >= 1);
+    int trace = err == ITR_ERR_NUMERIC || err == ITR_ERR_INTERNAL || (opt && opt->verbose >= 1);
     fprintf(stderr, "error: %s\n", trace ? itr_error_message() : head);
     fprintf(stderr, "(exit code %d: %s)\n", itr_exit_code(err), itr_err_name(err));
   }

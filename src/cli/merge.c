@@ -24,6 +24,7 @@
 
 #include "cli/cli.h"
 #include "cli/merge_internal.h"
+#include "cli/signals.h"
 #include "iteris/dist.h"
 #include "iteris/eval.h"
 #include "iteris/io.h"
@@ -390,16 +391,47 @@ static itr_err rebuild_merged_lora(merge_ctx *c) {
   return ITR_OK;
 }
 
+/* Runs layers [0, l0) without statistics, to bring the hidden states of a resumed iteration to
+ * layer l0. */
+static itr_err forward_prefix(merge_ctx *c, int k, int l0) {
+  for (int i = 0; i < c->N && l0 > 0; i++) {
+    const itr_shard *sh = &c->calib_sh[i];
+    if (sh->T == 0) continue;
+    itr_seq_layout lay = {sh->n_seqs, sh->offsets};
+    ITR_TRY(itr_model_run_layers(c->model, 0, l0, c->h_src[i], sh->T, &lay, c->lora_task[i], NULL, NULL));
+    if (k >= 2) ITR_TRY(itr_model_run_layers(c->model, 0, l0, c->h_mrg[i], sh->T, &lay, c->lora_merged, NULL, NULL));
+  }
+  return ITR_OK;
+}
+
+/* At a layer boundary: when any rank got SIGTERM/SIGINT/SIGUSR1, save the state (resume at
+ * iteration k, layer l) and stop every rank with ITR_ERR_INTERRUPTED. */
+static itr_err maybe_stop(merge_ctx *c, int k, int l) {
+  int sig = itr_cli_stop_agree(c->comm);
+  /* fault injection for the restart tests: ITERIS_FAULT_STOP_AT="k l" acts as a signal there */
+  const char *at = getenv("ITERIS_FAULT_STOP_AT");
+  int fk, fl;
+  if (!sig && at && sscanf(at, "%d %d", &fk, &fl) == 2 && fk == k && fl == l) sig = 15;
+  if (!sig) return ITR_OK;
+  ITR_TRY(itr_dist_agree(c->comm, c->rank == 0 ? checkpoint_write(c, k, l) : ITR_OK));
+  return itr_error_set(ITR_ERR_INTERRUPTED,
+                       "stopped by signal %d after layer %d/%d of iteration %d; the checkpoint is in %s.partial/: "
+                       "rerun the same command with -restart 1 to continue",
+                       sig, l, c->cfg.num_hidden_layers, l == 0 ? k - 1 : k, c->opt->out);
+}
+
 static itr_err run_iterations(merge_ctx *c) {
   const int L = c->cfg.num_hidden_layers, K = c->method == METHOD_ITERIS ? c->opt->max_iter : 1;
   const double t0 = itr_wtime();
-  const int total = K * L;
+  const int total = (K - c->start_iter + 1) * L - c->start_layer;
   int done = 0;
   for (int k = c->start_iter; k <= K; k++) {
+    const int l0 = k == c->start_iter ? c->start_layer : 0;
     itr_err e = embed_all(c, c->h_src);
     if (e == ITR_OK && k >= 2) e = embed_all(c, c->h_mrg);
+    if (e == ITR_OK) e = forward_prefix(c, k, l0);
     ITR_TRY(itr_dist_agree(c->comm, e));
-    for (int l = 0; l < L; l++) {
+    for (int l = l0; l < L; l++) {
       double tl = itr_wtime(), max_resid = 0;
       int n_failed = 0;
       PetscLogStagePush(c->stage_forward);
@@ -415,6 +447,7 @@ static itr_err run_iterations(merge_ctx *c) {
       itr_log(ITR_LOG_INFO, "iter %d/%d layer %d/%d: %.2f s, max scaled residual %.3g %s, elapsed %.1f s, ETA %.1f s", k,
               K, l + 1, L, itr_wtime() - tl, max_resid, n_failed ? "FAILED" : "PASSED", el, eta);
       c->n_residual_failed += n_failed;
+      if (l + 1 < L) ITR_TRY(maybe_stop(c, k, l + 1));
     }
     /* the new updates become the merged model of the next iteration */
     for (size_t q = 0; q < (size_t)L * ITR_MODULE_COUNT; q++) {
@@ -424,6 +457,10 @@ static itr_err run_iterations(merge_ctx *c) {
     }
     ITR_TRY(itr_dist_agree(c->comm, rebuild_merged_lora(c)));
     c->iters_done = k;
+    if (k < K && c->method == METHOD_ITERIS) {
+      ITR_TRY(itr_dist_agree(c->comm, c->rank == 0 ? checkpoint_write(c, k + 1, 0) : ITR_OK));
+      ITR_TRY(maybe_stop(c, k + 1, 0));
+    }
   }
   return ITR_OK;
 }
@@ -541,14 +578,14 @@ static itr_err write_outputs(merge_ctx *c) {
   char partial[ITR_PATH_MAX + 16], old[ITR_PATH_MAX + 32];
   snprintf(partial, sizeof partial, "%s.partial", o->out);
   snprintf(old, sizeof old, "%s.old.%ld", o->out, (long)getpid());
-  ITR_TRY(itr_iofile_remove_tree(partial));
-  ITR_CHECK(mkdir(partial, 0777) == 0, ITR_ERR_INPUT, "cannot create '%s': %s", partial, strerror(errno));
-  itr_err e = write_adapter(c, partial);
-  if (e == ITR_OK) e = merge_report_write(c, partial);
-  if (e != ITR_OK) {
-    (void)itr_iofile_remove_tree(partial); /* never leave a half-written adapter */
-    return e;
-  }
+  ITR_TRY(itr_iofile_mkdirs(partial));
+  /* each file is written atomically; OUT appears only when all are there */
+  ITR_TRY(write_adapter(c, partial));
+  ITR_TRY(merge_report_write(c, partial));
+  ITR_TRY(stats_write(c, partial));
+  char ck[ITR_PATH_MAX + 32];
+  snprintf(ck, sizeof ck, "%s/checkpoint.h5", partial);
+  remove(ck);
   int had_old = access(o->out, F_OK) == 0;
   if (had_old) ITR_CHECK(rename(o->out, old) == 0, ITR_ERR_INTERNAL, "cannot move the old '%s' aside: %s", o->out, strerror(errno));
   ITR_CHECK(rename(partial, o->out) == 0, ITR_ERR_INTERNAL, "cannot rename '%s' to '%s': %s", partial, o->out,
@@ -627,6 +664,22 @@ static itr_err setup(merge_ctx *c) {
   }
   ITR_TRY(itr_dist_agree(c->comm, e));
   ITR_TRY(itr_dist_grid_create(c->comm, 0, &c->grid));
+
+  char partial[ITR_PATH_MAX + 16];
+  snprintf(partial, sizeof partial, "%s.partial", o->out);
+  if (o->restart) {
+    int found = 0;
+    ITR_TRY(itr_dist_agree(c->comm, checkpoint_read(c, &found)));
+    if (found) {
+      itr_log(ITR_LOG_INFO, "-restart: resuming at iteration %d, layer %d from %s/checkpoint.h5", c->start_iter,
+              c->start_layer + 1, partial);
+      ITR_TRY(itr_dist_agree(c->comm, rebuild_merged_lora(c)));
+    } else {
+      itr_log(ITR_LOG_WARN, "-restart: no checkpoint in %s/: starting from the beginning", partial);
+    }
+  } else {
+    ITR_TRY(itr_dist_agree(c->comm, c->rank == 0 ? itr_iofile_remove_tree(partial) : ITR_OK));
+  }
   return ITR_OK;
 }
 

@@ -46,13 +46,22 @@ typedef struct {
   double *coef;           /* [L * ITR_MODULE_COUNT * N] adaptive weights c_i (iteration 1) */
   double *resid;          /* [K * L * ITR_MODULE_COUNT] scaled residual of each solve */
   itr_dist_grid *grid;
-  int start_iter, iters_done, n_residual_failed;
+  int start_iter, start_layer, iters_done, n_residual_failed;
   double energy_kept_min;
   int evaluated;
   double kl_ratio[ITR_MAX_TASKS], top1[ITR_MAX_TASKS];
   double seconds_merge;
   PetscLogStage stage_load, stage_forward, stage_solve, stage_write, stage_eval;
 } merge_ctx;
+
+/* Checkpoint in OUT.partial/checkpoint.h5: resume at iteration k_next, layer l_next. Not
+ * Collective (rank 0 writes). */
+itr_err checkpoint_write(const merge_ctx *c, int k_next, int l_next);
+/* Reads the checkpoint if there is one (*found = 1): fills cur, next, coef, resid, start_iter,
+ * start_layer. A checkpoint of other options is an input error. Not Collective. */
+itr_err checkpoint_read(merge_ctx *c, int *found);
+/* DIR/stats.h5: adaptive weights (L, 7, N) and scaled residuals (K, L, 7). Not Collective. */
+itr_err stats_write(const merge_ctx *c, const char *dir);
 
 /* Writes DIR/merge_report.json (options, per-iteration residuals, weights, fidelity, timings).
  * Not Collective (rank 0). */

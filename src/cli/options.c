@@ -60,7 +60,7 @@ static const opt_entry table_[] = {
     {"dare_p", T_REAL, OFF(dare_p), 0, 0, "0.5", U_DARE, "DARE: drop probability"},
     {"dare_ties", T_BOOL, OFF(dare_ties), 0, 0, "0", U_DARE, "DARE: combine with TIES instead of a sum"},
     {"seed", T_INT, OFF(seed), 0, 0, "0", U_DARE, "random seed (DARE)"},
-    {"restart", T_BOOL, OFF(restart), 0, 0, "0", U_ITERIS, "resume from the checkpoint in OUT.partial/"},
+    {"restart", T_BOOL, OFF(restart), 0, 0, "0", U_ITERIS, "resume from the checkpoint in OUT.partial/ (written after every iteration and on SIGTERM)"},
     {"max_tokens", T_INT, OFF(max_tokens), 0, 0, "0", U_MERGE, "cap on tokens per sequence (0: no cap)"},
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
     {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,
@@ -103,7 +103,8 @@ void itr_options_print_help(FILE *f) {
           "\nPETSc options that also work: -options_file FILE, -log_view [:FILE], -help.\n"
           "Unknown options, and options the chosen mode or -method does not use, are errors.\n"
           "exit codes: 0 success, 2 usage or input error, 3 numerical error (e.g. a system that is not\n"
-          "positive definite: raise -alpha_2), 4 internal error.\n");
+          "positive definite: raise -alpha_2), 4 internal error, 5 stopped by SIGTERM/SIGINT/SIGUSR1 after\n"
+          "saving a checkpoint in OUT.partial/ (rerun the same command with -restart 1 to continue).\n");
 }
 
 static itr_err split_list(const char *name, const char *s, char *out, size_t elem, size_t cap, int *n) {

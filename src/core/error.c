@@ -49,6 +49,7 @@ int itr_exit_code(itr_err code) {
     case ITR_OK: return 0;
     case ITR_ERR_INPUT: return 2;
     case ITR_ERR_NUMERIC: return 3;
+    case ITR_ERR_INTERRUPTED: return 5;
     default: return 4;
   }
 }
@@ -58,6 +59,7 @@ const char *itr_err_name(itr_err code) {
     case ITR_OK: return "ok";
     case ITR_ERR_INPUT: return "input error";
     case ITR_ERR_NUMERIC: return "numerical error";
+    case ITR_ERR_INTERRUPTED: return "interrupted";
     default: return "internal error";
   }
 }

@@ -180,6 +180,17 @@ static itr_err parse_config(const cJSON *root, const char *file, itr_model_confi
   }
   ITR_TRY(itr_json_double(root, "rms_norm_eps", file, 0, 1e-6, &c->rms_norm_eps));
   ITR_TRY(itr_json_double(root, "rope_theta", file, 0, 10000.0, &c->rope_theta));
+  /* transformers >= 5 groups RoPE settings as rope_parameters {rope_type, rope_theta, ...}. */
+  const cJSON *rp = cJSON_GetObjectItemCaseSensitive(root, "rope_parameters");
+  if (rp && !cJSON_IsNull(rp)) {
+    ITR_CHECK(cJSON_IsObject(rp), ITR_ERR_INPUT, "%s: 'rope_parameters' must be an object", file);
+    const char *type = NULL;
+    ITR_TRY(itr_json_string(rp, "rope_type", file, "default", &type));
+    ITR_CHECK(strcmp(type, "default") == 0, ITR_ERR_INPUT,
+              "%s: rope_parameters type '%s' is not supported yet (only plain RoPE, rope_type 'default', is)",
+              file, type);
+    ITR_TRY(itr_json_double(rp, "rope_theta", file, 0, c->rope_theta, &c->rope_theta));
+  }
   ITR_TRY(itr_json_bool(root, "tie_word_embeddings", file, 0, &c->tie_word_embeddings));
 
   switch (c->arch) {

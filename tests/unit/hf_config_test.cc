@@ -119,6 +119,25 @@ TEST(HfConfig, FamiliesAndTheirBiases) {
   EXPECT_EQ(c.mlp_bias, 1);
 }
 
+TEST(HfConfig, ReadsTransformers5RopeParameters) {
+  TempDir t;
+  itr_model_config c;
+  ASSERT_EQ(read_json(t,
+                      "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 128,"
+                      " \"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"vocab_size\": 100,"
+                      " \"rope_parameters\": {\"rope_type\": \"default\", \"rope_theta\": 500000.0}}",
+                      &c),
+            ITR_OK)
+      << itr_error_message();
+  EXPECT_EQ(c.rope_theta, 500000.0);
+  EXPECT_TRUE(failed_with(read_json(t,
+                                    "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 128,"
+                                    " \"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"vocab_size\": 100,"
+                                    " \"rope_parameters\": {\"rope_type\": \"yarn\", \"factor\": 4.0}}",
+                                    &c),
+                          ITR_ERR_INPUT, {"rope_parameters type 'yarn' is not supported yet"}));
+}
+
 TEST(HfConfig, ModuleShapesFollowHeadsAndHeadDim) {
   itr_model_config c = io_test::tiny_config();
   c.head_dim = 12;  // heads x head_dim = 24 != hidden 16: projections are not square

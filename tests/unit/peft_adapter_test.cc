@@ -117,11 +117,14 @@ TEST(PeftAdapter, RankAndAlphaPatternsFollowPeftSuffixRule) {
   for (int l = 0; l < 12; l++) {
     add_pair(ts, l, ITR_Q_PROJ, l == 1 ? 2 : 4);
     add_pair(ts, l, ITR_V_PROJ, 6);
+    add_pair(ts, l, ITR_UP_PROJ, 4);
   }
+  // "1.mlp.up_proj" matches layer 1 only: in layer 11 the character before it is a digit, not a dot.
   write_adapter(t.path(),
-                peft_config(4, 8, "[\"q_proj\", \"v_proj\"]",
+                peft_config(4, 8, "[\"q_proj\", \"v_proj\", \"up_proj\"]",
                             ", \"rank_pattern\": {\"model.layers.1.self_attn.q_proj\": 2, \"v_proj\": 6},"
-                            " \"alpha_pattern\": {\"self_attn.v_proj\": 3, \"layers.5.self_attn.q_proj\": 1}"),
+                            " \"alpha_pattern\": {\"self_attn.v_proj\": 3, \"layers.5.self_attn.q_proj\": 1,"
+                            " \"1.mlp.up_proj\": 5}"),
                 ts);
   itr_adapter *a = nullptr;
   ASSERT_EQ(itr_adapter_open(t.path().c_str(), &base, &a), ITR_OK) << itr_error_message();
@@ -133,6 +136,7 @@ TEST(PeftAdapter, RankAndAlphaPatternsFollowPeftSuffixRule) {
     EXPECT_EQ(v->r, 6);
     EXPECT_EQ(v->alpha, 3.0);
     EXPECT_DOUBLE_EQ(v->scaling, 0.5);
+    EXPECT_EQ(itr_adapter_module(a, l, ITR_UP_PROJ)->alpha, l == 1 ? 5.0 : 8.0) << l;
   }
   itr_adapter_destroy(a);
 }

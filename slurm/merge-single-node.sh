@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One IterIS merge on one node: srun iteris-mpi -options_file JOB [extra options].
+#   sbatch slurm/merge-single-node.sh jobs/demo.yaml              (or a name: demo)
+#   ITERIS_JOB=jobs/demo.yaml sbatch slurm/merge-single-node.sh
+#   sbatch --ntasks=8 slurm/merge-single-node.sh demo -max_iter 30  (options after the job file win)
+# Submit from the repository root (or set ITERIS_HOME): paths are relative to the submit dir.
+# Stop and resume: Slurm sends TERM 120 s before the time limit (scancel --signal=TERM --full JOBID does
+# the same at once); iteris-mpi writes OUT.partial/checkpoint.h5 at the next iteration boundary and exits
+# with 5; this script then requeues the job, and the requeued run (SLURM_RESTART_COUNT > 0) gets -restart 1.
+# Environment: ITERIS_JOB, ITERIS_BIN, ITERIS_HOME, ITERIS_REQUEUE=0 (no requeue), ITERIS_MAX_REQUEUE (3).
+#SBATCH --job-name=iteris-merge
+#SBATCH --nodes=1
+#SBATCH --ntasks=4
+#SBATCH --cpus-per-task=1
+#SBATCH --time=01:00:00
+#SBATCH --output=iteris-merge-%j.out
+#SBATCH --error=iteris-merge-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=TERM@120
+#SBATCH --requeue
+set -uo pipefail
+ITERIS_HOME=${ITERIS_HOME:-${SLURM_SUBMIT_DIR:-.}}
+# shellcheck source=slurm/common.sh
+. "$ITERIS_HOME/slurm/common.sh" || { echo "cannot read $ITERIS_HOME/slurm/common.sh: set ITERIS_HOME" >&2; exit 2; }
+
+# the first argument is the job file unless it is an option (then ITERIS_JOB names it)
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then itr_find_job "$1"; shift; else itr_find_job ""; fi
+itr_find_bin
+itr_setup_env
+restart=$(itr_restart_args)
+itr_say "$(date '+%F %T') node(s) ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-?} task(s) x ${SLURM_CPUS_PER_TASK:-1} CPU(s), job file $ITR_JOB, restart count ${SLURM_RESTART_COUNT:-0}"
+itr_say "srun $ITR_BIN -options_file $ITR_JOB $* $restart"
+# shellcheck disable=SC2086
+itr_srun -options_file "$ITR_JOB" "$@" $restart
+itr_say "$(date '+%F %T') srun exited with $ITR_RC"
+itr_finish "$ITR_RC"

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole merge end to end against an independent float64 NumPy implementation
+# (tests/ref/iteris_ref.py: float64 forward, dense statistics, dense solve). On the demo case
+# (-make_demo: tiny Llama, 4 layers, 3 adapters of ranks 4/8/16, ~1000 calibration tokens per task)
+# the binary runs at -np 2 with -out_dtype F32, and every module's dW = s B A must match the
+# reference within TOL (relative Frobenius); the adaptive weights c_i of merge_report.json within 1e-5.
+#
+# Tolerances, measured (worst module over 28; the binary's forward and captured inputs are float32,
+# the statistics and solves float64):
+#   iteris max_iter 1: 2.4e-7    iteris max_iter 3: 6.1e-7    reg_coef 0.3 + manual_coef: 6.2e-7
+#   regmean: 2.4e-7              task_arithmetic: 4.5e-8 (only the F32 rounding of the output)
+# TOL = 1e-5 leaves >= 15x headroom, and is far below what a wrong semantics gives on this case:
+#   reference max_iter 4 vs the binary's 3: 6.8e-3; max_iter 2 vs 3: 6.5e-2; max_iter 1 vs 3: ~1e-1;
+#   reg_coef 0 vs 0.3: see tests/ref/iteris_ref.py's report in the log (checked when written: > 1e-3).
+# Env: ITERIS_BIN (the binary; default build/bin/iteris-mpi).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${ITERIS_BIN:-build/bin/iteris-mpi}
+PY=/usr/bin/python3
+REF=tests/ref/iteris_ref.py
+TOL=${MERGE_REF_TOL:-1e-5}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
+export OMPI_MCA_rmaps_base_oversubscribe=1
+W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
+"$BIN" -make_demo "$W/demo" >"$W/demo.log" 2>&1 || { echo "-make_demo failed:"; cat "$W/demo.log"; exit 1; }
+D=$W/demo
+ADS=$D/adapter_0,$D/adapter_1,$D/adapter_2
+CAL=$D/calib_0.jsonl,$D/calib_1.jsonl,$D/calib_2.jsonl
+bad=0
+
+# check LABEL "BINARY ARGS" "REFERENCE ARGS": binary options and iteris_ref.py options (same meaning)
+check() {
+  local label=$1 bargs=$2 rargs=$3 out=$W/$1
+  # shellcheck disable=SC2086
+  if ! mpirun -np 2 "$BIN" -base "$D/base" -adapters "$ADS" -calib "$CAL" -out "$out" -out_dtype F32 $bargs \
+    >"$W/$label.log" 2>&1; then
+    echo "$label: FAILED: the merge failed:"; tail -n 20 "$W/$label.log"; bad=$((bad + 1)); return
+  fi
+  # shellcheck disable=SC2086
+  $PY $REF --base "$D/base" --adapters "$ADS" --calib "$CAL" --out "$out" --tol "$TOL" --label "$label" $rargs ||
+    bad=$((bad + 1))
+}
+
+check iteris_k1 "-max_iter 1" "--max_iter 1"
+check iteris_k3 "-max_iter 3" "--max_iter 3"
+check iteris_k3_reg_manual "-max_iter 3 -reg_coef 0.3 -manual_coef 1,2,0.5" \
+  "--max_iter 3 --reg_coef 0.3 --manual_coef 1,2,0.5"
+check iteris_k2_ridge "-max_iter 2 -alpha_1 1e-2 -alpha_2 3e-2" "--max_iter 2 --alpha_1 1e-2 --alpha_2 3e-2"
+check regmean "-method regmean" "--method regmean"
+check regmean_ridge "-method regmean -alpha_2 3e-2 -regmean_alpha 0.5" "--method regmean --alpha_2 3e-2 --regmean_alpha 0.5"
+check task_arithmetic "-method task_arithmetic -manual_coef 1,2,0.5" "--method task_arithmetic --manual_coef 1,2,0.5"
+
+if [ "$bad" -eq 0 ]; then echo "merge_reference: PASSED"; else echo "merge_reference: $bad FAILED"; fi
+[ "$bad" -eq 0 ]
