@@ -42,6 +42,7 @@ SlurmctldHost=localhost
 SlurmUser=$user
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=pmix
 ProctrackType=proctrack/linuxproc

@@ -46,20 +46,28 @@ itr_find_job() {
   ITR_JOB=$j
 }
 
-# itr_srun ARGS...: srun iteris-mpi ARGS in the background, forwarding TERM/INT/USR1 that reach the batch
-# shell (sbatch --signal=B:..., scancel --batch/--full) to the step, and waiting until it really ends
-# (a trapped signal interrupts `wait`). Sets ITR_RC to srun's exit code.
+# itr_srun ARGS...: srun iteris-mpi ARGS in the background and wait until it really ends (a trapped
+# signal interrupts `wait`). Sets ITR_RC to srun's exit code.
+# Signals: the ranks must get TERM, srun must not: srun answers TERM by killing the step ("srun: forcing
+# job termination"). So `--signal=TERM@120` and `scancel --signal=TERM JOBID` (both: the steps' tasks
+# only) are right; a TERM that reaches the batch shell (`--signal=B:TERM@120`, `scancel --batch`) is
+# passed on to the tasks with `scancel --signal=TERM JOBID`; avoid `scancel --full`, which also hits srun.
 itr_srun() {
   local pid
-  trap 'itr_say "batch shell got TERM: forwarding it to the merge (checkpoint at the next iteration)"; kill -TERM $pid 2>/dev/null' TERM
-  trap 'kill -INT $pid 2>/dev/null' INT
-  trap 'kill -USR1 $pid 2>/dev/null' USR1
+  trap 'itr_forward TERM' TERM
+  trap 'itr_forward INT' INT
+  trap 'itr_forward USR1' USR1
   srun --mpi=pmix --kill-on-bad-exit=1 "$ITR_BIN" "$@" &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
   wait "$pid"
   ITR_RC=$?
   trap - TERM INT USR1
+}
+
+itr_forward() {
+  itr_say "batch shell got SIG$1: passing it to the merge's tasks (checkpoint at the next iteration)"
+  scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || kill -USR1 "$pid" 2>/dev/null || true
 }
 
 # itr_restart_args: "-restart 1" when this run is a requeue (Slurm counts restarts in SLURM_RESTART_COUNT).

@@ -189,6 +189,9 @@ void itr_adapter_writer_destroy(itr_adapter_writer *w);
 /* Copies (and converts to the writer's dtype) the factors; dW = B A with scaling 1. */
 itr_err itr_adapter_writer_add(itr_adapter_writer *w, int layer, itr_module m, int r,
                                const float *A, const float *B);
+/* Same from f64 factors (kept exactly when the writer's dtype is F64). */
+itr_err itr_adapter_writer_add_f64(itr_adapter_writer *w, int layer, itr_module m, int r,
+                                   const double *A, const double *B);
 /* Writes DIR/adapter_config.json and DIR/adapter_model.safetensors (each atomically). */
 itr_err itr_adapter_writer_write(const itr_adapter_writer *w, const char *dir);
 

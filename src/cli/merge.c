@@ -95,13 +95,30 @@ void shard_fini(itr_shard *sh) {
 
 /* ---- inputs --------------------------------------------------------------------------------- */
 
+/* Keeps the first max_tokens tokens of every sequence (in place). */
+static void truncate_sequences(itr_token_set *ts, int max_tokens) {
+  int64_t w = 0;
+  for (int s = 0; s < ts->n_seqs; s++) {
+    int64_t b = ts->offsets[s], len = ts->offsets[s + 1] - b;
+    if (len > max_tokens) len = max_tokens;
+    memmove(ts->ids + w, ts->ids + b, (size_t)len * sizeof(int32_t));
+    ts->offsets[s] = w;
+    w += len;
+  }
+  ts->offsets[ts->n_seqs] = w;
+  ts->n_tokens = w;
+}
+
 static itr_err open_inputs(merge_ctx *c) {
   const itr_options *o = c->opt;
   char path[ITR_PATH_MAX + 32];
   snprintf(path, sizeof path, "%s/config.json", o->base);
   ITR_TRY(itr_model_config_read(path, &c->cfg));
   for (int i = 0; i < c->N; i++) ITR_TRY(itr_adapter_open(o->adapters[i], &c->cfg, &c->ad[i]));
-  for (int i = 0; i < o->n_calib; i++) ITR_TRY(itr_token_set_read(o->calib[i], c->cfg.vocab_size, &c->calib[i]));
+  for (int i = 0; i < o->n_calib; i++) {
+    ITR_TRY(itr_token_set_read(o->calib[i], c->cfg.vocab_size, &c->calib[i]));
+    if (o->max_tokens > 0) truncate_sequences(&c->calib[i], o->max_tokens);
+  }
   for (int i = 0; i < o->n_heldout; i++)
     ITR_TRY(itr_token_set_read(o->heldout[i], c->cfg.vocab_size, &c->heldout[i]));
   for (int i = 1; i < c->N; i++)
@@ -131,6 +148,7 @@ static itr_err check_out_dir(const itr_options *o) {
 typedef struct {
   float **buf; /* [ITR_SITE_COUNT] (T, d_in) f32 */
   const int64_t *d_in;
+  int64_t row0; /* row of buf where the captured block starts */
 } capture_ctx;
 
 static itr_err capture_copy(int layer, itr_site site, const float *rows, int64_t T, int64_t d_in, void *ctx) {
@@ -138,7 +156,7 @@ static itr_err capture_copy(int layer, itr_site site, const float *rows, int64_t
   capture_ctx *cc = ctx;
   ITR_CHECK(d_in == cc->d_in[site], ITR_ERR_INTERNAL, "capture: site %d has %lld inputs, expected %lld", (int)site,
             (long long)d_in, (long long)cc->d_in[site]);
-  if (cc->buf[site]) memcpy(cc->buf[site], rows, (size_t)T * (size_t)d_in * sizeof(float));
+  if (cc->buf[site]) memcpy(cc->buf[site] + cc->row0 * d_in, rows, (size_t)T * (size_t)d_in * sizeof(float));
   return ITR_OK;
 }
 
@@ -263,18 +281,26 @@ static itr_err embed_all(merge_ctx *c, float **h) {
   return ITR_OK;
 }
 
+/* Runs layers [a, b) on every sequence of shard sh, one sequence per call: the float32 GEMMs then
+ * see the same operands whatever the rank count (OpenBLAS results depend on the number of rows of
+ * a call), so the statistics are independent of how sequences are spread over ranks. */
+static itr_err run_sequences(const merge_ctx *c, const itr_shard *sh, int a, int b, float *h, const itr_lora_set *lora,
+                             float **capture) {
+  const int64_t D = c->cfg.hidden_size;
+  for (int s = 0; s < sh->n_seqs; s++) {
+    int64_t r0 = sh->offsets[s], T = sh->offsets[s + 1] - r0;
+    capture_ctx cx = {capture, c->site_d, r0};
+    ITR_TRY(itr_model_run_layers(c->model, a, b, h + r0 * D, T, NULL, lora, capture ? capture_copy : NULL, &cx));
+  }
+  return ITR_OK;
+}
+
 /* Forward of layer l for every task: source model i into X, merged model into Xt (k >= 2). */
 static itr_err forward_layer(merge_ctx *c, int k, int l) {
   for (int i = 0; i < c->N; i++) {
     const itr_shard *sh = &c->calib_sh[i];
-    if (sh->T == 0) continue;
-    itr_seq_layout lay = {sh->n_seqs, sh->offsets};
-    capture_ctx cx = {c->X[i], c->site_d};
-    ITR_TRY(itr_model_run_layers(c->model, l, l + 1, c->h_src[i], sh->T, &lay, c->lora_task[i], capture_copy, &cx));
-    if (k >= 2) {
-      capture_ctx ct = {c->Xt[i], c->site_d};
-      ITR_TRY(itr_model_run_layers(c->model, l, l + 1, c->h_mrg[i], sh->T, &lay, c->lora_merged, capture_copy, &ct));
-    }
+    ITR_TRY(run_sequences(c, sh, l, l + 1, c->h_src[i], c->lora_task[i], c->X[i]));
+    if (k >= 2) ITR_TRY(run_sequences(c, sh, l, l + 1, c->h_mrg[i], c->lora_merged, c->Xt[i]));
   }
   return ITR_OK;
 }
@@ -395,11 +421,8 @@ static itr_err rebuild_merged_lora(merge_ctx *c) {
  * layer l0. */
 static itr_err forward_prefix(merge_ctx *c, int k, int l0) {
   for (int i = 0; i < c->N && l0 > 0; i++) {
-    const itr_shard *sh = &c->calib_sh[i];
-    if (sh->T == 0) continue;
-    itr_seq_layout lay = {sh->n_seqs, sh->offsets};
-    ITR_TRY(itr_model_run_layers(c->model, 0, l0, c->h_src[i], sh->T, &lay, c->lora_task[i], NULL, NULL));
-    if (k >= 2) ITR_TRY(itr_model_run_layers(c->model, 0, l0, c->h_mrg[i], sh->T, &lay, c->lora_merged, NULL, NULL));
+    ITR_TRY(run_sequences(c, &c->calib_sh[i], 0, l0, c->h_src[i], c->lora_task[i], NULL));
+    if (k >= 2) ITR_TRY(run_sequences(c, &c->calib_sh[i], 0, l0, c->h_mrg[i], c->lora_merged, NULL));
   }
   return ITR_OK;
 }
@@ -555,17 +578,7 @@ static itr_err write_adapter(merge_ctx *c, const char *dir) {
         use = &t;
         c->energy_kept_min = fmin(c->energy_kept_min, t.energy_kept);
       }
-      size_t nA = (size_t)use->rank * (size_t)use->d_in, nB = (size_t)use->d_out * (size_t)use->rank;
-      float *a = NULL, *b = NULL;
-      if (e == ITR_OK) e = itr_calloc(nA, sizeof(float), "A f32", &a);
-      if (e == ITR_OK) e = itr_calloc(nB, sizeof(float), "B f32", &b);
-      if (e == ITR_OK) {
-        for (size_t q = 0; q < nA; q++) a[q] = (float)use->A[q];
-        for (size_t q = 0; q < nB; q++) b[q] = (float)use->B[q];
-        e = itr_adapter_writer_add(w, l, (itr_module)m, (int)use->rank, a, b);
-      }
-      free(a);
-      free(b);
+      if (e == ITR_OK) e = itr_adapter_writer_add_f64(w, l, (itr_module)m, (int)use->rank, use->A, use->B);
       itr_update_fini(&t);
     }
   if (e == ITR_OK) e = itr_adapter_writer_write(w, dir);

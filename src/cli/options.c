@@ -61,7 +61,7 @@ static const opt_entry table_[] = {
     {"dare_ties", T_BOOL, OFF(dare_ties), 0, 0, "0", U_DARE, "DARE: combine with TIES instead of a sum"},
     {"seed", T_INT, OFF(seed), 0, 0, "0", U_DARE, "random seed (DARE)"},
     {"restart", T_BOOL, OFF(restart), 0, 0, "0", U_ITERIS, "resume from the checkpoint in OUT.partial/ (written after every iteration and on SIGTERM)"},
-    {"max_tokens", T_INT, OFF(max_tokens), 0, 0, "0", U_MERGE, "cap on tokens per sequence (0: no cap)"},
+    {"max_tokens", T_INT, OFF(max_tokens), 0, 0, "0", U_ITERIS | U_REGMEAN, "keep the first N tokens of every calibration sequence (0: all)"},
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
     {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,
      "write the demo case (tiny model, 3 adapters, calibration data) into this folder and exit"},

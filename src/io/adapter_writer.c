@@ -1,6 +1,7 @@
 /* Writes a merged adapter in PEFT's format: per (layer, module) factors A (r, d_in) and
  * B (d_out, r) with any rank per module, scaling 1 everywhere (lora_alpha = r per module, with
- * rank_pattern / alpha_pattern keyed by full module paths for the ranks that differ from the
+ * rank_pattern / alpha_pattern keyed by "layers.L.block.module" (matched as a suffix by old and new
+ * PEFT versions alike) for the ranks that differ from the
  * most common one). */
 #include <math.h>
 #include <stdio.h>
@@ -25,8 +26,8 @@ struct itr_adapter_writer {
 
 itr_err itr_adapter_writer_create(const itr_model_config *base, const char *base_model_name, itr_dtype dtype,
                                   itr_adapter_writer **out) {
-  ITR_CHECK(dtype == ITR_F32 || dtype == ITR_BF16 || dtype == ITR_F16, ITR_ERR_INPUT,
-            "adapter writer: dtype %s is not one PEFT adapters use (F32, BF16 or F16)", itr_dtype_name(dtype));
+  ITR_CHECK(dtype == ITR_F32 || dtype == ITR_BF16 || dtype == ITR_F16 || dtype == ITR_F64, ITR_ERR_INPUT,
+            "adapter writer: dtype %s is not supported (F32, BF16, F16 or F64)", itr_dtype_name(dtype));
   ITR_CHECK(base->num_hidden_layers >= 1, ITR_ERR_INPUT, "adapter writer: base model has %d layers",
             base->num_hidden_layers);
   const char *name = base_model_name ? base_model_name : "";
@@ -76,8 +77,36 @@ static itr_err convert(const itr_adapter_writer *w, const float *src, size_t n, 
   return ITR_OK;
 }
 
-itr_err itr_adapter_writer_add(itr_adapter_writer *w, int layer, itr_module m, int r, const float *A,
-                               const float *B) {
+/* Same for doubles: F64 keeps them exactly, other dtypes go through float. */
+static itr_err convert64(const itr_adapter_writer *w, const double *src, size_t n, const char *what, int layer,
+                         itr_module m, void **out) {
+  if (w->dtype != ITR_F64) {
+    float *f = NULL;
+    ITR_TRY(itr_calloc(n, sizeof(float), "adapter factor f32", &f));
+    for (size_t i = 0; i < n; i++) f[i] = (float)src[i];
+    for (size_t i = 0; i < n; i++)
+      if (isfinite(src[i]) && !isfinite(f[i])) {
+        free(f);
+        return itr_error_set(ITR_ERR_NUMERIC, "adapter writer: layer %d %s: %s[%zu] = %g does not fit in F32", layer,
+                             itr_module_name(m), what, i, src[i]);
+      }
+    itr_err e = convert(w, f, n, what, layer, m, out);
+    free(f);
+    return e;
+  }
+  for (size_t i = 0; i < n; i++)
+    ITR_CHECK(isfinite(src[i]), ITR_ERR_NUMERIC,
+              "adapter writer: layer %d %s: %s[%zu] is %g; the merge produced a non-finite value", layer,
+              itr_module_name(m), what, i, src[i]);
+  void *buf = NULL;
+  ITR_TRY(itr_calloc(n, sizeof(double), "adapter factor", &buf));
+  memcpy(buf, src, n * sizeof(double));
+  *out = buf;
+  return ITR_OK;
+}
+
+static itr_err add_converted(itr_adapter_writer *w, int layer, itr_module m, int r, const float *A, const float *B,
+                             const double *A64, const double *B64) {
   ITR_CHECK(layer >= 0 && layer < w->cfg.num_hidden_layers, ITR_ERR_INPUT,
             "adapter writer: layer %d is outside 0..%d", layer, w->cfg.num_hidden_layers - 1);
   ITR_CHECK((unsigned)m < ITR_MODULE_COUNT, ITR_ERR_INPUT, "adapter writer: bad module %d", (int)m);
@@ -88,8 +117,9 @@ itr_err itr_adapter_writer_add(itr_adapter_writer *w, int layer, itr_module m, i
   int64_t d_out, d_in;
   itr_module_shape(&w->cfg, m, &d_out, &d_in);
   void *a = NULL, *b = NULL;
-  ITR_TRY(convert(w, A, (size_t)r * (size_t)d_in, "A", layer, m, &a));
-  itr_err e = convert(w, B, (size_t)d_out * (size_t)r, "B", layer, m, &b);
+  size_t na = (size_t)r * (size_t)d_in, nb = (size_t)d_out * (size_t)r;
+  ITR_TRY(A ? convert(w, A, na, "A", layer, m, &a) : convert64(w, A64, na, "A", layer, m, &a));
+  itr_err e = B ? convert(w, B, nb, "B", layer, m, &b) : convert64(w, B64, nb, "B", layer, m, &b);
   if (e != ITR_OK) {
     free(a);
     return itr_error_frame(e, __func__, __FILE__, __LINE__);
@@ -98,6 +128,16 @@ itr_err itr_adapter_writer_add(itr_adapter_writer *w, int layer, itr_module m, i
   mod->A = a;
   mod->B = b;
   return ITR_OK;
+}
+
+itr_err itr_adapter_writer_add(itr_adapter_writer *w, int layer, itr_module m, int r, const float *A,
+                               const float *B) {
+  return add_converted(w, layer, m, r, A, B, NULL, NULL);
+}
+
+itr_err itr_adapter_writer_add_f64(itr_adapter_writer *w, int layer, itr_module m, int r, const double *A,
+                                   const double *B) {
+  return add_converted(w, layer, m, r, NULL, NULL, A, B);
 }
 
 /* The most common rank (the smallest among equally common ones). */
@@ -130,7 +170,7 @@ static itr_err build_config(const itr_adapter_writer *w, cJSON *o) {
       mask |= 1u << m;
       if (r == r0) continue;
       char key[128];
-      snprintf(key, sizeof key, "model.layers.%d.%s.%s", l, itr_module_block((itr_module)m),
+      snprintf(key, sizeof key, "layers.%d.%s.%s", l, itr_module_block((itr_module)m),
                itr_module_name((itr_module)m));
       ok &= cJSON_AddNumberToObject(rp, key, r) != NULL;
       ok &= cJSON_AddNumberToObject(ap, key, r) != NULL;

@@ -67,10 +67,10 @@ TEST(AdapterWriter, RoundTripMixedRanksThroughPeftReader) {
   EXPECT_EQ(targets, (std::vector<std::string>{"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}));
   const cJSON *rp = cJSON_GetObjectItem(cfg, "rank_pattern"), *ap = cJSON_GetObjectItem(cfg, "alpha_pattern");
   EXPECT_EQ(cJSON_GetArraySize(rp), 4);  // layer 1 q_proj and three down_proj
-  EXPECT_EQ(cJSON_GetObjectItem(rp, "model.layers.1.self_attn.q_proj")->valuedouble, 1);
-  EXPECT_EQ(cJSON_GetObjectItem(ap, "model.layers.1.self_attn.q_proj")->valuedouble, 1);
-  EXPECT_EQ(cJSON_GetObjectItem(rp, "model.layers.2.mlp.down_proj")->valuedouble, 5);
-  EXPECT_EQ(cJSON_GetObjectItem(ap, "model.layers.2.mlp.down_proj")->valuedouble, 5);
+  EXPECT_EQ(cJSON_GetObjectItem(rp, "layers.1.self_attn.q_proj")->valuedouble, 1);
+  EXPECT_EQ(cJSON_GetObjectItem(ap, "layers.1.self_attn.q_proj")->valuedouble, 1);
+  EXPECT_EQ(cJSON_GetObjectItem(rp, "layers.2.mlp.down_proj")->valuedouble, 5);
+  EXPECT_EQ(cJSON_GetObjectItem(ap, "layers.2.mlp.down_proj")->valuedouble, 5);
   cJSON_Delete(cfg);
 
   // Reading it back: scaling 1 everywhere, factors bit-identical (F32).
@@ -122,7 +122,8 @@ TEST(AdapterWriter, RefusesBadFactorsAndEmptyAdapters) {
   TempDir t;
   itr_model_config base = io_test::tiny_config();
   itr_adapter_writer *w = nullptr;
-  EXPECT_TRUE(failed_with(itr_adapter_writer_create(&base, "x", ITR_F64, &w), ITR_ERR_INPUT, {"F64"}));
+  EXPECT_TRUE(failed_with(itr_adapter_writer_create(&base, "x", (itr_dtype)ITR_DTYPE_COUNT, &w), ITR_ERR_INPUT,
+                          {"is not supported"}));
   ASSERT_EQ(itr_adapter_writer_create(&base, "x", ITR_F16, &w), ITR_OK);
   std::vector<float> A(4 * 16, 0.5f), B(16 * 4, 0.5f);
   EXPECT_TRUE(failed_with(itr_adapter_writer_write(w, t.path().c_str()), ITR_ERR_INPUT, {"no module was added"}));
@@ -162,4 +163,30 @@ TEST(AdapterWriter, SurvivesEveryAllocationFailure) {
       EXPECT_EQ(e, ITR_ERR_INTERNAL) << "k = " << k << ": " << itr_error_message();
   }
   EXPECT_TRUE(succeeded);
+}
+
+TEST(AdapterWriter, F64FactorsAreKeptExactly) {
+  TempDir t;
+  itr_model_config base = io_test::tiny_config();
+  itr_adapter_writer *w = nullptr;
+  ASSERT_EQ(itr_adapter_writer_create(&base, "x", ITR_F64, &w), ITR_OK);
+  int64_t d_out, d_in;
+  itr_module_shape(&base, ITR_Q_PROJ, &d_out, &d_in);
+  std::vector<double> A(3 * d_in), B(d_out * 3);
+  for (size_t k = 0; k < A.size(); k++) A[k] = 1.0 / 3.0 + 1e-13 * (double)k;  // not representable in f32
+  for (size_t k = 0; k < B.size(); k++) B[k] = -2.0 / 7.0 + 1e-13 * (double)k;
+  ASSERT_EQ(itr_adapter_writer_add_f64(w, 1, ITR_Q_PROJ, 3, A.data(), B.data()), ITR_OK);
+  ASSERT_EQ(itr_adapter_writer_write(w, t.path().c_str()), ITR_OK);
+  itr_adapter_writer_destroy(w);
+  itr_adapter *a = nullptr;
+  ASSERT_EQ(itr_adapter_open(t.path().c_str(), &base, &a), ITR_OK) << itr_error_message();
+  const itr_lora_module *m = itr_adapter_module(a, 1, ITR_Q_PROJ);
+  ASSERT_TRUE(m && m->present);
+  EXPECT_EQ(m->scaling, 1.0);
+  std::vector<double> A2(A.size()), B2(B.size());
+  ASSERT_EQ(itr_tensor_read_f64(m->A, A2.data()), ITR_OK);
+  ASSERT_EQ(itr_tensor_read_f64(m->B, B2.data()), ITR_OK);
+  EXPECT_EQ(A, A2);
+  EXPECT_EQ(B, B2);
+  itr_adapter_destroy(a);
 }
