@@ -107,6 +107,10 @@ typedef struct {
 #define ITR_RESIDUAL_THRESHOLD 16.0
 
 void itr_system_fini(itr_system *sys); /* accepts a zeroed struct */
+/* A zeroed system T2 (d_in, d_in), rhs (nrhs, d_in), coef [N], to be filled task by task with
+ * itr_iteris_assemble_add / itr_baseline_regmean_assemble_add. Not Collective. */
+itr_err itr_system_create(int64_t d_in, int64_t nrhs, int dense, int N, double alpha_2, const char *label,
+                          itr_system *sys);
 /* One-process solve: LAPACKE_dpotrf + dpotrs with nrhs right-hand sides, in place (rhs becomes
  * Y; T2 is restored bit for bit afterwards), then the scaled residual. A T2 that is not SPD is
  * ITR_ERR_NUMERIC naming the module and suggesting a larger -alpha_2; a residual above the
@@ -157,6 +161,14 @@ itr_err itr_iteris_assemble(const itr_iteris_opts *o, int N, const itr_merge_tas
                             int64_t d_out, int64_t d_in, const double *W0, const double *coef,
                             const char *label, itr_system *sys);
 
+/* Adds task i's contribution (the sums of step 5 are over tasks, so a system can be assembled one
+ * task at a time, each task's statistics freed before the next one's are made):
+ * T2 += c w_i (G_i' + alpha_2 ||G_i'|| I); rhs rows [row, row + r_i) = c w_i s_i A_i M_i' (factored;
+ * rows of other tasks untouched), or rhs += c w_i (W0 + dW_i) M_i' (with_pretrain). c is c_i.
+ * sys comes from itr_system_create (nrhs = R or d_out). Not Collective. */
+itr_err itr_iteris_assemble_add(const itr_iteris_opts *o, const itr_merge_task *t, int i, int64_t d_out,
+                                int64_t d_in, const double *W0, double c, int64_t row, itr_system *sys);
+
 /* ---- the merged update of one module (update.c) -------------------------------------------- */
 
 typedef struct {
@@ -200,6 +212,9 @@ itr_err itr_baseline_task_arithmetic(int N, const itr_merge_task *tasks, int64_t
 itr_err itr_baseline_regmean_assemble(int N, const itr_merge_task *tasks, int64_t d_in,
                                       double regmean_alpha, double ridge, const char *label,
                                       itr_system *sys);
+/* One task of the regmean system (rows [row, row + r_i)), for assembly task by task. */
+itr_err itr_baseline_regmean_assemble_add(const itr_merge_task *t, int i, double regmean_alpha, double ridge,
+                                          int64_t row, itr_system *sys);
 /* ties on n dense entries: dW_i (n) f64 each, times w_i (weights may be NULL: 1), keep the top
  * density fraction of each by magnitude (exactly ceil(density n), ties broken by index), elect
  * the sign of the sum, average the kept entries that agree, times lambda. out: n f64. */

@@ -13,6 +13,7 @@
  *   write     rank 0 writes OUT.partial/ (adapter, report) and renames it to OUT.
  *   evaluate  with -heldout: kl_ratio and top-1 per task, on held-out shards, summed over ranks.
  */
+#include <cblas.h>
 #include <errno.h>
 #include <math.h>
 #include <petscsys.h>
@@ -305,84 +306,153 @@ static itr_err forward_layer(merge_ctx *c, int k, int l) {
   return ITR_OK;
 }
 
-/* Solves every targeted module at site s of layer l (iteration k) into c->next. */
+/* ||X (W0 + s B A)^T||_F^2 over this rank's rows of X (T, d_in) f32: the denominator of c_i,
+ * additive over ranks. W0 (d_out, d_in) f64; t gives r, s, A, B (f64). */
+static itr_err xw_norm2_local(int64_t T, int64_t d_in, const float *X, int64_t d_out, const double *W0,
+                              const itr_merge_task *t, double *out) {
+  *out = 0;
+  if (T == 0) return ITR_OK;
+  const int64_t rows = 256; /* rows per block: bounded scratch */
+  double *x = NULL, *y = NULL, *z = NULL;
+  itr_err e = ITR_OK;
+  ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)d_in, sizeof(double), "X block f64", &x), e, done);
+  ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)d_out, sizeof(double), "X W^T block", &y), e, done);
+  if (t->r > 0) ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)t->r, sizeof(double), "X A^T block", &z), e, done);
+  for (int64_t r0 = 0; r0 < T; r0 += rows) {
+    int64_t n = T - r0 < rows ? T - r0 : rows;
+    to_f64(X + r0 * d_in, (size_t)(n * d_in), x);
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_out, (int)d_in, 1.0, x, (int)d_in, W0,
+                (int)d_in, 0.0, y, (int)d_out);
+    if (t->r > 0) {
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, t->r, (int)d_in, 1.0, x, (int)d_in, t->A,
+                  (int)d_in, 0.0, z, t->r);
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_out, t->r, t->scale, z, t->r, t->B, t->r,
+                  1.0, y, (int)d_out);
+    }
+    for (int64_t q = 0; q < n * d_out; q++) *out += y[q] * y[q];
+  }
+done:
+  free(x);
+  free(y);
+  free(z);
+  return e;
+}
+
+/* The system of one module at a site, filled task by task. */
+typedef struct {
+  itr_module m;
+  int64_t d_out;
+  char label[96];
+  itr_merge_task tasks[ITR_MAX_TASKS];
+  double *A[ITR_MAX_TASKS], *B[ITR_MAX_TASKS]; /* f64 factors of each task (r_i = 0: NULL) */
+  double *W0;                                  /* (d_out, d_in) f64 */
+  itr_system sys;
+} module_job;
+
+static void module_job_fini(module_job *j) {
+  for (int i = 0; i < ITR_MAX_TASKS; i++) {
+    free(j->A[i]);
+    free(j->B[i]);
+  }
+  free(j->W0);
+  itr_system_fini(&j->sys);
+}
+
+static itr_err module_job_init(merge_ctx *c, int l, itr_module m, int64_t d_in, module_job *j) {
+  const itr_options *o = c->opt;
+  j->m = m;
+  int64_t din;
+  itr_module_shape(&c->cfg, m, &j->d_out, &din);
+  snprintf(j->label, sizeof j->label, "layers.%d.%s.%s", l, itr_module_block(m), itr_module_name(m));
+  int64_t R = 0;
+  for (int i = 0; i < c->N; i++) {
+    ITR_TRY(task_factors(c->ad[i], l, m, j->d_out, d_in, &j->tasks[i], &j->A[i], &j->B[i]));
+    j->tasks[i].weight = c->method == METHOD_ITERIS ? o->manual_coef[i] : 1.0;
+    R += j->tasks[i].r;
+  }
+  ITR_TRY(itr_calloc((size_t)j->d_out * (size_t)d_in, sizeof(double), "W0 f64", &j->W0));
+  to_f64(itr_model_weight(c->model, l, m), (size_t)j->d_out * (size_t)d_in, j->W0);
+  const int dense = c->method == METHOD_ITERIS && o->with_pretrain;
+  return itr_system_create(d_in, dense ? j->d_out : R, dense, c->N, o->alpha_2, j->label, &j->sys);
+}
+
+/* Solves every targeted module at site s of layer l (iteration k) into c->next. The statistics of
+ * one task at a time are accumulated, summed over ranks, added to every module's system and freed:
+ * memory is one task's statistics plus one system per module at the site. */
 static itr_err solve_site(merge_ctx *c, int k, int l, itr_site s, double *max_resid, int *n_failed) {
   const itr_options *o = c->opt;
   const int N = c->N;
   const int64_t d_in = c->site_d[s];
-  int any = 0;
-  for (int m = 0; m < ITR_MODULE_COUNT; m++)
-    if (itr_module_site((itr_module)m) == s && (c->module_mask & (1u << m))) any = 1;
-  if (!any) return ITR_OK;
-
-  itr_stats st[ITR_MAX_TASKS];
-  memset(st, 0, sizeof st);
+  module_job jobs[3];
+  int nj = 0;
   itr_err e = ITR_OK;
+  memset(jobs, 0, sizeof jobs);
+  for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++)
+    if (itr_module_site((itr_module)m) == s && (c->module_mask & (1u << m))) e = module_job_init(c, l, (itr_module)m, d_in, &jobs[nj++]);
+  e = itr_dist_agree(c->comm, e);
+  if (nj == 0 || e != ITR_OK) goto done;
+
+  itr_iteris_opts io;
+  itr_iteris_opts_default(&io);
+  io.alpha_1 = o->alpha_1;
+  io.alpha_2 = o->alpha_2;
+  io.reg_coef = o->reg_coef;
+  io.with_pretrain = o->with_pretrain;
   const int need_x = (k == 1) || o->reg_coef > 0 || c->method == METHOD_REGMEAN;
+  int64_t row[3] = {0, 0, 0};
   for (int i = 0; i < N && e == ITR_OK; i++) {
     const int64_t T = c->calib_sh[i].T;
-    e = itr_stats_init(&st[i], d_in, ITR_STATS_FULL_CROSS);
-    if (e == ITR_OK && need_x && T > 0) e = itr_stats_add_x(&st[i], T, c->X[i][s]);
-    if (e == ITR_OK && k >= 2) e = itr_stats_reset_xt(&st[i]);
-    if (e == ITR_OK && k >= 2 && T > 0) e = itr_stats_add_pair(&st[i], T, c->X[i][s], c->Xt[i][s]);
+    itr_stats st = {0};
+    e = itr_stats_init(&st, d_in, ITR_STATS_FULL_CROSS);
+    if (e == ITR_OK && need_x && T > 0) e = itr_stats_add_x(&st, T, c->X[i][s]);
+    if (e == ITR_OK && k >= 2) e = itr_stats_reset_xt(&st);
+    if (e == ITR_OK && k >= 2 && T > 0) e = itr_stats_add_pair(&st, T, c->X[i][s], c->Xt[i][s]);
+    /* iteration 1: the denominators of c_i, from this rank's rows */
+    double xw[3] = {0, 0, 0};
+    if (c->method == METHOD_ITERIS && k == 1)
+      for (int q = 0; q < nj && e == ITR_OK; q++)
+        e = xw_norm2_local(T, d_in, c->X[i][s], jobs[q].d_out, jobs[q].W0, &jobs[q].tasks[i], &xw[q]);
+    e = itr_dist_agree(c->comm, e);
+    if (e == ITR_OK) e = itr_dist_agree(c->comm, stats_allreduce(&st, c->comm));
+    if (e == ITR_OK && c->method == METHOD_ITERIS && k == 1) MPI_Allreduce(MPI_IN_PLACE, xw, 3, MPI_DOUBLE, MPI_SUM, c->comm);
+    for (int q = 0; q < nj && e == ITR_OK; q++) {
+      module_job *j = &jobs[q];
+      itr_merge_task *t = &j->tasks[i];
+      t->stats = &st;
+      double *coef = c->coef + SLOT(l, j->m) * (size_t)N;
+      if (c->method == METHOD_ITERIS) {
+        if (k == 1) {
+          t->xw_norm2 = xw[q];
+          e = itr_iteris_coef(t, j->d_out, d_in, j->W0, j->label, i, &coef[i]);
+        }
+        if (e == ITR_OK) e = itr_iteris_assemble_add(&io, t, i, j->d_out, d_in, j->W0, coef[i], row[q], &j->sys);
+      } else {
+        e = itr_baseline_regmean_assemble_add(t, i, o->regmean_alpha, o->alpha_2, row[q], &j->sys);
+      }
+      row[q] += t->r;
+      t->stats = NULL;
+    }
+    itr_stats_fini(&st);
+    e = itr_dist_agree(c->comm, e);
   }
-  e = itr_dist_agree(c->comm, e);
-  for (int i = 0; i < N && e == ITR_OK; i++) e = itr_dist_agree(c->comm, stats_allreduce(&st[i], c->comm));
 
-  for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++) {
-    if (itr_module_site((itr_module)m) != s || !(c->module_mask & (1u << m))) continue;
-    int64_t d_out, din;
-    itr_module_shape(&c->cfg, (itr_module)m, &d_out, &din);
-    char label[96];
-    snprintf(label, sizeof label, "layers.%d.%s.%s", l, itr_module_block((itr_module)m), itr_module_name((itr_module)m));
-    itr_merge_task tasks[ITR_MAX_TASKS];
-    double *A[ITR_MAX_TASKS] = {0}, *B[ITR_MAX_TASKS] = {0}, *W0 = NULL;
-    memset(tasks, 0, sizeof tasks);
-    itr_system sys = {0};
+  for (int q = 0; q < nj && e == ITR_OK; q++) {
+    module_job *j = &jobs[q];
     itr_update upd = {0};
     itr_dist_solve_report rep = {0};
-    double *coef = c->coef + SLOT(l, m) * (size_t)N;
-    for (int i = 0; i < N && e == ITR_OK; i++) {
-      e = task_factors(c->ad[i], l, (itr_module)m, d_out, d_in, &tasks[i], &A[i], &B[i]);
-      tasks[i].weight = c->method == METHOD_ITERIS ? o->manual_coef[i] : 1.0;
-      tasks[i].stats = &st[i];
-    }
-    if (e == ITR_OK) e = itr_calloc((size_t)d_out * (size_t)d_in, sizeof(double), "W0 f64", &W0);
-    if (e == ITR_OK) to_f64(itr_model_weight(c->model, l, (itr_module)m), (size_t)d_out * (size_t)d_in, W0);
-    if (c->method == METHOD_ITERIS) {
-      itr_iteris_opts io;
-      itr_iteris_opts_default(&io);
-      io.alpha_1 = o->alpha_1;
-      io.alpha_2 = o->alpha_2;
-      io.reg_coef = o->reg_coef;
-      io.with_pretrain = o->with_pretrain;
-      if (k == 1)
-        for (int i = 0; i < N && e == ITR_OK; i++)
-          e = itr_iteris_coef(&tasks[i], d_out, d_in, W0, label, i, &coef[i]);
-      if (e == ITR_OK) e = itr_iteris_assemble(&io, N, tasks, d_out, d_in, W0, coef, label, &sys);
-    } else { /* regmean */
-      e = itr_baseline_regmean_assemble(N, tasks, d_in, o->regmean_alpha, o->alpha_2, label, &sys);
-    }
-    e = itr_dist_agree(c->comm, e);
-    if (e == ITR_OK) e = solve_distributed(c, &sys, &rep);
-    if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_update_from_system(&sys, N, tasks, d_out, W0, &upd));
-    if (e == ITR_OK) {
-      itr_update_fini(&c->next[SLOT(l, m)]);
-      c->next[SLOT(l, m)] = upd;
-      c->resid[(size_t)(k - 1) * (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT + SLOT(l, m)] = rep.residual;
-      if (rep.residual > *max_resid || isnan(rep.residual)) *max_resid = rep.residual;
-      if (!rep.passed) (*n_failed)++;
-      itr_log(c->opt->verbose >= 1 ? ITR_LOG_INFO : ITR_LOG_DEBUG, "  %s: R = %lld, scaled residual %.3g %s", label,
-              (long long)sys.nrhs, rep.residual, rep.passed ? "PASSED" : "FAILED");
-    }
-    itr_system_fini(&sys);
-    for (int i = 0; i < N; i++) {
-      free(A[i]);
-      free(B[i]);
-    }
-    free(W0);
+    e = solve_distributed(c, &j->sys, &rep);
+    if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_update_from_system(&j->sys, N, j->tasks, j->d_out, j->W0, &upd));
+    if (e != ITR_OK) break;
+    itr_update_fini(&c->next[SLOT(l, j->m)]);
+    c->next[SLOT(l, j->m)] = upd;
+    c->resid[(size_t)(k - 1) * (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT + SLOT(l, j->m)] = rep.residual;
+    if (rep.residual > *max_resid || isnan(rep.residual)) *max_resid = rep.residual;
+    if (!rep.passed) (*n_failed)++;
+    itr_log(o->verbose >= 1 ? ITR_LOG_INFO : ITR_LOG_DEBUG, "  %s: R = %lld, scaled residual %.3g %s", j->label,
+            (long long)j->sys.nrhs, rep.residual, rep.passed ? "PASSED" : "FAILED");
   }
-  for (int i = 0; i < N; i++) itr_stats_fini(&st[i]);
+done:
+  for (int q = 0; q < nj; q++) module_job_fini(&jobs[q]);
   return e;
 }
 

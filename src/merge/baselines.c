@@ -64,51 +64,53 @@ fail:
   return e;
 }
 
+itr_err itr_baseline_regmean_assemble_add(const itr_merge_task *t, int i, double regmean_alpha, double ridge,
+                                          int64_t row, itr_system *sys) {
+  const char *label = sys->label;
+  const int64_t d = sys->d_in;
+  ITR_CHECK(regmean_alpha >= 0 && regmean_alpha <= 1, ITR_ERR_INPUT,
+            "-regmean_alpha must be in [0, 1], got %g", regmean_alpha);
+  ITR_CHECK(ridge >= 0 && isfinite(ridge), ITR_ERR_INPUT, "regmean ridge must be >= 0, got %g", ridge);
+  ITR_CHECK(t->stats && t->stats->gram_x && t->stats->d_in == d, ITR_ERR_INPUT,
+            "regmean %s: task %d has no statistics for %lld inputs", label, i, (long long)d);
+  ITR_CHECK(t->r >= 0 && (t->r == 0 || t->A), ITR_ERR_INPUT, "regmean %s: task %d has rank %d without factors", label,
+            i, t->r);
+  ITR_CHECK(i >= 0 && i < sys->N && !sys->dense && row >= 0 && row + t->r <= sys->nrhs, ITR_ERR_INTERNAL,
+            "regmean %s: task %d does not fit the system", label, i);
+  const double *S = t->stats->gram_x;
+  double nrm = 0.0;
+  for (int64_t k = 0; k < d * d; k++) nrm += S[k] * S[k];
+  nrm = sqrt(nrm);
+  const double shift = ridge * nrm;
+  sys->coef[i] = 1.0;
+  for (int64_t a = 0; a < d; a++)
+    for (int64_t b = 0; b < d; b++) sys->T2[a * d + b] += (a == b ? 1.0 : regmean_alpha) * S[a * d + b];
+  for (int64_t a = 0; a < d; a++) sys->T2[a * d + a] += shift;
+  if (t->r == 0) return ITR_OK;
+  /* rows = s_i A_i Gr_i = s_i (alpha A S + (1 - alpha) A diag(S) + shift A) */
+  double *out = sys->rhs + row * d;
+  cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, t->r, (int)d, t->scale * regmean_alpha, S, (int)d, t->A, (int)d,
+              0.0, out, (int)d);
+  for (int j = 0; j < t->r; j++)
+    for (int64_t c = 0; c < d; c++)
+      out[j * d + c] += t->scale * ((1.0 - regmean_alpha) * S[c * d + c] + shift) * t->A[j * d + c];
+  return ITR_OK;
+}
+
 itr_err itr_baseline_regmean_assemble(int N, const itr_merge_task *tasks, int64_t d_in,
                                       double regmean_alpha, double ridge, const char *label,
                                       itr_system *sys) {
   if (!label) label = "(unnamed module)";
   ITR_CHECK(N >= 1 && tasks && d_in >= 1, ITR_ERR_INPUT, "regmean %s: bad arguments", label);
-  ITR_CHECK(regmean_alpha >= 0 && regmean_alpha <= 1, ITR_ERR_INPUT,
-            "-regmean_alpha must be in [0, 1], got %g", regmean_alpha);
-  ITR_CHECK(ridge >= 0 && isfinite(ridge), ITR_ERR_INPUT, "regmean ridge must be >= 0, got %g", ridge);
-  for (int i = 0; i < N; i++) {
-    ITR_CHECK(tasks[i].stats && tasks[i].stats->gram_x && tasks[i].stats->d_in == d_in, ITR_ERR_INPUT,
-              "regmean %s: task %d has no statistics for %lld inputs", label, i, (long long)d_in);
-    ITR_CHECK(tasks[i].r >= 0 && (tasks[i].r == 0 || tasks[i].A), ITR_ERR_INPUT,
-              "regmean %s: task %d has rank %d without factors", label, i, tasks[i].r);
-  }
   const int64_t R = total_rank(N, tasks);
   ITR_CHECK(R > 0, ITR_ERR_INPUT, "regmean %s: no adapter targets this module (R = 0)", label);
   itr_system s = {0};
   itr_err e;
-  s.d_in = d_in, s.nrhs = R, s.N = N, s.alpha_2 = ridge;
-  snprintf(s.label, sizeof s.label, "%s", label);
-  ITR_TRY_GOTO(itr_calloc((size_t)d_in * (size_t)d_in, sizeof(double), "T2", &s.T2), e, fail);
-  ITR_TRY_GOTO(itr_calloc((size_t)R * (size_t)d_in, sizeof(double), "right-hand sides", &s.rhs), e, fail);
-  ITR_TRY_GOTO(itr_calloc((size_t)N, sizeof(double), "coefficients", &s.coef), e, fail);
+  ITR_TRY(itr_system_create(d_in, R, 0, N, ridge, label, &s));
   int64_t row = 0;
-  const int64_t d = d_in;
   for (int i = 0; i < N; i++) {
-    const itr_merge_task *t = &tasks[i];
-    const double *S = t->stats->gram_x;
-    double nrm = 0.0;
-    for (int64_t k = 0; k < d * d; k++) nrm += S[k] * S[k];
-    nrm = sqrt(nrm);
-    const double shift = ridge * nrm;
-    s.coef[i] = 1.0;
-    for (int64_t a = 0; a < d; a++)
-      for (int64_t b = 0; b < d; b++) s.T2[a * d + b] += (a == b ? 1.0 : regmean_alpha) * S[a * d + b];
-    for (int64_t a = 0; a < d; a++) s.T2[a * d + a] += shift;
-    if (t->r == 0) continue;
-    /* rows = s_i A_i Gr_i = s_i (alpha A S + (1 - alpha) A diag(S) + shift A) */
-    double *out = s.rhs + row * d;
-    cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, t->r, (int)d, t->scale * regmean_alpha, S, (int)d,
-                t->A, (int)d, 0.0, out, (int)d);
-    for (int j = 0; j < t->r; j++)
-      for (int64_t c = 0; c < d; c++)
-        out[j * d + c] += t->scale * ((1.0 - regmean_alpha) * S[c * d + c] + shift) * t->A[j * d + c];
-    row += t->r;
+    ITR_TRY_GOTO(itr_baseline_regmean_assemble_add(&tasks[i], i, regmean_alpha, ridge, row, &s), e, fail);
+    row += tasks[i].r;
   }
   *sys = s;
   return ITR_OK;

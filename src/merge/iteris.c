@@ -156,6 +156,32 @@ static void right_times_M(const itr_merge_task *t, double rho, double f, double 
   for (int64_t k = 0; k < m * d; k++) out[k] += f * alpha_1 * n1 * F[k];
 }
 
+itr_err itr_iteris_assemble_add(const itr_iteris_opts *o, const itr_merge_task *t, int i, int64_t d_out,
+                                int64_t d_in, const double *W0, double c, int64_t row, itr_system *sys) {
+  const char *label = sys->label;
+  ITR_TRY(check_inputs(o, 1, t, d_out, d_in, label));
+  ITR_CHECK(i >= 0 && i < sys->N && sys->d_in == d_in && sys->dense == (o->with_pretrain ? 1 : 0) &&
+                (sys->dense ? sys->nrhs == d_out : row >= 0 && row + t->r <= sys->nrhs),
+            ITR_ERR_INTERNAL, "module '%s': task %d does not fit the system (row %lld, r %d, nrhs %lld)", label, i,
+            (long long)row, t->r, (long long)sys->nrhs);
+  ITR_CHECK(c > 0 && isfinite(c), ITR_ERR_NUMERIC, "module '%s', task %d: adaptive weight %g is not > 0", label, i, c);
+  const double cw = c * t->weight;
+  sys->coef[i] = cw;
+  double n1, n2;
+  mixed_norms(t, o->reg_coef, &n1, &n2);
+  add_gram(t, o->reg_coef, cw, o->alpha_2, n2, sys->T2);
+  if (sys->dense) {
+    double *W = NULL;
+    ITR_TRY(itr_calloc((size_t)d_out * (size_t)d_in, sizeof(double), "W0 + dW", &W));
+    full_weight(t, d_out, d_in, W0, W);
+    right_times_M(t, o->reg_coef, cw, o->alpha_1, n1, d_out, W, NULL, 1.0, sys->rhs);
+    free(W);
+  } else if (t->r > 0) {
+    right_times_M(t, o->reg_coef, cw * t->scale, o->alpha_1, n1, t->r, t->A, t->P, 0.0, sys->rhs + row * d_in);
+  }
+  return ITR_OK;
+}
+
 itr_err itr_iteris_assemble(const itr_iteris_opts *o, int N, const itr_merge_task *tasks,
                             int64_t d_out, int64_t d_in, const double *W0, const double *coef,
                             const char *label, itr_system *sys) {
@@ -166,49 +192,21 @@ itr_err itr_iteris_assemble(const itr_iteris_opts *o, int N, const itr_merge_tas
   ITR_CHECK(o->with_pretrain || R > 0, ITR_ERR_INPUT,
             "module '%s': no adapter targets this module (R = 0); skip it", label);
   itr_system s = {0};
-  double *W = NULL;
   itr_err e;
-  s.d_in = d_in;
-  s.dense = o->with_pretrain ? 1 : 0;
-  s.nrhs = s.dense ? d_out : R;
-  s.N = N;
-  s.alpha_2 = o->alpha_2;
-  snprintf(s.label, sizeof s.label, "%s", label);
-  ITR_TRY_GOTO(itr_calloc((size_t)d_in * (size_t)d_in, sizeof(double), "T2", &s.T2), e, fail);
-  ITR_TRY_GOTO(itr_calloc((size_t)s.nrhs * (size_t)d_in, sizeof(double), "right-hand sides", &s.rhs), e, fail);
-  ITR_TRY_GOTO(itr_calloc((size_t)N, sizeof(double), "merge coefficients", &s.coef), e, fail);
-  if (s.dense) ITR_TRY_GOTO(itr_calloc((size_t)d_out * (size_t)d_in, sizeof(double), "W0 + dW", &W), e, fail);
+  ITR_TRY(itr_system_create(d_in, o->with_pretrain ? d_out : R, o->with_pretrain ? 1 : 0, N, o->alpha_2, label, &s));
   int64_t row = 0;
   for (int i = 0; i < N; i++) {
-    const itr_merge_task *t = &tasks[i];
     double c = 1.0;
     if (coef)
       c = coef[i];
     else if (o->adaptive)
-      ITR_TRY_GOTO(itr_iteris_coef(t, d_out, d_in, W0, label, i, &c), e, fail);
-    if (!(c > 0 && isfinite(c))) {
-      e = itr_error_set(ITR_ERR_NUMERIC, "module '%s', task %d: adaptive weight %g is not > 0", label, i, c);
-      goto fail;
-    }
-    const double cw = c * t->weight;
-    s.coef[i] = cw;
-    double n1, n2;
-    mixed_norms(t, o->reg_coef, &n1, &n2);
-    add_gram(t, o->reg_coef, cw, o->alpha_2, n2, s.T2);
-    if (s.dense) {
-      full_weight(t, d_out, d_in, W0, W);
-      right_times_M(t, o->reg_coef, cw, o->alpha_1, n1, d_out, W, NULL, 1.0, s.rhs);
-    } else if (t->r > 0) {
-      right_times_M(t, o->reg_coef, cw * t->scale, o->alpha_1, n1, t->r, t->A, t->P, 0.0,
-                    s.rhs + row * d_in);
-      row += t->r;
-    }
+      ITR_TRY_GOTO(itr_iteris_coef(&tasks[i], d_out, d_in, W0, label, i, &c), e, fail);
+    ITR_TRY_GOTO(itr_iteris_assemble_add(o, &tasks[i], i, d_out, d_in, W0, c, row, &s), e, fail);
+    row += tasks[i].r;
   }
-  free(W);
   *sys = s;
   return ITR_OK;
 fail:
-  free(W);
   itr_system_fini(&s);
   return e;
 }

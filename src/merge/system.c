@@ -3,6 +3,7 @@
 #include <float.h>
 #include <lapacke.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,6 +15,29 @@ void itr_system_fini(itr_system *sys) {
   free(sys->rhs);
   free(sys->coef);
   memset(sys, 0, sizeof *sys);
+}
+
+itr_err itr_system_create(int64_t d_in, int64_t nrhs, int dense, int N, double alpha_2, const char *label,
+                          itr_system *sys) {
+  ITR_CHECK(d_in >= 1 && nrhs >= 1 && N >= 1, ITR_ERR_INPUT,
+            "module '%s': bad system size (d_in = %lld, nrhs = %lld, N = %d)", label ? label : "?", (long long)d_in,
+            (long long)nrhs, N);
+  itr_system s = {0};
+  itr_err e;
+  s.d_in = d_in;
+  s.nrhs = nrhs;
+  s.dense = dense;
+  s.N = N;
+  s.alpha_2 = alpha_2;
+  snprintf(s.label, sizeof s.label, "%s", label ? label : "(unnamed module)");
+  ITR_TRY_GOTO(itr_calloc((size_t)d_in * (size_t)d_in, sizeof(double), "T2", &s.T2), e, fail);
+  ITR_TRY_GOTO(itr_calloc((size_t)nrhs * (size_t)d_in, sizeof(double), "right-hand sides", &s.rhs), e, fail);
+  ITR_TRY_GOTO(itr_calloc((size_t)N, sizeof(double), "merge coefficients", &s.coef), e, fail);
+  *sys = s;
+  return ITR_OK;
+fail:
+  itr_system_fini(&s);
+  return e;
 }
 
 static double fro(int64_t n, const double *a) {

@@ -4,8 +4,9 @@
 # down again (only the daemons this run started, by pid). Ends with "N passed, M failed"; exit 1 on failure.
 #   1 cluster up          4 job file from ITERIS_JOB + extra options   7 requeue plumbing (stub binary)
 #   2 sbatch the demo     5 a missing job file fails with exit 2       8 cancel, then resume with -restart 1
-#   3 same adapter as mpirun   6 sweep array (2 x 1) + collect-sweep.sh
-# Environment: BUILD (build), KEEP=1 keeps the work folder, ITERIS_SLURM_DIR, ITERIS_SLURM_PORT.
+#   3 same adapter as mpirun   6 sweep array (2 x 1) + collect-sweep.sh   9 the time limit (requeue, resume)
+# Environment: BUILD (build), KEEP=1 keeps the work folder, ITERIS_SLURM_DIR, ITERIS_SLURM_PORT,
+# SLURM_TEST_TIMELIMIT=0 skips case 9 (about 45 s). Takes about 2.5 min on the 2-core dev machine.
 set -u
 cd "$(dirname "$0")/../.."
 REPO=$PWD
@@ -156,4 +157,19 @@ else
   else
     bad "8: never saw 'iter 2/30' in $log"; show_log "$log"; timeout 10 scancel "$jid" "$jr"
   fi
+fi
+
+echo "== 9 the time limit: --time=2 --signal=TERM@90 -> checkpoint -> requeue -> -restart 1 (SLURM_TEST_TIMELIMIT=0 skips)"
+if [ "${SLURM_TEST_TIMELIMIT:-1}" = 0 ]; then
+  skipped_case "9 time limit (SLURM_TEST_TIMELIMIT=0)"
+else
+  # Slurm checks signal times about every 30 s and may signal up to 60 s early: TERM comes 0-30 s in.
+  jid=$(ITERIS_MAX_REQUEUE=1 submit --time=2 --signal=TERM@90 --ntasks=2 "$REPO/slurm/merge-single-node.sh" demo -max_iter 100000 -out demo/timelimit)
+  log=iteris-merge-$jid.out
+  if wait_log "$log" "^\[job $jid\.0 rank 0/2\] -restart: resuming at iteration" 150; then
+    if grep -q 'stopped by signal 15 after layer' "$log" && grep -q "requeueing job $jid" "$log" && grep -q 'restart count 1' "$log"; then
+      ok "TERM before the time limit -> exit 5 -> requeued -> resumed with -restart 1 from the checkpoint"
+    else bad "9: resumed, but the log misses a step"; show_log "$log"; fi
+  else bad "9: no resume within 150 s (state $(job_field "$jid" JobState), restarts $(job_field "$jid" Restarts))"; show_log "$log"; fi
+  timeout 10 scancel "$jid"
 fi
