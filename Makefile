@@ -11,6 +11,13 @@ PKGS   := petsc hdf5-openmpi scalapack-openmpi lapacke openblas libcjson
 
 CC  := mpicc
 CXX := mpicxx
+# V=1 prints every command; by default one short line per file
+V ?= 0
+ifeq ($(V),1)
+Q :=
+else
+Q := @
+endif
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lgfortran -lm
 
@@ -56,27 +63,33 @@ deps:
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) -MMD -MP -c $< -o $@
+	@$(if $(Q),echo "  CC    $<")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/obj/%.o: %.cc
 	@mkdir -p $(dir $@)
-	$(CXX) $(CPPFLAGS) $(CXXFLAGS) -MMD -MP -c $< -o $@
+	@$(if $(Q),echo "  CXX   $<")
+	$(Q)$(CXX) $(CPPFLAGS) $(CXXFLAGS) -MMD -MP -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
-	rm -f $@ && ar rcs $@ $^
+	@$(if $(Q),echo "  AR    $@")
+	$(Q)rm -f $@ && ar rcs $@ $^
 
 $(BIN): $(CLI_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) -o $@ $(CLI_OBJ) $(LIB) $(PKG_LIBS)
+	@$(if $(Q),echo "  LD    $@")
+	$(Q)$(CC) $(LDFLAGS) -o $@ $(CLI_OBJ) $(LIB) $(PKG_LIBS)
 
 $(UNIT_BIN): $(UNIT_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CXX) $(LDFLAGS) -o $@ $(UNIT_OBJ) $(LIB) $(PKG_LIBS) $(shell pkg-config --libs gtest)
+	@$(if $(Q),echo "  LD    $@")
+	$(Q)$(CXX) $(LDFLAGS) -o $@ $(UNIT_OBJ) $(LIB) $(PKG_LIBS) $(shell pkg-config --libs gtest)
 
 $(MPI_BIN): $(MPI_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CXX) $(LDFLAGS) -o $@ $(MPI_OBJ) $(LIB) $(PKG_LIBS) $(shell pkg-config --libs gtest)
+	@$(if $(Q),echo "  LD    $@")
+	$(Q)$(CXX) $(LDFLAGS) -o $@ $(MPI_OBJ) $(LIB) $(PKG_LIBS) $(shell pkg-config --libs gtest)
 
 $(BUILD)/bench/%: bench/%.c $(LIB)
 	@mkdir -p $(dir $@)
@@ -93,7 +106,7 @@ test-unit: $(UNIT_BIN)
 	$(UNIT_BIN) --gtest_color=no
 
 test-slurm: $(BIN)
-	bash tests/slurm/run.sh
+	BUILD=$(BUILD) bash tests/slurm/run.sh
 
 bench: $(BIN) $(BENCH_BIN)
 	BUILD=$(BUILD) bash bench/run.sh

@@ -1,6 +1,7 @@
 # Sourced by the sbatch scripts in slurm/ (not submitted itself): environment, job-file lookup,
 # srun with signal forwarding, and requeue after a checkpointed stop. See slurm/README.md.
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # ITR_JOB, ITR_RC, ITR_BIN are read by the scripts that source this file
 
 ITR_EXIT_STOPPED=5 # iteris-mpi: stopped by a signal after writing OUT.partial/checkpoint (src/cli/signals.h)
 

@@ -1,16 +1,13 @@
 /* Graceful stop on SIGTERM / SIGINT / SIGUSR1: the handlers only record the signal; the merge loop
- * polls it at an iteration boundary, agrees on it across ranks, writes its checkpoint and exits with
- * ITR_EXIT_STOPPED, so a Slurm job (sbatch --signal=TERM@120, scancel --signal=TERM) or a user can stop a long
- * merge and resume it with -restart 1. Under mpirun, send SIGUSR1 to mpirun (it forwards USR1; on TERM
- * it kills the ranks itself). */
+ * polls it at a layer boundary, agrees on it across ranks, writes its checkpoint and stops with
+ * ITR_ERR_INTERRUPTED (exit code 5: not 0, there is no adapter yet; not 128+signal, which means killed
+ * without a checkpoint; slurm/merge-*.sh requeue on it). So a Slurm job (sbatch --signal=TERM@120,
+ * scancel --signal=TERM) or a user can stop a long merge and resume it with -restart 1. Under mpirun,
+ * send SIGUSR1 to mpirun (it forwards USR1; on TERM it kills the ranks itself). */
 #ifndef ITERIS_CLI_SIGNALS_H
 #define ITERIS_CLI_SIGNALS_H
 
 #include <mpi.h>
-
-/* Exit code of a run stopped by a signal after writing its checkpoint: not 0 (there is no adapter),
- * not 128+signal (that means killed without a checkpoint). slurm/merge-*.sh requeue on it. */
-#define ITR_EXIT_STOPPED 5
 
 /* Installs the handlers (sigaction, SA_RESTART) for SIGTERM, SIGINT and SIGUSR1 and clears the flag.
  * Call once, after PetscInitialize, so they replace any handler PETSc installs (Debian's PETSc 3.18

@@ -8,7 +8,7 @@
 # Environment: BUILD (build), KEEP=1 keeps the work folder, ITERIS_SLURM_DIR, ITERIS_SLURM_PORT,
 # SLURM_TEST_TIMELIMIT=0 skips case 9 (about 45 s). Takes about 2.5 min on the 2-core dev machine.
 set -u
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 REPO=$PWD
 BUILD=${BUILD:-build}
 BIN=$REPO/$BUILD/bin/iteris-mpi

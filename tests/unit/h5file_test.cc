@@ -45,6 +45,7 @@ TEST(H5File, RoundTripIsPublishedOnlyOnCommit) {
   EXPECT_EQ(itr_h5_get_attr(h, "nope", buf, sizeof buf), ITR_ERR_INPUT);
   ASSERT_EQ(itr_h5_close(h, 0), ITR_OK);
   std::remove(p.c_str());
+  rmdir(p.substr(0, p.rfind('/')).c_str());
 }
 
 TEST(H5File, DiscardLeavesNothingAndGarbageIsRejected) {
@@ -59,4 +60,5 @@ TEST(H5File, DiscardLeavesNothingAndGarbageIsRejected) {
   EXPECT_EQ(itr_h5_open(p.c_str(), &h), ITR_ERR_INPUT);
   EXPECT_NE(std::string(itr_error_message()).find("not a readable HDF5 file"), std::string::npos);
   std::remove(p.c_str());
+  rmdir(p.substr(0, p.rfind('/')).c_str());
 }
