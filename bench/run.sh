@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# make bench: the benchmarks of results/, each printing its own same-run BLAS peak.
+#   forward_bench  one Llama-2-7B layer, tokens/s vs sgemm          -> results/forward_bench.md
+#   merge_bench    statistics and solve GFLOP/s vs dgemm             -> results/merge_bench.md
+#   pipeline       the whole merge on a Llama-3-8B-shaped 2-layer case, time, peak memory per rank,
+#                  -log_view                                         -> results/pipeline_llama3_8b.md
+# BENCH=forward|merge|pipeline runs one; NP (default 2) ranks for the pipeline.
+set -euo pipefail
+BUILD=${BUILD:-build}
+B=$BUILD/bench
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+which=${BENCH:-all}
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset}"
+if [ "$which" = all ] || [ "$which" = forward ]; then
+  echo "== OPENBLAS_NUM_THREADS=1 $B/forward_bench"
+  OPENBLAS_NUM_THREADS=1 "$B/forward_bench"
+fi
+if [ "$which" = all ] || [ "$which" = merge ]; then
+  echo "== OPENBLAS_NUM_THREADS=2 $B/merge_bench -d 4096,8192,14336 -T 2048 -R 64 -reps 1"
+  OPENBLAS_NUM_THREADS=2 "$B/merge_bench" -d 4096,8192,14336 -T 2048 -R 64 -reps 1
+fi
+if [ "$which" = all ] || [ "$which" = pipeline ]; then
+  NP=${NP:-2}
+  CASE=${CASE:-/tmp/iteris-bench-llama3-8b}
+  [ -f "$CASE/base/config.json" ] || "$B/make_case" "$CASE" llama3-8b 2 4 16 8 128
+  A="$CASE/adapter_0,$CASE/adapter_1,$CASE/adapter_2,$CASE/adapter_3"
+  C="$CASE/calib_0.jsonl,$CASE/calib_1.jsonl,$CASE/calib_2.jsonl,$CASE/calib_3.jsonl"
+  cmd=(mpirun -np "$NP" /usr/bin/time -f "rank peak RSS %M KiB, %e s" env OPENBLAS_NUM_THREADS=1
+       "$BUILD/bin/iteris-mpi" -base "$CASE/base" -adapters "$A" -calib "$C" -max_iter "${MAX_ITER:-2}"
+       -out "$CASE/merged" -log_view)
+  echo "== ${cmd[*]}"
+  "${cmd[@]}"
+fi
