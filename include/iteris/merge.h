@@ -62,6 +62,10 @@ itr_err itr_stats_reset_xt(itr_stats *st);
 /* gram_t += xt^T xt; cross += x^T xt.  x, xt: (T, d_in) f32, the same T tokens in the same
  * order (x from source model i, xt from the merged model, both on calibration set i). */
 itr_err itr_stats_add_pair(itr_stats *st, int64_t T, const float *x, const float *xt);
+/* Frees gram_x (iteration >= 2 only): X^T X is needed only for c_i (iteration 1), -reg_coef > 0
+ * and RegMean, so an IterIS iteration >= 2 with reg_coef 0 keeps two d_in^2 matrices, not three.
+ * Afterwards gram_x is NULL and add_x is an error. Not Collective. */
+itr_err itr_stats_drop_x(itr_stats *st);
 /* Copies the upper triangles of gram_x / gram_t into the lower ones. Idempotent; call after the
  * reduction (partial sums may be reduced before or after it). */
 void itr_stats_finalize(itr_stats *st);

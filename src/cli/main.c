@@ -78,6 +78,7 @@ int main(int argc, char **argv) {
       case ITR_MODE_MAKE_DEMO: err = itr_cli_make_demo(opt, MPI_COMM_WORLD); break;
       case ITR_MODE_LOGITS: err = itr_cli_logits(opt, MPI_COMM_WORLD); break;
       case ITR_MODE_MERGE: err = itr_cli_merge(opt, MPI_COMM_WORLD); break;
+      case ITR_MODE_FEATURES: err = itr_cli_features(opt, MPI_COMM_WORLD); break;
     }
   }
   /* every mode returns the agreed error on all ranks; rank 0 prints it */

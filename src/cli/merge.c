@@ -403,18 +403,24 @@ static itr_err solve_site(merge_ctx *c, int k, int l, itr_site s, double *max_re
   for (int i = 0; i < N && e == ITR_OK; i++) {
     const int64_t T = c->calib_sh[i].T;
     itr_stats st = {0};
+    PetscLogStagePush(c->stage_stats);
     e = itr_stats_init(&st, d_in, ITR_STATS_FULL_CROSS);
     if (e == ITR_OK && need_x && T > 0) e = itr_stats_add_x(&st, T, c->X[i][s]);
     if (e == ITR_OK && k >= 2) e = itr_stats_reset_xt(&st);
+    if (e == ITR_OK && k >= 2 && !need_x) e = itr_stats_drop_x(&st); /* X^T X not needed: one d_in^2 less */
     if (e == ITR_OK && k >= 2 && T > 0) e = itr_stats_add_pair(&st, T, c->X[i][s], c->Xt[i][s]);
     /* iteration 1: the denominators of c_i, from this rank's rows */
     double xw[3] = {0, 0, 0};
     if (c->method == METHOD_ITERIS && k == 1)
       for (int q = 0; q < nj && e == ITR_OK; q++)
         e = xw_norm2_local(T, d_in, c->X[i][s], jobs[q].d_out, jobs[q].W0, &jobs[q].tasks[i], &xw[q]);
+    PetscLogStagePop();
+    PetscLogStagePush(c->stage_reduce);
     e = itr_dist_agree(c->comm, e);
     if (e == ITR_OK) e = itr_dist_agree(c->comm, stats_allreduce(&st, c->comm));
     if (e == ITR_OK && c->method == METHOD_ITERIS && k == 1) MPI_Allreduce(MPI_IN_PLACE, xw, 3, MPI_DOUBLE, MPI_SUM, c->comm);
+    PetscLogStagePop();
+    PetscLogStagePush(c->stage_assemble);
     for (int q = 0; q < nj && e == ITR_OK; q++) {
       module_job *j = &jobs[q];
       itr_merge_task *t = &j->tasks[i];
@@ -432,10 +438,12 @@ static itr_err solve_site(merge_ctx *c, int k, int l, itr_site s, double *max_re
       row[q] += t->r;
       t->stats = NULL;
     }
+    PetscLogStagePop();
     itr_stats_fini(&st);
     e = itr_dist_agree(c->comm, e);
   }
 
+  PetscLogStagePush(c->stage_solve);
   for (int q = 0; q < nj && e == ITR_OK; q++) {
     module_job *j = &jobs[q];
     itr_update upd = {0};
@@ -451,6 +459,7 @@ static itr_err solve_site(merge_ctx *c, int k, int l, itr_site s, double *max_re
     itr_log(o->verbose >= 1 ? ITR_LOG_INFO : ITR_LOG_DEBUG, "  %s: R = %lld, scaled residual %.3g %s", j->label,
             (long long)j->sys.nrhs, rep.residual, rep.passed ? "PASSED" : "FAILED");
   }
+  PetscLogStagePop();
 done:
   for (int q = 0; q < nj; q++) module_job_fini(&jobs[q]);
   return e;
@@ -531,9 +540,7 @@ static itr_err run_iterations(merge_ctx *c) {
       e = forward_layer(c, k, l);
       PetscLogStagePop();
       ITR_TRY(itr_dist_agree(c->comm, e));
-      PetscLogStagePush(c->stage_solve);
       for (int s = 0; s < ITR_SITE_COUNT && e == ITR_OK; s++) e = solve_site(c, k, l, (itr_site)s, &max_resid, &n_failed);
-      PetscLogStagePop();
       ITR_TRY(e);
       done++;
       double el = itr_wtime() - t0, eta = el / done * (total - done);
@@ -560,30 +567,62 @@ static itr_err run_iterations(merge_ctx *c) {
 
 /* ---- baselines without statistics ------------------------------------------------------------ */
 
-static itr_err run_task_arithmetic(merge_ctx *c) {
-  const int L = c->cfg.num_hidden_layers, N = c->N;
+/* One module of a data-free method: task arithmetic and KnOTS give factors, TIES and DARE a
+ * dense update (written through -out_rank). Every rank computes every module (deterministic). */
+static itr_err data_free_module(merge_ctx *c, int l, itr_module m, itr_update *out) {
+  const itr_options *o = c->opt;
+  const int N = c->N;
+  int64_t d_out, d_in;
+  itr_module_shape(&c->cfg, m, &d_out, &d_in);
+  itr_merge_task tasks[ITR_MAX_TASKS];
+  double *A[ITR_MAX_TASKS] = {0}, *B[ITR_MAX_TASKS] = {0}, *dW[ITR_MAX_TASKS] = {0}, w[ITR_MAX_TASKS];
+  memset(tasks, 0, sizeof tasks);
+  int R = 0;
   itr_err e = ITR_OK;
-  for (int l = 0; l < L && e == ITR_OK; l++)
-    for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++) {
-      if (!(c->module_mask & (1u << m))) continue;
-      int64_t d_out, d_in;
-      itr_module_shape(&c->cfg, (itr_module)m, &d_out, &d_in);
-      itr_merge_task tasks[ITR_MAX_TASKS];
-      double *A[ITR_MAX_TASKS] = {0}, *B[ITR_MAX_TASKS] = {0};
-      memset(tasks, 0, sizeof tasks);
-      int R = 0;
-      for (int i = 0; i < N && e == ITR_OK; i++) {
-        e = task_factors(c->ad[i], l, (itr_module)m, d_out, d_in, &tasks[i], &A[i], &B[i]);
-        tasks[i].weight = c->opt->manual_coef[i];
-        R += tasks[i].r;
-      }
-      if (e == ITR_OK && R > 0)
-        e = itr_baseline_task_arithmetic(N, tasks, d_out, d_in, c->opt->ta_lambda, &c->cur[SLOT(l, m)]);
-      for (int i = 0; i < N; i++) {
-        free(A[i]);
-        free(B[i]);
-      }
+  for (int i = 0; i < N && e == ITR_OK; i++) {
+    e = task_factors(c->ad[i], l, m, d_out, d_in, &tasks[i], &A[i], &B[i]);
+    tasks[i].weight = w[i] = o->manual_coef[i];
+    R += tasks[i].r;
+  }
+  if (e != ITR_OK || R == 0) goto done;
+  if (c->method == METHOD_TA) {
+    e = itr_baseline_task_arithmetic(N, tasks, d_out, d_in, o->ta_lambda, out);
+  } else if (c->method == METHOD_KNOTS) {
+    e = itr_baseline_knots(N, tasks, d_out, d_in, 0, o->density, o->ta_lambda, out);
+  } else { /* ties, dare: on the dense updates */
+    const size_t n = (size_t)d_out * (size_t)d_in;
+    char label[96];
+    snprintf(label, sizeof label, "layers.%d.%s.%s", l, itr_module_block(m), itr_module_name(m));
+    for (int i = 0; i < N && e == ITR_OK; i++) {
+      e = itr_calloc(n, sizeof(double), "dense task update", &dW[i]);
+      if (e == ITR_OK && tasks[i].r > 0) itr_lora_dense(d_out, d_in, tasks[i].r, tasks[i].scale, B[i], A[i], dW[i]);
     }
+    memset(out, 0, sizeof *out);
+    out->d_out = d_out, out->d_in = d_in, out->energy_kept = 1;
+    if (e == ITR_OK) e = itr_calloc(n, sizeof(double), "merged dense update", &out->dense);
+    if (e == ITR_OK && c->method == METHOD_TIES)
+      e = itr_baseline_ties(N, (int64_t)n, (const double *const *)dW, w, o->density, o->ta_lambda, out->dense);
+    else if (e == ITR_OK)
+      e = itr_baseline_dare(N, (int64_t)n, (const double *const *)dW, w, o->dare_p, o->dare_ties, o->density,
+                            o->ta_lambda, (uint64_t)o->seed, itr_merge_hash(label), out->dense);
+  }
+done:
+  for (int i = 0; i < N; i++) {
+    free(A[i]);
+    free(B[i]);
+    free(dW[i]);
+  }
+  return e;
+}
+
+static itr_err run_data_free(merge_ctx *c) {
+  const int L = c->cfg.num_hidden_layers;
+  itr_err e = ITR_OK;
+  for (int l = 0; l < L && e == ITR_OK; l++) {
+    for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++)
+      if (c->module_mask & (1u << m)) e = data_free_module(c, l, (itr_module)m, &c->cur[SLOT(l, m)]);
+    if (e == ITR_OK) itr_log(ITR_LOG_INFO, "%s: layer %d/%d done", c->opt->method, l + 1, L);
+  }
   ITR_TRY(itr_dist_agree(c->comm, e));
   ITR_TRY(itr_dist_agree(c->comm, rebuild_merged_lora(c)));
   c->iters_done = 1;
@@ -736,7 +775,7 @@ static itr_err setup(merge_ctx *c) {
     e = itr_lora_set_create(&c->cfg, &c->lora_task[i]);
     if (e == ITR_OK) e = itr_lora_set_add_adapter(c->lora_task[i], c->ad[i], 0, L, 1.0);
   }
-  if (c->method != METHOD_TA) {
+  if (c->method == METHOD_ITERIS || c->method == METHOD_REGMEAN) {
     for (int i = 0; i < N && e == ITR_OK; i++) {
       e = shard_make(&c->calib[i], c->rank, c->size, &c->calib_sh[i]);
       size_t n = (size_t)(c->calib_sh[i].T ? c->calib_sh[i].T : 1) * (size_t)c->cfg.hidden_size;
@@ -779,22 +818,23 @@ itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm) {
   c->method = !strcmp(opt->method, "iteris") ? METHOD_ITERIS
               : !strcmp(opt->method, "regmean") ? METHOD_REGMEAN
               : !strcmp(opt->method, "task_arithmetic") ? METHOD_TA
-                                                         : METHOD_OTHER;
+              : !strcmp(opt->method, "ties") ? METHOD_TIES
+              : !strcmp(opt->method, "dare") ? METHOD_DARE
+                                               : METHOD_KNOTS;
   PetscLogStageRegister("load", &c->stage_load);
   PetscLogStageRegister("forward", &c->stage_forward);
-  PetscLogStageRegister("stats+solve", &c->stage_solve);
+  PetscLogStageRegister("statistics", &c->stage_stats);
+  PetscLogStageRegister("reduce", &c->stage_reduce);
+  PetscLogStageRegister("assemble", &c->stage_assemble);
+  PetscLogStageRegister("solve", &c->stage_solve);
   PetscLogStageRegister("write", &c->stage_write);
   PetscLogStageRegister("evaluate", &c->stage_eval);
   double t0 = itr_wtime();
-  itr_err e = ITR_OK;
-  if (c->method == METHOD_OTHER)
-    e = itr_error_set(ITR_ERR_INPUT, "-method %s is not available in the pipeline yet (iteris, regmean, task_arithmetic are)",
-                      opt->method);
-  if (e == ITR_OK) e = setup(c);
+  itr_err e = setup(c);
   if (e == ITR_OK) {
     itr_log(ITR_LOG_INFO, "merging %d adapters of %s (%d layers, D = %d) with %s on %d rank(s)", c->N, opt->base,
             c->cfg.num_hidden_layers, c->cfg.hidden_size, opt->method, c->size);
-    e = c->method == METHOD_TA ? run_task_arithmetic(c) : run_iterations(c);
+    e = c->method == METHOD_ITERIS || c->method == METHOD_REGMEAN ? run_iterations(c) : run_data_free(c);
   }
   c->seconds_merge = itr_wtime() - t0;
   if (e == ITR_OK && opt->n_heldout > 0) {

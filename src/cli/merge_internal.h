@@ -12,7 +12,7 @@
 #include "iteris/merge.h"
 #include "iteris/model.h"
 
-typedef enum { METHOD_ITERIS, METHOD_REGMEAN, METHOD_TA, METHOD_OTHER } merge_method;
+typedef enum { METHOD_ITERIS, METHOD_REGMEAN, METHOD_TA, METHOD_TIES, METHOD_DARE, METHOD_KNOTS } merge_method;
 
 /* This rank's share of a token set: whole sequences, packed. */
 typedef struct {
@@ -51,7 +51,7 @@ typedef struct {
   int evaluated;
   double kl_ratio[ITR_MAX_TASKS], top1[ITR_MAX_TASKS];
   double seconds_merge;
-  PetscLogStage stage_load, stage_forward, stage_solve, stage_write, stage_eval;
+  PetscLogStage stage_load, stage_forward, stage_stats, stage_reduce, stage_assemble, stage_solve, stage_write, stage_eval;
 } merge_ctx;
 
 /* Checkpoint in OUT.partial/checkpoint.h5: resume at iteration k_next, layer l_next. Not

@@ -17,8 +17,9 @@ typedef enum { T_STR, T_STRLIST, T_INT, T_REAL, T_REALLIST, T_BOOL } opt_type;
 enum {
   U_ITERIS = 1 << 0, U_TA = 1 << 1, U_REGMEAN = 1 << 2, U_TIES = 1 << 3, U_DARE = 1 << 4, U_KNOTS = 1 << 5,
   U_INSPECT = 1 << 6, U_LOGITS = 1 << 7, U_DEMO = 1 << 8,
+  U_FEATURES = 1 << 9, /* also allowed with -features (with a method bit: only for that method) */
   U_MERGE = U_ITERIS | U_TA | U_REGMEAN | U_TIES | U_DARE | U_KNOTS,
-  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO,
+  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO | U_FEATURES,
 };
 
 typedef struct {
@@ -35,28 +36,28 @@ typedef struct {
 #define OFF(f) offsetof(itr_options, f)
 static const opt_entry table_[] = {
     {"base", T_STR, OFF(base), 0, sizeof(((itr_options *)0)->base), "", U_MERGE | U_LOGITS, "Hugging Face model folder (config.json + safetensors)"},
-    {"adapters", T_STRLIST, OFF(adapters), OFF(n_adapters), 0, "", U_MERGE, "PEFT LoRA adapter folders, comma-separated"},
+    {"adapters", T_STRLIST, OFF(adapters), OFF(n_adapters), 0, "", U_MERGE | U_FEATURES, "PEFT LoRA adapter folders, comma-separated"},
     {"calib", T_STRLIST, OFF(calib), OFF(n_calib), 0, "", U_MERGE,
      "calibration JSONL files, one per adapter, same order ({\"input_ids\": [...]} per line)"},
     {"heldout", T_STRLIST, OFF(heldout), OFF(n_heldout), 0, "", U_MERGE,
      "held-out JSONL files, one per adapter: the report gives kl_ratio and top1 per task"},
-    {"out", T_STR, OFF(out), 0, sizeof(((itr_options *)0)->out), "", U_MERGE, "output folder for the merged PEFT adapter and the report"},
-    {"method", T_STR, OFF(method), 0, sizeof(((itr_options *)0)->method), "iteris", U_MERGE,
+    {"out", T_STR, OFF(out), 0, sizeof(((itr_options *)0)->out), "", U_MERGE | U_FEATURES, "output folder for the merged PEFT adapter and the report"},
+    {"method", T_STR, OFF(method), 0, sizeof(((itr_options *)0)->method), "iteris", U_MERGE | U_FEATURES,
      "iteris | task_arithmetic | regmean | ties | dare | knots"},
     {"max_iter", T_INT, OFF(max_iter), 0, 0, "10", U_ITERIS, "IterIS iterations (solves)"},
-    {"alpha_1", T_REAL, OFF(alpha_1), 0, 0, "1e-7", U_ITERIS, "ridge on X_i^T Xt_i, relative to its Frobenius norm"},
-    {"alpha_2", T_REAL, OFF(alpha_2), 0, 0, "1e-7", U_ITERIS | U_REGMEAN,
+    {"alpha_1", T_REAL, OFF(alpha_1), 0, 0, "1e-7", U_ITERIS | U_FEATURES, "ridge on X_i^T Xt_i, relative to its Frobenius norm"},
+    {"alpha_2", T_REAL, OFF(alpha_2), 0, 0, "1e-7", U_ITERIS | U_REGMEAN | U_FEATURES,
      "ridge on Xt_i^T Xt_i, relative to its Frobenius norm"},
-    {"reg_coef", T_REAL, OFF(reg_coef), 0, 0, "0", U_ITERIS, "mixing rho: Xt_i <- (1-rho) Xt_i + rho X_i"},
-    {"manual_coef", T_REALLIST, OFF(manual_coef), OFF(n_manual_coef), 0, "", U_ITERIS | U_TA,
+    {"reg_coef", T_REAL, OFF(reg_coef), 0, 0, "0", U_ITERIS | U_FEATURES, "mixing rho: Xt_i <- (1-rho) Xt_i + rho X_i"},
+    {"manual_coef", T_REALLIST, OFF(manual_coef), OFF(n_manual_coef), 0, "", U_ITERIS | U_TA | U_TIES | U_DARE | U_KNOTS | U_FEATURES,
      "manual weight w_i per adapter, comma-separated (default 1 each)"},
     {"with_pretrain", T_BOOL, OFF(with_pretrain), 0, 0, "0", U_ITERIS,
      "use W0 + dW_i in the solve (full-rank result, written with -out_rank)"},
-    {"out_rank", T_INT, OFF(out_rank), 0, 0, "0", U_MERGE, "truncate the merged update to this rank (0: exact)"},
-    {"out_dtype", T_STR, OFF(out_dtype), 0, sizeof(((itr_options *)0)->out_dtype), "F32", U_MERGE, "dtype of the written adapter: F32 | BF16 | F16 | F64"},
-    {"ta_lambda", T_REAL, OFF(ta_lambda), 0, 0, "1", U_TA | U_TIES | U_DARE | U_KNOTS, "scale lambda of the merged update"},
-    {"regmean_alpha", T_REAL, OFF(regmean_alpha), 0, 0, "1", U_REGMEAN, "RegMean: scale of the Grams' off-diagonal entries"},
-    {"density", T_REAL, OFF(density), 0, 0, "0.2", U_TIES | U_KNOTS | U_DARE, "TIES: fraction of entries kept per task"},
+    {"out_rank", T_INT, OFF(out_rank), 0, 0, "0", U_MERGE | U_FEATURES, "truncate the merged update to this rank (0: exact)"},
+    {"out_dtype", T_STR, OFF(out_dtype), 0, sizeof(((itr_options *)0)->out_dtype), "F32", U_MERGE | U_FEATURES, "dtype of the written adapter: F32 | BF16 | F16 | F64"},
+    {"ta_lambda", T_REAL, OFF(ta_lambda), 0, 0, "1", U_TA | U_TIES | U_DARE | U_KNOTS | U_FEATURES, "scale lambda of the merged update"},
+    {"regmean_alpha", T_REAL, OFF(regmean_alpha), 0, 0, "1", U_REGMEAN | U_FEATURES, "RegMean: scale of the Grams' off-diagonal entries"},
+    {"density", T_REAL, OFF(density), 0, 0, "0.2", U_TIES | U_DARE, "TIES (and -dare_ties 1): fraction of entries kept per task"},
     {"dare_p", T_REAL, OFF(dare_p), 0, 0, "0.5", U_DARE, "DARE: drop probability"},
     {"dare_ties", T_BOOL, OFF(dare_ties), 0, 0, "0", U_DARE, "DARE: combine with TIES instead of a sum"},
     {"seed", T_INT, OFF(seed), 0, 0, "0", U_DARE, "random seed (DARE)"},
@@ -65,6 +66,8 @@ static const opt_entry table_[] = {
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
     {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,
      "write the demo case (tiny model, 3 adapters, calibration data) into this folder and exit"},
+    {"features", T_STR, OFF(features), 0, sizeof(((itr_options *)0)->features), "", U_MERGE | U_FEATURES,
+     "merge from external features in this HDF5 file (inputs or statistics per task and module; docs/FEATURES.md)"},
     {"logits", T_STR, OFF(logits), 0, sizeof(((itr_options *)0)->logits), "", U_LOGITS, "JSONL token file: write the logits of -base (+ -adapter)"},
     {"logits_out", T_STR, OFF(logits_out), 0, sizeof(((itr_options *)0)->logits_out), "", U_LOGITS, "safetensors file for -logits (logits.0, logits.1, ...)"},
     {"adapter", T_STRLIST, OFF(adapter), OFF(n_adapter_logits), 0, "", U_LOGITS,
@@ -87,7 +90,9 @@ void itr_options_print_help(FILE *f) {
           "  srun iteris-mpi -options_file jobs/NAME.yaml          (YAML job file: one 'key: value' per option)\n"
           "  iteris-mpi -inspect DIR                              (summary of a model or adapter folder)\n"
           "  iteris-mpi -base DIR [-adapter DIR] -logits IN.jsonl -logits_out OUT.safetensors\n"
-          "  iteris-mpi -make_demo DIR                            (write the bundled demo case)\n\n"
+          "  iteris-mpi -make_demo DIR                            (write the bundled demo case)\n"
+          "  iteris-mpi -features F.h5 -adapters D1,D2,... -out OUT [-method iteris|regmean|task_arithmetic]\n"
+          "                                                       (merge from external features: docs/FEATURES.md)\n\n"
           "options (default in brackets):\n");
   for (size_t i = 0; i < N_OPTS; i++) {
     const opt_entry *e = &table_[i];
@@ -249,29 +254,32 @@ itr_err itr_options_parse(itr_options *opt) {
   else if (opt->make_demo[0]) opt->mode = ITR_MODE_MAKE_DEMO, use = U_DEMO;
   else if (opt->logits[0]) opt->mode = ITR_MODE_LOGITS, use = U_LOGITS;
   else {
-    opt->mode = ITR_MODE_MERGE;
+    opt->mode = opt->features[0] ? ITR_MODE_FEATURES : ITR_MODE_MERGE;
     use = 0;
     for (size_t m = 0; m < sizeof methods_ / sizeof methods_[0]; m++)
       if (strcmp(opt->method, methods_[m].name) == 0) use = methods_[m].bit;
     ITR_CHECK(use, ITR_ERR_INPUT,
               "option -method: unknown method '%s' (iteris, task_arithmetic, regmean, ties, dare, knots)", opt->method);
+    ITR_CHECK(opt->mode != ITR_MODE_FEATURES || (use & (U_ITERIS | U_REGMEAN | U_TA)), ITR_ERR_INPUT,
+              "-features supports -method iteris, regmean and task_arithmetic, not '%s'", opt->method);
   }
   for (size_t i = 0; i < N_OPTS; i++)
-    ITR_CHECK(!set[i] || (table_[i].used_by & use), ITR_ERR_INPUT,
-              "option -%s is not used %s%s: remove it (see -help)", table_[i].name,
-              opt->mode == ITR_MODE_MERGE ? "by -method " : "in this mode",
-              opt->mode == ITR_MODE_MERGE ? opt->method : "");
+    ITR_CHECK(!set[i] || ((table_[i].used_by & use) &&
+                          (opt->mode != ITR_MODE_FEATURES || (table_[i].used_by & U_FEATURES))),
+              ITR_ERR_INPUT, "option -%s is not used %s%s: remove it (see -help)", table_[i].name,
+              opt->mode == ITR_MODE_MERGE ? "by -method " : opt->mode == ITR_MODE_FEATURES ? "with -features by -method " : "in this mode",
+              opt->mode == ITR_MODE_MERGE || opt->mode == ITR_MODE_FEATURES ? opt->method : "");
 
   /* required options and value checks */
   if (opt->mode == ITR_MODE_LOGITS) {
     ITR_CHECK(opt->base[0], ITR_ERR_INPUT, "-logits needs -base DIR");
     ITR_CHECK(opt->logits_out[0], ITR_ERR_INPUT, "-logits needs -logits_out OUT.safetensors");
   }
-  if (opt->mode == ITR_MODE_MERGE) {
-    ITR_CHECK(opt->base[0], ITR_ERR_INPUT, "missing -base DIR (the Hugging Face model folder); see -help");
+  if (opt->mode == ITR_MODE_MERGE || opt->mode == ITR_MODE_FEATURES) {
+    ITR_CHECK(opt->base[0] || opt->mode == ITR_MODE_FEATURES, ITR_ERR_INPUT, "missing -base DIR (the Hugging Face model folder); see -help");
     ITR_CHECK(opt->n_adapters >= 1, ITR_ERR_INPUT, "missing -adapters D1,D2,... (PEFT adapter folders); see -help");
     ITR_CHECK(opt->out[0], ITR_ERR_INPUT, "missing -out DIR (where the merged adapter goes); see -help");
-    int needs_calib = (use & (U_ITERIS | U_REGMEAN)) != 0;
+    int needs_calib = opt->mode == ITR_MODE_MERGE && (use & (U_ITERIS | U_REGMEAN)) != 0;
     if (needs_calib)
       ITR_CHECK(opt->n_calib == opt->n_adapters, ITR_ERR_INPUT,
                 "-calib has %d file(s) but -adapters has %d: give one calibration file per adapter, same order",
@@ -295,6 +303,9 @@ itr_err itr_options_parse(itr_options *opt) {
               opt->reg_coef);
     ITR_CHECK(opt->density > 0 && opt->density <= 1, ITR_ERR_INPUT, "-density must be in (0, 1], got %g", opt->density);
     ITR_CHECK(opt->dare_p >= 0 && opt->dare_p < 1, ITR_ERR_INPUT, "-dare_p must be in [0, 1), got %g", opt->dare_p);
+    ITR_CHECK(!(use & (U_TIES | U_DARE)) || opt->out_rank > 0, ITR_ERR_INPUT,
+              "-method %s gives a dense (full-rank) update: give -out_rank k to write it as a LoRA of rank k",
+              opt->method);
     ITR_CHECK(!opt->with_pretrain || opt->out_rank > 0, ITR_ERR_INPUT,
               "-with_pretrain 1 gives a full-rank update: give -out_rank k to write it as a LoRA of rank k");
     ITR_CHECK(strcmp(opt->out_dtype, "F32") == 0 || strcmp(opt->out_dtype, "BF16") == 0 ||

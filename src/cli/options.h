@@ -9,7 +9,7 @@
 #define ITR_MAX_TASKS 64
 #define ITR_OPT_PATH 4096
 
-typedef enum { ITR_MODE_MERGE, ITR_MODE_INSPECT, ITR_MODE_LOGITS, ITR_MODE_MAKE_DEMO } itr_mode;
+typedef enum { ITR_MODE_MERGE, ITR_MODE_INSPECT, ITR_MODE_LOGITS, ITR_MODE_MAKE_DEMO, ITR_MODE_FEATURES } itr_mode;
 
 typedef struct {
   itr_mode mode;
@@ -39,6 +39,7 @@ typedef struct {
   /* other modes */
   char inspect[ITR_OPT_PATH];
   char make_demo[ITR_OPT_PATH];
+  char features[ITR_OPT_PATH]; /* -features FILE.h5: merge from external features (docs/FEATURES.md) */
   char logits[ITR_OPT_PATH];
   char logits_out[ITR_OPT_PATH];
   int n_adapter_logits;

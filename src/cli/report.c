@@ -85,7 +85,7 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
         cJSON *w = cJSON_AddArrayToObject(j, "adaptive_weight");
         for (int i = 0; i < N; i++) cJSON_AddItemToArray(w, num_or_null(c->coef[slot * (size_t)N + (size_t)i]));
       }
-      if (c->method != METHOD_TA) {
+      if (c->method == METHOD_ITERIS || c->method == METHOD_REGMEAN) {
         cJSON *r = cJSON_AddArrayToObject(j, "scaled_residual");
         for (int k = 0; k < c->iters_done && k < K; k++)
           cJSON_AddItemToArray(r, num_or_null(c->resid[(size_t)k * (size_t)L * ITR_MODULE_COUNT + slot]));

@@ -70,7 +70,8 @@ static itr_err check_inputs(const itr_iteris_opts *o, int N, const itr_merge_tas
     ITR_CHECK(t->weight > 0 && isfinite(t->weight) && isfinite(t->scale), ITR_ERR_INPUT,
               "module '%s', task %d: manual coefficient %g must be > 0 (scaling %g)", label, i, t->weight,
               t->scale);
-    ITR_CHECK(t->stats && t->stats->gram_x, ITR_ERR_INPUT, "module '%s', task %d: no statistics", label, i);
+    ITR_CHECK(t->stats && (t->stats->gram_x || (!t->stats->xt_is_x && o->reg_coef == 0)), ITR_ERR_INPUT,
+              "module '%s', task %d: no statistics (X^T X is needed in iteration 1 and with -reg_coef > 0)", label, i);
     ITR_CHECK(t->stats->d_in == d_in, ITR_ERR_INPUT,
               "module '%s', task %d: statistics have d_in = %lld, the module takes %lld inputs", label, i,
               (long long)t->stats->d_in, (long long)d_in);
@@ -102,11 +103,12 @@ static void mixed_norms(const itr_merge_task *t, double rho, double *n1, double 
     return;
   }
   const double p = 1.0 - rho;
+  const int use_s = rho > 0; /* S may be NULL (itr_stats_drop_x) when rho == 0 */
   for (int64_t i = 0; i < d; i++)
     for (int64_t j = 0; j < d; j++) {
-      double g = p * p * G[i * d + j] + rho * rho * S[i * d + j];
+      double g = p * p * G[i * d + j] + (use_s ? rho * rho * S[i * d + j] : 0.0);
       if (C) {
-        double c = p * C[i * d + j] + rho * S[i * d + j];
+        double c = p * C[i * d + j] + (use_s ? rho * S[i * d + j] : 0.0);
         a += c * c;
         g += rho * p * (C[i * d + j] + C[j * d + i]);
       }
@@ -127,7 +129,7 @@ static void add_gram(const itr_merge_task *t, double rho, double cw, double alph
   } else {
     for (int64_t i = 0; i < d; i++)
       for (int64_t j = 0; j < d; j++) {
-        double g = p * p * G[i * d + j] + rho * rho * S[i * d + j];
+        double g = p * p * G[i * d + j] + (rho > 0 ? rho * rho * S[i * d + j] : 0.0);
         if (C && rho > 0) g += rho * p * (C[i * d + j] + C[j * d + i]);
         T2[i * d + j] += cw * g;
       }

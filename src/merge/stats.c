@@ -44,7 +44,7 @@ static void to_f64(int64_t n, const float *src, double *dst) {
 }
 
 itr_err itr_stats_add_x(itr_stats *st, int64_t T, const float *x) {
-  ITR_CHECK(st && st->gram_x, ITR_ERR_INPUT, "statistics: add_x on uninitialised statistics");
+  ITR_CHECK(st && st->gram_x, ITR_ERR_INPUT, "statistics: add_x on uninitialised statistics (or after drop_x)");
   ITR_CHECK(T >= 0 && (T == 0 || x), ITR_ERR_INPUT, "statistics: bad block (T = %lld, x = %p)",
             (long long)T, (const void *)x);
   const int64_t d = st->d_in;
@@ -59,7 +59,7 @@ itr_err itr_stats_add_x(itr_stats *st, int64_t T, const float *x) {
 }
 
 itr_err itr_stats_reset_xt(itr_stats *st) {
-  ITR_CHECK(st && st->gram_x, ITR_ERR_INPUT, "statistics: reset_xt on uninitialised statistics");
+  ITR_CHECK(st && st->scratch, ITR_ERR_INPUT, "statistics: reset_xt on uninitialised statistics");
   const size_t dd = (size_t)st->d_in * (size_t)st->d_in;
   if (!st->gram_t) ITR_TRY(itr_calloc(dd, sizeof(double), "gram Xt^T Xt", &st->gram_t));
   if (st->mode == ITR_STATS_FULL_CROSS && !st->cross)
@@ -72,7 +72,7 @@ itr_err itr_stats_reset_xt(itr_stats *st) {
 }
 
 itr_err itr_stats_add_pair(itr_stats *st, int64_t T, const float *x, const float *xt) {
-  ITR_CHECK(st && st->gram_x, ITR_ERR_INPUT, "statistics: add_pair on uninitialised statistics");
+  ITR_CHECK(st && st->scratch, ITR_ERR_INPUT, "statistics: add_pair on uninitialised statistics");
   ITR_CHECK(!st->xt_is_x, ITR_ERR_INPUT,
             "statistics: add_pair while Xt = X (iteration 1). Call itr_stats_reset_xt first.");
   ITR_CHECK(T >= 0 && (T == 0 || (x && xt)), ITR_ERR_INPUT, "statistics: bad pair block (T = %lld)",
@@ -99,9 +99,18 @@ static void mirror_upper(int64_t d, double *g) {
     for (int64_t j = 0; j < i; j++) g[i * d + j] = g[j * d + i];
 }
 
+itr_err itr_stats_drop_x(itr_stats *st) {
+  ITR_CHECK(st && st->scratch && !st->xt_is_x, ITR_ERR_INPUT,
+            "statistics: drop_x needs the Xt statistics of an iteration >= 2 (call itr_stats_reset_xt first)");
+  free(st->gram_x);
+  st->gram_x = NULL;
+  st->n_x = 0;
+  return ITR_OK;
+}
+
 void itr_stats_finalize(itr_stats *st) {
-  if (!st || !st->gram_x) return;
-  mirror_upper(st->d_in, st->gram_x);
+  if (!st || !st->scratch) return;
+  if (st->gram_x) mirror_upper(st->d_in, st->gram_x);
   if (st->gram_t) mirror_upper(st->d_in, st->gram_t);
 }
 
@@ -111,7 +120,7 @@ const double *itr_stats_cross(const itr_stats *st) { return st->xt_is_x ? st->gr
 int itr_stats_additive(itr_stats *st, double *bufs[3], int64_t counts[3]) {
   int n = 0;
   const int64_t dd = st->d_in * st->d_in;
-  bufs[n] = st->gram_x, counts[n++] = dd;
+  if (st->gram_x) bufs[n] = st->gram_x, counts[n++] = dd;
   if (!st->xt_is_x && st->gram_t) bufs[n] = st->gram_t, counts[n++] = dd;
   if (!st->xt_is_x && st->cross) bufs[n] = st->cross, counts[n++] = dd;
   return n;

@@ -111,3 +111,56 @@ TEST(Stats, RejectsBadArguments) {
   EXPECT_EQ(s.gram_x, nullptr);
   itr_stats_fini(&s);
 }
+
+// Dropping X^T X in an iteration >= 2 (reg_coef 0, c_i given) assembles the same system; with
+// reg_coef > 0 it is refused, naming the need.
+TEST(StatsDropX, SameSystemWithoutGramX) {
+  const int64_t d = 6, T = 9, d_out = 4;
+  const int r = 2;
+  std::vector<float> x(T * d), xt(T * d);
+  std::vector<double> A(r * d), B(d_out * r);
+  unsigned s = 7;
+  auto rnd = [&s]() { s = s * 1664525u + 1013904223u; return (double)(s >> 8) / 16777216.0 - 0.5; };
+  for (auto &v : x) v = (float)rnd();
+  for (auto &v : xt) v = (float)rnd();
+  for (auto &v : A) v = rnd();
+  for (auto &v : B) v = rnd();
+  itr_stats full = {}, lean = {};
+  ASSERT_EQ(itr_stats_init(&full, d, ITR_STATS_FULL_CROSS), ITR_OK);
+  ASSERT_EQ(itr_stats_init(&lean, d, ITR_STATS_FULL_CROSS), ITR_OK);
+  EXPECT_EQ(itr_stats_drop_x(&lean), ITR_ERR_INPUT);  // not in iteration 1
+  for (itr_stats *st : {&full, &lean}) {
+    ASSERT_EQ(itr_stats_reset_xt(st), ITR_OK);
+    ASSERT_EQ(itr_stats_add_pair(st, T, x.data(), xt.data()), ITR_OK);
+  }
+  ASSERT_EQ(itr_stats_add_x(&full, T, x.data()), ITR_OK);
+  ASSERT_EQ(itr_stats_drop_x(&lean), ITR_OK);
+  EXPECT_EQ(lean.gram_x, nullptr);
+  EXPECT_EQ(itr_stats_add_x(&lean, T, x.data()), ITR_ERR_INPUT);
+  itr_stats_finalize(&full);
+  itr_stats_finalize(&lean);
+  double *bufs[3];
+  int64_t counts[3];
+  EXPECT_EQ(itr_stats_additive(&lean, bufs, counts), 2);
+  itr_iteris_opts o;
+  itr_iteris_opts_default(&o);
+  o.alpha_1 = 1e-3;
+  o.alpha_2 = 1e-2;
+  itr_merge_task t = {};
+  t.r = r, t.scale = 0.5, t.weight = 2.0, t.A = A.data(), t.B = B.data();
+  const double c = 0.75;
+  itr_system a = {}, b = {};
+  t.stats = &full;
+  ASSERT_EQ(itr_iteris_assemble(&o, 1, &t, d_out, d, nullptr, &c, "m", &a), ITR_OK);
+  t.stats = &lean;
+  ASSERT_EQ(itr_iteris_assemble(&o, 1, &t, d_out, d, nullptr, &c, "m", &b), ITR_OK);
+  for (int64_t k = 0; k < d * d; k++) EXPECT_EQ(a.T2[k], b.T2[k]);
+  for (int64_t k = 0; k < r * d; k++) EXPECT_EQ(a.rhs[k], b.rhs[k]);
+  itr_system_fini(&a);
+  itr_system_fini(&b);
+  o.reg_coef = 0.3;
+  EXPECT_EQ(itr_iteris_assemble(&o, 1, &t, d_out, d, nullptr, &c, "m", &b), ITR_ERR_INPUT);
+  EXPECT_NE(std::string(itr_error_message()).find("reg_coef"), std::string::npos);
+  itr_stats_fini(&full);
+  itr_stats_fini(&lean);
+}
