@@ -588,7 +588,7 @@ static itr_err data_free_module(merge_ctx *c, int l, itr_module m, itr_update *o
   if (c->method == METHOD_TA) {
     e = itr_baseline_task_arithmetic(N, tasks, d_out, d_in, o->ta_lambda, out);
   } else if (c->method == METHOD_KNOTS) {
-    e = itr_baseline_knots(N, tasks, d_out, d_in, 0, o->density, o->ta_lambda, out);
+    e = itr_baseline_knots(N, tasks, d_out, d_in, 1, o->density, o->ta_lambda, out); /* KnOTS-TIES */
   } else { /* ties, dare: on the dense updates */
     const size_t n = (size_t)d_out * (size_t)d_in;
     char label[96];

@@ -57,7 +57,7 @@ static const opt_entry table_[] = {
     {"out_dtype", T_STR, OFF(out_dtype), 0, sizeof(((itr_options *)0)->out_dtype), "F32", U_MERGE | U_FEATURES, "dtype of the written adapter: F32 | BF16 | F16 | F64"},
     {"ta_lambda", T_REAL, OFF(ta_lambda), 0, 0, "1", U_TA | U_TIES | U_DARE | U_KNOTS | U_FEATURES, "scale lambda of the merged update"},
     {"regmean_alpha", T_REAL, OFF(regmean_alpha), 0, 0, "1", U_REGMEAN | U_FEATURES, "RegMean: scale of the Grams' off-diagonal entries"},
-    {"density", T_REAL, OFF(density), 0, 0, "0.2", U_TIES | U_DARE, "TIES (and -dare_ties 1): fraction of entries kept per task"},
+    {"density", T_REAL, OFF(density), 0, 0, "0.2", U_TIES | U_DARE | U_KNOTS, "TIES, KnOTS-TIES, -dare_ties 1: fraction of entries kept per task"},
     {"dare_p", T_REAL, OFF(dare_p), 0, 0, "0.5", U_DARE, "DARE: drop probability"},
     {"dare_ties", T_BOOL, OFF(dare_ties), 0, 0, "0", U_DARE, "DARE: combine with TIES instead of a sum"},
     {"seed", T_INT, OFF(seed), 0, 0, "0", U_DARE, "random seed (DARE)"},
