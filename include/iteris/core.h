@@ -117,6 +117,28 @@ void itr_convert_to_f64(itr_dtype dt, const void *src, size_t n, double *dst);
 /* Converts n floats to dtype dt into dst (unaligned allowed). */
 void itr_convert_from_f32(itr_dtype dt, const float *src, size_t n, void *dst);
 
+/* ---- deterministic random numbers (rng.c) ---------------------------------------------------- */
+
+/* xoshiro256** seeded through splitmix64; normals by Marsaglia's polar method. Integer arithmetic
+ * (but for the polar method's log and sqrt), so streams do not depend on the platform. Used by the
+ * generators (src/synth) and DARE (src/merge). */
+typedef struct {
+  uint64_t s[4];   /* xoshiro256** state */
+  int has_spare;   /* the polar method makes normals in pairs */
+  double spare;
+} itr_rng;
+
+/* Seeds the state with four splitmix64 outputs of seed. */
+void itr_rng_init(itr_rng *g, uint64_t seed);
+/* One of many independent streams of a seed: stream mixed in through splitmix64 first. */
+void itr_rng_init_stream(itr_rng *g, uint64_t seed, uint64_t stream);
+uint64_t itr_splitmix64(uint64_t *state); /* advances *state, returns the next output */
+uint64_t itr_rng_next(itr_rng *g);        /* xoshiro256** */
+double itr_rng_uniform(itr_rng *g);       /* [0, 1), 53 random bits */
+uint64_t itr_rng_below(itr_rng *g, uint64_t n); /* uniform in [0, n), unbiased; n >= 1 */
+double itr_rng_normal(itr_rng *g);        /* standard normal */
+uint64_t itr_hash64(const char *s);       /* FNV-1a 64 of a string (NULL: the empty string) */
+
 /* ---- timers ------------------------------------------------------------------------------- */
 
 double itr_wtime(void); /* seconds, monotonic */

@@ -226,7 +226,7 @@ itr_err itr_baseline_ties(int N, int64_t n, const double *const *dW, const doubl
                           double density, double lambda, double *out);
 /* dare: each entry of w_i dW_i dropped with probability p, survivors times 1/(1-p), then
  * lambda sum (use_ties 0) or ties with density (use_ties 1). Deterministic: task i's entries
- * use the stream (seed, stream + i); pass stream = itr_merge_hash(module label) so the result does
+ * use the stream (seed, stream + i); pass stream = itr_hash64(module label) so the result does
  * not depend on the order or the rank that merges the modules. */
 itr_err itr_baseline_dare(int N, int64_t n, const double *const *dW, const double *weights,
                           double p, int use_ties, double density, double lambda, uint64_t seed,
@@ -237,16 +237,6 @@ itr_err itr_baseline_dare(int N, int64_t n, const double *const *dW, const doubl
  * = numerical rank of the concatenation (<= R). */
 itr_err itr_baseline_knots(int N, const itr_merge_task *tasks, int64_t d_out, int64_t d_in,
                            int use_ties, double density, double lambda, itr_update *out);
-
-/* ---- deterministic RNG (merge_rng.c): splitmix64-seeded xoshiro256** ------------------------------ */
-
-typedef struct {
-  uint64_t s[4];
-} itr_merge_rng;
-void itr_merge_rng_seed(itr_merge_rng *g, uint64_t seed, uint64_t stream);
-uint64_t itr_merge_rng_u64(itr_merge_rng *g);
-double itr_merge_rng_uniform(itr_merge_rng *g); /* [0, 1), 53 bits */
-uint64_t itr_merge_hash(const char *s); /* FNV-1a 64 */
 
 #ifdef __cplusplus
 }

@@ -16,21 +16,8 @@
 extern "C" {
 #endif
 
-/* ---- random numbers -------------------------------------------------------------------------- */
+/* ---- random numbers: itr_rng (core.h) ---------------------------------------------------------- */
 
-typedef struct {
-  uint64_t s[4];   /* xoshiro256** state */
-  int has_spare;   /* the polar method makes normals in pairs */
-  double spare;
-} itr_rng;
-
-/* Seeds the state with four splitmix64 outputs of seed. */
-void itr_rng_init(itr_rng *g, uint64_t seed);
-uint64_t itr_splitmix64(uint64_t *state); /* advances *state, returns the next output */
-uint64_t itr_rng_next(itr_rng *g);        /* xoshiro256** */
-double itr_rng_uniform(itr_rng *g);       /* [0, 1), 53 random bits */
-uint64_t itr_rng_below(itr_rng *g, uint64_t n); /* uniform in [0, n), unbiased; n >= 1 */
-double itr_rng_normal(itr_rng *g);        /* standard normal */
 /* A seed derived from (seed, name) (FNV-1a of name mixed by splitmix64): one stream per tensor. */
 uint64_t itr_synth_seed(uint64_t seed, const char *name);
 

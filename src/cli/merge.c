@@ -604,7 +604,7 @@ static itr_err data_free_module(merge_ctx *c, int l, itr_module m, itr_update *o
       e = itr_baseline_ties(N, (int64_t)n, (const double *const *)dW, w, o->density, o->ta_lambda, out->dense);
     else if (e == ITR_OK)
       e = itr_baseline_dare(N, (int64_t)n, (const double *const *)dW, w, o->dare_p, o->dare_ties, o->density,
-                            o->ta_lambda, (uint64_t)o->seed, itr_merge_hash(label), out->dense);
+                            o->ta_lambda, (uint64_t)o->seed, itr_hash64(label), out->dense);
   }
 done:
   for (int i = 0; i < N; i++) {

@@ -220,11 +220,11 @@ itr_err itr_baseline_dare(int N, int64_t n, const double *const *dW, const doubl
   ITR_TRY_GOTO(itr_calloc((size_t)N, sizeof(double *), "dare pointers", &v), e, done);
   const double keep_scale = 1.0 / (1.0 - p);
   for (int i = 0; i < N; i++) {
-    itr_merge_rng g;
-    itr_merge_rng_seed(&g, seed, stream + (uint64_t)i);
+    itr_rng g;
+    itr_rng_init_stream(&g, seed, stream + (uint64_t)i);
     const double w = weights ? weights[i] : 1.0;
     v[i] = buf + (size_t)i * (size_t)n;
-    for (int64_t k = 0; k < n; k++) v[i][k] = itr_merge_rng_uniform(&g) < p ? 0.0 : w * keep_scale * dW[i][k];
+    for (int64_t k = 0; k < n; k++) v[i][k] = itr_rng_uniform(&g) < p ? 0.0 : w * keep_scale * dW[i][k];
   }
   if (use_ties) {
     ITR_TRY_GOTO(ties_core(N, n, (const double *const *)v, NULL, density, lambda, out), e, done);

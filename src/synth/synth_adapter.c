@@ -77,7 +77,7 @@ itr_err itr_synth_adapter_write(const char *dir, const itr_model_config *cfg, in
   /* E||B A||_F^2 = d_out r std_b^2 and E||W0||_F^2 = d_out (W0 ~ N(0, 1/d_in), A ~ N(0, 1/d_in)). */
   double scaling = use_rslora ? alpha / sqrt((double)r) : alpha / r;
   double std_b = ITR_SYNTH_ADAPTER_REL_NORM / (scaling * sqrt((double)r));
-  ITR_TRY(itr_synth_mkdirs(dir));
+  ITR_TRY(itr_iofile_mkdirs(dir));
   itr_st_writer *w = NULL;
   ITR_TRY(itr_st_writer_create(&w));
   itr_err e = itr_st_writer_set_metadata(w, "format", "pt");

@@ -33,7 +33,7 @@ itr_err itr_synth_demo_write(const char *dir) {
   itr_model_config c;
   itr_synth_demo_config(&c);
   char path[ITR_PATH_MAX];
-  ITR_TRY(itr_synth_mkdirs(dir));
+  ITR_TRY(itr_iofile_mkdirs(dir));
   ITR_TRY(itr_synth_join(path, sizeof path, dir, "base"));
   ITR_TRY(itr_synth_model_write(path, &c, ITR_BF16, 1, seed));
   const int band = c.vocab_size / 3;

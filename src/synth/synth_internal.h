@@ -7,7 +7,6 @@
 #include "iteris/synth.h"
 
 /* mkdir -p DIR (0755). */
-itr_err itr_synth_mkdirs(const char *dir);
 /* Prints the JSON value and writes it to path (path.tmp.<pid>, then rename). */
 itr_err itr_synth_write_json(const char *path, const cJSON *value);
 /* buf = dir/name; error when it does not fit. */

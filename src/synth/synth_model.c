@@ -126,7 +126,7 @@ itr_err itr_synth_model_write(const char *dir, const itr_model_config *cfg, itr_
   int cap = cfg->num_hidden_layers * 16 + 3;
   ITR_CHECK(n_shards >= 1 && n_shards <= cap && n_shards <= 99999, ITR_ERR_INPUT,
             "synth model: n_shards %d must be in [1, number of tensors]", n_shards);
-  ITR_TRY(itr_synth_mkdirs(dir));
+  ITR_TRY(itr_iofile_mkdirs(dir));
   ITR_TRY(itr_model_config_write(dir, cfg)); /* also validates cfg */
   spec *specs = NULL;
   ITR_TRY(itr_calloc((size_t)cap, sizeof *specs, "synth tensor list", &specs));

@@ -7,24 +7,6 @@
 
 #include "synth/synth_internal.h"
 
-itr_err itr_synth_mkdirs(const char *dir) {
-  char buf[ITR_PATH_MAX];
-  size_t n = strlen(dir);
-  ITR_CHECK(n > 0 && n < sizeof buf, ITR_ERR_INPUT, "bad folder name '%s'", dir);
-  memcpy(buf, dir, n + 1);
-  for (size_t i = 1; i <= n; i++) {
-    if (buf[i] != '/' && buf[i] != '\0') continue;
-    char c = buf[i];
-    buf[i] = '\0';
-    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-      return itr_error_set(ITR_ERR_INPUT, "cannot create folder '%s': %s", buf, strerror(errno));
-    buf[i] = c;
-  }
-  struct stat sb;
-  ITR_CHECK(stat(dir, &sb) == 0 && S_ISDIR(sb.st_mode), ITR_ERR_INPUT, "'%s' exists and is not a folder", dir);
-  return ITR_OK;
-}
-
 itr_err itr_synth_join(char *buf, size_t len, const char *dir, const char *name) {
   int n = snprintf(buf, len, "%s/%s", dir, name);
   ITR_CHECK(n >= 0 && (size_t)n < len, ITR_ERR_INPUT, "path too long: '%s/%s'", dir, name);
@@ -56,4 +38,10 @@ void itr_synth_fill_normal(float *dst, size_t n, double mean, double std, uint64
   itr_rng g;
   itr_rng_init(&g, itr_synth_seed(seed, name));
   for (size_t i = 0; i < n; i++) dst[i] = (float)(mean + std * itr_rng_normal(&g));
+}
+
+/* A seed derived from (seed, name): one stream per tensor. */
+uint64_t itr_synth_seed(uint64_t seed, const char *name) {
+  uint64_t x = seed ^ itr_hash64(name);
+  return itr_splitmix64(&x);
 }

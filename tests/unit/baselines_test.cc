@@ -93,12 +93,12 @@ TEST(Baseline, DareIsDeterministicAndRescales) {
   Mat a = randn(g, n), b = randn(g, n);
   const double *dW[2] = {a.data(), b.data()};
   Mat o1(n), o2(n), o3(n);
-  ASSERT_EQ(itr_baseline_dare(2, n, dW, nullptr, 0.9, 0, 1.0, 1.0, 7, itr_merge_hash("layers.0.q_proj"), o1.data()),
+  ASSERT_EQ(itr_baseline_dare(2, n, dW, nullptr, 0.9, 0, 1.0, 1.0, 7, itr_hash64("layers.0.q_proj"), o1.data()),
             ITR_OK);
-  ASSERT_EQ(itr_baseline_dare(2, n, dW, nullptr, 0.9, 0, 1.0, 1.0, 7, itr_merge_hash("layers.0.q_proj"), o2.data()),
+  ASSERT_EQ(itr_baseline_dare(2, n, dW, nullptr, 0.9, 0, 1.0, 1.0, 7, itr_hash64("layers.0.q_proj"), o2.data()),
             ITR_OK);
   EXPECT_EQ(o1, o2);
-  ASSERT_EQ(itr_baseline_dare(2, n, dW, nullptr, 0.9, 0, 1.0, 1.0, 8, itr_merge_hash("layers.0.q_proj"), o3.data()),
+  ASSERT_EQ(itr_baseline_dare(2, n, dW, nullptr, 0.9, 0, 1.0, 1.0, 8, itr_hash64("layers.0.q_proj"), o3.data()),
             ITR_OK);
   EXPECT_NE(o1, o3);
   // single task: survivors are exactly 10 x the input, about 10% survive

@@ -1,9 +1,8 @@
-/* Deterministic random numbers for the generators: splitmix64 (seeding, per-name seeds),
- * xoshiro256** (the stream), Marsaglia's polar method (normals). Integer arithmetic only, except
- * for the polar method's log and sqrt. */
+/* Deterministic random numbers: splitmix64 (seeding, streams), xoshiro256** (the stream),
+ * Marsaglia's polar method (normals), FNV-1a string hashes. */
 #include <math.h>
 
-#include "iteris/synth.h"
+#include "iteris/core.h"
 
 uint64_t itr_splitmix64(uint64_t *state) {
   uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
@@ -17,6 +16,23 @@ void itr_rng_init(itr_rng *g, uint64_t seed) {
   for (int i = 0; i < 4; i++) g->s[i] = itr_splitmix64(&x);
   g->has_spare = 0;
   g->spare = 0.0;
+}
+
+void itr_rng_init_stream(itr_rng *g, uint64_t seed, uint64_t stream) {
+  uint64_t t = stream;
+  uint64_t x = seed ^ itr_splitmix64(&t);
+  for (int i = 0; i < 4; i++) g->s[i] = itr_splitmix64(&x);
+  g->has_spare = 0;
+  g->spare = 0.0;
+}
+
+uint64_t itr_hash64(const char *s) {
+  uint64_t h = 0xcbf29ce484222325ULL;
+  for (; s && *s; s++) {
+    h ^= (unsigned char)*s;
+    h *= 0x100000001b3ULL;
+  }
+  return h;
 }
 
 static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
@@ -60,14 +76,4 @@ double itr_rng_normal(itr_rng *g) {
   g->spare = v * m;
   g->has_spare = 1;
   return u * m;
-}
-
-uint64_t itr_synth_seed(uint64_t seed, const char *name) {
-  uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a */
-  for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
-    h ^= *p;
-    h *= 0x100000001b3ULL;
-  }
-  uint64_t x = seed ^ h;
-  return itr_splitmix64(&x);
 }
