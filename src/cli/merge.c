@@ -282,26 +282,44 @@ static itr_err embed_all(merge_ctx *c, float **h) {
   return ITR_OK;
 }
 
-/* Runs layers [a, b) on every sequence of shard sh, one sequence per call: the float32 GEMMs then
+/* Makes layer l the one decoder layer this rank holds (a rank never holds more than one: the
+ * weights of a 70B-class model do not fit in one process, one layer does). Collective-free; the
+ * caller agrees on the result. */
+static itr_err load_layer(merge_ctx *c, int l) {
+  if (c->layer && c->layer_index == l) return ITR_OK;
+  itr_model_destroy(c->layer);
+  c->layer = NULL;
+  c->layer_index = -1;
+  PetscLogStagePush(c->stage_load);
+  itr_err e = itr_model_load(&c->cfg, c->store, l, l + 1, 0, 0, &c->layer);
+  PetscLogStagePop();
+  ITR_TRY(e);
+  c->layer_index = l;
+  return ITR_OK;
+}
+
+/* Runs the held layer on every sequence of a shard, one sequence per call: the float32 GEMMs then
  * see the same operands whatever the rank count (OpenBLAS results depend on the number of rows of
  * a call), so the statistics are independent of how sequences are spread over ranks. */
-static itr_err run_sequences(const merge_ctx *c, const itr_shard *sh, int a, int b, float *h, const itr_lora_set *lora,
+static itr_err run_sequences(const merge_ctx *c, const itr_shard *sh, float *h, const itr_lora_set *lora,
                              float **capture) {
   const int64_t D = c->cfg.hidden_size;
+  const int l = c->layer_index;
   for (int s = 0; s < sh->n_seqs; s++) {
     int64_t r0 = sh->offsets[s], T = sh->offsets[s + 1] - r0;
     capture_ctx cx = {capture, c->site_d, r0};
-    ITR_TRY(itr_model_run_layers(c->model, a, b, h + r0 * D, T, NULL, lora, capture ? capture_copy : NULL, &cx));
+    ITR_TRY(itr_model_run_layers(c->layer, l, l + 1, h + r0 * D, T, NULL, lora, capture ? capture_copy : NULL, &cx));
   }
   return ITR_OK;
 }
 
 /* Forward of layer l for every task: source model i into X, merged model into Xt (k >= 2). */
 static itr_err forward_layer(merge_ctx *c, int k, int l) {
+  ITR_TRY(load_layer(c, l));
   for (int i = 0; i < c->N; i++) {
     const itr_shard *sh = &c->calib_sh[i];
-    ITR_TRY(run_sequences(c, sh, l, l + 1, c->h_src[i], c->lora_task[i], c->X[i]));
-    if (k >= 2) ITR_TRY(run_sequences(c, sh, l, l + 1, c->h_mrg[i], c->lora_merged, c->Xt[i]));
+    ITR_TRY(run_sequences(c, sh, c->h_src[i], c->lora_task[i], c->X[i]));
+    if (k >= 2) ITR_TRY(run_sequences(c, sh, c->h_mrg[i], c->lora_merged, c->Xt[i]));
   }
   return ITR_OK;
 }
@@ -371,7 +389,8 @@ static itr_err module_job_init(merge_ctx *c, int l, itr_module m, int64_t d_in, 
     R += j->tasks[i].r;
   }
   ITR_TRY(itr_calloc((size_t)j->d_out * (size_t)d_in, sizeof(double), "W0 f64", &j->W0));
-  to_f64(itr_model_weight(c->model, l, m), (size_t)j->d_out * (size_t)d_in, j->W0);
+  ITR_CHECK(c->layer && c->layer_index == l, ITR_ERR_INTERNAL, "layer %d is not the one held (%d)", l, c->layer_index);
+  to_f64(itr_model_weight(c->layer, l, m), (size_t)j->d_out * (size_t)d_in, j->W0);
   const int dense = c->method == METHOD_ITERIS && o->with_pretrain;
   return itr_system_create(d_in, dense ? j->d_out : R, dense, c->N, o->alpha_2, j->label, &j->sys);
 }
@@ -499,9 +518,12 @@ static itr_err rebuild_merged_lora(merge_ctx *c) {
 /* Runs layers [0, l0) without statistics, to bring the hidden states of a resumed iteration to
  * layer l0. */
 static itr_err forward_prefix(merge_ctx *c, int k, int l0) {
-  for (int i = 0; i < c->N && l0 > 0; i++) {
-    ITR_TRY(run_sequences(c, &c->calib_sh[i], 0, l0, c->h_src[i], c->lora_task[i], NULL));
-    if (k >= 2) ITR_TRY(run_sequences(c, &c->calib_sh[i], 0, l0, c->h_mrg[i], c->lora_merged, NULL));
+  for (int l = 0; l < l0; l++) {
+    ITR_TRY(load_layer(c, l));
+    for (int i = 0; i < c->N; i++) {
+      ITR_TRY(run_sequences(c, &c->calib_sh[i], c->h_src[i], c->lora_task[i], NULL));
+      if (k >= 2) ITR_TRY(run_sequences(c, &c->calib_sh[i], c->h_mrg[i], c->lora_merged, NULL));
+    }
   }
   return ITR_OK;
 }
@@ -631,37 +653,63 @@ static itr_err run_data_free(merge_ctx *c) {
 
 /* ---- evaluation -------------------------------------------------------------------------------- */
 
+/* Fidelity on the held-out sets: base, base + adapter i and the merged model run layer by layer
+ * (one layer held at a time) on this rank's held-out sequences; then the logits, sequence by
+ * sequence, and the sums over ranks. */
 static itr_err evaluate(merge_ctx *c) {
-  const int64_t V = c->cfg.vocab_size;
-  for (int i = 0; i < c->N; i++) {
-    itr_shard sh;
-    ITR_TRY(shard_make(&c->heldout[i], c->rank, c->size, &sh));
-    itr_fidelity_acc acc = {0, 0, 0, 0};
-    int64_t maxlen = 0;
-    for (int s = 0; s < sh.n_seqs; s++)
-      if (sh.offsets[s + 1] - sh.offsets[s] > maxlen) maxlen = sh.offsets[s + 1] - sh.offsets[s];
-    float *lt = NULL, *lm = NULL, *lb = NULL;
-    size_t n = (size_t)(maxlen ? maxlen : 1) * (size_t)V;
-    itr_err e = itr_calloc(n, sizeof(float), "logits", &lt);
-    if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "logits", &lm);
-    if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "logits", &lb);
-    for (int s = 0; s < sh.n_seqs && e == ITR_OK; s++) {
-      const int32_t *ids = sh.ids + sh.offsets[s];
-      int64_t T = sh.offsets[s + 1] - sh.offsets[s];
-      e = itr_model_forward(c->model, ids, T, NULL, c->lora_task[i], NULL, NULL, lt);
-      if (e == ITR_OK) e = itr_model_forward(c->model, ids, T, NULL, c->lora_merged, NULL, NULL, lm);
-      if (e == ITR_OK) e = itr_model_forward(c->model, ids, T, NULL, NULL, NULL, NULL, lb);
-      if (e == ITR_OK) itr_fidelity_add(&acc, lt, lm, lb, T, V);
+  const int64_t V = c->cfg.vocab_size, D = c->cfg.hidden_size;
+  const int N = c->N, L = c->cfg.num_hidden_layers;
+  itr_shard sh[ITR_MAX_TASKS];
+  float *h[ITR_MAX_TASKS][3]; /* per task: base, task, merged hidden states (T_i, D) */
+  float *lt = NULL, *lm = NULL, *lb = NULL;
+  itr_fidelity_acc acc[ITR_MAX_TASKS];
+  memset(sh, 0, sizeof sh);
+  memset(h, 0, sizeof h);
+  memset(acc, 0, sizeof acc);
+  itr_err e = ITR_OK;
+  int64_t maxlen = 1;
+  for (int i = 0; i < N && e == ITR_OK; i++) {
+    e = shard_make(&c->heldout[i], c->rank, c->size, &sh[i]);
+    for (int v = 0; v < 3 && e == ITR_OK; v++) {
+      e = itr_calloc((size_t)(sh[i].T ? sh[i].T : 1) * (size_t)D, sizeof(float), "held-out hidden states", &h[i][v]);
+      if (e == ITR_OK && sh[i].T > 0) e = itr_model_embed(c->model, sh[i].ids, sh[i].T, h[i][v]);
     }
-    free(lt);
-    free(lm);
-    free(lb);
-    shard_fini(&sh);
-    ITR_TRY(itr_dist_agree(c->comm, e));
-    double v[4] = {acc.kl_merged, acc.kl_base, acc.top1, acc.n};
+    for (int s = 0; e == ITR_OK && s < sh[i].n_seqs; s++)
+      if (sh[i].offsets[s + 1] - sh[i].offsets[s] > maxlen) maxlen = sh[i].offsets[s + 1] - sh[i].offsets[s];
+  }
+  for (int l = 0; l < L && e == ITR_OK; l++) {
+    e = load_layer(c, l);
+    for (int i = 0; i < N && e == ITR_OK; i++) {
+      e = run_sequences(c, &sh[i], h[i][0], NULL, NULL);
+      if (e == ITR_OK) e = run_sequences(c, &sh[i], h[i][1], c->lora_task[i], NULL);
+      if (e == ITR_OK) e = run_sequences(c, &sh[i], h[i][2], c->lora_merged, NULL);
+    }
+  }
+  size_t n = (size_t)maxlen * (size_t)V;
+  if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "logits", &lt);
+  if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "logits", &lm);
+  if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "logits", &lb);
+  for (int i = 0; i < N && e == ITR_OK; i++)
+    for (int s = 0; s < sh[i].n_seqs && e == ITR_OK; s++) {
+      int64_t r0 = sh[i].offsets[s], T = sh[i].offsets[s + 1] - r0;
+      e = itr_model_logits(c->model, h[i][1] + r0 * D, T, lt);
+      if (e == ITR_OK) e = itr_model_logits(c->model, h[i][2] + r0 * D, T, lm);
+      if (e == ITR_OK) e = itr_model_logits(c->model, h[i][0] + r0 * D, T, lb);
+      if (e == ITR_OK) itr_fidelity_add(&acc[i], lt, lm, lb, T, V);
+    }
+  free(lt);
+  free(lm);
+  free(lb);
+  for (int i = 0; i < N; i++) {
+    shard_fini(&sh[i]);
+    for (int v = 0; v < 3; v++) free(h[i][v]);
+  }
+  ITR_TRY(itr_dist_agree(c->comm, e));
+  for (int i = 0; i < N; i++) {
+    double v[4] = {acc[i].kl_merged, acc[i].kl_base, acc[i].top1, acc[i].n};
     MPI_Allreduce(MPI_IN_PLACE, v, 4, MPI_DOUBLE, MPI_SUM, c->comm);
-    acc.kl_merged = v[0], acc.kl_base = v[1], acc.top1 = v[2], acc.n = v[3];
-    itr_fidelity_result(&acc, &c->kl_ratio[i], &c->top1[i]);
+    acc[i].kl_merged = v[0], acc[i].kl_base = v[1], acc[i].top1 = v[2], acc[i].n = v[3];
+    itr_fidelity_result(&acc[i], &c->kl_ratio[i], &c->top1[i]);
   }
   c->evaluated = 1;
   return ITR_OK;
@@ -743,6 +791,7 @@ static void ctx_fini(merge_ctx *c) {
   }
   itr_lora_set_destroy(c->lora_merged);
   itr_model_destroy(c->model);
+  itr_model_destroy(c->layer);
   itr_tensor_store_destroy(c->store);
   itr_dist_grid_destroy(c->grid);
 }
@@ -758,7 +807,7 @@ static itr_err setup(merge_ctx *c) {
   PetscLogStagePush(c->stage_load);
   e = itr_tensor_store_open(o->base, &c->store);
   if (e == ITR_OK)
-    e = itr_model_load(&c->cfg, c->store, 0, c->cfg.num_hidden_layers, 1, o->n_heldout > 0, &c->model);
+    e = itr_model_load(&c->cfg, c->store, 0, 0, 1, o->n_heldout > 0, &c->model); /* embedding (+ head) */
   PetscLogStagePop();
   ITR_TRY(itr_dist_agree(c->comm, e));
 
@@ -814,6 +863,7 @@ itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm) {
   MPI_Comm_size(comm, &c->size);
   c->N = opt->n_adapters;
   c->start_iter = 1;
+  c->layer_index = -1;
   c->energy_kept_min = 1.0;
   c->method = !strcmp(opt->method, "iteris") ? METHOD_ITERIS
               : !strcmp(opt->method, "regmean") ? METHOD_REGMEAN

@@ -32,7 +32,9 @@ typedef struct {
   int N; /* adapters */
   itr_model_config cfg;
   itr_tensor_store *store;
-  itr_model *model;
+  itr_model *model;      /* the embedding (and the head with -heldout): no decoder layer */
+  itr_model *layer;      /* the one decoder layer this rank holds now (see load_layer) */
+  int layer_index;       /* its index, -1: none */
   itr_adapter *ad[ITR_MAX_TASKS];
   itr_token_set calib[ITR_MAX_TASKS], heldout[ITR_MAX_TASKS];
   itr_shard calib_sh[ITR_MAX_TASKS];
