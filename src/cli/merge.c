@@ -734,6 +734,7 @@ static itr_err write_adapter(merge_ctx *c, const char *dir) {
         e = itr_update_truncate(u, c->opt->out_rank, &t);
         use = &t;
         c->energy_kept_min = fmin(c->energy_kept_min, t.energy_kept);
+        c->energy_kept[SLOT(l, m)] = t.energy_kept;
       }
       if (e == ITR_OK) e = itr_adapter_writer_add_f64(w, l, (itr_module)m, (int)use->rank, use->A, use->B);
       itr_update_fini(&t);
@@ -776,6 +777,7 @@ static void ctx_fini(merge_ctx *c) {
   free(c->next);
   free(c->coef);
   free(c->resid);
+  free(c->energy_kept);
   for (int i = 0; i < ITR_MAX_TASKS; i++) {
     itr_adapter_destroy(c->ad[i]);
     itr_token_set_fini(&c->calib[i]);
@@ -818,6 +820,8 @@ static itr_err setup(merge_ctx *c) {
   if (e == ITR_OK) e = itr_calloc(nslots, sizeof(itr_update), "updates", &c->next);
   if (e == ITR_OK) e = itr_calloc(nslots * (size_t)N, sizeof(double), "adaptive weights", &c->coef);
   if (e == ITR_OK) e = itr_calloc(nslots * (size_t)K, sizeof(double), "residuals", &c->resid);
+  if (e == ITR_OK) e = itr_calloc(nslots, sizeof(double), "kept energy", &c->energy_kept);
+  for (size_t q = 0; e == ITR_OK && q < nslots; q++) c->energy_kept[q] = 1.0;
   for (int s = 0; s < ITR_SITE_COUNT; s++) c->site_d[s] = site_d_in(&c->cfg, (itr_site)s);
   if (e == ITR_OK) e = itr_lora_set_create(&c->cfg, &c->lora_merged);
   for (int i = 0; i < N && e == ITR_OK; i++) {

@@ -50,6 +50,7 @@ typedef struct {
   itr_dist_grid *grid;
   int start_iter, start_layer, iters_done, n_residual_failed;
   double energy_kept_min;
+  double *energy_kept;    /* [L * ITR_MODULE_COUNT] ||kept||^2 / ||dW||^2 with -out_rank (1: exact) */
   int evaluated;
   double kl_ratio[ITR_MAX_TASKS], top1[ITR_MAX_TASKS];
   double seconds_merge;

@@ -81,6 +81,10 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
       snprintf(name, sizeof name, "layers.%d.%s.%s", l, itr_module_block((itr_module)m), itr_module_name((itr_module)m));
       cJSON_AddStringToObject(j, "module", name);
       cJSON_AddNumberToObject(j, "rank", (double)c->cur[slot].rank);
+      if (c->opt->out_rank > 0) {
+        cJSON_AddNumberToObject(j, "out_rank", c->opt->out_rank);
+        cJSON_AddItemToObject(j, "energy_kept", num_or_null(c->energy_kept[slot]));
+      }
       if (c->method == METHOD_ITERIS) {
         cJSON *w = cJSON_AddArrayToObject(j, "adaptive_weight");
         for (int i = 0; i < N; i++) cJSON_AddItemToArray(w, num_or_null(c->coef[slot * (size_t)N + (size_t)i]));
@@ -105,6 +109,9 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
 void merge_report_print(const merge_ctx *c, FILE *f) {
   fprintf(f, "merged %d adapters with %s in %.2f s on %d rank(s): %s\n", c->N, c->opt->method, c->seconds_merge,
           c->size, c->opt->out);
+  if (c->opt->out_rank > 0)
+    fprintf(f, "written at rank %d: kept energy ||kept||^2/||dW||^2 >= %.6f in every module (per module in merge_report.json)\n",
+            c->opt->out_rank, c->energy_kept_min);
   if (!c->evaluated) return;
   fprintf(f, "%-8s %-40s %10s %8s\n", "task", "adapter", "kl_ratio", "top1");
   double kl = 0, t1 = 0;

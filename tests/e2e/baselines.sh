@@ -23,4 +23,26 @@ set +e
 out=$(mpirun -np 2 "$BIN" "${A[@]}" -method ties -out "$W/x" 2>&1); rc=$?
 set -e
 [ "$rc" -eq 2 ] && grep -q "give -out_rank k" <<<"$out" && [ ! -e "$W/x" ]
+# -out_rank: the written update is the best rank-k approximation (SVD) of the exact merged update,
+# and the report gives the kept energy of every module
+mpirun -np 2 "$BIN" "${A[@]}" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl,$D/calib_2.jsonl" -max_iter 2 -out "$W/full" >/dev/null 2>&1
+mpirun -np 2 "$BIN" "${A[@]}" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl,$D/calib_2.jsonl" -max_iter 2 -out_rank 5 -out "$W/k5" >/dev/null 2>&1
+/usr/bin/python3 - "$W/full" "$W/k5" <<'PY'
+import json, os, sys
+import numpy as np
+sys.path.insert(0, "tests/ref")
+from compare_adapters import updates
+full, k5 = updates(sys.argv[1]), updates(sys.argv[2])
+rep = {m["module"]: m for m in json.load(open(os.path.join(sys.argv[2], "merge_report.json")))["modules"]}
+worst = worst_e = 0.0
+for name, dw in full.items():
+    u, s, vt = np.linalg.svd(dw)
+    ref = (u[:, :5] * s[:5]) @ vt[:5]
+    worst = max(worst, np.linalg.norm(k5[name] - ref) / np.linalg.norm(ref))
+    key = name.replace("model.", "", 1)
+    e = (s[:5] ** 2).sum() / (s ** 2).sum()
+    worst_e = max(worst_e, abs(rep[key]["energy_kept"] - e))
+print(f"out_rank 5: worst relative difference to the SVD truncation {worst:.3e}, kept energy {worst_e:.3e}")
+assert worst < 1e-8 and worst_e < 1e-10, (worst, worst_e)
+PY
 echo "baselines: ok"
