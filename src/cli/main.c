@@ -69,8 +69,16 @@ int main(int argc, char **argv) {
   PetscPushErrorHandler(PetscReturnErrorHandler, NULL);
   itr_cli_signals_install(); /* SIGTERM/SIGINT/SIGUSR1: checkpoint and stop at the next layer */
 
+  /* fault injection for the agreement tests: ITERIS_FAULT_ALLOC="RANK:K" makes the K-th checked
+   * allocation of rank RANK fail, so every phase's "error on one rank only" path can be exercised */
+  const char *fault = getenv("ITERIS_FAULT_ALLOC");
+  int fault_rank = -1;
+  long fault_k = 0;
+  if (fault && sscanf(fault, "%d:%ld", &fault_rank, &fault_k) == 2 && fault_rank == rank) itr_alloc_fail_after(fault_k);
+
   itr_options *opt = calloc(1, sizeof *opt);
   itr_err err = opt ? itr_options_parse(opt) : itr_error_set(ITR_ERR_INTERNAL, "out of memory for the options");
+  err = itr_dist_agree(MPI_COMM_WORLD, err); /* a failure on one rank only stops every rank */
   if (err == ITR_OK) {
     if (opt->verbose >= 2) itr_log_set_level(ITR_LOG_DEBUG);
     switch (opt->mode) {
