@@ -232,22 +232,23 @@ fail:
   return e;
 }
 
-/* Solves the assembled (replicated) system on the grid; sys->rhs becomes the solution Y. */
-static itr_err solve_distributed(merge_ctx *c, itr_system *sys, itr_dist_solve_report *rep) {
+/* Solves the assembled (replicated) system on a grid (Collective on the grid's communicator);
+ * sys->rhs becomes the solution Y. */
+static itr_err solve_distributed(const itr_dist_grid *grid, itr_system *sys, itr_dist_solve_report *rep) {
   int64_t d = sys->d_in, R = sys->nrhs;
   itr_dist_matrix T2 = {0}, B = {0}, Y = {0};
   double *tmp = NULL;
   itr_err e = ITR_OK;
-  ITR_TRY_GOTO(itr_dist_matrix_init(&T2, c->grid, (int)d, (int)d), e, done);
-  ITR_TRY_GOTO(itr_dist_matrix_init(&B, c->grid, (int)d, (int)R), e, done);
-  ITR_TRY_GOTO(itr_dist_matrix_init(&Y, c->grid, (int)d, (int)R), e, done);
+  ITR_TRY_GOTO(itr_dist_matrix_init(&T2, grid, (int)d, (int)d), e, done);
+  ITR_TRY_GOTO(itr_dist_matrix_init(&B, grid, (int)d, (int)R), e, done);
+  ITR_TRY_GOTO(itr_dist_matrix_init(&Y, grid, (int)d, (int)R), e, done);
   ITR_TRY_GOTO(itr_calloc((size_t)d * (size_t)R, sizeof(double), "right-hand sides (d_in, R)", &tmp), e, done);
   itr_dist_matrix_scatter(&T2, sys->T2);
   for (int64_t r = 0; r < R; r++) /* rhs (R, d_in) -> (d_in, R) row-major */
     for (int64_t j = 0; j < d; j++) tmp[j * R + r] = sys->rhs[r * d + j];
   itr_dist_matrix_scatter(&B, tmp);
 done:
-  e = itr_dist_agree(c->comm, e);
+  e = itr_dist_agree(grid->comm, e);
   if (e == ITR_OK) e = itr_dist_solve_spd(sys->label, &T2, &B, &Y, rep);
   if (e == ITR_OK) e = itr_dist_matrix_gather(&Y, -1, tmp);
   if (e == ITR_OK) {
@@ -462,12 +463,33 @@ static itr_err solve_site(merge_ctx *c, int k, int l, itr_site s, double *max_re
     e = itr_dist_agree(c->comm, e);
   }
 
+  /* The solves: on the grid of all ranks, or with -solve_groups G > 1 and several modules at the site
+   * (q/k/v, gate/up: equal cost, same d_in), module q on group q % G, then every Y is broadcast from
+   * its group's first rank. Every rank holds every assembled system, so any group can take any. */
   PetscLogStagePush(c->stage_solve);
+  itr_dist_solve_report reps[3];
+  memset(reps, 0, sizeof reps);
+  const int grouped = c->n_groups > 1 && nj > 1;
+  if (grouped) {
+    for (int q = 0; q < nj && e == ITR_OK; q++)
+      if (q % c->n_groups == c->group) e = solve_distributed(c->group_grid, &jobs[q].sys, &reps[q]);
+    e = itr_dist_agree(c->comm, e);
+    for (int q = 0; q < nj && e == ITR_OK; q++) {
+      int root = c->group_root[q % c->n_groups];
+      double rr[2] = {reps[q].residual, (double)reps[q].passed};
+      if (MPI_Bcast(jobs[q].sys.rhs, (int)(jobs[q].sys.nrhs * d_in), MPI_DOUBLE, root, c->comm) != 0 ||
+          MPI_Bcast(rr, 2, MPI_DOUBLE, root, c->comm) != 0)
+        e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Bcast of the solution of %s failed", jobs[q].label);
+      reps[q].residual = rr[0];
+      reps[q].passed = (int)rr[1];
+      jobs[q].sys.solved = 1;
+    }
+  }
   for (int q = 0; q < nj && e == ITR_OK; q++) {
     module_job *j = &jobs[q];
     itr_update upd = {0};
-    itr_dist_solve_report rep = {0};
-    e = solve_distributed(c, &j->sys, &rep);
+    itr_dist_solve_report rep = reps[q];
+    if (!grouped) e = solve_distributed(c->grid, &j->sys, &rep);
     if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_update_from_system(&j->sys, N, j->tasks, j->d_out, j->W0, &upd));
     if (e != ITR_OK) break;
     itr_update_fini(&c->next[SLOT(l, j->m)]);
@@ -795,6 +817,8 @@ static void ctx_fini(merge_ctx *c) {
   itr_model_destroy(c->model);
   itr_model_destroy(c->layer);
   itr_tensor_store_destroy(c->store);
+  itr_dist_grid_destroy(c->group_grid);
+  if (c->group_comm != MPI_COMM_NULL) MPI_Comm_free(&c->group_comm);
   itr_dist_grid_destroy(c->grid);
 }
 
@@ -839,6 +863,17 @@ static itr_err setup(merge_ctx *c) {
   }
   ITR_TRY(itr_dist_agree(c->comm, e));
   ITR_TRY(itr_dist_grid_create(c->comm, 0, &c->grid));
+  c->n_groups = o->solve_groups < c->size ? o->solve_groups : c->size;
+  if (c->n_groups > 1) {
+    c->group = (int)((long)c->rank * c->n_groups / c->size);
+    for (int g = 0, r = 0; g < c->n_groups; g++) {
+      while ((int)((long)r * c->n_groups / c->size) != g) r++;
+      c->group_root[g] = r; /* first rank of group g */
+    }
+    ITR_CHECK(MPI_Comm_split(c->comm, c->group, c->rank, &c->group_comm) == MPI_SUCCESS, ITR_ERR_INTERNAL,
+              "MPI_Comm_split for -solve_groups failed");
+    ITR_TRY(itr_dist_grid_create(c->group_comm, 0, &c->group_grid));
+  }
 
   char partial[ITR_PATH_MAX + 16];
   snprintf(partial, sizeof partial, "%s.partial", o->out);
@@ -868,6 +903,7 @@ itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm) {
   c->N = opt->n_adapters;
   c->start_iter = 1;
   c->layer_index = -1;
+  c->group_comm = MPI_COMM_NULL;
   c->energy_kept_min = 1.0;
   c->method = !strcmp(opt->method, "iteris") ? METHOD_ITERIS
               : !strcmp(opt->method, "regmean") ? METHOD_REGMEAN

@@ -47,7 +47,11 @@ typedef struct {
   itr_update *cur, *next; /* [L * ITR_MODULE_COUNT]: merged updates of the last / current iteration */
   double *coef;           /* [L * ITR_MODULE_COUNT * N] adaptive weights c_i (iteration 1) */
   double *resid;          /* [K * L * ITR_MODULE_COUNT] scaled residual of each solve */
-  itr_dist_grid *grid;
+  itr_dist_grid *grid;       /* all ranks */
+  int n_groups, group;       /* -solve_groups: how many groups, and this rank's */
+  int group_root[ITR_MAX_TASKS]; /* first rank (in comm) of each group */
+  MPI_Comm group_comm;       /* this rank's group (MPI_COMM_NULL without groups) */
+  itr_dist_grid *group_grid; /* its grid */
   int start_iter, start_layer, iters_done, n_residual_failed;
   double energy_kept_min;
   double *energy_kept;    /* [L * ITR_MODULE_COUNT] ||kept||^2 / ||dW||^2 with -out_rank (1: exact) */

@@ -62,6 +62,8 @@ static const opt_entry table_[] = {
     {"dare_ties", T_BOOL, OFF(dare_ties), 0, 0, "0", U_DARE, "DARE: combine with TIES instead of a sum"},
     {"seed", T_INT, OFF(seed), 0, 0, "0", U_DARE, "random seed (DARE)"},
     {"restart", T_BOOL, OFF(restart), 0, 0, "0", U_ITERIS, "resume from the checkpoint in OUT.partial/ (written after every iteration and on SIGTERM)"},
+    {"solve_groups", T_INT, OFF(solve_groups), 0, 0, "1", U_ITERIS | U_REGMEAN,
+     "split the ranks into G groups; modules that share an input (q/k/v, gate/up) are solved at once, one per group"},
     {"max_tokens", T_INT, OFF(max_tokens), 0, 0, "0", U_ITERIS | U_REGMEAN, "keep the first N tokens of every calibration sequence (0: all)"},
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
     {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,
@@ -297,6 +299,8 @@ itr_err itr_options_parse(itr_options *opt) {
                 opt->manual_coef[i]);
     if (opt->n_manual_coef == 0)
       for (int i = 0; i < opt->n_adapters; i++) opt->manual_coef[i] = 1.0;
+    ITR_CHECK(opt->solve_groups >= 1 && opt->solve_groups <= ITR_MAX_TASKS, ITR_ERR_INPUT,
+              "-solve_groups must be in 1..%d, got %d", ITR_MAX_TASKS, opt->solve_groups);
     ITR_CHECK(opt->max_iter >= 1, ITR_ERR_INPUT, "-max_iter must be at least 1, got %d", opt->max_iter);
     ITR_CHECK(opt->alpha_1 >= 0 && opt->alpha_2 >= 0, ITR_ERR_INPUT, "-alpha_1 and -alpha_2 must be >= 0");
     ITR_CHECK(opt->reg_coef >= 0 && opt->reg_coef <= 1, ITR_ERR_INPUT, "-reg_coef must be in [0, 1], got %g",

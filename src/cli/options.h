@@ -36,6 +36,7 @@ typedef struct {
   long seed;
   int restart;
   int max_tokens; /* cap on tokens per calibration sequence (0: none) */
+  int solve_groups; /* process groups solving different modules at once */
   /* other modes */
   char inspect[ITR_OPT_PATH];
   char make_demo[ITR_OPT_PATH];

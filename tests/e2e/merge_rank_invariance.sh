@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# IterIS on the generated demo case at -np 1, 2, 3, 4: the merged updates (written in F64) must
+# IterIS on the generated demo case at -np 1, 2, 3, 4 (and with -solve_groups): the merged updates (written in F64) must
 # agree within 1e-10 relative (float64 statistics; only reassociation may differ).
 set -euo pipefail
 BIN=${ITERIS_BIN:-build/bin/iteris-mpi}
@@ -13,6 +13,9 @@ for np in 1 2 3 4; do
   test -f "$W/np$np/adapter_model.safetensors"
   test ! -e "$W/np$np.partial"
 done
-for np in 2 3 4; do
-  /usr/bin/python3 tests/ref/compare_adapters.py "$W/np1" "$W/np$np" 1e-10
+# process groups solving q/k/v and gate/up at once (-solve_groups) give the same merge
+mpirun -np 4 "$BIN" "${args[@]}" -solve_groups 3 -out "$W/np4g3"
+mpirun -np 3 "$BIN" "${args[@]}" -solve_groups 2 -out "$W/np3g2"
+for run in np2 np3 np4 np4g3 np3g2; do
+  /usr/bin/python3 tests/ref/compare_adapters.py "$W/np1" "$W/$run" 1e-10
 done
