@@ -14,50 +14,15 @@
 
 #include <gtest/gtest.h>
 
+#include "../common/test_files.h"
 #include "iteris/core.h"
 #include "iteris/io.h"
 
 namespace io_test {
 
-// A fresh folder under /tmp, removed with its contents at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/itr_io_XXXXXX";
-    const char *p = mkdtemp(tmpl);
-    path_ = p ? p : "";
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string &path() const { return path_; }
-  std::string file(const std::string &name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
-
-inline void write_text(const std::string &path, const std::string &text) {
-  std::filesystem::create_directories(std::filesystem::path(path).parent_path());
-  FILE *f = std::fopen(path.c_str(), "wb");
-  ASSERT_NE(f, nullptr) << path;
-  if (!text.empty()) {
-    ASSERT_EQ(std::fwrite(text.data(), 1, text.size(), f), text.size());
-  }
-  std::fclose(f);
-}
-
-inline std::string read_text(const std::string &path) {
-  std::string s;
-  FILE *f = std::fopen(path.c_str(), "rb");
-  if (!f) return s;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
-  std::fclose(f);
-  return s;
-}
+using itr_test::TempDir;
+inline void write_text(const std::string &path, const std::string &text) { itr_test::write_file(path, text); }
+inline std::string read_text(const std::string &path) { return itr_test::read_file(path); }
 
 // Expects err == code and the message to contain every one of the substrings.
 inline ::testing::AssertionResult failed_with(itr_err err, itr_err code, const std::vector<std::string> &subs) {

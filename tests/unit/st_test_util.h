@@ -12,48 +12,14 @@
 
 #include <gtest/gtest.h>
 
+#include "../common/test_files.h"
 #include "iteris/core.h"
 
 namespace st_test {
 
-// A fresh folder under /tmp, removed with its contents at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/itr_st_XXXXXX";
-    const char *p = mkdtemp(tmpl);
-    path_ = p ? p : "";
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string &path() const { return path_; }
-  std::string file(const std::string &name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
-
-inline void write_file(const std::string &path, const std::string &bytes) {
-  FILE *f = std::fopen(path.c_str(), "wb");
-  ASSERT_NE(f, nullptr) << path;
-  if (!bytes.empty()) {
-    ASSERT_EQ(std::fwrite(bytes.data(), 1, bytes.size(), f), bytes.size());
-  }
-  std::fclose(f);
-}
-
-inline std::string read_file(const std::string &path) {
-  std::string s;
-  FILE *f = std::fopen(path.c_str(), "rb");
-  if (!f) return s;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
-  std::fclose(f);
-  return s;
-}
+using itr_test::read_file;
+using itr_test::TempDir;
+using itr_test::write_file;
 
 // 8-byte little-endian length.
 inline std::string le64(uint64_t n) {
