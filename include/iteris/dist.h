@@ -41,6 +41,9 @@ typedef struct {
   int nprow, npcol; /* nprow * npcol == size, nprow <= npcol, as square as size allows */
   int myrow, mycol; /* this process; row-major order: rank == myrow * npcol + mycol */
   int mb;           /* block size, rows and columns (mb == nb) */
+  int ctxt_rows;    /* a size x 1 BLACS context over the same processes (rank p is process row p): tall
+                       matrices whose rows are spread over the ranks enter ScaLAPACK here */
+  int is_sub;       /* made by itr_dist_grid_split (its process numbers are the parent's ranks) */
 } itr_dist_grid;
 
 /* The grid shape used for size processes: nprow = largest divisor of size with
@@ -51,6 +54,15 @@ void itr_dist_grid_shape(int size, int *nprow, int *npcol);
 itr_err itr_dist_grid_create(MPI_Comm comm, int mb, itr_dist_grid **out);
 /* Collective on the grid's comm; accepts NULL (then not collective). */
 void itr_dist_grid_destroy(itr_dist_grid *grid);
+/* Splits the parent's ranks into n_groups contiguous groups (group g holds the ranks r with
+ * r * n_groups / size == g, so sizes differ by at most one) and gives this rank the grid of its
+ * own group (*group receives its index). The group grids number their processes as the parent
+ * does, so matrices move between the parent's grid and any group's with
+ * itr_dist_matrix_to_group. 1 <= n_groups <= size [same on all ranks]. Collective on the
+ * parent's comm. */
+itr_err itr_dist_grid_split(const itr_dist_grid *parent, int n_groups, itr_dist_grid **out, int *group);
+/* First rank (in the parent) of group g of n_groups over size ranks. Not Collective. */
+int itr_dist_group_first(int g, int n_groups, int size);
 
 /* ---- block-cyclic matrices ---------------------------------------------------------------- */
 
@@ -92,6 +104,39 @@ void itr_dist_matrix_scatter(itr_dist_matrix *A, const double *full);
 /* Gathers the whole matrix into out: (m, n) f64 row-major, written on rank root of the grid's
  * comm, or on every rank when root < 0 [same on all ranks]. Collective on the grid. */
 itr_err itr_dist_matrix_gather(const itr_dist_matrix *A, int root, double *out);
+
+/* ---- statistics of tall matrices whose rows are spread over the ranks (gram.c) ------------- */
+
+/* Builds the tall matrix Z (n, d) whose rows are the ranks' rows in rank order, each row
+ * a x + b y (in float64; y may be NULL): rank p passes its own T_p rows x, y (T_p, d) f32
+ * row-major (T_p may be 0). Z is held as a block-cyclic (size * T_max, d) f64 matrix on the grid:
+ * rank p's rows sit at [p T_max, p T_max + T_p), the padding rows are zero, which changes no
+ * product Z^T W. The rows move with one pdgemr2d from the grid's size x 1 context. d >= 1
+ * [same on all ranks]. Collective on the grid. */
+itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
+                             double b, itr_dist_matrix *Z);
+/* C (d, d) = alpha A^T B + beta C for tall A, B (n, d) on C's grid. A == B forms only the lower
+ * triangle (pdsyrk: half the work; the strict upper triangle of C is left as it was); else the
+ * whole of C (pdgemm). Collective on the grid. */
+itr_err itr_dist_gram(double alpha, const itr_dist_matrix *A, const itr_dist_matrix *B, double beta,
+                      itr_dist_matrix *C);
+/* *out = ||A||_F^2. lower: A holds the lower triangle of a symmetric matrix (entries below the
+ * diagonal count twice, those above not at all). Collective on the grid. */
+itr_err itr_dist_frob2(const itr_dist_matrix *A, int lower, double *out);
+/* *out = ||A^T B||_F^2 for tall A, B (n, d): through the (n, n) kernels <A A^T, B B^T> when n < d
+ * (2 n^2 d flops and n^2 memory instead of 2 n d^2 and d^2), else through A^T B. Collective on
+ * the grid. */
+itr_err itr_dist_cross_norm2(const itr_dist_matrix *A, const itr_dist_matrix *B, double *out);
+/* C += alpha (A with its off-diagonal entries times off) + shift I, on the lower triangle only
+ * (lower = 1) or every entry; A and C on one grid with one shape (square). Not Collective. */
+void itr_dist_matrix_add(itr_dist_matrix *C, double alpha, const itr_dist_matrix *A, double off, double shift, int lower);
+/* diag (d) receives the diagonal of the square A on every rank. Collective on the grid. */
+itr_err itr_dist_matrix_diag(const itr_dist_matrix *A, double *diag);
+/* B = A for A on parent's grid and B on the grid of group g made by itr_dist_grid_split
+ * (B is initialised with A's shape on the members of group g; pass NULL elsewhere). Every rank
+ * of the parent calls it. Collective on the parent's comm. */
+itr_err itr_dist_matrix_to_group(const itr_dist_matrix *A, const itr_dist_grid *parent, int g, int n_groups,
+                                 itr_dist_matrix *B);
 
 /* ---- SPD solve ---------------------------------------------------------------------------- */
 

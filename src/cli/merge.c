@@ -7,9 +7,9 @@
  *   load      every rank maps the base model (v1: all layers on every rank; data parallel).
  *   iterate   for k = 1..max_iter, layer by layer: every rank runs the source model i and (k >= 2)
  *             the merged model of iteration k-1 on its shard of calibration set i, in lockstep,
- *             capturing X_i and Xt_i at every input site; the per-rank statistics are summed
- *             (MPI_SUM) and every module's system is solved with ScaLAPACK's Cholesky on a grid
- *             over all ranks (src/dist).
+ *             capturing X_i and Xt_i at every input site; the statistics are formed from the
+ *             ranks' rows straight in ScaLAPACK's block-cyclic layout and every module's system is
+ *             solved with its Cholesky on a grid over all ranks (merge_site.c, src/dist).
  *   write     rank 0 writes OUT.partial/ (adapter, report) and renames it to OUT.
  *   evaluate  with -heldout: kl_ratio and top-1 per task, on held-out shards, summed over ranks.
  */
@@ -32,7 +32,7 @@
 #include "iteris/merge.h"
 #include "iteris/model.h"
 
-#define SLOT(l, m) ((size_t)(l) * ITR_MODULE_COUNT + (size_t)(m))
+
 
 /* ---- partition of sequences over ranks ------------------------------------------------------ */
 
@@ -168,103 +168,6 @@ static int64_t site_d_in(const itr_model_config *cfg, itr_site s) {
   return d_in;
 }
 
-/* ---- statistics: reduce over ranks ---------------------------------------------------------- */
-
-static itr_err allreduce_doubles(double *buf, int64_t n, MPI_Comm comm) {
-  const int64_t chunk = (int64_t)1 << 26;
-  for (int64_t off = 0; off < n; off += chunk) {
-    int cnt = (int)(n - off < chunk ? n - off : chunk);
-    ITR_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf + off, cnt, MPI_DOUBLE, MPI_SUM, comm) == MPI_SUCCESS,
-              ITR_ERR_INTERNAL, "MPI_Allreduce of statistics failed");
-  }
-  return ITR_OK;
-}
-
-static itr_err stats_allreduce(itr_stats *st, MPI_Comm comm) {
-  double *bufs[3];
-  int64_t counts[3];
-  int nb = itr_stats_additive(st, bufs, counts);
-  for (int b = 0; b < nb; b++) ITR_TRY(allreduce_doubles(bufs[b], counts[b], comm));
-  int64_t n[2] = {st->n_x, st->n_t};
-  ITR_CHECK(MPI_Allreduce(MPI_IN_PLACE, n, 2, MPI_INT64_T, MPI_SUM, comm) == MPI_SUCCESS, ITR_ERR_INTERNAL,
-            "MPI_Allreduce of row counts failed");
-  st->n_x = n[0];
-  st->n_t = n[1];
-  itr_stats_finalize(st);
-  return ITR_OK;
-}
-
-/* ---- one module's solve --------------------------------------------------------------------- */
-
-static void to_f64(const float *src, size_t n, double *dst) {
-  for (size_t k = 0; k < n; k++) dst[k] = src[k];
-}
-
-/* factors of adapter i for (l, m) in f64, or r = 0 */
-static itr_err task_factors(const itr_adapter *a, int l, itr_module m, int64_t d_out, int64_t d_in,
-                            itr_merge_task *t, double **A, double **B) {
-  const itr_lora_module *lm = itr_adapter_module(a, l, m);
-  *A = *B = NULL;
-  t->r = 0;
-  t->scale = 0;
-  if (!lm || !lm->present) return ITR_OK;
-  float *tmp = NULL;
-  size_t na = (size_t)lm->r * (size_t)d_in, nb = (size_t)d_out * (size_t)lm->r;
-  itr_err e = ITR_OK;
-  ITR_TRY_GOTO(itr_calloc(na > nb ? na : nb, sizeof(float), "adapter factor", &tmp), e, fail);
-  ITR_TRY_GOTO(itr_calloc(na, sizeof(double), "lora_A f64", A), e, fail);
-  ITR_TRY_GOTO(itr_calloc(nb, sizeof(double), "lora_B f64", B), e, fail);
-  ITR_TRY_GOTO(itr_tensor_read_f32(lm->A, tmp), e, fail);
-  to_f64(tmp, na, *A);
-  ITR_TRY_GOTO(itr_tensor_read_f32(lm->B, tmp), e, fail);
-  to_f64(tmp, nb, *B);
-  free(tmp);
-  t->r = lm->r;
-  t->scale = lm->scaling;
-  t->A = *A;
-  t->B = *B;
-  return ITR_OK;
-fail:
-  free(tmp);
-  free(*A);
-  free(*B);
-  *A = *B = NULL;
-  return e;
-}
-
-/* Solves the assembled (replicated) system on a grid (Collective on the grid's communicator);
- * sys->rhs becomes the solution Y. */
-static itr_err solve_distributed(const itr_dist_grid *grid, itr_system *sys, itr_dist_solve_report *rep) {
-  int64_t d = sys->d_in, R = sys->nrhs;
-  itr_dist_matrix T2 = {0}, B = {0}, Y = {0};
-  double *tmp = NULL;
-  itr_err e = ITR_OK;
-  ITR_TRY_GOTO(itr_dist_matrix_init(&T2, grid, (int)d, (int)d), e, done);
-  ITR_TRY_GOTO(itr_dist_matrix_init(&B, grid, (int)d, (int)R), e, done);
-  ITR_TRY_GOTO(itr_dist_matrix_init(&Y, grid, (int)d, (int)R), e, done);
-  ITR_TRY_GOTO(itr_calloc((size_t)d * (size_t)R, sizeof(double), "right-hand sides (d_in, R)", &tmp), e, done);
-  itr_dist_matrix_scatter(&T2, sys->T2);
-  for (int64_t r = 0; r < R; r++) /* rhs (R, d_in) -> (d_in, R) row-major */
-    for (int64_t j = 0; j < d; j++) tmp[j * R + r] = sys->rhs[r * d + j];
-  itr_dist_matrix_scatter(&B, tmp);
-done:
-  e = itr_dist_agree(grid->comm, e);
-  if (e == ITR_OK) e = itr_dist_solve_spd(sys->label, &T2, &B, &Y, rep);
-  if (e == ITR_OK) e = itr_dist_matrix_gather(&Y, -1, tmp);
-  if (e == ITR_OK) {
-    for (int64_t r = 0; r < R; r++)
-      for (int64_t j = 0; j < d; j++) sys->rhs[r * d + j] = tmp[j * R + r];
-    sys->solved = 1;
-    sys->residual = rep->residual;
-    sys->passed = rep->passed;
-  }
-  free(tmp);
-  itr_dist_matrix_fini(&T2);
-  itr_dist_matrix_fini(&B);
-  itr_dist_matrix_fini(&Y);
-  return e;
-}
-
 /* ---- the layer loop ---------------------------------------------------------------------------- */
 
 static itr_err alloc_site_buffers(merge_ctx *c) {
@@ -323,187 +226,6 @@ static itr_err forward_layer(merge_ctx *c, int k, int l) {
     if (k >= 2) ITR_TRY(run_sequences(c, sh, c->h_mrg[i], c->lora_merged, c->Xt[i]));
   }
   return ITR_OK;
-}
-
-/* ||X (W0 + s B A)^T||_F^2 over this rank's rows of X (T, d_in) f32: the denominator of c_i,
- * additive over ranks. W0 (d_out, d_in) f64; t gives r, s, A, B (f64). */
-static itr_err xw_norm2_local(int64_t T, int64_t d_in, const float *X, int64_t d_out, const double *W0,
-                              const itr_merge_task *t, double *out) {
-  *out = 0;
-  if (T == 0) return ITR_OK;
-  const int64_t rows = 256; /* rows per block: bounded scratch */
-  double *x = NULL, *y = NULL, *z = NULL;
-  itr_err e = ITR_OK;
-  ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)d_in, sizeof(double), "X block f64", &x), e, done);
-  ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)d_out, sizeof(double), "X W^T block", &y), e, done);
-  if (t->r > 0) ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)t->r, sizeof(double), "X A^T block", &z), e, done);
-  for (int64_t r0 = 0; r0 < T; r0 += rows) {
-    int64_t n = T - r0 < rows ? T - r0 : rows;
-    to_f64(X + r0 * d_in, (size_t)(n * d_in), x);
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_out, (int)d_in, 1.0, x, (int)d_in, W0,
-                (int)d_in, 0.0, y, (int)d_out);
-    if (t->r > 0) {
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, t->r, (int)d_in, 1.0, x, (int)d_in, t->A,
-                  (int)d_in, 0.0, z, t->r);
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_out, t->r, t->scale, z, t->r, t->B, t->r,
-                  1.0, y, (int)d_out);
-    }
-    for (int64_t q = 0; q < n * d_out; q++) *out += y[q] * y[q];
-  }
-done:
-  free(x);
-  free(y);
-  free(z);
-  return e;
-}
-
-/* The system of one module at a site, filled task by task. */
-typedef struct {
-  itr_module m;
-  int64_t d_out;
-  char label[96];
-  itr_merge_task tasks[ITR_MAX_TASKS];
-  double *A[ITR_MAX_TASKS], *B[ITR_MAX_TASKS]; /* f64 factors of each task (r_i = 0: NULL) */
-  double *W0;                                  /* (d_out, d_in) f64 */
-  itr_system sys;
-} module_job;
-
-static void module_job_fini(module_job *j) {
-  for (int i = 0; i < ITR_MAX_TASKS; i++) {
-    free(j->A[i]);
-    free(j->B[i]);
-  }
-  free(j->W0);
-  itr_system_fini(&j->sys);
-}
-
-static itr_err module_job_init(merge_ctx *c, int l, itr_module m, int64_t d_in, module_job *j) {
-  const itr_options *o = c->opt;
-  j->m = m;
-  int64_t din;
-  itr_module_shape(&c->cfg, m, &j->d_out, &din);
-  snprintf(j->label, sizeof j->label, "layers.%d.%s.%s", l, itr_module_block(m), itr_module_name(m));
-  int64_t R = 0;
-  for (int i = 0; i < c->N; i++) {
-    ITR_TRY(task_factors(c->ad[i], l, m, j->d_out, d_in, &j->tasks[i], &j->A[i], &j->B[i]));
-    j->tasks[i].weight = c->method == METHOD_ITERIS ? o->manual_coef[i] : 1.0;
-    R += j->tasks[i].r;
-  }
-  ITR_TRY(itr_calloc((size_t)j->d_out * (size_t)d_in, sizeof(double), "W0 f64", &j->W0));
-  ITR_CHECK(c->layer && c->layer_index == l, ITR_ERR_INTERNAL, "layer %d is not the one held (%d)", l, c->layer_index);
-  to_f64(itr_model_weight(c->layer, l, m), (size_t)j->d_out * (size_t)d_in, j->W0);
-  const int dense = c->method == METHOD_ITERIS && o->with_pretrain;
-  return itr_system_create(d_in, dense ? j->d_out : R, dense, c->N, o->alpha_2, j->label, &j->sys);
-}
-
-/* Solves every targeted module at site s of layer l (iteration k) into c->next. The statistics of
- * one task at a time are accumulated, summed over ranks, added to every module's system and freed:
- * memory is one task's statistics plus one system per module at the site. */
-static itr_err solve_site(merge_ctx *c, int k, int l, itr_site s, double *max_resid, int *n_failed) {
-  const itr_options *o = c->opt;
-  const int N = c->N;
-  const int64_t d_in = c->site_d[s];
-  module_job jobs[3];
-  int nj = 0;
-  itr_err e = ITR_OK;
-  memset(jobs, 0, sizeof jobs);
-  for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++)
-    if (itr_module_site((itr_module)m) == s && (c->module_mask & (1u << m))) e = module_job_init(c, l, (itr_module)m, d_in, &jobs[nj++]);
-  e = itr_dist_agree(c->comm, e);
-  if (nj == 0 || e != ITR_OK) goto done;
-
-  itr_iteris_opts io;
-  itr_iteris_opts_default(&io);
-  io.alpha_1 = o->alpha_1;
-  io.alpha_2 = o->alpha_2;
-  io.reg_coef = o->reg_coef;
-  io.with_pretrain = o->with_pretrain;
-  const int need_x = (k == 1) || o->reg_coef > 0 || c->method == METHOD_REGMEAN;
-  int64_t row[3] = {0, 0, 0};
-  for (int i = 0; i < N && e == ITR_OK; i++) {
-    const int64_t T = c->calib_sh[i].T;
-    itr_stats st = {0};
-    PetscLogStagePush(c->stage_stats);
-    e = itr_stats_init(&st, d_in, ITR_STATS_FULL_CROSS);
-    if (e == ITR_OK && need_x && T > 0) e = itr_stats_add_x(&st, T, c->X[i][s]);
-    if (e == ITR_OK && k >= 2) e = itr_stats_reset_xt(&st);
-    if (e == ITR_OK && k >= 2 && !need_x) e = itr_stats_drop_x(&st); /* X^T X not needed: one d_in^2 less */
-    if (e == ITR_OK && k >= 2 && T > 0) e = itr_stats_add_pair(&st, T, c->X[i][s], c->Xt[i][s]);
-    /* iteration 1: the denominators of c_i, from this rank's rows */
-    double xw[3] = {0, 0, 0};
-    if (c->method == METHOD_ITERIS && k == 1)
-      for (int q = 0; q < nj && e == ITR_OK; q++)
-        e = xw_norm2_local(T, d_in, c->X[i][s], jobs[q].d_out, jobs[q].W0, &jobs[q].tasks[i], &xw[q]);
-    PetscLogStagePop();
-    PetscLogStagePush(c->stage_reduce);
-    e = itr_dist_agree(c->comm, e);
-    if (e == ITR_OK) e = itr_dist_agree(c->comm, stats_allreduce(&st, c->comm));
-    if (e == ITR_OK && c->method == METHOD_ITERIS && k == 1) MPI_Allreduce(MPI_IN_PLACE, xw, 3, MPI_DOUBLE, MPI_SUM, c->comm);
-    PetscLogStagePop();
-    PetscLogStagePush(c->stage_assemble);
-    for (int q = 0; q < nj && e == ITR_OK; q++) {
-      module_job *j = &jobs[q];
-      itr_merge_task *t = &j->tasks[i];
-      t->stats = &st;
-      double *coef = c->coef + SLOT(l, j->m) * (size_t)N;
-      if (c->method == METHOD_ITERIS) {
-        if (k == 1) {
-          t->xw_norm2 = xw[q];
-          e = itr_iteris_coef(t, j->d_out, d_in, j->W0, j->label, i, &coef[i]);
-        }
-        if (e == ITR_OK) e = itr_iteris_assemble_add(&io, t, i, j->d_out, d_in, j->W0, coef[i], row[q], &j->sys);
-      } else {
-        e = itr_baseline_regmean_assemble_add(t, i, o->regmean_alpha, o->alpha_2, row[q], &j->sys);
-      }
-      row[q] += t->r;
-      t->stats = NULL;
-    }
-    PetscLogStagePop();
-    itr_stats_fini(&st);
-    e = itr_dist_agree(c->comm, e);
-  }
-
-  /* The solves: on the grid of all ranks, or with -solve_groups G > 1 and several modules at the site
-   * (q/k/v, gate/up: equal cost, same d_in), module q on group q % G, then every Y is broadcast from
-   * its group's first rank. Every rank holds every assembled system, so any group can take any. */
-  PetscLogStagePush(c->stage_solve);
-  itr_dist_solve_report reps[3];
-  memset(reps, 0, sizeof reps);
-  const int grouped = c->n_groups > 1 && nj > 1;
-  if (grouped) {
-    for (int q = 0; q < nj && e == ITR_OK; q++)
-      if (q % c->n_groups == c->group) e = solve_distributed(c->group_grid, &jobs[q].sys, &reps[q]);
-    e = itr_dist_agree(c->comm, e);
-    for (int q = 0; q < nj && e == ITR_OK; q++) {
-      int root = c->group_root[q % c->n_groups];
-      double rr[2] = {reps[q].residual, (double)reps[q].passed};
-      if (MPI_Bcast(jobs[q].sys.rhs, (int)(jobs[q].sys.nrhs * d_in), MPI_DOUBLE, root, c->comm) != 0 ||
-          MPI_Bcast(rr, 2, MPI_DOUBLE, root, c->comm) != 0)
-        e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Bcast of the solution of %s failed", jobs[q].label);
-      reps[q].residual = rr[0];
-      reps[q].passed = (int)rr[1];
-      jobs[q].sys.solved = 1;
-    }
-  }
-  for (int q = 0; q < nj && e == ITR_OK; q++) {
-    module_job *j = &jobs[q];
-    itr_update upd = {0};
-    itr_dist_solve_report rep = reps[q];
-    if (!grouped) e = solve_distributed(c->grid, &j->sys, &rep);
-    if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_update_from_system(&j->sys, N, j->tasks, j->d_out, j->W0, &upd));
-    if (e != ITR_OK) break;
-    itr_update_fini(&c->next[SLOT(l, j->m)]);
-    c->next[SLOT(l, j->m)] = upd;
-    c->resid[(size_t)(k - 1) * (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT + SLOT(l, j->m)] = rep.residual;
-    if (rep.residual > *max_resid || isnan(rep.residual)) *max_resid = rep.residual;
-    if (!rep.passed) (*n_failed)++;
-    itr_log(o->verbose >= 1 ? ITR_LOG_INFO : ITR_LOG_DEBUG, "  %s: R = %lld, scaled residual %.3g %s", j->label,
-            (long long)j->sys.nrhs, rep.residual, rep.passed ? "PASSED" : "FAILED");
-  }
-  PetscLogStagePop();
-done:
-  for (int q = 0; q < nj; q++) module_job_fini(&jobs[q]);
-  return e;
 }
 
 /* Rebuilds the merged model's LoRA set from c->cur. */
@@ -584,7 +306,7 @@ static itr_err run_iterations(merge_ctx *c) {
       e = forward_layer(c, k, l);
       PetscLogStagePop();
       ITR_TRY(itr_dist_agree(c->comm, e));
-      for (int s = 0; s < ITR_SITE_COUNT && e == ITR_OK; s++) e = solve_site(c, k, l, (itr_site)s, &max_resid, &n_failed);
+      e = merge_solve_layer(c, k, l, &max_resid, &n_failed);
       ITR_TRY(e);
       done++;
       double el = itr_wtime() - t0, eta = el / done * (total - done);
@@ -624,7 +346,7 @@ static itr_err data_free_module(merge_ctx *c, int l, itr_module m, itr_update *o
   int R = 0;
   itr_err e = ITR_OK;
   for (int i = 0; i < N && e == ITR_OK; i++) {
-    e = task_factors(c->ad[i], l, m, d_out, d_in, &tasks[i], &A[i], &B[i]);
+    e = merge_task_factors(c->ad[i], l, m, d_out, d_in, &tasks[i], &A[i], &B[i]);
     tasks[i].weight = w[i] = o->manual_coef[i];
     R += tasks[i].r;
   }
@@ -818,7 +540,6 @@ static void ctx_fini(merge_ctx *c) {
   itr_model_destroy(c->layer);
   itr_tensor_store_destroy(c->store);
   itr_dist_grid_destroy(c->group_grid);
-  if (c->group_comm != MPI_COMM_NULL) MPI_Comm_free(&c->group_comm);
   itr_dist_grid_destroy(c->grid);
 }
 
@@ -865,14 +586,8 @@ static itr_err setup(merge_ctx *c) {
   ITR_TRY(itr_dist_grid_create(c->comm, 0, &c->grid));
   c->n_groups = o->solve_groups < c->size ? o->solve_groups : c->size;
   if (c->n_groups > 1) {
-    c->group = (int)((long)c->rank * c->n_groups / c->size);
-    for (int g = 0, r = 0; g < c->n_groups; g++) {
-      while ((int)((long)r * c->n_groups / c->size) != g) r++;
-      c->group_root[g] = r; /* first rank of group g */
-    }
-    ITR_CHECK(MPI_Comm_split(c->comm, c->group, c->rank, &c->group_comm) == MPI_SUCCESS, ITR_ERR_INTERNAL,
-              "MPI_Comm_split for -solve_groups failed");
-    ITR_TRY(itr_dist_grid_create(c->group_comm, 0, &c->group_grid));
+    for (int g = 0; g < c->n_groups; g++) c->group_root[g] = itr_dist_group_first(g, c->n_groups, c->size);
+    ITR_TRY(itr_dist_grid_split(c->grid, c->n_groups, &c->group_grid, &c->group));
   }
 
   char partial[ITR_PATH_MAX + 16];
@@ -903,7 +618,6 @@ itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm) {
   c->N = opt->n_adapters;
   c->start_iter = 1;
   c->layer_index = -1;
-  c->group_comm = MPI_COMM_NULL;
   c->energy_kept_min = 1.0;
   c->method = !strcmp(opt->method, "iteris") ? METHOD_ITERIS
               : !strcmp(opt->method, "regmean") ? METHOD_REGMEAN

@@ -50,8 +50,7 @@ typedef struct {
   itr_dist_grid *grid;       /* all ranks */
   int n_groups, group;       /* -solve_groups: how many groups, and this rank's */
   int group_root[ITR_MAX_TASKS]; /* first rank (in comm) of each group */
-  MPI_Comm group_comm;       /* this rank's group (MPI_COMM_NULL without groups) */
-  itr_dist_grid *group_grid; /* its grid */
+  itr_dist_grid *group_grid; /* the grid of this rank's group (itr_dist_grid_split of grid) */
   int start_iter, start_layer, iters_done, n_residual_failed;
   double energy_kept_min;
   double *energy_kept;    /* [L * ITR_MODULE_COUNT] ||kept||^2 / ||dW||^2 with -out_rank (1: exact) */
@@ -60,6 +59,17 @@ typedef struct {
   double seconds_merge;
   PetscLogStage stage_load, stage_forward, stage_stats, stage_reduce, stage_assemble, stage_solve, stage_write, stage_eval;
 } merge_ctx;
+
+#define SLOT(l, m) ((size_t)(l) * ITR_MODULE_COUNT + (size_t)(m))
+
+/* Assembles and solves every targeted module of layer l in iteration k into c->next, from the
+ * rows captured in c->X / c->Xt (merge_site.c); with -solve_groups, rank 0 plans the solves over
+ * the groups by cost. Collective on c->comm. */
+itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid, int *n_failed);
+/* Factors of adapter a for (l, m) in f64 (allocated in *A, *B; r = 0 and NULL when the adapter
+ * does not target the module); fills t->r, t->scale, t->A, t->B. Not Collective. */
+itr_err merge_task_factors(const itr_adapter *a, int l, itr_module m, int64_t d_out, int64_t d_in, itr_merge_task *t,
+                           double **A, double **B);
 
 /* Checkpoint in OUT.partial/checkpoint.h5: resume at iteration k_next, layer l_next. Not
  * Collective (rank 0 writes). */

@@ -49,10 +49,16 @@ itr_err itr_dist_grid_create(MPI_Comm comm, int mb, itr_dist_grid **out) {
   int handle = Csys2blacs_handle(g->comm);
   g->ctxt = handle;
   Cblacs_gridinit(&g->ctxt, "Row", g->nprow, g->npcol);
+  g->ctxt_rows = handle;
+  Cblacs_gridinit(&g->ctxt_rows, "Col", size, 1);
   Cfree_blacs_system_handle(handle);
-  int nprow = 0, npcol = 0;
+  int nprow = 0, npcol = 0, rrow = -1, rcol = -1, rnp = 0, rnq = 0;
   Cblacs_gridinfo(g->ctxt, &nprow, &npcol, &g->myrow, &g->mycol);
+  Cblacs_gridinfo(g->ctxt_rows, &rnp, &rnq, &rrow, &rcol);
   itr_err ge = ITR_OK;
+  if (rnp != size || rnq != 1 || rrow != rank || rcol != 0)
+    ge = itr_error_set(ITR_ERR_INTERNAL, "BLACS row context: rank %d got position (%d, %d) in %d x %d, expected (%d, 0)",
+                       rank, rrow, rcol, rnp, rnq, rank);
   if (nprow != g->nprow || npcol != g->npcol || g->myrow * g->npcol + g->mycol != rank)
     ge = itr_error_set(ITR_ERR_INTERNAL,
                        "BLACS grid: rank %d got position (%d, %d) in a %d x %d grid, expected (%d, %d) in "
@@ -68,8 +74,68 @@ itr_err itr_dist_grid_create(MPI_Comm comm, int mb, itr_dist_grid **out) {
   return ITR_OK;
 }
 
+int itr_dist_group_first(int g, int n_groups, int size) {
+  int r = 0;
+  while (r < size && (int)((long)r * n_groups / size) < g) r++;
+  return r;
+}
+
+itr_err itr_dist_grid_split(const itr_dist_grid *parent, int n_groups, itr_dist_grid **out, int *group) {
+  const int size = parent->size, rank = parent->rank;
+  ITR_CHECK(n_groups >= 1 && n_groups <= size, ITR_ERR_INTERNAL, "itr_dist_grid_split: %d groups of %d ranks",
+            n_groups, size);
+  const int mine = (int)((long)rank * n_groups / size);
+  itr_dist_grid *g = NULL;
+  int *map = NULL;
+  itr_err e = itr_calloc(1, sizeof *g, "BLACS group grid", &g);
+  if (e == ITR_OK) e = itr_calloc((size_t)size, sizeof(int), "BLACS group map", &map);
+  e = itr_dist_agree(parent->comm, e);
+  if (e != ITR_OK) {
+    free(g);
+    free(map);
+    return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  }
+  MPI_Comm_split(parent->comm, mine, rank, &g->comm);
+  MPI_Comm_rank(g->comm, &g->rank);
+  MPI_Comm_size(g->comm, &g->size);
+  g->mb = parent->mb;
+  g->ctxt = g->ctxt_rows = -1;
+  g->is_sub = 1;
+  itr_dist_grid_shape(g->size, &g->nprow, &g->npcol);
+  /* Every group's grid is mapped by every rank (gridmap is collective over the system context):
+   * the process numbers are the parent's ranks, which is what pdgemr2d needs. */
+  int handle = Csys2blacs_handle(parent->comm);
+  for (int q = 0; q < n_groups; q++) {
+    int first = itr_dist_group_first(q, n_groups, size), n = itr_dist_group_first(q + 1, n_groups, size) - first;
+    int pr = 0, pc = 0;
+    itr_dist_grid_shape(n, &pr, &pc);
+    for (int i = 0; i < pr; i++) /* row-major ranks, column-major map */
+      for (int j = 0; j < pc; j++) map[i + j * pr] = first + i * pc + j;
+    int ctxt = handle;
+    Cblacs_gridmap(&ctxt, map, pr, pr, pc);
+    if (q == mine) g->ctxt = ctxt;
+  }
+  Cfree_blacs_system_handle(handle);
+  free(map);
+  int nprow = 0, npcol = 0;
+  Cblacs_gridinfo(g->ctxt, &nprow, &npcol, &g->myrow, &g->mycol);
+  itr_err ge = ITR_OK;
+  if (nprow != g->nprow || npcol != g->npcol || g->myrow * g->npcol + g->mycol != g->rank)
+    ge = itr_error_set(ITR_ERR_INTERNAL, "BLACS group grid: rank %d of group %d got (%d, %d) in %d x %d", g->rank, mine,
+                       g->myrow, g->mycol, nprow, npcol);
+  ge = itr_dist_agree(parent->comm, ge);
+  if (ge != ITR_OK) {
+    itr_dist_grid_destroy(g);
+    return itr_error_frame(ge, __func__, __FILE__, __LINE__);
+  }
+  *out = g;
+  *group = mine;
+  return ITR_OK;
+}
+
 void itr_dist_grid_destroy(itr_dist_grid *grid) {
   if (!grid) return;
+  if (grid->ctxt_rows >= 0 && !grid->is_sub) Cblacs_gridexit(grid->ctxt_rows);
   if (grid->myrow >= 0) Cblacs_gridexit(grid->ctxt);
   MPI_Comm_free(&grid->comm);
   free(grid);

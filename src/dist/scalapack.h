@@ -17,6 +17,9 @@ void Cblacs_pinfo(int *mypnum, int *nprocs);
 int Csys2blacs_handle(MPI_Comm comm);
 void Cfree_blacs_system_handle(int handle);
 void Cblacs_gridinit(int *ctxt, const char *order, int nprow, int npcol);
+/* usermap column-major (ldumap x npcol): the system process number at each grid position. Called
+ * by every process of the system context; one outside the map gets a context it is not in. */
+void Cblacs_gridmap(int *ctxt, int *usermap, int ldumap, int nprow, int npcol);
 void Cblacs_gridinfo(int ctxt, int *nprow, int *npcol, int *myrow, int *mycol);
 void Cblacs_gridexit(int ctxt);
 
@@ -41,6 +44,9 @@ void pdsymm_(const char *side, const char *uplo, const int *m, const int *n, con
              const double *a, const int *ia, const int *ja, const int *desca, const double *b, const int *ib,
              const int *jb, const int *descb, const double *beta, double *c, const int *ic, const int *jc,
              const int *descc);
+void pdsyrk_(const char *uplo, const char *trans, const int *n, const int *k, const double *alpha,
+             const double *a, const int *ia, const int *ja, const int *desca, const double *beta, double *c,
+             const int *ic, const int *jc, const int *descc);
 double pdlange_(const char *norm, const int *m, const int *n, const double *a, const int *ia, const int *ja,
                 const int *desca, double *work);
 double pdlansy_(const char *norm, const char *uplo, const int *n, const double *a, const int *ia,

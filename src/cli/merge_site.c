@@ -1,0 +1,474 @@
+/* One input site of one layer in one iteration: every targeted module that reads the site
+ * (q/k/v, o, gate/up or down) is assembled and solved.
+ *
+ * Layout: no rank ever holds a whole d_in x d_in matrix. Task i's rows (this rank's share of
+ * its calibration tokens) enter ScaLAPACK's block-cyclic layout as the tall matrices X_i and
+ * Xt_i' = (1 - rho) Xt_i + rho X_i (src/dist/gram.c); the Gram G_i = Xt_i'^T Xt_i' is one pdsyrk
+ * over the grid of all ranks, its norm and ||X_i^T Xt_i'||_F are local sums plus an all-reduce,
+ * and each module's T2 accumulates c_i w_i (G_i + alpha_2 ||G_i|| I) in place. The right-hand
+ * sides are small and additive over tokens: (X A_i^T)^T Xt' (r_i x d_in) is formed from this
+ * rank's rows and summed with MPI_Allreduce, so every rank holds RHS and, after the solve, Y
+ * (R x d_in): the merged LoRA that the next iteration's forward pass applies.
+ *
+ * Memory per rank: about (1 + modules at the site + 1 during the solve) d_in^2 / P doubles, plus
+ * this rank's rows, plus the (n_i, n_i) / P kernels of the cross norm when n_i < d_in. */
+#include <cblas.h>
+#include <math.h>
+#include <petscsys.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/merge_internal.h"
+
+
+
+static void to_f64(const float *src, size_t n, double *dst) {
+  for (size_t k = 0; k < n; k++) dst[k] = src[k];
+}
+
+itr_err merge_task_factors(const itr_adapter *a, int l, itr_module m, int64_t d_out, int64_t d_in,
+                            itr_merge_task *t, double **A, double **B) {
+  const itr_lora_module *lm = itr_adapter_module(a, l, m);
+  *A = *B = NULL;
+  t->r = 0;
+  t->scale = 0;
+  if (!lm || !lm->present) return ITR_OK;
+  float *tmp = NULL;
+  size_t na = (size_t)lm->r * (size_t)d_in, nb = (size_t)d_out * (size_t)lm->r;
+  itr_err e = ITR_OK;
+  ITR_TRY_GOTO(itr_calloc(na > nb ? na : nb, sizeof(float), "adapter factor", &tmp), e, fail);
+  ITR_TRY_GOTO(itr_calloc(na, sizeof(double), "lora_A f64", A), e, fail);
+  ITR_TRY_GOTO(itr_calloc(nb, sizeof(double), "lora_B f64", B), e, fail);
+  ITR_TRY_GOTO(itr_tensor_read_f32(lm->A, tmp), e, fail);
+  to_f64(tmp, na, *A);
+  ITR_TRY_GOTO(itr_tensor_read_f32(lm->B, tmp), e, fail);
+  to_f64(tmp, nb, *B);
+  free(tmp);
+  t->r = lm->r;
+  t->scale = lm->scaling;
+  t->A = *A;
+  t->B = *B;
+  return ITR_OK;
+fail:
+  free(tmp);
+  free(*A);
+  free(*B);
+  *A = *B = NULL;
+  return e;
+}
+
+/* ||X (W0 + s B A)^T||_F^2 over this rank's rows of X (T, d_in) f32: the denominator of c_i,
+ * additive over ranks. W0 (d_out, d_in) f64; t gives r, s, A, B (f64). */
+static itr_err xw_norm2_local(int64_t T, int64_t d_in, const float *X, int64_t d_out, const double *W0,
+                              const itr_merge_task *t, double *out) {
+  *out = 0;
+  if (T == 0) return ITR_OK;
+  const int64_t rows = 256; /* rows per block: bounded scratch */
+  double *x = NULL, *y = NULL, *z = NULL;
+  itr_err e = ITR_OK;
+  ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)d_in, sizeof(double), "X block f64", &x), e, done);
+  ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)d_out, sizeof(double), "X W^T block", &y), e, done);
+  if (t->r > 0) ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)t->r, sizeof(double), "X A^T block", &z), e, done);
+  for (int64_t r0 = 0; r0 < T; r0 += rows) {
+    int64_t n = T - r0 < rows ? T - r0 : rows;
+    to_f64(X + r0 * d_in, (size_t)(n * d_in), x);
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_out, (int)d_in, 1.0, x, (int)d_in, W0,
+                (int)d_in, 0.0, y, (int)d_out);
+    if (t->r > 0) {
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, t->r, (int)d_in, 1.0, x, (int)d_in, t->A,
+                  (int)d_in, 0.0, z, t->r);
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_out, t->r, t->scale, z, t->r, t->B, t->r,
+                  1.0, y, (int)d_out);
+    }
+    for (int64_t q = 0; q < n * d_out; q++) *out += y[q] * y[q];
+  }
+done:
+  free(x);
+  free(y);
+  free(z);
+  return e;
+}
+
+/* The system of one module at a site, filled task by task: T2 in the block-cyclic layout (lower
+ * triangle), the right-hand sides replicated in sys.rhs (sys.T2 stays NULL). */
+typedef struct {
+  itr_module m;
+  int64_t d_out;
+  char label[96];
+  itr_merge_task tasks[ITR_MAX_TASKS];
+  double *A[ITR_MAX_TASKS], *B[ITR_MAX_TASKS]; /* f64 factors of each task (r_i = 0: NULL) */
+  double *W0;                                  /* (d_out, d_in) f64 (iteration 1 and with_pretrain only) */
+  double *W;                                   /* (d_out, d_in) f64 W0 + dW_i (with_pretrain, one task) */
+  double *piece;                               /* (nrhs, d_in) f64: this task's rhs term, summed over ranks */
+  itr_dist_matrix T2;
+  itr_system sys;
+} module_job;
+
+static void module_job_fini(module_job *j) {
+  for (int i = 0; i < ITR_MAX_TASKS; i++) {
+    free(j->A[i]);
+    free(j->B[i]);
+  }
+  free(j->W0);
+  free(j->W);
+  free(j->piece);
+  itr_dist_matrix_fini(&j->T2);
+  itr_system_fini(&j->sys);
+}
+
+static itr_err module_job_init(merge_ctx *c, int k, int l, itr_module m, int64_t d_in, module_job *j) {
+  const itr_options *o = c->opt;
+  j->m = m;
+  int64_t din;
+  itr_module_shape(&c->cfg, m, &j->d_out, &din);
+  snprintf(j->label, sizeof j->label, "layers.%d.%s.%s", l, itr_module_block(m), itr_module_name(m));
+  int64_t R = 0;
+  for (int i = 0; i < c->N; i++) {
+    ITR_TRY(merge_task_factors(c->ad[i], l, m, j->d_out, d_in, &j->tasks[i], &j->A[i], &j->B[i]));
+    j->tasks[i].weight = c->method == METHOD_ITERIS ? o->manual_coef[i] : 1.0;
+    R += j->tasks[i].r;
+  }
+  const int dense = c->method == METHOD_ITERIS && o->with_pretrain;
+  /* W0 in f64 is needed only for the adaptive weights (iteration 1) and with_pretrain */
+  if (dense || (c->method == METHOD_ITERIS && k == 1)) {
+    ITR_TRY(itr_calloc((size_t)j->d_out * (size_t)d_in, sizeof(double), "W0 f64", &j->W0));
+    ITR_CHECK(c->layer && c->layer_index == l, ITR_ERR_INTERNAL, "layer %d is not the one held (%d)", l, c->layer_index);
+    to_f64(itr_model_weight(c->layer, l, m), (size_t)j->d_out * (size_t)d_in, j->W0);
+  }
+  const int64_t nrhs = dense ? j->d_out : R;
+  ITR_CHECK(nrhs >= 1, ITR_ERR_INTERNAL, "module %s: no adapter targets it", j->label);
+  if (dense) ITR_TRY(itr_calloc((size_t)j->d_out * (size_t)d_in, sizeof(double), "W0 + dW f64", &j->W));
+  ITR_TRY(itr_calloc((size_t)nrhs * (size_t)d_in, sizeof(double), "right-hand side term", &j->piece));
+  ITR_TRY(itr_dist_matrix_init(&j->T2, c->grid, (int)d_in, (int)d_in));
+  j->sys.d_in = d_in;
+  j->sys.nrhs = nrhs;
+  j->sys.dense = dense;
+  j->sys.N = c->N;
+  j->sys.alpha_2 = o->alpha_2;
+  memcpy(j->sys.label, j->label, sizeof j->label); /* 96 < 128 bytes, NUL included */
+  ITR_TRY(itr_calloc((size_t)nrhs * (size_t)d_in, sizeof(double), "right-hand sides", &j->sys.rhs));
+  return itr_calloc((size_t)c->N, sizeof(double), "merge coefficients", &j->sys.coef);
+}
+
+static itr_err allreduce_sum(double *buf, int64_t n, MPI_Comm comm) {
+  const int64_t chunk = (int64_t)1 << 26;
+  for (int64_t off = 0; off < n; off += chunk) {
+    int cnt = (int)(n - off < chunk ? n - off : chunk);
+    ITR_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf + off, cnt, MPI_DOUBLE, MPI_SUM, comm) == MPI_SUCCESS,
+              ITR_ERR_INTERNAL, "MPI_Allreduce of a right-hand side term failed");
+  }
+  return ITR_OK;
+}
+
+/* W = W0 + s B A (d_out, d_in) */
+static void full_weight(const module_job *j, const itr_merge_task *t, int64_t d_in, double *W) {
+  memcpy(W, j->W0, (size_t)j->d_out * (size_t)d_in * sizeof(double));
+  if (t->r > 0)
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)j->d_out, (int)d_in, t->r, t->scale, t->B, t->r, t->A,
+                (int)d_in, 1.0, W, (int)d_in);
+}
+
+/* This rank's share of the right-hand side term of task i: F X^T Xt' with F = A_i (factored and
+ * RegMean, where Xt' = X) or W0 + dW_i (with_pretrain), from the rows x, xt (T, d_in) f32. */
+static itr_err rhs_piece_local(const module_job *j, const itr_merge_task *t, int64_t d_in, int64_t T, const float *x,
+                               const float *xt, double rho, int k) {
+  const int64_t m = j->sys.dense ? j->d_out : t->r;
+  memset(j->piece, 0, (size_t)j->sys.nrhs * (size_t)d_in * sizeof(double));
+  if (m == 0 || T == 0) return ITR_OK;
+  const double *F = j->sys.dense ? j->W : t->A;
+  if (k == 1 || rho == 1.0) return itr_stats_cross_add((int)m, d_in, F, T, x, x, j->piece);
+  if (rho == 0.0) return itr_stats_cross_add((int)m, d_in, F, T, x, xt, j->piece);
+  /* (1 - rho) F X^T Xt + rho F X^T X, each term exact in f64 */
+  double *tmp = NULL;
+  ITR_TRY(itr_calloc((size_t)m * (size_t)d_in, sizeof(double), "right-hand side term", &tmp));
+  itr_err e = itr_stats_cross_add((int)m, d_in, F, T, x, xt, tmp);
+  for (int64_t q = 0; q < m * d_in; q++) j->piece[q] = (1.0 - rho) * tmp[q];
+  memset(tmp, 0, (size_t)m * (size_t)d_in * sizeof(double));
+  if (e == ITR_OK) e = itr_stats_cross_add((int)m, d_in, F, T, x, x, tmp);
+  for (int64_t q = 0; q < m * d_in; q++) j->piece[q] += rho * tmp[q];
+  free(tmp);
+  return e;
+}
+
+/* Task i's contribution to module j: T2 += cw (G + alpha_2 n2 I) and the rows of the rhs (the
+ * formulas of ALGORITHM.md, as itr_iteris_assemble_add / itr_baseline_regmean_assemble_add do on
+ * replicated statistics). piece holds F X^T Xt' summed over ranks; diag is diag(G) (RegMean). */
+static itr_err assemble_task(merge_ctx *c, module_job *j, int i, int64_t row, double coef, const itr_dist_matrix *G,
+                             double n1, double n2, const double *diag) {
+  const itr_options *o = c->opt;
+  const itr_merge_task *t = &j->tasks[i];
+  const int64_t d = j->sys.d_in;
+  if (c->method == METHOD_REGMEAN) {
+    const double a = o->regmean_alpha, shift = o->alpha_2 * n2;
+    j->sys.coef[i] = 1.0;
+    itr_dist_matrix_add(&j->T2, 1.0, G, a, shift, 1);
+    /* rows = s (a A S + (1 - a) A diag(S) + shift A), A S = piece */
+    double *out = j->sys.rhs + row * d;
+    for (int r = 0; r < t->r; r++)
+      for (int64_t q = 0; q < d; q++)
+        out[r * d + q] = t->scale * (a * j->piece[r * d + q] + ((1.0 - a) * diag[q] + shift) * t->A[r * d + q]);
+    return ITR_OK;
+  }
+  ITR_CHECK(coef > 0 && isfinite(coef), ITR_ERR_NUMERIC, "module '%s', task %d: adaptive weight %g is not > 0",
+            j->label, i, coef);
+  const double cw = coef * t->weight;
+  j->sys.coef[i] = cw;
+  itr_dist_matrix_add(&j->T2, cw, G, 1.0, cw * o->alpha_2 * n2, 1);
+  if (j->sys.dense) { /* rhs += cw ((W0 + dW) X^T Xt' + alpha_1 n1 (W0 + dW)) */
+    for (int64_t q = 0; q < j->d_out * d; q++) j->sys.rhs[q] += cw * (j->piece[q] + o->alpha_1 * n1 * j->W[q]);
+  } else { /* rows = cw s (A X^T Xt' + alpha_1 n1 A) */
+    double *out = j->sys.rhs + row * d;
+    for (int64_t q = 0; q < t->r * d; q++) out[q] = cw * t->scale * (j->piece[q] + o->alpha_1 * n1 * t->A[q]);
+  }
+  return ITR_OK;
+}
+
+/* c_i of ALGORITHM.md step 1 from the summed denominator xw. */
+static itr_err adaptive_weight(const module_job *j, const itr_merge_task *t, int64_t d_in, int i, double xw, double *c) {
+  double *W = NULL;
+  ITR_TRY(itr_calloc((size_t)j->d_out * (size_t)d_in, sizeof(double), "W0 + dW", &W));
+  full_weight(j, t, d_in, W);
+  double num = 0.0;
+  for (int64_t q = 0; q < j->d_out * d_in; q++) num += W[q] * W[q];
+  free(W);
+  ITR_CHECK(xw > 0 && isfinite(xw) && num > 0 && isfinite(num), ITR_ERR_NUMERIC,
+            "module '%s', task %d: adaptive weight ||W0 + dW||^2 / ||X (W0 + dW)^T||^2 = %g / %g is undefined. Are "
+            "the calibration inputs of this task zero?",
+            j->label, i, num, xw);
+  *c = num / xw;
+  return ITR_OK;
+}
+
+/* Solves module j on grid (Collective on the grid's comm): T2 and the rhs (replicated) go in,
+ * sys.rhs receives Y on every rank of the grid. */
+static itr_err solve_on(const itr_dist_grid *grid, const itr_dist_matrix *T2, module_job *j,
+                        itr_dist_solve_report *rep) {
+  const int64_t d = j->sys.d_in, R = j->sys.nrhs;
+  itr_dist_matrix B = {0}, Y = {0};
+  double *tmp = NULL;
+  itr_err e = itr_dist_matrix_init(&B, grid, (int)d, (int)R);
+  if (e == ITR_OK) e = itr_dist_matrix_init(&Y, grid, (int)d, (int)R);
+  if (e == ITR_OK) e = itr_calloc((size_t)d * (size_t)R, sizeof(double), "right-hand sides (d_in, R)", &tmp);
+  e = itr_dist_agree(grid->comm, e);
+  if (e == ITR_OK) {
+    itr_system_transpose(R, d, j->sys.rhs, tmp);
+    itr_dist_matrix_scatter(&B, tmp);
+    e = itr_dist_solve_spd(j->label, T2, &B, &Y, rep);
+  }
+  if (e == ITR_OK) e = itr_dist_matrix_gather(&Y, -1, tmp);
+  if (e == ITR_OK) {
+    itr_system_transpose(d, R, tmp, j->sys.rhs);
+    j->sys.solved = 1;
+    j->sys.residual = rep->residual;
+    j->sys.passed = rep->passed;
+  }
+  free(tmp);
+  itr_dist_matrix_fini(&B);
+  itr_dist_matrix_fini(&Y);
+  return e;
+}
+
+/* Assembles every targeted module at site s of layer l (iteration k) into jobs[*nj...]: the
+ * statistics of one task at a time, formed in the block-cyclic layout and freed before the next. */
+static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job *jobs, int *nj_total) {
+  const itr_options *o = c->opt;
+  const int N = c->N;
+  const int64_t d_in = c->site_d[s];
+  const double rho = c->method == METHOD_ITERIS ? o->reg_coef : 0.0;
+  module_job *site_jobs = jobs + *nj_total;
+  int nj = 0;
+  itr_err e = ITR_OK;
+  for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++)
+    if (itr_module_site((itr_module)m) == s && (c->module_mask & (1u << m)))
+      e = module_job_init(c, k, l, (itr_module)m, d_in, &site_jobs[nj++]);
+  *nj_total += nj;
+  e = itr_dist_agree(c->comm, e);
+  if (nj == 0 || e != ITR_OK) return e;
+
+  int64_t row[3] = {0, 0, 0};
+  for (int i = 0; i < N && e == ITR_OK; i++) {
+    const int64_t T = c->calib_sh[i].T;
+    const float *x = c->X[i][s], *xt = k >= 2 ? c->Xt[i][s] : NULL;
+    itr_dist_matrix Xd = {0}, Xm = {0}, G = {0};
+    double *diag = NULL, n1 = 0.0, n2 = 0.0, xw[3] = {0, 0, 0};
+    /* the Gram of the (mixed) merged-model rows and the two norms, in the block-cyclic layout */
+    PetscLogStagePush(c->stage_stats);
+    e = itr_dist_rows_create(c->grid, T, d_in, x, 1.0, NULL, 0.0, &Xd);
+    if (e == ITR_OK && xt) e = itr_dist_rows_create(c->grid, T, d_in, xt, 1.0 - rho, x, rho, &Xm);
+    if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_dist_matrix_init(&G, c->grid, (int)d_in, (int)d_in));
+    if (e == ITR_OK) e = itr_dist_gram(1.0, xt ? &Xm : &Xd, xt ? &Xm : &Xd, 0.0, &G);
+    if (e == ITR_OK) e = itr_dist_frob2(&G, 1, &n2);
+    n2 = sqrt(n2);
+    n1 = n2; /* iteration 1: Xt' = X */
+    if (e == ITR_OK && xt) e = itr_dist_cross_norm2(&Xd, &Xm, &n1);
+    if (xt) n1 = sqrt(n1);
+    itr_dist_matrix_fini(&Xd);
+    itr_dist_matrix_fini(&Xm);
+    if (e == ITR_OK && c->method == METHOD_REGMEAN) {
+      e = itr_dist_agree(c->comm, itr_calloc((size_t)d_in, sizeof(double), "diagonal of X^T X", &diag));
+      if (e == ITR_OK) e = itr_dist_matrix_diag(&G, diag);
+    }
+    /* iteration 1: the denominators of c_i, from this rank's rows */
+    if (e == ITR_OK && c->method == METHOD_ITERIS && k == 1) {
+      for (int q = 0; q < nj && e == ITR_OK; q++)
+        e = xw_norm2_local(T, d_in, x, site_jobs[q].d_out, site_jobs[q].W0, &site_jobs[q].tasks[i], &xw[q]);
+      e = itr_dist_agree(c->comm, e);
+      if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, xw, 3, MPI_DOUBLE, MPI_SUM, c->comm) != MPI_SUCCESS)
+        e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the adaptive weights failed");
+    }
+    PetscLogStagePop();
+    for (int q = 0; q < nj && e == ITR_OK; q++) {
+      module_job *j = &site_jobs[q];
+      itr_merge_task *t = &j->tasks[i];
+      double *coef = c->coef + SLOT(l, j->m) * (size_t)N;
+      PetscLogStagePush(c->stage_assemble);
+      if (c->method == METHOD_ITERIS && k == 1) e = adaptive_weight(j, t, d_in, i, xw[q], &coef[i]);
+      if (e == ITR_OK && j->sys.dense) full_weight(j, t, d_in, j->W);
+      if (e == ITR_OK) e = rhs_piece_local(j, t, d_in, T, x, xt, rho, k);
+      e = itr_dist_agree(c->comm, e);
+      PetscLogStagePop();
+      PetscLogStagePush(c->stage_reduce);
+      if (e == ITR_OK) e = itr_dist_agree(c->comm, allreduce_sum(j->piece, j->sys.nrhs * d_in, c->comm));
+      PetscLogStagePop();
+      PetscLogStagePush(c->stage_assemble);
+      if (e == ITR_OK) e = itr_dist_agree(c->comm, assemble_task(c, j, i, row[q], coef[i], &G, n1, n2, diag));
+      PetscLogStagePop();
+      row[q] += t->r;
+    }
+    free(diag);
+    itr_dist_matrix_fini(&G);
+  }
+  /* assembled: only T2, the rhs and (with_pretrain) W0 are needed from here on */
+  for (int q = 0; q < nj; q++) {
+    module_job *j = &site_jobs[q];
+    free(j->piece);
+    free(j->W);
+    j->piece = j->W = NULL;
+    if (!j->sys.dense) {
+      free(j->W0);
+      j->W0 = NULL;
+    }
+  }
+  return e;
+}
+
+/* Cost of a solve in flops: Cholesky d^3 / 3, two triangular solves 2 d^2 R, the residual 2 d^2 R. */
+static double solve_cost(const module_job *j) {
+  const double d = (double)j->sys.d_in, R = (double)j->sys.nrhs;
+  return d * d * d / 3.0 + 4.0 * d * d * R;
+}
+
+/* The master scheduler (rank 0): assigns the solves of a layer to the groups, longest first, each
+ * to the group that would finish it first (its load so far plus the cost over its rank count);
+ * the plan is broadcast, so every rank acts on rank 0's decision. */
+static itr_err plan_solves(merge_ctx *c, int l, const module_job *jobs, int nj, int *group_of) {
+  if (c->rank == 0) {
+    int order[ITR_MODULE_COUNT];
+    double load[ITR_MAX_TASKS] = {0};
+    for (int q = 0; q < nj; q++) order[q] = q;
+    for (int a = 1; a < nj; a++) /* insertion sort, costliest first; ties by module order */
+      for (int b = a; b > 0 && solve_cost(&jobs[order[b]]) > solve_cost(&jobs[order[b - 1]]); b--) {
+        int t = order[b];
+        order[b] = order[b - 1];
+        order[b - 1] = t;
+      }
+    for (int a = 0; a < nj; a++) {
+      const int q = order[a];
+      int best = 0;
+      double best_end = 0;
+      for (int g = 0; g < c->n_groups; g++) {
+        const int size = itr_dist_group_first(g + 1, c->n_groups, c->size) - itr_dist_group_first(g, c->n_groups, c->size);
+        const double end = load[g] + solve_cost(&jobs[q]) / size;
+        if (g == 0 || end < best_end) {
+          best = g;
+          best_end = end;
+        }
+      }
+      group_of[q] = best;
+      load[best] = best_end;
+    }
+    if (c->opt->verbose >= 1) {
+      char line[512];
+      int n = snprintf(line, sizeof line, "layer %d solve plan over %d groups:", l + 1, c->n_groups);
+      for (int q = 0; q < nj && n < (int)sizeof line; q++)
+        n += snprintf(line + n, sizeof line - (size_t)n, " %s->%d", itr_module_name(jobs[q].m), group_of[q]);
+      itr_log(ITR_LOG_INFO, "%s", line);
+    }
+  }
+  ITR_CHECK(MPI_Bcast(group_of, nj, MPI_INT, 0, c->comm) == MPI_SUCCESS, ITR_ERR_INTERNAL,
+            "MPI_Bcast of the solve plan failed");
+  return ITR_OK;
+}
+
+/* Solves every assembled module of a layer: on the grid of all ranks one after another, or with
+ * -solve_groups G > 1 as rank 0 plans: each T2 is copied onto its group's grid, the groups solve
+ * at the same time, and every Y is broadcast from its group's first rank. */
+static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj, double *max_resid, int *n_failed) {
+  const int N = c->N;
+  itr_dist_solve_report reps[ITR_MODULE_COUNT];
+  memset(reps, 0, sizeof reps);
+  itr_err e = ITR_OK;
+  const int grouped = c->n_groups > 1 && nj > 1;
+  if (grouped) {
+    int group_of[ITR_MODULE_COUNT];
+    itr_dist_matrix T2g[ITR_MODULE_COUNT];
+    memset(T2g, 0, sizeof T2g);
+    e = itr_dist_agree(c->comm, plan_solves(c, l, jobs, nj, group_of));
+    /* every copy first (each is collective over all ranks), then the groups solve concurrently */
+    for (int q = 0; q < nj && e == ITR_OK; q++) {
+      const int member = group_of[q] == c->group;
+      const int d = (int)jobs[q].sys.d_in;
+      if (member) e = itr_dist_matrix_init(&T2g[q], c->group_grid, d, d);
+      e = itr_dist_agree(c->comm, e);
+      if (e == ITR_OK) e = itr_dist_matrix_to_group(&jobs[q].T2, c->grid, group_of[q], c->n_groups, member ? &T2g[q] : NULL);
+      itr_dist_matrix_fini(&jobs[q].T2); /* one d_in^2 / P less while the groups solve */
+    }
+    for (int q = 0; q < nj && e == ITR_OK; q++)
+      if (group_of[q] == c->group) e = solve_on(c->group_grid, &T2g[q], &jobs[q], &reps[q]);
+    for (int q = 0; q < nj; q++) itr_dist_matrix_fini(&T2g[q]);
+    e = itr_dist_agree(c->comm, e);
+    for (int q = 0; q < nj && e == ITR_OK; q++) {
+      int root = c->group_root[group_of[q]];
+      double rr[2] = {reps[q].residual, (double)reps[q].passed};
+      if (MPI_Bcast(jobs[q].sys.rhs, (int)(jobs[q].sys.nrhs * jobs[q].sys.d_in), MPI_DOUBLE, root, c->comm) != 0 ||
+          MPI_Bcast(rr, 2, MPI_DOUBLE, root, c->comm) != 0)
+        e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Bcast of the solution of %s failed", jobs[q].label);
+      reps[q].residual = rr[0];
+      reps[q].passed = (int)rr[1];
+      jobs[q].sys.solved = 1;
+    }
+  }
+  for (int q = 0; q < nj && e == ITR_OK; q++) {
+    module_job *j = &jobs[q];
+    itr_update upd = {0};
+    itr_dist_solve_report rep = reps[q];
+    if (!grouped) e = solve_on(c->grid, &j->T2, j, &rep);
+    itr_dist_matrix_fini(&j->T2);
+    if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_update_from_system(&j->sys, N, j->tasks, j->d_out, j->W0, &upd));
+    if (e != ITR_OK) break;
+    itr_update_fini(&c->next[SLOT(l, j->m)]);
+    c->next[SLOT(l, j->m)] = upd;
+    c->resid[(size_t)(k - 1) * (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT + SLOT(l, j->m)] = rep.residual;
+    if (rep.residual > *max_resid || isnan(rep.residual)) *max_resid = rep.residual;
+    if (!rep.passed) (*n_failed)++;
+    itr_log(c->opt->verbose >= 1 ? ITR_LOG_INFO : ITR_LOG_DEBUG, "  %s: R = %lld, scaled residual %.3g %s", j->label,
+            (long long)j->sys.nrhs, rep.residual, rep.passed ? "PASSED" : "FAILED");
+  }
+  return e;
+}
+
+itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid, int *n_failed) {
+  module_job jobs[ITR_MODULE_COUNT];
+  memset(jobs, 0, sizeof jobs);
+  int nj = 0;
+  itr_err e = ITR_OK;
+  for (int s = 0; s < ITR_SITE_COUNT && e == ITR_OK; s++) e = assemble_site(c, k, l, (itr_site)s, jobs, &nj);
+  if (e == ITR_OK) {
+    PetscLogStagePush(c->stage_solve);
+    e = solve_layer(c, k, l, jobs, nj, max_resid, n_failed);
+    PetscLogStagePop();
+  }
+  for (int q = 0; q < nj; q++) module_job_fini(&jobs[q]);
+  return e;
+}

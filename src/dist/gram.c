@@ -1,0 +1,184 @@
+/* Statistics of tall matrices whose rows are spread over the ranks, formed straight in the
+ * block-cyclic layout the solve uses: rows enter through the grid's size x 1 context (pdgemr2d),
+ * Grams are pdsyrk / pdgemm, norms are local sums and one all-reduce. No rank ever holds a whole
+ * (d, d) matrix: memory per rank is d^2 / size per matrix plus its share of the rows. */
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dist/scalapack.h"
+#include "iteris/dist.h"
+
+/* Global index of local index l on process p of np (block size mb, source 0). */
+static int l2g(int l, int mb, int p, int np) { return ((l / mb) * np + p) * mb + l % mb; }
+
+static itr_err sum_over(MPI_Comm comm, double *v) {
+  ITR_CHECK(MPI_Allreduce(MPI_IN_PLACE, v, 1, MPI_DOUBLE, MPI_SUM, comm) == MPI_SUCCESS, ITR_ERR_INTERNAL,
+            "MPI_Allreduce of a norm failed");
+  return ITR_OK;
+}
+
+itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
+                             double b, itr_dist_matrix *Z) {
+  itr_err e = ITR_OK;
+  int64_t tmax = T;
+  MPI_Allreduce(MPI_IN_PLACE, &tmax, 1, MPI_INT64_T, MPI_MAX, grid->comm);
+  if (tmax < 1) tmax = 1;
+  double *loc = NULL;
+  itr_dist_matrix z;
+  memset(&z, 0, sizeof z);
+  if (grid->ctxt_rows < 0 || grid->is_sub)
+    e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: the grid has no row context (a group grid?)");
+  else if ((int64_t)grid->size * tmax > INT_MAX || d < 1 || d > INT_MAX || T < 0 || (T > 0 && !x))
+    e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: %d ranks x %lld rows of %lld: out of range", grid->size,
+                      (long long)tmax, (long long)d);
+  if (e == ITR_OK) e = itr_calloc((size_t)tmax * (size_t)d, sizeof(double), "rows f64 (column-major)", &loc);
+  if (e == ITR_OK) e = itr_dist_matrix_init(&z, grid, (int)(grid->size * tmax), (int)d);
+  e = itr_dist_agree(grid->comm, e);
+  if (e != ITR_OK) goto done;
+  /* row-major f32 (T, d) -> column-major f64 (tmax, d), in tiles of 64 x 64 */
+  for (int64_t t0 = 0; t0 < T; t0 += 64)
+    for (int64_t j0 = 0; j0 < d; j0 += 64) {
+      int64_t t1 = t0 + 64 < T ? t0 + 64 : T, j1 = j0 + 64 < d ? j0 + 64 : d;
+      for (int64_t t = t0; t < t1; t++)
+        for (int64_t j = j0; j < j1; j++)
+          loc[j * tmax + t] = a * (double)x[t * d + j] + (y ? b * (double)y[t * d + j] : 0.0);
+    }
+  {
+    const int M = (int)(grid->size * tmax), N = (int)d, mb = (int)tmax, zero = 0, one = 1, lld = (int)tmax;
+    int desc[ITR_DLEN], info = 0;
+    descinit_(desc, &M, &N, &mb, &N, &zero, &zero, &grid->ctxt_rows, &lld, &info);
+    if (info != 0)
+      e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: descinit_ rejected argument %d; this is a bug", -info);
+    e = itr_dist_agree(grid->comm, e);
+    if (e != ITR_OK) goto done;
+    pdgemr2d_(&M, &N, loc, &one, &one, desc, z.a, &one, &one, z.desc, &grid->ctxt);
+  }
+  *Z = z;
+  memset(&z, 0, sizeof z);
+done:
+  free(loc);
+  itr_dist_matrix_fini(&z);
+  if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  return ITR_OK;
+}
+
+itr_err itr_dist_gram(double alpha, const itr_dist_matrix *A, const itr_dist_matrix *B, double beta,
+                      itr_dist_matrix *C) {
+  ITR_CHECK(A->grid == C->grid && B->grid == C->grid && A->m == B->m && A->n == B->n && C->m == A->n &&
+                C->n == A->n,
+            ITR_ERR_INTERNAL, "gram: shapes do not match: A %d x %d, B %d x %d, C %d x %d (expected n x d, n x d, d x d)",
+            A->m, A->n, B->m, B->n, C->m, C->n);
+  const int n = A->m, d = A->n, one = 1;
+  if (A == B)
+    pdsyrk_("L", "T", &d, &n, &alpha, A->a, &one, &one, A->desc, &beta, C->a, &one, &one, C->desc);
+  else
+    pdgemm_("T", "N", &d, &d, &n, &alpha, A->a, &one, &one, A->desc, B->a, &one, &one, B->desc, &beta, C->a, &one,
+            &one, C->desc);
+  return ITR_OK;
+}
+
+/* Local part of sum_ij w_ij A_ij B_ij (B may be NULL: A_ij^2); lower: w = 2 below the diagonal,
+ * 1 on it, 0 above; else w = 1. */
+static double local_dot(const itr_dist_matrix *A, const itr_dist_matrix *B, int lower) {
+  const itr_dist_grid *g = A->grid;
+  double s = 0.0;
+  for (int lc = 0; lc < A->n_loc; lc++) {
+    const int gj = l2g(lc, g->mb, g->mycol, g->npcol);
+    const double *a = A->a + (size_t)lc * A->lld, *b = B ? B->a + (size_t)lc * B->lld : a;
+    for (int li = 0; li < A->m_loc; li++) {
+      double w = 1.0;
+      if (lower) {
+        const int gi = l2g(li, g->mb, g->myrow, g->nprow);
+        w = gi > gj ? 2.0 : gi == gj ? 1.0 : 0.0;
+      }
+      s += w * a[li] * b[li];
+    }
+  }
+  return s;
+}
+
+itr_err itr_dist_frob2(const itr_dist_matrix *A, int lower, double *out) {
+  double s = local_dot(A, NULL, lower);
+  ITR_TRY(sum_over(A->grid->comm, &s));
+  *out = s;
+  return ITR_OK;
+}
+
+itr_err itr_dist_cross_norm2(const itr_dist_matrix *A, const itr_dist_matrix *B, double *out) {
+  const itr_dist_grid *g = A->grid;
+  ITR_CHECK(A->grid == B->grid && A->m == B->m && A->n == B->n, ITR_ERR_INTERNAL,
+            "cross_norm2: A is %d x %d, B %d x %d (expected one shape on one grid)", A->m, A->n, B->m, B->n);
+  const int n = A->m, d = A->n, one = 1;
+  const double f1 = 1.0, f0 = 0.0;
+  itr_dist_matrix K1, K2;
+  memset(&K1, 0, sizeof K1);
+  memset(&K2, 0, sizeof K2);
+  const int kernel = n < d, k = kernel ? n : d;
+  itr_err e = itr_dist_matrix_init(&K1, g, k, k);
+  if (e == ITR_OK && kernel) e = itr_dist_matrix_init(&K2, g, k, k);
+  e = itr_dist_agree(g->comm, e);
+  double s = 0.0;
+  if (e == ITR_OK && kernel) { /* ||A^T B||^2 = tr(A^T B B^T A) = <A A^T, B B^T> */
+    pdsyrk_("L", "N", &n, &d, &f1, A->a, &one, &one, A->desc, &f0, K1.a, &one, &one, K1.desc);
+    pdsyrk_("L", "N", &n, &d, &f1, B->a, &one, &one, B->desc, &f0, K2.a, &one, &one, K2.desc);
+    s = local_dot(&K1, &K2, 1);
+  } else if (e == ITR_OK) {
+    e = itr_dist_gram(1.0, A, B, 0.0, &K1);
+    s = local_dot(&K1, NULL, 0);
+  }
+  if (e == ITR_OK) e = sum_over(g->comm, &s);
+  itr_dist_matrix_fini(&K1);
+  itr_dist_matrix_fini(&K2);
+  ITR_TRY(e);
+  *out = s;
+  return ITR_OK;
+}
+
+void itr_dist_matrix_add(itr_dist_matrix *C, double alpha, const itr_dist_matrix *A, double off, double shift,
+                         int lower) {
+  const itr_dist_grid *g = C->grid;
+  for (int lc = 0; lc < C->n_loc; lc++) {
+    const int gj = l2g(lc, g->mb, g->mycol, g->npcol);
+    double *c = C->a + (size_t)lc * C->lld;
+    const double *a = A->a + (size_t)lc * A->lld;
+    for (int li = 0; li < C->m_loc; li++) {
+      const int gi = l2g(li, g->mb, g->myrow, g->nprow);
+      if (lower && gi < gj) continue;
+      c[li] += gi == gj ? alpha * a[li] + shift : alpha * off * a[li];
+    }
+  }
+}
+
+itr_err itr_dist_matrix_diag(const itr_dist_matrix *A, double *diag) {
+  const itr_dist_grid *g = A->grid;
+  const int d = A->m < A->n ? A->m : A->n;
+  memset(diag, 0, sizeof(double) * (size_t)d);
+  for (int lc = 0; lc < A->n_loc; lc++) {
+    const int gj = l2g(lc, g->mb, g->mycol, g->npcol);
+    for (int li = 0; li < A->m_loc; li++)
+      if (l2g(li, g->mb, g->myrow, g->nprow) == gj) diag[gj] = A->a[(size_t)lc * A->lld + li];
+  }
+  ITR_CHECK(MPI_Allreduce(MPI_IN_PLACE, diag, d, MPI_DOUBLE, MPI_SUM, g->comm) == MPI_SUCCESS, ITR_ERR_INTERNAL,
+            "MPI_Allreduce of a diagonal failed");
+  return ITR_OK;
+}
+
+itr_err itr_dist_matrix_to_group(const itr_dist_matrix *A, const itr_dist_grid *parent, int g, int n_groups,
+                                 itr_dist_matrix *B) {
+  itr_err e = ITR_OK;
+  if (A->grid != parent || g < 0 || g >= n_groups)
+    e = itr_error_set(ITR_ERR_INTERNAL, "to_group: A is not on the parent grid, or group %d of %d", g, n_groups);
+  else if (B && (B->m != A->m || B->n != A->n || !B->grid->is_sub))
+    e = itr_error_set(ITR_ERR_INTERNAL, "to_group: B is %d x %d, A %d x %d (B must be on a group grid)", B->m, B->n,
+                      A->m, A->n);
+  e = itr_dist_agree(parent->comm, e);
+  if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  /* a rank outside group g describes B with context -1, as pdgemr2d asks */
+  int none[ITR_DLEN] = {1, -1, A->m, A->n, parent->mb, parent->mb, 0, 0, 1};
+  double dummy = 0.0;
+  const int one = 1;
+  pdgemr2d_(&A->m, &A->n, A->a, &one, &one, A->desc, B ? B->a : &dummy, &one, &one, B ? B->desc : none,
+            &parent->ctxt);
+  return ITR_OK;
+}
