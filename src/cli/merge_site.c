@@ -58,35 +58,48 @@ fail:
   return e;
 }
 
-/* ||X (W0 + s B A)^T||_F^2 over this rank's rows of X (T, d_in) f32: the denominator of c_i,
- * additive over ranks. W0 (d_out, d_in) f64; t gives r, s, A, B (f64). */
-static itr_err xw_norm2_local(int64_t T, int64_t d_in, const float *X, int64_t d_out, const double *W0,
-                              const itr_merge_task *t, double *out) {
-  *out = 0;
-  if (T == 0) return ITR_OK;
-  const int64_t rows = 256; /* rows per block: bounded scratch */
-  double *x = NULL, *y = NULL, *z = NULL;
+/* Rows of W0 converted to float64 at a time: the adaptive weights never need the whole of W0 in
+ * float64 (0.9 GiB for Llama-3-8B's gate/up site, 3.8 GiB at 70B). */
+enum { W_PANEL = 256, X_BLOCK = 256 };
+
+/* wp (n, d_in) f64 = rows [o0, o0 + n) of W0 + s B A; W0 (d_out, d_in) f32. */
+static void weight_panel(const float *W0, const itr_merge_task *t, int64_t d_in, int64_t o0, int64_t n, double *wp) {
+  to_f64(W0 + o0 * d_in, (size_t)(n * d_in), wp);
+  if (t->r > 0)
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_in, t->r, t->scale, t->B + o0 * t->r, t->r,
+                t->A, (int)d_in, 1.0, wp, (int)d_in);
+}
+
+/* ||X (W0 + s B A)^T||_F^2 over this rank's rows of X (T, d_in) f32 (the denominator of c_i,
+ * additive over ranks) and ||W0 + s B A||_F^2 (its numerator), in float64 from the float32 W0
+ * (d_out, d_in) of the held layer, W_PANEL output rows at a time. */
+static itr_err adaptive_norms(int64_t T, int64_t d_in, const float *X, int64_t d_out, const float *W0,
+                              const itr_merge_task *t, double *xw, double *ww) {
+  double *x = NULL, *wp = NULL, *y = NULL;
+  double sx = 0.0, sw = 0.0;
+  const int64_t nx = T < X_BLOCK ? (T > 0 ? T : 1) : X_BLOCK;
   itr_err e = ITR_OK;
-  ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)d_in, sizeof(double), "X block f64", &x), e, done);
-  ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)d_out, sizeof(double), "X W^T block", &y), e, done);
-  if (t->r > 0) ITR_TRY_GOTO(itr_calloc((size_t)rows * (size_t)t->r, sizeof(double), "X A^T block", &z), e, done);
-  for (int64_t r0 = 0; r0 < T; r0 += rows) {
-    int64_t n = T - r0 < rows ? T - r0 : rows;
-    to_f64(X + r0 * d_in, (size_t)(n * d_in), x);
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_out, (int)d_in, 1.0, x, (int)d_in, W0,
-                (int)d_in, 0.0, y, (int)d_out);
-    if (t->r > 0) {
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, t->r, (int)d_in, 1.0, x, (int)d_in, t->A,
-                  (int)d_in, 0.0, z, t->r);
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_out, t->r, t->scale, z, t->r, t->B, t->r,
-                  1.0, y, (int)d_out);
+  ITR_TRY_GOTO(itr_calloc((size_t)W_PANEL * (size_t)d_in, sizeof(double), "W0 + dW panel f64", &wp), e, done);
+  ITR_TRY_GOTO(itr_calloc((size_t)nx * (size_t)d_in, sizeof(double), "X block f64", &x), e, done);
+  ITR_TRY_GOTO(itr_calloc((size_t)nx * (size_t)W_PANEL, sizeof(double), "X W^T block", &y), e, done);
+  for (int64_t o0 = 0; o0 < d_out; o0 += W_PANEL) {
+    const int64_t no = d_out - o0 < W_PANEL ? d_out - o0 : W_PANEL;
+    weight_panel(W0, t, d_in, o0, no, wp);
+    for (int64_t q = 0; q < no * d_in; q++) sw += wp[q] * wp[q];
+    for (int64_t r0 = 0; r0 < T; r0 += X_BLOCK) {
+      const int64_t n = T - r0 < X_BLOCK ? T - r0 : X_BLOCK;
+      to_f64(X + r0 * d_in, (size_t)(n * d_in), x);
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)no, (int)d_in, 1.0, x, (int)d_in, wp,
+                  (int)d_in, 0.0, y, (int)no);
+      for (int64_t q = 0; q < n * no; q++) sx += y[q] * y[q];
     }
-    for (int64_t q = 0; q < n * d_out; q++) *out += y[q] * y[q];
   }
+  *xw = sx;
+  *ww = sw;
 done:
   free(x);
+  free(wp);
   free(y);
-  free(z);
   return e;
 }
 
@@ -98,7 +111,8 @@ typedef struct {
   char label[96];
   itr_merge_task tasks[ITR_MAX_TASKS];
   double *A[ITR_MAX_TASKS], *B[ITR_MAX_TASKS]; /* f64 factors of each task (r_i = 0: NULL) */
-  double *W0;                                  /* (d_out, d_in) f64 (iteration 1 and with_pretrain only) */
+  const float *W0f;                            /* (d_out, d_in) f32: the held layer's weight */
+  double *W0;                                  /* (d_out, d_in) f64 (with_pretrain only) */
   double *W;                                   /* (d_out, d_in) f64 W0 + dW_i (with_pretrain, one task) */
   double *piece;                               /* (nrhs, d_in) f64: this task's rhs term, summed over ranks */
   itr_dist_matrix T2;
@@ -117,7 +131,7 @@ static void module_job_fini(module_job *j) {
   itr_system_fini(&j->sys);
 }
 
-static itr_err module_job_init(merge_ctx *c, int k, int l, itr_module m, int64_t d_in, module_job *j) {
+static itr_err module_job_init(merge_ctx *c, int l, itr_module m, int64_t d_in, module_job *j) {
   const itr_options *o = c->opt;
   j->m = m;
   int64_t din;
@@ -130,11 +144,11 @@ static itr_err module_job_init(merge_ctx *c, int k, int l, itr_module m, int64_t
     R += j->tasks[i].r;
   }
   const int dense = c->method == METHOD_ITERIS && o->with_pretrain;
-  /* W0 in f64 is needed only for the adaptive weights (iteration 1) and with_pretrain */
-  if (dense || (c->method == METHOD_ITERIS && k == 1)) {
+  ITR_CHECK(c->layer && c->layer_index == l, ITR_ERR_INTERNAL, "layer %d is not the one held (%d)", l, c->layer_index);
+  j->W0f = itr_model_weight(c->layer, l, m);
+  if (dense) { /* with_pretrain: W0 + dW_i enters the right-hand side, and the result is W - W0 */
     ITR_TRY(itr_calloc((size_t)j->d_out * (size_t)d_in, sizeof(double), "W0 f64", &j->W0));
-    ITR_CHECK(c->layer && c->layer_index == l, ITR_ERR_INTERNAL, "layer %d is not the one held (%d)", l, c->layer_index);
-    to_f64(itr_model_weight(c->layer, l, m), (size_t)j->d_out * (size_t)d_in, j->W0);
+    to_f64(j->W0f, (size_t)j->d_out * (size_t)d_in, j->W0);
   }
   const int64_t nrhs = dense ? j->d_out : R;
   ITR_CHECK(nrhs >= 1, ITR_ERR_INTERNAL, "module %s: no adapter targets it", j->label);
@@ -224,19 +238,13 @@ static itr_err assemble_task(merge_ctx *c, module_job *j, int i, int64_t row, do
   return ITR_OK;
 }
 
-/* c_i of ALGORITHM.md step 1 from the summed denominator xw. */
-static itr_err adaptive_weight(const module_job *j, const itr_merge_task *t, int64_t d_in, int i, double xw, double *c) {
-  double *W = NULL;
-  ITR_TRY(itr_calloc((size_t)j->d_out * (size_t)d_in, sizeof(double), "W0 + dW", &W));
-  full_weight(j, t, d_in, W);
-  double num = 0.0;
-  for (int64_t q = 0; q < j->d_out * d_in; q++) num += W[q] * W[q];
-  free(W);
-  ITR_CHECK(xw > 0 && isfinite(xw) && num > 0 && isfinite(num), ITR_ERR_NUMERIC,
+/* c_i of ALGORITHM.md step 1 from the numerator ww and the denominator xw (summed over ranks). */
+static itr_err adaptive_weight(const module_job *j, int i, double ww, double xw, double *c) {
+  ITR_CHECK(xw > 0 && isfinite(xw) && ww > 0 && isfinite(ww), ITR_ERR_NUMERIC,
             "module '%s', task %d: adaptive weight ||W0 + dW||^2 / ||X (W0 + dW)^T||^2 = %g / %g is undefined. Are "
             "the calibration inputs of this task zero?",
-            j->label, i, num, xw);
-  *c = num / xw;
+            j->label, i, ww, xw);
+  *c = ww / xw;
   return ITR_OK;
 }
 
@@ -281,7 +289,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
   itr_err e = ITR_OK;
   for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++)
     if (itr_module_site((itr_module)m) == s && (c->module_mask & (1u << m)))
-      e = module_job_init(c, k, l, (itr_module)m, d_in, &site_jobs[nj++]);
+      e = module_job_init(c, l, (itr_module)m, d_in, &site_jobs[nj++]);
   *nj_total += nj;
   e = itr_dist_agree(c->comm, e);
   if (nj == 0 || e != ITR_OK) return e;
@@ -291,7 +299,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
     const int64_t T = c->calib_sh[i].T;
     const float *x = c->X[i][s], *xt = k >= 2 ? c->Xt[i][s] : NULL;
     itr_dist_matrix Xd = {0}, Xm = {0}, G = {0};
-    double *diag = NULL, n1 = 0.0, n2 = 0.0, xw[3] = {0, 0, 0};
+    double *diag = NULL, n1 = 0.0, n2 = 0.0, xw[3] = {0, 0, 0}, ww[3] = {0, 0, 0};
     /* the Gram of the (mixed) merged-model rows and the two norms, in the block-cyclic layout */
     PetscLogStagePush(c->stage_stats);
     e = itr_dist_rows_create(c->grid, T, d_in, x, 1.0, NULL, 0.0, &Xd);
@@ -312,7 +320,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
     /* iteration 1: the denominators of c_i, from this rank's rows */
     if (e == ITR_OK && c->method == METHOD_ITERIS && k == 1) {
       for (int q = 0; q < nj && e == ITR_OK; q++)
-        e = xw_norm2_local(T, d_in, x, site_jobs[q].d_out, site_jobs[q].W0, &site_jobs[q].tasks[i], &xw[q]);
+        e = adaptive_norms(T, d_in, x, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i], &xw[q], &ww[q]);
       e = itr_dist_agree(c->comm, e);
       if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, xw, 3, MPI_DOUBLE, MPI_SUM, c->comm) != MPI_SUCCESS)
         e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the adaptive weights failed");
@@ -323,7 +331,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
       itr_merge_task *t = &j->tasks[i];
       double *coef = c->coef + SLOT(l, j->m) * (size_t)N;
       PetscLogStagePush(c->stage_assemble);
-      if (c->method == METHOD_ITERIS && k == 1) e = adaptive_weight(j, t, d_in, i, xw[q], &coef[i]);
+      if (c->method == METHOD_ITERIS && k == 1) e = adaptive_weight(j, i, ww[q], xw[q], &coef[i]);
       if (e == ITR_OK && j->sys.dense) full_weight(j, t, d_in, j->W);
       if (e == ITR_OK) e = rhs_piece_local(j, t, d_in, T, x, xt, rho, k);
       e = itr_dist_agree(c->comm, e);
@@ -345,10 +353,6 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
     free(j->piece);
     free(j->W);
     j->piece = j->W = NULL;
-    if (!j->sys.dense) {
-      free(j->W0);
-      j->W0 = NULL;
-    }
   }
   return e;
 }

@@ -8,8 +8,8 @@
 #include "iteris/synth.h"
 #include "synth/synth_internal.h"
 
-static itr_err write_config(const char *dir, int r, double alpha, int use_rslora, unsigned mask,
-                            const char *base_model_name) {
+itr_err itr_synth_adapter_config_write(const char *dir, int r, double alpha, int use_rslora, unsigned mask,
+                                       const char *base_model_name) {
   cJSON *o = cJSON_CreateObject();
   int ok = o != NULL;
   ok = ok && cJSON_AddObjectToObject(o, "alpha_pattern");
@@ -88,7 +88,7 @@ itr_err itr_synth_adapter_write(const char *dir, const itr_model_config *cfg, in
   if (e == ITR_OK) e = itr_synth_join(path, sizeof path, dir, "adapter_model.safetensors");
   if (e == ITR_OK) e = itr_st_writer_write(w, path);
   itr_st_writer_destroy(w);
-  if (e == ITR_OK) e = write_config(dir, r, alpha, use_rslora, module_mask, base_model_name);
+  if (e == ITR_OK) e = itr_synth_adapter_config_write(dir, r, alpha, use_rslora, module_mask, base_model_name);
   if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
   return ITR_OK;
 }

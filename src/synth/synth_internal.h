@@ -14,4 +14,8 @@ itr_err itr_synth_join(char *buf, size_t len, const char *dir, const char *name)
 /* Fills dst[n] with std * N(0, 1) (+ mean) from the stream itr_synth_seed(seed, name). */
 void itr_synth_fill_normal(float *dst, size_t n, double mean, double std, uint64_t seed, const char *name);
 
+/* Writes DIR/adapter_config.json of a PEFT LoRA (rank r, lora_alpha alpha, the modules in mask). */
+itr_err itr_synth_adapter_config_write(const char *dir, int r, double alpha, int use_rslora, unsigned mask,
+                                       const char *base_model_name);
+
 #endif

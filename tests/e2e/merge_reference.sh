@@ -11,11 +11,13 @@
 #   iteris max_iter 1: 4.4e-7   max_iter 3: 6.1e-7   max_iter 3, reg_coef 0.3, manual_coef: 4.5e-7
 #   iteris max_iter 2, alpha_1 1e-2, alpha_2 3e-2: 3.3e-7   regmean: 4.5e-7
 #   regmean alpha_2 3e-2, regmean_alpha 0.5: 1.1e-7         task_arithmetic: 5e-17
+#   iteris max_iter 2, with_pretrain 1, reg_coef 0.2 (dense update, out_rank 172): 6.9e-7
 # TOL = 1e-5 leaves >= 15x headroom and is far below what a wrong semantics gives on this case
 # (reference with the wrong setting vs the binary's output):
 #   max_iter 4 instead of 3: 6.8e-3; 2 instead of 3: 6.5e-2; reg_coef 0 instead of 0.3: 1.9e-1;
 #   manual_coef 1,1,1 instead of 1,2,0.5: 4.7e-1; alpha_1 0 instead of 1e-2: 4.0e-1; alpha_2 0
-#   instead of 3e-2: 8.6e-1; regmean ridge 0 instead of 3e-2: 2.0e-1; regmean_alpha 1 instead of 0.5: 2.5e-1.
+#   instead of 3e-2: 8.6e-1; regmean ridge 0 instead of 3e-2: 2.0e-1; regmean_alpha 1 instead of 0.5: 2.5e-1;
+#   with_pretrain 0 instead of 1: 1.2.
 # (The default alpha_1 = alpha_2 = 1e-7 move dW by ~1e-7 only: the ridge conventions are checked by
 # the two *_ridge cases.)
 # Env: ITERIS_BIN (the binary; default build/bin/iteris-mpi).
@@ -52,6 +54,9 @@ check iteris_k3 "-max_iter 3" "--max_iter 3"
 check iteris_k3_reg_manual "-max_iter 3 -reg_coef 0.3 -manual_coef 1,2,0.5" \
   "--max_iter 3 --reg_coef 0.3 --manual_coef 1,2,0.5"
 check iteris_k2_ridge "-max_iter 2 -alpha_1 1e-2 -alpha_2 3e-2" "--max_iter 2 --alpha_1 1e-2 --alpha_2 3e-2"
+# with_pretrain gives a full-rank update: -out_rank 172 (>= every module's smaller side, 64) keeps it exactly
+check iteris_k2_pretrain "-max_iter 2 -with_pretrain 1 -reg_coef 0.2 -out_rank 172" \
+  "--max_iter 2 --with_pretrain 1 --reg_coef 0.2"
 check iteris_k2_max_tokens "-max_iter 2 -max_tokens 5" "--max_iter 2 --max_tokens 5"
 check regmean "-method regmean" "--method regmean"
 check regmean_ridge "-method regmean -alpha_2 3e-2 -regmean_alpha 0.5" "--method regmean --alpha_2 3e-2 --regmean_alpha 0.5"

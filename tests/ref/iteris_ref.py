@@ -21,7 +21,7 @@ Iteration semantics (the same as src/cli/merge.c, stated independently):
 usage:
   iteris_ref.py --base DIR --adapters A,B,C --calib a.jsonl,b.jsonl,c.jsonl --out MERGED_DIR
                 [--method iteris|regmean|task_arithmetic] [--max_iter K] [--alpha_1 X] [--alpha_2 X]
-                [--reg_coef X] [--manual_coef a,b,c] [--regmean_alpha X] [--ta_lambda X] [--max_tokens N]
+                [--reg_coef X] [--with_pretrain 0|1] [--manual_coef a,b,c] [--regmean_alpha X] [--ta_lambda X] [--max_tokens N]
                 [--tol 1e-4] [--coef_tol 1e-5] [--label NAME]
 Prints the relative Frobenius error ||dW_bin - dW_ref|| / ||dW_ref|| of every module (dW = s B A of
 the binary's adapter), and, for iteris, the relative error of the adaptive weights c_i written in
@@ -146,7 +146,7 @@ def solve_right(T1, T2):
     return np.linalg.solve(T2, T1.T).T
 
 
-def merge_iteris(cfg, W0, dW, calib, modules, max_iter, alpha_1, alpha_2, rho, w):
+def merge_iteris(cfg, W0, dW, calib, modules, max_iter, alpha_1, alpha_2, rho, w, with_pretrain=False):
     N = len(dW)
     X = []
     for i in range(N):
@@ -180,10 +180,12 @@ def merge_iteris(cfg, W0, dW, calib, modules, max_iter, alpha_1, alpha_2, rho, w
                 G0 = xt.T @ xt
                 G = G0 + alpha_2 * fro(G0) * I
                 cw = coef[lm][i] * w[i]
-                if lm in dW[i]:
+                if with_pretrain:  # W0 + dW_i in step 5; the result is T1 T2^-1 - W0
+                    T1 += cw * ((W0[wkey(*lm)] + dW[i].get(lm, 0.0)) @ M)
+                elif lm in dW[i]:
                     T1 += cw * (dW[i][lm] @ M)
                 T2 += cw * G
-            new[lm] = solve_right(T1, T2)
+            new[lm] = solve_right(T1, T2) - (W0[wkey(*lm)] if with_pretrain else 0.0)
         merged = new
     return merged, coef
 
@@ -233,6 +235,7 @@ def main(argv):
     ap.add_argument("--alpha_1", type=float, default=1e-7)
     ap.add_argument("--alpha_2", type=float, default=1e-7)
     ap.add_argument("--reg_coef", type=float, default=0.0)
+    ap.add_argument("--with_pretrain", type=int, default=0)
     ap.add_argument("--manual_coef", default="")
     ap.add_argument("--regmean_alpha", type=float, default=1.0)
     ap.add_argument("--ta_lambda", type=float, default=1.0)
@@ -264,7 +267,7 @@ def main(argv):
             raise SystemExit("iteris_ref.py: %d calibration files for %d adapters" % (len(calib), N))
         if a.method == "iteris":
             ref, coef = merge_iteris(cfg, W0, dW, calib, modules, a.max_iter, a.alpha_1, a.alpha_2,
-                                     a.reg_coef, w)
+                                     a.reg_coef, w, a.with_pretrain != 0)
         else:
             ref = merge_regmean(cfg, W0, dW, calib, modules, a.alpha_2, a.regmean_alpha)
 

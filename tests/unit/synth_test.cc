@@ -1,6 +1,7 @@
 // The generators: the random number streams against published / hand-derived values, models and
 // adapters that read back through the io layer with the promised shapes and scales, sharding that
-// does not change a tensor, determinism, token bands, the demo case, and `inspect` on its folders.
+// does not change a tensor, determinism, token bands, adapters aimed at a task's inputs (against a
+// LAPACK eigendecomposition), the demo case, and `inspect` on its folders.
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <lapacke.h>
 
 #include "io_fixtures.h"
 #include "iteris/io.h"
@@ -54,6 +56,37 @@ std::string capture_inspect(const std::string &dir, itr_err *err) {
   std::string s(buf, len);
   std::free(buf);
   return s;
+}
+
+// x_t (V, D) = rmsnorm(embed_t) * input_layernorm of layer 0: the layer-0 q/k/v inputs, in float64.
+std::vector<double> layer0_inputs(itr_tensor_store *s, const itr_model_config &c) {
+  const itr_tensor_info *e = nullptr, *g = nullptr;
+  EXPECT_EQ(itr_tensor_store_get(s, "model.embed_tokens.weight", &e), ITR_OK) << itr_error_message();
+  EXPECT_EQ(itr_tensor_store_get(s, "model.layers.0.input_layernorm.weight", &g), ITR_OK) << itr_error_message();
+  std::vector<double> E = read_f64(e), w = read_f64(g), x(E.size());
+  const int D = c.hidden_size;
+  for (int t = 0; t < c.vocab_size; t++) {
+    double ss = 0;
+    for (int j = 0; j < D; j++) ss += E[(size_t)(t * D + j)] * E[(size_t)(t * D + j)];
+    double inv = 1.0 / std::sqrt(ss / D + c.rms_norm_eps);
+    for (int j = 0; j < D; j++) x[(size_t)(t * D + j)] = E[(size_t)(t * D + j)] * inv * w[(size_t)j];
+  }
+  return x;
+}
+
+// ||scaling B A||_F / ||W0||_F of one module, in float64 from the files.
+double update_ratio(const itr_lora_module *mod, const itr_tensor_info *w0) {
+  std::vector<double> A = read_f64(mod->A), B = read_f64(mod->B), W = read_f64(w0);
+  int64_t d_out = mod->B->shape[0], d_in = mod->A->shape[1];
+  double dw2 = 0, w2 = 0;
+  for (int64_t i = 0; i < d_out; i++)
+    for (int64_t j = 0; j < d_in; j++) {
+      double acc = 0;
+      for (int k = 0; k < mod->r; k++) acc += B[(size_t)(i * mod->r + k)] * A[(size_t)(k * d_in + j)];
+      dw2 += mod->scaling * mod->scaling * acc * acc;
+    }
+  for (double v : W) w2 += v * v;
+  return std::sqrt(dw2 / w2);
 }
 }  // namespace
 
@@ -273,6 +306,78 @@ TEST(Synth, AdapterUpdateIsANoticeableFractionOfTheBaseWeights) {
   itr_tensor_store_destroy(s);
 }
 
+TEST(Synth, AimedAdapterLiesInItsTaskInputSubspace) {
+  TempDir t;
+  itr_model_config c = biased_llama();  // D 64, vocab 50
+  ASSERT_EQ(itr_synth_model_write(t.file("base").c_str(), &c, ITR_F32, 1, 3), ITR_OK) << itr_error_message();
+  std::vector<double> wt((size_t)c.vocab_size, 0.0);
+  for (int k = 0; k < 25; k++) wt[(size_t)k] = 2.0;  // the task uses tokens 0..24 only (weights normalised)
+  const unsigned all = (1u << ITR_MODULE_COUNT) - 1;
+  const int r = 4;
+  for (double aim : {0.9, 0.0})
+    ASSERT_EQ(itr_synth_adapter_write_aimed(t.file("aim" + std::to_string((int)(aim * 10))).c_str(),
+                                            t.file("base").c_str(), r, 8, 0, all, ITR_F32, wt.data(), aim, 5, "b"),
+              ITR_OK)
+        << itr_error_message();
+  ASSERT_EQ(itr_synth_adapter_write_aimed(t.file("again").c_str(), t.file("base").c_str(), r, 8, 0, all, ITR_F32,
+                                          wt.data(), 0.9, 5, "b"),
+            ITR_OK);
+  EXPECT_EQ(io_test::read_text(t.file("aim9/adapter_model.safetensors")),
+            io_test::read_text(t.file("again/adapter_model.safetensors")));
+  // The task's layer-0 input second moment and its top-r eigenvectors, by LAPACK.
+  itr_tensor_store *s = nullptr;
+  ASSERT_EQ(itr_tensor_store_open(t.file("base").c_str(), &s), ITR_OK);
+  const int D = c.hidden_size;
+  std::vector<double> x = layer0_inputs(s, c), C((size_t)(D * D), 0.0), ev((size_t)D);
+  for (int k = 0; k < 25; k++)
+    for (int i = 0; i < D; i++)
+      for (int j = 0; j < D; j++) C[(size_t)(i * D + j)] += x[(size_t)(k * D + i)] * x[(size_t)(k * D + j)] / 25;
+  ASSERT_EQ(LAPACKE_dsyev(LAPACK_ROW_MAJOR, 'V', 'U', D, C.data(), D, ev.data()), 0);  // ascending; columns
+  for (double aim : {0.9, 0.0}) {
+    itr_adapter *a = nullptr;
+    ASSERT_EQ(itr_adapter_open(t.file("aim" + std::to_string((int)(aim * 10))).c_str(), &c, &a), ITR_OK)
+        << itr_error_message();
+    for (itr_module m : {ITR_Q_PROJ, ITR_V_PROJ}) {
+      // Fraction of ||A||_F^2 inside the top-r eigenspace: aim (+ (1 - aim) r / D from the random part).
+      std::vector<double> A = read_f64(itr_adapter_module(a, 0, m)->A);
+      double in = 0, tot = 0;
+      for (int k = 0; k < r; k++) {
+        for (int j = 0; j < D; j++) tot += A[(size_t)(k * D + j)] * A[(size_t)(k * D + j)];
+        for (int e = D - r; e < D; e++) {
+          double p = 0;
+          for (int j = 0; j < D; j++) p += A[(size_t)(k * D + j)] * C[(size_t)(j * D + e)];
+          in += p * p;
+        }
+      }
+      if (aim > 0)
+        EXPECT_GT(in / tot, 0.8) << itr_module_name(m);
+      else
+        EXPECT_LT(in / tot, 0.35) << itr_module_name(m);
+    }
+    // Every module's update is exactly ITR_SYNTH_ADAPTER_REL_NORM of its base weight.
+    for (int l = 0; l < 2; l++)
+      for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+        char name[128];
+        itr_name_base(l, (itr_module)m, "weight", name, sizeof name);
+        const itr_tensor_info *w0 = nullptr;
+        ASSERT_EQ(itr_tensor_store_get(s, name, &w0), ITR_OK);
+        const itr_lora_module *mod = itr_adapter_module(a, l, (itr_module)m);
+        ASSERT_TRUE(mod->present);
+        EXPECT_EQ(mod->r, r);
+        EXPECT_NEAR(update_ratio(mod, w0), ITR_SYNTH_ADAPTER_REL_NORM, 1e-5) << name;
+      }
+    itr_adapter_destroy(a);
+  }
+  itr_tensor_store_destroy(s);
+  EXPECT_TRUE(failed_with(itr_synth_adapter_write_aimed(t.file("x").c_str(), t.file("base").c_str(), r, 8, 0, all,
+                                                        ITR_F32, wt.data(), 1.5, 5, "b"),
+                          ITR_ERR_INPUT, {"aim 1.5"}));
+  std::vector<double> zero((size_t)c.vocab_size, 0.0);
+  EXPECT_TRUE(failed_with(itr_synth_adapter_write_aimed(t.file("x").c_str(), t.file("base").c_str(), r, 8, 0, all,
+                                                        ITR_F32, zero.data(), 0.9, 5, "b"),
+                          ITR_ERR_INPUT, {"sum to 0"}));
+}
+
 TEST(Synth, TokensStayInTheirBandAndLengthRange) {
   TempDir t;
   ASSERT_EQ(itr_synth_tokens_write_band(t.file("b.jsonl").c_str(), 300, 100, 200, 0.8, 200, 5, 12, 17), ITR_OK)
@@ -326,7 +431,10 @@ TEST(Synth, DemoCaseIsCompleteAndTasksAreDistinguishable) {
   const itr_tensor_info *emb = nullptr;
   ASSERT_EQ(itr_tensor_store_get(s, "model.embed_tokens.weight", &emb), ITR_OK);
   EXPECT_EQ(emb->dtype, ITR_BF16);
-  itr_tensor_store_destroy(s);
+  // Each adapter is aimed at its task: at layer 0, its q_proj update moves the outputs of its own
+  // band's tokens clearly more than those of the other bands (a random adapter: about equally).
+  std::vector<double> x = layer0_inputs(s, c);
+  std::vector<std::vector<double>> resp(3, std::vector<double>(3, 0.0));
   const int ranks[3] = {4, 8, 16};
   const double scalings[3] = {2.0, 2.0, 4.0};
   const itr_dtype dtypes[3] = {ITR_BF16, ITR_F32, ITR_F16};
@@ -338,6 +446,14 @@ TEST(Synth, DemoCaseIsCompleteAndTasksAreDistinguishable) {
     EXPECT_EQ(mod->r, ranks[i]);
     EXPECT_DOUBLE_EQ(mod->scaling, scalings[i]);
     EXPECT_EQ(mod->A->dtype, dtypes[i]);
+    const itr_lora_module *q = itr_adapter_module(a, 0, ITR_Q_PROJ);
+    std::vector<double> A = read_f64(q->A);
+    for (int tok = 0; tok < 256; tok++)
+      for (int k = 0; k < q->r; k++) {
+        double p = 0;
+        for (int j = 0; j < 64; j++) p += A[(size_t)(k * 64 + j)] * x[(size_t)(tok * 64 + j)];
+        resp[(size_t)i][(size_t)std::min(tok / 85, 2)] += p * p;  // ||B|| scales a row equally
+      }
     itr_adapter_destroy(a);
     for (const char *kind : {"calib", "heldout"}) {
       itr_token_set ts;
@@ -350,6 +466,12 @@ TEST(Synth, DemoCaseIsCompleteAndTasksAreDistinguishable) {
       itr_token_set_fini(&ts);
     }
   }
+  for (int i = 0; i < 3; i++)
+    for (int j = 0; j < 3; j++)
+      if (j != i) {
+        EXPECT_GT(resp[(size_t)i][(size_t)i], 1.5 * resp[(size_t)i][(size_t)j]) << "adapter " << i << " band " << j;
+      }
+  itr_tensor_store_destroy(s);
   EXPECT_NE(io_test::read_text(t.file("calib_0.jsonl")), io_test::read_text(t.file("heldout_0.jsonl")));
 }
 
