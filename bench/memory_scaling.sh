@@ -7,7 +7,7 @@ CASE=/tmp/iteris-bench-l3-1layer
 [ -f "$CASE/base/config.json" ] || build/bench/make_case "$CASE" llama3-8b 1 4 16 2 128
 A="$CASE/adapter_0,$CASE/adapter_1,$CASE/adapter_2,$CASE/adapter_3"
 C="$CASE/calib_0.jsonl,$CASE/calib_1.jsonl,$CASE/calib_2.jsonl,$CASE/calib_3.jsonl"
-for np in 1 2 4; do
+for np in ${NPS:-1 2 4}; do
   echo "== np $np"
   rm -rf "$CASE/merged"
   mpirun -np $np /usr/bin/time -f "rank peak RSS %M KiB, %e s" env OPENBLAS_NUM_THREADS=1 build/bin/iteris-mpi \
