@@ -57,7 +57,9 @@ const char *itr_safetensors_metadata(const itr_safetensors *st, const char *key)
 const char *itr_safetensors_path(const itr_safetensors *st);
 
 /* Converts a tensor's elements to f32 / f64 (dst holds numel). Rejects NaN or infinity with an
- * ITR_ERR_INPUT naming the file, the tensor and the first bad element's index. */
+ * ITR_ERR_INPUT naming the file, the tensor and the first bad element's index. Afterwards the
+ * pages of the mapping that held the tensor are released from this process (a later read maps
+ * them again), so streaming a large model does not leave it resident. */
 itr_err itr_tensor_read_f32(const itr_tensor_info *t, float *dst);
 itr_err itr_tensor_read_f64(const itr_tensor_info *t, double *dst);
 /* Checks that a tensor has exactly this shape; the message names file and tensor and both shapes.

@@ -2,9 +2,11 @@
  * The file is hostile: every length is bounded by the bytes left, integers are checked to be
  * exact non-negative integers, products are checked for overflow, names must be unique, and the
  * tensors must tile the data buffer exactly (no overlap, no gap, no bytes left over). */
+#define _DEFAULT_SOURCE /* madvise(MADV_DONTNEED): glibc's posix_madvise ignores POSIX_MADV_DONTNEED */
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -534,12 +536,26 @@ static itr_err report_bad(const itr_tensor_info *t, int64_t i, int src_finite, c
                        isnan(v) ? "NaN" : (v > 0 ? "+infinity" : "-infinity"));
 }
 
+/* Gives the pages that held a tensor back to the kernel once it is converted. The mapping is
+ * read-only and private, so MADV_DONTNEED only unmaps them from this process: a later read faults
+ * them in again from the page cache. Without it a rank that streams a 70B-class model layer by
+ * layer would keep every layer's bytes resident (and counted against a Slurm memory limit) until
+ * the end. Best effort: a failure changes memory use only. */
+static void release_pages(const itr_tensor_info *t) {
+  if (t->nbytes == 0) return;
+  const uintptr_t ps = (uintptr_t)sysconf(_SC_PAGESIZE);
+  if (ps == 0 || (ps & (ps - 1)) != 0) return;
+  uintptr_t a = (uintptr_t)t->data & ~(ps - 1), b = ((uintptr_t)t->data + t->nbytes + ps - 1) & ~(ps - 1);
+  (void)madvise((void *)a, (size_t)(b - a), MADV_DONTNEED);
+}
+
 itr_err itr_tensor_read_f32(const itr_tensor_info *t, float *dst) {
   ITR_CHECK(t && (dst || t->numel == 0), ITR_ERR_INTERNAL, "itr_tensor_read_f32: NULL argument");
   int src_finite = 0;
   int64_t bad = first_bad(t, 1, &src_finite);
   if (bad >= 0) return report_bad(t, bad, src_finite, "float32");
   if (t->numel > 0) itr_convert_to_f32(t->dtype, t->data, (size_t)t->numel, dst);
+  release_pages(t);
   return ITR_OK;
 }
 
@@ -549,6 +565,7 @@ itr_err itr_tensor_read_f64(const itr_tensor_info *t, double *dst) {
   int64_t bad = first_bad(t, 0, &src_finite);
   if (bad >= 0) return report_bad(t, bad, src_finite, "float64");
   if (t->numel > 0) itr_convert_to_f64(t->dtype, t->data, (size_t)t->numel, dst);
+  release_pages(t);
   return ITR_OK;
 }
 
