@@ -103,6 +103,32 @@ done:
   return e;
 }
 
+/* ||X (W0 + s B A)^T||_F^2 = tr(W G W^T) from the distributed Gram G = X^T X of all the task's rows
+ * (iteration 1): 2 d_in^2 d_out flops over the grid instead of 2 n d_in d_out, so the cheaper way
+ * when the task has more tokens n than inputs d_in. W^T (d_in, d_out) is built in the block-cyclic
+ * layout straight from the float32 W0 and the factors. Collective on the grid. */
+static itr_err adaptive_denominator_gram(const itr_dist_matrix *G, int64_t d_out, const float *W0,
+                                         const itr_merge_task *t, double *xw) {
+  const int64_t d_in = G->m;
+  itr_dist_matrix Wt;
+  memset(&Wt, 0, sizeof Wt);
+  itr_err e = itr_dist_agree(G->grid->comm, itr_dist_matrix_init(&Wt, G->grid, (int)d_in, (int)d_out));
+  if (e != ITR_OK) return e;
+  for (int lc = 0; lc < Wt.n_loc; lc++) {
+    const int64_t o = itr_dist_global_col(&Wt, lc); /* a row of W */
+    double *col = Wt.a + (size_t)lc * (size_t)Wt.lld;
+    for (int li = 0; li < Wt.m_loc; li++) {
+      const int64_t j = itr_dist_global_row(&Wt, li);
+      double v = (double)W0[o * d_in + j], lr = 0.0;
+      for (int r = 0; r < t->r; r++) lr += t->B[o * t->r + r] * t->A[(int64_t)r * d_in + j];
+      col[li] = v + t->scale * lr;
+    }
+  }
+  e = itr_dist_quad_trace(G, &Wt, xw);
+  itr_dist_matrix_fini(&Wt);
+  return e;
+}
+
 /* The system of one module at a site, filled task by task: T2 in the block-cyclic layout (lower
  * triangle), the right-hand sides replicated in sys.rhs (sys.T2 stays NULL). */
 typedef struct {
@@ -317,13 +343,21 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
       e = itr_dist_agree(c->comm, itr_calloc((size_t)d_in, sizeof(double), "diagonal of X^T X", &diag));
       if (e == ITR_OK) e = itr_dist_matrix_diag(&G, diag);
     }
-    /* iteration 1: the denominators of c_i, from this rank's rows */
+    /* iteration 1: the denominators of c_i, from this rank's rows (few tokens) or from G = X^T X
+     * (more tokens than inputs: cheaper), and the numerators */
     if (e == ITR_OK && c->method == METHOD_ITERIS && k == 1) {
+      int64_t n_all = T;
+      if (MPI_Allreduce(MPI_IN_PLACE, &n_all, 1, MPI_INT64_T, MPI_SUM, c->comm) != MPI_SUCCESS)
+        e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of a token count failed");
+      const int from_gram = n_all > d_in;
       for (int q = 0; q < nj && e == ITR_OK; q++)
-        e = adaptive_norms(T, d_in, x, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i], &xw[q], &ww[q]);
+        e = adaptive_norms(from_gram ? 0 : T, d_in, x, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i],
+                           &xw[q], &ww[q]);
       e = itr_dist_agree(c->comm, e);
       if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, xw, 3, MPI_DOUBLE, MPI_SUM, c->comm) != MPI_SUCCESS)
         e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the adaptive weights failed");
+      for (int q = 0; q < nj && e == ITR_OK && from_gram; q++)
+        e = adaptive_denominator_gram(&G, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i], &xw[q]);
     }
     PetscLogStagePop();
     for (int q = 0; q < nj && e == ITR_OK; q++) {
@@ -465,14 +499,21 @@ static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj,
 itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid, int *n_failed) {
   module_job jobs[ITR_MODULE_COUNT];
   memset(jobs, 0, sizeof jobs);
-  int nj = 0;
+  int nj = 0, solved = 0;
   itr_err e = ITR_OK;
-  for (int s = 0; s < ITR_SITE_COUNT && e == ITR_OK; s++) e = assemble_site(c, k, l, (itr_site)s, jobs, &nj);
-  if (e == ITR_OK) {
-    PetscLogStagePush(c->stage_solve);
-    e = solve_layer(c, k, l, jobs, nj, max_resid, n_failed);
-    PetscLogStagePop();
+  /* One grid: each site is solved as soon as it is assembled, so only its systems are held. With
+   * groups: the whole layer is assembled first, so that rank 0 can spread its 7 solves. */
+  const int per_site = c->n_groups <= 1;
+  for (int s = 0; s < ITR_SITE_COUNT && e == ITR_OK; s++) {
+    e = assemble_site(c, k, l, (itr_site)s, jobs, &nj);
+    if (e == ITR_OK && (per_site || s == ITR_SITE_COUNT - 1) && nj > solved) {
+      PetscLogStagePush(c->stage_solve);
+      e = solve_layer(c, k, l, jobs + solved, nj - solved, max_resid, n_failed);
+      PetscLogStagePop();
+      for (int q = solved; q < nj; q++) module_job_fini(&jobs[q]);
+      solved = nj;
+    }
   }
-  for (int q = 0; q < nj; q++) module_job_fini(&jobs[q]);
+  for (int q = solved; q < nj; q++) module_job_fini(&jobs[q]);
   return e;
 }

@@ -63,7 +63,7 @@ static const opt_entry table_[] = {
     {"seed", T_INT, OFF(seed), 0, 0, "0", U_DARE, "random seed (DARE)"},
     {"restart", T_BOOL, OFF(restart), 0, 0, "0", U_ITERIS, "resume from the checkpoint in OUT.partial/ (written after every iteration and on SIGTERM)"},
     {"solve_groups", T_INT, OFF(solve_groups), 0, 0, "1", U_ITERIS | U_REGMEAN,
-     "split the ranks into G groups with their own grids; rank 0 assigns each layer's solves to them by cost, and they solve at the same time"},
+     "split the ranks into N groups with their own grids; rank 0 assigns each layer's solves to them by cost, and they solve at the same time"},
     {"max_tokens", T_INT, OFF(max_tokens), 0, 0, "0", U_ITERIS | U_REGMEAN, "keep the first N tokens of every calibration sequence (0: all)"},
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
     {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,
