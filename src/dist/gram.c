@@ -78,22 +78,40 @@ itr_err itr_dist_gram(double alpha, const itr_dist_matrix *A, const itr_dist_mat
   return ITR_OK;
 }
 
+/* First local row of A whose global row is >= gj (m_loc if none): local rows map to increasing
+ * global rows, so a binary search finds it. */
+static int first_row_at_or_below(const itr_dist_matrix *A, int gj) {
+  const itr_dist_grid *g = A->grid;
+  int lo = 0, hi = A->m_loc;
+  while (lo < hi) {
+    int mid = lo + (hi - lo) / 2;
+    if (l2g(mid, g->mb, g->myrow, g->nprow) < gj)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
 /* Local part of sum_ij w_ij A_ij B_ij (B may be NULL: A_ij^2); lower: w = 2 below the diagonal,
- * 1 on it, 0 above; else w = 1. */
+ * 1 on it, 0 above; else w = 1. Column by column, the rows below the diagonal are contiguous. */
 static double local_dot(const itr_dist_matrix *A, const itr_dist_matrix *B, int lower) {
   const itr_dist_grid *g = A->grid;
   double s = 0.0;
   for (int lc = 0; lc < A->n_loc; lc++) {
-    const int gj = l2g(lc, g->mb, g->mycol, g->npcol);
     const double *a = A->a + (size_t)lc * A->lld, *b = B ? B->a + (size_t)lc * B->lld : a;
-    for (int li = 0; li < A->m_loc; li++) {
-      double w = 1.0;
-      if (lower) {
-        const int gi = l2g(li, g->mb, g->myrow, g->nprow);
-        w = gi > gj ? 2.0 : gi == gj ? 1.0 : 0.0;
+    int li = 0;
+    if (lower) {
+      const int gj = l2g(lc, g->mb, g->mycol, g->npcol);
+      li = first_row_at_or_below(A, gj);
+      if (li < A->m_loc && l2g(li, g->mb, g->myrow, g->nprow) == gj) {
+        s += a[li] * b[li];
+        li++;
       }
-      s += w * a[li] * b[li];
     }
+    double t = 0.0;
+    for (int k = li; k < A->m_loc; k++) t += a[k] * b[k];
+    s += lower ? 2.0 * t : t;
   }
   return s;
 }
@@ -138,15 +156,20 @@ itr_err itr_dist_cross_norm2(const itr_dist_matrix *A, const itr_dist_matrix *B,
 void itr_dist_matrix_add(itr_dist_matrix *C, double alpha, const itr_dist_matrix *A, double off, double shift,
                          int lower) {
   const itr_dist_grid *g = C->grid;
+  const double f = alpha * off;
   for (int lc = 0; lc < C->n_loc; lc++) {
     const int gj = l2g(lc, g->mb, g->mycol, g->npcol);
     double *c = C->a + (size_t)lc * C->lld;
     const double *a = A->a + (size_t)lc * A->lld;
-    for (int li = 0; li < C->m_loc; li++) {
-      const int gi = l2g(li, g->mb, g->myrow, g->nprow);
-      if (lower && gi < gj) continue;
-      c[li] += gi == gj ? alpha * a[li] + shift : alpha * off * a[li];
+    const int li0 = first_row_at_or_below(C, gj); /* rows [0, li0) are above the diagonal */
+    if (!lower)
+      for (int li = 0; li < li0; li++) c[li] += f * a[li];
+    int li = li0;
+    if (li < C->m_loc && l2g(li, g->mb, g->myrow, g->nprow) == gj) {
+      c[li] += alpha * a[li] + shift;
+      li++;
     }
+    for (; li < C->m_loc; li++) c[li] += f * a[li];
   }
 }
 

@@ -123,6 +123,18 @@ TEST(DistGram, SyrkAndGemmMatchFloat64Loops) {
         EXPECT_NEAR(t_out[(size_t)i * c.d + j], want, 1e-12 * (std::fabs(want) + 1));
       }
     }
+    // every entry (lower = 0) of the non-symmetric cross: off-diagonals x 0.5, diagonal + 1
+    itr_dist_matrix F;
+    ASSERT_EQ(itr_dist_matrix_init(&F, g, c.d, c.d), ITR_OK);
+    itr_dist_matrix_add(&F, 2.0, &C, 0.5, 1.0, 0);
+    std::vector<double> f_out((size_t)c.d * c.d);
+    ASSERT_EQ(itr_dist_matrix_gather(&F, -1, f_out.data()), ITR_OK);
+    for (int i = 0; i < c.d; i++)
+      for (int j = 0; j < c.d; j++) {
+        double want = i == j ? 2.0 * c_ref[(size_t)i * c.d + i] + 1.0 : c_ref[(size_t)i * c.d + j];
+        EXPECT_NEAR(f_out[(size_t)i * c.d + j], want, 1e-12 * (std::fabs(want) + 1));
+      }
+    itr_dist_matrix_fini(&F);
     itr_dist_matrix_fini(&T2);
     itr_dist_matrix_fini(&X);
     itr_dist_matrix_fini(&M);
