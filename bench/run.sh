@@ -4,7 +4,9 @@
 #   merge_bench    statistics and solve GFLOP/s vs dgemm             -> results/merge_bench.md
 #   pipeline       the whole merge on a Llama-3-8B-shaped 2-layer case, time, peak memory per rank,
 #                  -log_view                                         -> results/pipeline_llama3_8b.md
-# BENCH=forward|merge|pipeline runs one; NP (default 2) ranks for the pipeline.
+#   memory         peak memory per rank vs rank count, one such layer -> results/memory_scaling_llama3_8b.md
+# BENCH=forward|merge|pipeline|memory runs one; NP (default 2) ranks for the pipeline, NPS (default "1 2 4")
+# rank counts for memory.
 set -euo pipefail
 BUILD=${BUILD:-build}
 B=$BUILD/bench
@@ -30,4 +32,8 @@ if [ "$which" = all ] || [ "$which" = pipeline ]; then
        -out "$CASE/merged" -log_view)
   echo "== ${cmd[*]}"
   "${cmd[@]}"
+fi
+if [ "$which" = all ] || [ "$which" = memory ]; then
+  echo "== bench/memory_scaling.sh"
+  BUILD=$BUILD bash "$(dirname "$0")/memory_scaling.sh"
 fi
