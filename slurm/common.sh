@@ -1,7 +1,7 @@
 # Sourced by the sbatch scripts in slurm/ (not submitted itself): environment, job-file lookup,
 # srun with signal forwarding, and requeue after a checkpointed stop. See slurm/README.md.
 # shellcheck shell=bash
-# shellcheck disable=SC2034  # ITR_JOB, ITR_RC, ITR_BIN are read by the scripts that source this file
+# shellcheck disable=SC2034  # ITR_JOB, ITR_ARGS, ITR_RC, ITR_BIN are read by the scripts that source this file
 
 ITR_EXIT_STOPPED=5 # iteris-mpi: stopped by a signal after writing OUT.partial/checkpoint (src/cli/signals.h)
 
@@ -45,6 +45,15 @@ itr_find_job() {
   if [ ! -f "$j" ] && [ -f "jobs/$j.yaml" ]; then j=jobs/$j.yaml; fi
   [ -r "$j" ] || itr_die "cannot read the job file '$j' (from $(pwd)): give a path relative to the submit dir, or a name in jobs/"
   ITR_JOB=$j
+}
+
+# itr_begin ARGS...: the job file (the first argument unless it is an option; else $ITERIS_JOB), the
+# executable and the environment. The arguments after the job file are left in the array ITR_ARGS.
+itr_begin() {
+  if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then itr_find_job "$1"; shift; else itr_find_job ""; fi
+  ITR_ARGS=("$@")
+  itr_find_bin
+  itr_setup_env
 }
 
 # itr_srun ARGS...: srun iteris-mpi ARGS in the background and wait until it really ends (a trapped
@@ -91,4 +100,18 @@ itr_finish() {
     itr_say "iteris-mpi failed with exit code $rc (2 input, 3 numerical, 4 internal, >128 killed by a signal)"
   fi
   exit "$rc"
+}
+
+# itr_run_merge ARGS...: the whole of merge-single-node.sh and merge-multi-node.sh: srun the merge of
+# the job file (with -restart 1 on a requeue), requeue after a checkpointed stop, exit with its code.
+itr_run_merge() {
+  local restart
+  itr_begin "$@"
+  restart=$(itr_restart_args)
+  itr_say "$(date '+%F %T') node(s) ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-?} task(s) x ${SLURM_CPUS_PER_TASK:-1} CPU(s), job file $ITR_JOB, restart count ${SLURM_RESTART_COUNT:-0}"
+  itr_say "srun $ITR_BIN -options_file $ITR_JOB ${ITR_ARGS[*]} $restart"
+  # shellcheck disable=SC2086
+  itr_srun -options_file "$ITR_JOB" "${ITR_ARGS[@]}" $restart
+  itr_say "$(date '+%F %T') srun exited with $ITR_RC"
+  itr_finish "$ITR_RC"
 }

@@ -24,13 +24,4 @@ ITERIS_HOME=${ITERIS_HOME:-${SLURM_SUBMIT_DIR:-.}}
 . "$ITERIS_HOME/slurm/common.sh" || { echo "cannot read $ITERIS_HOME/slurm/common.sh: set ITERIS_HOME" >&2; exit 2; }
 
 # the first argument is the job file unless it is an option (then ITERIS_JOB names it)
-if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then itr_find_job "$1"; shift; else itr_find_job ""; fi
-itr_find_bin
-itr_setup_env
-restart=$(itr_restart_args)
-itr_say "$(date '+%F %T') node(s) ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-?} task(s) x ${SLURM_CPUS_PER_TASK:-1} CPU(s), job file $ITR_JOB, restart count ${SLURM_RESTART_COUNT:-0}"
-itr_say "srun $ITR_BIN -options_file $ITR_JOB $* $restart"
-# shellcheck disable=SC2086
-itr_srun -options_file "$ITR_JOB" "$@" $restart
-itr_say "$(date '+%F %T') srun exited with $ITR_RC"
-itr_finish "$ITR_RC"
+itr_run_merge "$@"

@@ -25,9 +25,7 @@ ITERIS_HOME=${ITERIS_HOME:-${SLURM_SUBMIT_DIR:-.}}
 # shellcheck source=slurm/common.sh
 . "$ITERIS_HOME/slurm/common.sh" || { echo "cannot read $ITERIS_HOME/slurm/common.sh: set ITERIS_HOME" >&2; exit 2; }
 
-if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then itr_find_job "$1"; shift; else itr_find_job ""; fi
-itr_find_bin
-itr_setup_env
+itr_begin "$@"
 
 read -r -a alphas <<<"${ITERIS_SWEEP_ALPHA2:-1e-7 1e-5 1e-3}"
 read -r -a iters <<<"${ITERIS_SWEEP_MAX_ITER:-1 3 5}"
@@ -41,6 +39,6 @@ mkdir -p "$root"
 restart=$(itr_restart_args)
 itr_say "$(date '+%F %T') grid point $i of ${na}x${nk}: alpha_2=$a max_iter=$k -> $out ($ITR_JOB, restart count ${SLURM_RESTART_COUNT:-0})"
 # shellcheck disable=SC2086
-itr_srun -options_file "$ITR_JOB" "$@" -alpha_2 "$a" -max_iter "$k" -out "$out" $restart
+itr_srun -options_file "$ITR_JOB" "${ITR_ARGS[@]}" -alpha_2 "$a" -max_iter "$k" -out "$out" $restart
 itr_say "$(date '+%F %T') srun exited with $ITR_RC"
 itr_finish "$ITR_RC"

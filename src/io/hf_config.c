@@ -223,23 +223,21 @@ static itr_err parse_config(const cJSON *root, const char *file, itr_model_confi
   return ITR_OK;
 }
 
+/* file = path/config.json when path is a folder, else path itself. */
+static itr_err config_file(const char *path, char file[ITR_PATH_MAX]) {
+  if (itr_iofile_is_dir(path)) return itr_iofile_join(file, ITR_PATH_MAX, path, "config.json");
+  ITR_CHECK(strlen(path) < ITR_PATH_MAX, ITR_ERR_INPUT, "path too long: '%s'", path);
+  snprintf(file, ITR_PATH_MAX, "%s", path);
+  return ITR_OK;
+}
+
 itr_err itr_model_config_read(const char *path, itr_model_config *out) {
   char file[ITR_PATH_MAX];
-  if (itr_iofile_is_dir(path)) {
-    ITR_TRY(itr_iofile_join(file, sizeof file, path, "config.json"));
-  } else {
-    ITR_CHECK(strlen(path) < sizeof file, ITR_ERR_INPUT, "path too long: '%s'", path);
-    snprintf(file, sizeof file, "%s", path);
-  }
-  char *text = NULL;
-  size_t len = 0;
-  ITR_TRY(itr_iofile_read(file, ITR_IOFILE_JSON_CAP, &text, &len));
+  ITR_TRY(config_file(path, file));
   cJSON *root = NULL;
-  itr_err e = itr_json_parse_object(text, len, file, &root);
-  free(text);
-  if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  ITR_TRY(itr_json_read_object(file, &root));
   itr_model_config c;
-  e = parse_config(root, file, &c);
+  itr_err e = parse_config(root, file, &c);
   cJSON_Delete(root);
   if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
   *out = c;
@@ -283,12 +281,7 @@ static itr_err build_json(const itr_model_config *c, cJSON *o) {
 
 itr_err itr_model_config_write(const char *path, const itr_model_config *cfg) {
   char file[ITR_PATH_MAX];
-  if (itr_iofile_is_dir(path)) {
-    ITR_TRY(itr_iofile_join(file, sizeof file, path, "config.json"));
-  } else {
-    ITR_CHECK(strlen(path) < sizeof file, ITR_ERR_INPUT, "path too long: '%s'", path);
-    snprintf(file, sizeof file, "%s", path);
-  }
+  ITR_TRY(config_file(path, file));
   ITR_TRY(validate(cfg, file));
   cJSON *o = cJSON_CreateObject();
   ITR_CHECK(o, ITR_ERR_INTERNAL, "out of memory building %s", file);

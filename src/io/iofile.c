@@ -173,6 +173,15 @@ itr_err itr_json_parse_object(const char *text, size_t len, const char *file, cJ
   return ITR_OK;
 }
 
+itr_err itr_json_read_object(const char *file, cJSON **out) {
+  char *text = NULL;
+  size_t len = 0;
+  ITR_TRY(itr_iofile_read(file, ITR_IOFILE_JSON_CAP, &text, &len));
+  itr_err e = itr_json_parse_object(text, len, file, out);
+  free(text);
+  return e;
+}
+
 void itr_json_describe(const cJSON *v, char *buf, size_t len) {
   if (!v) {
     snprintf(buf, len, "nothing");

@@ -30,6 +30,8 @@ itr_err itr_iofile_mkdirs(const char *dir);
 /* Parses a JSON object held in text (file names the source for messages). On failure the
  * message gives the file, the line and column of the first error, and a snippet. */
 itr_err itr_json_parse_object(const char *text, size_t len, const char *file, cJSON **out);
+/* Reads file (at most ITR_IOFILE_JSON_CAP bytes) and parses it as one JSON object (as above). */
+itr_err itr_json_read_object(const char *file, cJSON **out);
 
 /* Typed getters. A field that is absent (or null, when null_is_absent) takes the default when
  * required is 0; otherwise absent is an error. Messages: "FILE: 'key' must be ..., got ...". */

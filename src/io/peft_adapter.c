@@ -174,14 +174,9 @@ itr_err itr_peft_config_read(const char *file, itr_peft_config *out) {
   memset(&c, 0, sizeof c);
   ITR_CHECK(strlen(file) < sizeof c.file, ITR_ERR_INPUT, "path too long: '%s'", file);
   snprintf(c.file, sizeof c.file, "%s", file);
-  char *text = NULL;
-  size_t len = 0;
-  ITR_TRY(itr_iofile_read(file, ITR_IOFILE_JSON_CAP, &text, &len));
   cJSON *root = NULL;
-  itr_err e = itr_json_parse_object(text, len, file, &root);
-  free(text);
-  if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
-  e = parse_peft(root, &c);
+  ITR_TRY(itr_json_read_object(file, &root));
+  itr_err e = parse_peft(root, &c);
   cJSON_Delete(root);
   if (e != ITR_OK) {
     itr_peft_config_fini(&c);
