@@ -26,9 +26,13 @@ extern "C" {
 
 /* Agreement point: every rank passes its local result; returns on every rank the largest error
  * code found (ITR_OK when all succeeded). On failure the message of the lowest rank holding that
- * code, prefixed with "rank k of n: ", becomes the current message of every rank (so all ranks
- * print and return the same thing). Collective on comm. */
+ * code, prefixed with "rank k of n: " (k and n in MPI_COMM_WORLD, also for a sub-communicator),
+ * becomes the current message of every rank (so all ranks print and return the same thing).
+ * Collective on comm. */
 itr_err itr_dist_agree(MPI_Comm comm, itr_err local);
+/* The same without the prefix: for errors already agreed in a sub-communicator and relayed to
+ * other ranks verbatim, whose message names its rank already. Collective on comm. */
+itr_err itr_dist_agree_relayed(MPI_Comm comm, itr_err local);
 
 /* ---- grids -------------------------------------------------------------------------------- */
 

@@ -5,11 +5,17 @@
  * (K*L*7 scaled residuals so far), and per (layer, module) slot q the merged update of the last
  * finished iteration, "cur/<q>/A" (R, d_in) and "cur/<q>/B" (d_out, R), or "cur/<q>/dense"
  * (d_out, d_in), and the updates of iteration k already solved (layers < l) under "next/<q>/".
- * All f64: a resumed run continues from exactly the state an uninterrupted run had. */
+ * All f64: a resumed run continues from exactly the state an uninterrupted run had.
+ *
+ * With -stages S, each stage g writes checkpoint.stage<g>of<S>.iter<k>.h5 after its iteration k:
+ * attributes "fingerprint" and "stage" ("g S lo hi"), "coef" and "resid" as above (the entries of
+ * its layers hold), and "cur/<q>/" for its layers. A restart resumes after the last iteration that
+ * every stage has a file of. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/merge_internal.h"
 
@@ -66,6 +72,20 @@ static itr_err read_update(itr_h5 *h, const char *prefix, size_t q, int64_t d_ou
     ITR_TRY(itr_h5_read_f64(h, name, 2, dd, u->dense));
   }
   return ITR_OK;
+}
+
+/* The residuals so far; a run restarted with another -max_iter keeps what fits. */
+static itr_err read_resid(itr_h5 *h, merge_ctx *c, size_t nslots) {
+  int nd;
+  int64_t dims[ITR_MAX_DIMS];
+  ITR_TRY(itr_h5_shape(h, "resid", &nd, dims));
+  double *r = NULL;
+  ITR_TRY(itr_calloc((size_t)dims[0], sizeof(double), "checkpoint residuals", &r));
+  itr_err e = itr_h5_read_f64(h, "resid", 1, dims, r);
+  int64_t keep = (int64_t)nslots * c->opt->max_iter;
+  if (e == ITR_OK) memcpy(c->resid, r, (size_t)(dims[0] < keep ? dims[0] : keep) * sizeof(double));
+  free(r);
+  return e;
 }
 
 static void ckpt_path(const merge_ctx *c, char *buf, size_t len) {
@@ -127,20 +147,9 @@ itr_err checkpoint_read(merge_ctx *c, int *found) {
     e = itr_error_set(ITR_ERR_INPUT, "checkpoint '%s': bad resume point '%s'", path, resume);
     goto done;
   }
-  int nd;
-  int64_t dims[ITR_MAX_DIMS];
   int64_t dc = (int64_t)nslots * c->N;
   ITR_TRY_GOTO(itr_h5_read_f64(h, "coef", 1, &dc, c->coef), e, done);
-  ITR_TRY_GOTO(itr_h5_shape(h, "resid", &nd, dims), e, done);
-  {
-    double *r = NULL;
-    ITR_TRY_GOTO(itr_calloc((size_t)dims[0], sizeof(double), "checkpoint residuals", &r), e, done);
-    e = itr_h5_read_f64(h, "resid", 1, dims, r);
-    int64_t keep = (int64_t)nslots * c->opt->max_iter;
-    if (e == ITR_OK) memcpy(c->resid, r, (size_t)(dims[0] < keep ? dims[0] : keep) * sizeof(double));
-    free(r);
-    ITR_TRY_GOTO(e, e, done);
-  }
+  ITR_TRY_GOTO(read_resid(h, c, nslots), e, done);
   for (size_t q = 0; q < nslots; q++) {
     int64_t d_out, d_in;
     itr_module_shape(&c->cfg, (itr_module)(q % ITR_MODULE_COUNT), &d_out, &d_in);
@@ -153,6 +162,94 @@ itr_err checkpoint_read(merge_ctx *c, int *found) {
   c->start_layer = l;
   c->iters_done = k - 1;
   *found = 1;
+done:
+  (void)itr_h5_close(h, 0);
+  return e;
+}
+
+static void stage_path(const merge_ctx *c, int k, char *buf, size_t len) {
+  snprintf(buf, len, "%s.partial/checkpoint.stage%dof%d.iter%d.h5", c->opt->out, c->stage + 1, c->n_stages, k);
+}
+
+itr_err checkpoint_write_stage(const merge_ctx *c, int k) {
+  char path[ITR_PATH_MAX + 96], fp[8192], st[96];
+  snprintf(path, sizeof path, "%s.partial", c->opt->out);
+  ITR_TRY(itr_iofile_mkdirs(path));
+  stage_path(c, k, path, sizeof path);
+  itr_h5 *h = NULL;
+  ITR_TRY(itr_h5_create(path, &h));
+  const size_t nslots = (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT;
+  itr_err e = ITR_OK;
+  fingerprint(c, fp, sizeof fp);
+  snprintf(st, sizeof st, "%d %d %d %d", c->stage, c->n_stages, c->layer_lo, c->layer_hi);
+  int64_t dc = (int64_t)nslots * c->N, dr = (int64_t)nslots * c->opt->max_iter;
+  ITR_TRY_GOTO(itr_h5_set_attr(h, "fingerprint", fp), e, fail);
+  ITR_TRY_GOTO(itr_h5_set_attr(h, "stage", st), e, fail);
+  ITR_TRY_GOTO(itr_h5_write_f64(h, "coef", 1, &dc, c->coef), e, fail);
+  ITR_TRY_GOTO(itr_h5_write_f64(h, "resid", 1, &dr, c->resid), e, fail);
+  for (int l = c->layer_lo; l < c->layer_hi; l++)
+    for (int m = 0; m < ITR_MODULE_COUNT; m++) ITR_TRY_GOTO(write_update(h, "cur", SLOT(l, m), &c->cur[SLOT(l, m)]), e, fail);
+  return itr_h5_close(h, 1);
+fail:
+  (void)itr_h5_close(h, 0);
+  return e;
+}
+
+int checkpoint_stage_latest(const merge_ctx *c) {
+  char path[ITR_PATH_MAX + 96];
+  for (int k = c->opt->max_iter; k >= 1; k--) {
+    stage_path(c, k, path, sizeof path);
+    if (access(path, F_OK) == 0) return k;
+  }
+  return 0;
+}
+
+int checkpoint_exists(const merge_ctx *c) {
+  char path[ITR_PATH_MAX + 64];
+  ckpt_path(c, path, sizeof path);
+  return access(path, F_OK) == 0;
+}
+
+void checkpoint_remove(const merge_ctx *c, const char *dir) {
+  char path[ITR_PATH_MAX + 96];
+  snprintf(path, sizeof path, "%s/checkpoint.h5", dir);
+  remove(path);
+  for (int g = 1; g <= c->n_stages && c->n_stages > 1; g++)
+    for (int k = 1; k <= c->opt->max_iter; k++) {
+      snprintf(path, sizeof path, "%s/checkpoint.stage%dof%d.iter%d.h5", dir, g, c->n_stages, k);
+      remove(path);
+    }
+}
+
+itr_err checkpoint_read_stage(merge_ctx *c, int k) {
+  char path[ITR_PATH_MAX + 96], fp[8192], got[8192], st[96], want[96];
+  stage_path(c, k, path, sizeof path);
+  itr_h5 *h = NULL;
+  ITR_TRY(itr_h5_open(path, &h));
+  itr_err e = ITR_OK;
+  const size_t nslots = (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT;
+  fingerprint(c, fp, sizeof fp);
+  snprintf(want, sizeof want, "%d %d %d %d", c->stage, c->n_stages, c->layer_lo, c->layer_hi);
+  ITR_TRY_GOTO(itr_h5_get_attr(h, "fingerprint", got, sizeof got), e, done);
+  ITR_TRY_GOTO(itr_h5_get_attr(h, "stage", st, sizeof st), e, done);
+  if (strcmp(fp, got) != 0 || strcmp(st, want) != 0) {
+    e = itr_error_set(ITR_ERR_INPUT,
+                      "-restart: the checkpoint '%s' was made by a run with other inputs or options:\n  checkpoint: %s "
+                      "(stage %s)\n  this run:   %s (stage %s)\nUse the same options, or run without -restart to start over.",
+                      path, got, st, fp, want);
+    goto done;
+  }
+  int64_t dc = (int64_t)nslots * c->N;
+  ITR_TRY_GOTO(itr_h5_read_f64(h, "coef", 1, &dc, c->coef), e, done);
+  ITR_TRY_GOTO(read_resid(h, c, nslots), e, done);
+  for (int l = c->layer_lo; l < c->layer_hi; l++)
+    for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+      int64_t d_out, d_in;
+      const size_t q = SLOT(l, m);
+      itr_module_shape(&c->cfg, (itr_module)m, &d_out, &d_in);
+      itr_update_fini(&c->cur[q]);
+      ITR_TRY_GOTO(read_update(h, "cur", q, d_out, d_in, &c->cur[q]), e, done);
+    }
 done:
   (void)itr_h5_close(h, 0);
   return e;

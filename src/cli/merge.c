@@ -37,16 +37,17 @@
 /* ---- partition of sequences over ranks ------------------------------------------------------ */
 
 /* Assigns the sequences of ts to ranks, longest first, each to the rank with the fewest tokens so
- * far (lowest rank on ties): deterministic, the same on every rank. Builds this rank's shard. */
-static itr_err shard_make(const itr_token_set *ts, int rank, int size, itr_shard *sh) {
-  memset(sh, 0, sizeof *sh);
-  int n = ts->n_seqs;
-  int *order = NULL, *owner = NULL;
+ * far (lowest rank on ties): deterministic, the same on every rank. */
+itr_err merge_shard_owners(const itr_token_set *ts, int size, int *owner) {
+  const int n = ts->n_seqs;
+  int *order = NULL;
   int64_t *load = NULL;
-  itr_err e = ITR_OK;
-  ITR_TRY_GOTO(itr_calloc((size_t)n, sizeof(int), "sequence order", &order), e, done);
-  ITR_TRY_GOTO(itr_calloc((size_t)n, sizeof(int), "sequence owners", &owner), e, done);
-  ITR_TRY_GOTO(itr_calloc((size_t)size, sizeof(int64_t), "rank loads", &load), e, done);
+  itr_err e = itr_calloc((size_t)(n ? n : 1), sizeof(int), "sequence order", &order);
+  if (e == ITR_OK) e = itr_calloc((size_t)size, sizeof(int64_t), "rank loads", &load);
+  if (e != ITR_OK) {
+    free(order);
+    return e;
+  }
   for (int s = 0; s < n; s++) order[s] = s;
   /* insertion sort by length, descending, stable (n is a few dozen to a few thousand) */
   for (int a = 1; a < n; a++) {
@@ -65,13 +66,25 @@ static itr_err shard_make(const itr_token_set *ts, int rank, int size, itr_shard
     owner[s] = best;
     load[best] += ts->offsets[s + 1] - ts->offsets[s];
   }
+  free(load);
+  free(order);
+  return ITR_OK;
+}
+
+itr_err merge_shard_from_owners(const itr_token_set *ts, const int *owner, int rank, itr_shard *sh) {
+  memset(sh, 0, sizeof *sh);
+  const int n = ts->n_seqs;
   for (int s = 0; s < n; s++)
     if (owner[s] == rank) {
       sh->n_seqs++;
       sh->T += ts->offsets[s + 1] - ts->offsets[s];
     }
-  ITR_TRY_GOTO(itr_calloc((size_t)sh->n_seqs + 1, sizeof(int64_t), "shard offsets", &sh->offsets), e, done);
-  ITR_TRY_GOTO(itr_calloc((size_t)sh->T + 1, sizeof(int32_t), "shard tokens", &sh->ids), e, done);
+  itr_err e = itr_calloc((size_t)sh->n_seqs + 1, sizeof(int64_t), "shard offsets", &sh->offsets);
+  if (e == ITR_OK) e = itr_calloc((size_t)sh->T + 1, sizeof(int32_t), "shard tokens", &sh->ids);
+  if (e != ITR_OK) {
+    shard_fini(sh);
+    return e;
+  }
   int k = 0;
   for (int s = 0; s < n; s++)
     if (owner[s] == rank) {
@@ -80,11 +93,17 @@ static itr_err shard_make(const itr_token_set *ts, int rank, int size, itr_shard
       sh->offsets[k + 1] = sh->offsets[k] + len;
       k++;
     }
-done:
-  free(order);
+  return ITR_OK;
+}
+
+/* This rank's shard of ts over size ranks. */
+static itr_err shard_make(const itr_token_set *ts, int rank, int size, itr_shard *sh) {
+  memset(sh, 0, sizeof *sh);
+  int *owner = NULL;
+  ITR_TRY(itr_calloc((size_t)(ts->n_seqs ? ts->n_seqs : 1), sizeof(int), "sequence owners", &owner));
+  itr_err e = merge_shard_owners(ts, size, owner);
+  if (e == ITR_OK) e = merge_shard_from_owners(ts, owner, rank, sh);
   free(owner);
-  free(load);
-  if (e != ITR_OK) shard_fini(sh);
   return e;
 }
 
@@ -180,7 +199,7 @@ static itr_err alloc_site_buffers(merge_ctx *c) {
   return ITR_OK;
 }
 
-static itr_err embed_all(merge_ctx *c, float **h) {
+itr_err merge_embed_all(merge_ctx *c, float **h) {
   for (int i = 0; i < c->N; i++)
     if (c->calib_sh[i].T > 0) ITR_TRY(itr_model_embed(c->model, c->calib_sh[i].ids, c->calib_sh[i].T, h[i]));
   return ITR_OK;
@@ -217,8 +236,7 @@ static itr_err run_sequences(const merge_ctx *c, const itr_shard *sh, float *h, 
   return ITR_OK;
 }
 
-/* Forward of layer l for every task: source model i into X, merged model into Xt (k >= 2). */
-static itr_err forward_layer(merge_ctx *c, int k, int l) {
+itr_err merge_forward_layer(merge_ctx *c, int k, int l) {
   ITR_TRY(load_layer(c, l));
   for (int i = 0; i < c->N; i++) {
     const itr_shard *sh = &c->calib_sh[i];
@@ -228,8 +246,7 @@ static itr_err forward_layer(merge_ctx *c, int k, int l) {
   return ITR_OK;
 }
 
-/* Rebuilds the merged model's LoRA set from c->cur. */
-static itr_err rebuild_merged_lora(merge_ctx *c) {
+itr_err merge_rebuild_lora(merge_ctx *c) {
   itr_lora_set_clear(c->lora_merged);
   const int L = c->cfg.num_hidden_layers;
   for (int l = 0; l < L; l++)
@@ -272,14 +289,33 @@ static itr_err forward_prefix(merge_ctx *c, int k, int l0) {
   return ITR_OK;
 }
 
-/* At a layer boundary: when any rank got SIGTERM/SIGINT/SIGUSR1, save the state (resume at
- * iteration k, layer l) and stop every rank with ITR_ERR_INTERRUPTED. */
-static itr_err maybe_stop(merge_ctx *c, int k, int l) {
+int merge_stop_agree(merge_ctx *c, int k, int l) {
   int sig = itr_cli_stop_agree(c->comm);
   /* fault injection for the restart tests: ITERIS_FAULT_STOP_AT="k l" acts as a signal there */
   const char *at = getenv("ITERIS_FAULT_STOP_AT");
   int fk, fl;
   if (!sig && at && sscanf(at, "%d %d", &fk, &fl) == 2 && fk == k && fl == l) sig = 15;
+  return sig;
+}
+
+void merge_progress(merge_ctx *c, int k, int l, double t_layer, double max_resid, int n_failed, int done, int total,
+                    double t0) {
+  const int K = c->method == METHOD_ITERIS ? c->opt->max_iter : 1, L = c->cfg.num_hidden_layers;
+  const double el = itr_wtime() - t0, eta = el / done * (total - done);
+  char stage[48] = "";
+  if (c->n_stages > 1) snprintf(stage, sizeof stage, "stage %d/%d ", c->stage + 1, c->n_stages);
+  /* with -stages, each stage's first rank reports its own layers */
+  const int speak = c->n_stages > 1 && c->rank == 0 && c->wrank != 0;
+  if (speak) itr_log_set_quiet(0);
+  itr_log(ITR_LOG_INFO, "%siter %d/%d layer %d/%d: %.2f s, max scaled residual %.3g %s, elapsed %.1f s, ETA %.1f s",
+          stage, k, K, l + 1, L, t_layer, max_resid, n_failed ? "FAILED" : "PASSED", el, eta);
+  if (speak) itr_log_set_quiet(1);
+}
+
+/* At a layer boundary: when any rank got SIGTERM/SIGINT/SIGUSR1, save the state (resume at
+ * iteration k, layer l) and stop every rank with ITR_ERR_INTERRUPTED. */
+static itr_err maybe_stop(merge_ctx *c, int k, int l) {
+  int sig = merge_stop_agree(c, k, l);
   if (!sig) return ITR_OK;
   ITR_TRY(itr_dist_agree(c->comm, c->rank == 0 ? checkpoint_write(c, k, l) : ITR_OK));
   return itr_error_set(ITR_ERR_INTERRUPTED,
@@ -295,23 +331,21 @@ static itr_err run_iterations(merge_ctx *c) {
   int done = 0;
   for (int k = c->start_iter; k <= K; k++) {
     const int l0 = k == c->start_iter ? c->start_layer : 0;
-    itr_err e = embed_all(c, c->h_src);
-    if (e == ITR_OK && k >= 2) e = embed_all(c, c->h_mrg);
+    itr_err e = merge_embed_all(c, c->h_src);
+    if (e == ITR_OK && k >= 2) e = merge_embed_all(c, c->h_mrg);
     if (e == ITR_OK) e = forward_prefix(c, k, l0);
     ITR_TRY(itr_dist_agree(c->comm, e));
     for (int l = l0; l < L; l++) {
       double tl = itr_wtime(), max_resid = 0;
       int n_failed = 0;
       PetscLogStagePush(c->stage_forward);
-      e = forward_layer(c, k, l);
+      e = merge_forward_layer(c, k, l);
       PetscLogStagePop();
       ITR_TRY(itr_dist_agree(c->comm, e));
       e = merge_solve_layer(c, k, l, &max_resid, &n_failed);
       ITR_TRY(e);
       done++;
-      double el = itr_wtime() - t0, eta = el / done * (total - done);
-      itr_log(ITR_LOG_INFO, "iter %d/%d layer %d/%d: %.2f s, max scaled residual %.3g %s, elapsed %.1f s, ETA %.1f s", k,
-              K, l + 1, L, itr_wtime() - tl, max_resid, n_failed ? "FAILED" : "PASSED", el, eta);
+      merge_progress(c, k, l, itr_wtime() - tl, max_resid, n_failed, done, total, t0);
       c->n_residual_failed += n_failed;
       if (l + 1 < L) ITR_TRY(maybe_stop(c, k, l + 1));
     }
@@ -321,7 +355,7 @@ static itr_err run_iterations(merge_ctx *c) {
       c->cur[q] = c->next[q];
       memset(&c->next[q], 0, sizeof c->next[q]);
     }
-    ITR_TRY(itr_dist_agree(c->comm, rebuild_merged_lora(c)));
+    ITR_TRY(itr_dist_agree(c->comm, merge_rebuild_lora(c)));
     c->iters_done = k;
     if (k < K && c->method == METHOD_ITERIS) {
       ITR_TRY(itr_dist_agree(c->comm, c->rank == 0 ? checkpoint_write(c, k + 1, 0) : ITR_OK));
@@ -390,7 +424,7 @@ static itr_err run_data_free(merge_ctx *c) {
     if (e == ITR_OK) itr_log(ITR_LOG_INFO, "%s: layer %d/%d done", c->opt->method, l + 1, L);
   }
   ITR_TRY(itr_dist_agree(c->comm, e));
-  ITR_TRY(itr_dist_agree(c->comm, rebuild_merged_lora(c)));
+  ITR_TRY(itr_dist_agree(c->comm, merge_rebuild_lora(c)));
   c->iters_done = 1;
   return ITR_OK;
 }
@@ -498,9 +532,7 @@ static itr_err write_outputs(merge_ctx *c) {
   ITR_TRY(write_adapter(c, partial));
   ITR_TRY(merge_report_write(c, partial));
   ITR_TRY(stats_write(c, partial));
-  char ck[ITR_PATH_MAX + 32];
-  snprintf(ck, sizeof ck, "%s/checkpoint.h5", partial);
-  remove(ck);
+  checkpoint_remove(c, partial);
   int had_old = access(o->out, F_OK) == 0;
   if (had_old) ITR_CHECK(rename(o->out, old) == 0, ITR_ERR_INTERNAL, "cannot move the old '%s' aside: %s", o->out, strerror(errno));
   ITR_CHECK(rename(partial, o->out) == 0, ITR_ERR_INTERNAL, "cannot rename '%s' to '%s': %s", partial, o->out,
@@ -541,22 +573,25 @@ static void ctx_fini(merge_ctx *c) {
   itr_tensor_store_destroy(c->store);
   itr_dist_grid_destroy(c->group_grid);
   itr_dist_grid_destroy(c->grid);
+  merge_stages_fini(c);
 }
 
 static itr_err setup(merge_ctx *c) {
   const itr_options *o = c->opt;
   /* validate on rank 0 first, so that an input error is reported once, then everywhere */
-  itr_err e = c->rank == 0 ? open_inputs(c) : ITR_OK;
-  if (e == ITR_OK && c->rank == 0) e = check_out_dir(o);
-  ITR_TRY(itr_dist_agree(c->comm, e));
-  ITR_TRY(itr_dist_agree(c->comm, c->rank != 0 ? open_inputs(c) : ITR_OK));
+  itr_err e = c->wrank == 0 ? open_inputs(c) : ITR_OK;
+  if (e == ITR_OK && c->wrank == 0) e = check_out_dir(o);
+  ITR_TRY(itr_dist_agree(c->world, e));
+  ITR_TRY(itr_dist_agree(c->world, c->wrank != 0 ? open_inputs(c) : ITR_OK));
+  ITR_TRY(merge_stages_setup(c));
 
   PetscLogStagePush(c->stage_load);
   e = itr_tensor_store_open(o->base, &c->store);
-  if (e == ITR_OK)
-    e = itr_model_load(&c->cfg, c->store, 0, 0, 1, o->n_heldout > 0, &c->model); /* embedding (+ head) */
+  /* the embedding feeds the first stage; the head (and the embedding) the evaluation */
+  if (e == ITR_OK && (c->stage == 0 || o->n_heldout > 0))
+    e = itr_model_load(&c->cfg, c->store, 0, 0, 1, o->n_heldout > 0, &c->model);
   PetscLogStagePop();
-  ITR_TRY(itr_dist_agree(c->comm, e));
+  ITR_TRY(itr_dist_agree(c->world, e));
 
   const int L = c->cfg.num_hidden_layers, N = c->N;
   const size_t nslots = (size_t)L * ITR_MODULE_COUNT;
@@ -574,6 +609,7 @@ static itr_err setup(merge_ctx *c) {
     if (e == ITR_OK) e = itr_lora_set_add_adapter(c->lora_task[i], c->ad[i], 0, L, 1.0);
   }
   if (c->method == METHOD_ITERIS || c->method == METHOD_REGMEAN) {
+    /* the calibration sequences are shared out over the ranks of this rank's stage */
     for (int i = 0; i < N && e == ITR_OK; i++) {
       e = shard_make(&c->calib[i], c->rank, c->size, &c->calib_sh[i]);
       size_t n = (size_t)(c->calib_sh[i].T ? c->calib_sh[i].T : 1) * (size_t)c->cfg.hidden_size;
@@ -582,28 +618,31 @@ static itr_err setup(merge_ctx *c) {
     }
     if (e == ITR_OK) e = alloc_site_buffers(c);
   }
-  ITR_TRY(itr_dist_agree(c->comm, e));
-  ITR_TRY(itr_dist_grid_create(c->comm, 0, &c->grid));
+  ITR_TRY(itr_dist_agree(c->world, e));
+  ITR_TRY(itr_dist_agree(c->world, itr_dist_grid_create(c->comm, 0, &c->grid)));
   c->n_groups = o->solve_groups < c->size ? o->solve_groups : c->size;
   if (c->n_groups > 1) {
     for (int g = 0; g < c->n_groups; g++) c->group_root[g] = itr_dist_group_first(g, c->n_groups, c->size);
-    ITR_TRY(itr_dist_grid_split(c->grid, c->n_groups, &c->group_grid, &c->group));
+    ITR_TRY(itr_dist_agree(c->world, itr_dist_grid_split(c->grid, c->n_groups, &c->group_grid, &c->group)));
   }
 
   char partial[ITR_PATH_MAX + 16];
   snprintf(partial, sizeof partial, "%s.partial", o->out);
   if (o->restart) {
     int found = 0;
-    ITR_TRY(itr_dist_agree(c->comm, checkpoint_read(c, &found)));
+    if (c->st)
+      ITR_TRY(merge_stages_restart(c, &found));
+    else
+      ITR_TRY(itr_dist_agree(c->world, checkpoint_read(c, &found)));
     if (found) {
-      itr_log(ITR_LOG_INFO, "-restart: resuming at iteration %d, layer %d from %s/checkpoint.h5", c->start_iter,
-              c->start_layer + 1, partial);
-      ITR_TRY(itr_dist_agree(c->comm, rebuild_merged_lora(c)));
+      itr_log(ITR_LOG_INFO, "-restart: resuming at iteration %d, layer %d from %s/", c->start_iter, c->start_layer + 1,
+              partial);
+      ITR_TRY(itr_dist_agree(c->world, merge_rebuild_lora(c)));
     } else {
       itr_log(ITR_LOG_WARN, "-restart: no checkpoint in %s/: starting from the beginning", partial);
     }
   } else {
-    ITR_TRY(itr_dist_agree(c->comm, c->rank == 0 ? itr_iofile_remove_tree(partial) : ITR_OK));
+    ITR_TRY(itr_dist_agree(c->world, c->wrank == 0 ? itr_iofile_remove_tree(partial) : ITR_OK));
   }
   return ITR_OK;
 }
@@ -612,9 +651,12 @@ itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm) {
   merge_ctx *c = NULL;
   ITR_TRY(itr_dist_agree(comm, itr_calloc(1, sizeof *c, "merge context", &c)));
   c->opt = opt;
-  c->comm = comm;
-  MPI_Comm_rank(comm, &c->rank);
-  MPI_Comm_size(comm, &c->size);
+  c->world = c->comm = comm;
+  MPI_Comm_rank(comm, &c->wrank);
+  MPI_Comm_size(comm, &c->wsize);
+  c->rank = c->wrank;
+  c->size = c->wsize;
+  c->n_stages = 1;
   c->N = opt->n_adapters;
   c->start_iter = 1;
   c->layer_index = -1;
@@ -637,8 +679,10 @@ itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm) {
   itr_err e = setup(c);
   if (e == ITR_OK) {
     itr_log(ITR_LOG_INFO, "merging %d adapters of %s (%d layers, D = %d) with %s on %d rank(s)", c->N, opt->base,
-            c->cfg.num_hidden_layers, c->cfg.hidden_size, opt->method, c->size);
-    e = c->method == METHOD_ITERIS || c->method == METHOD_REGMEAN ? run_iterations(c) : run_data_free(c);
+            c->cfg.num_hidden_layers, c->cfg.hidden_size, opt->method, c->wsize);
+    e = c->st ? merge_stages_run(c)
+        : c->method == METHOD_ITERIS || c->method == METHOD_REGMEAN ? run_iterations(c)
+                                                                  : run_data_free(c);
   }
   c->seconds_merge = itr_wtime() - t0;
   if (e == ITR_OK && opt->n_heldout > 0) {
@@ -648,10 +692,10 @@ itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm) {
   }
   if (e == ITR_OK) {
     PetscLogStagePush(c->stage_write);
-    e = itr_dist_agree(comm, c->rank == 0 ? write_outputs(c) : ITR_OK);
+    e = itr_dist_agree(comm, c->wrank == 0 ? write_outputs(c) : ITR_OK);
     PetscLogStagePop();
   }
-  if (e == ITR_OK && c->rank == 0) merge_report_print(c, stdout);
+  if (e == ITR_OK && c->wrank == 0) merge_report_print(c, stdout);
   if (e == ITR_OK && c->n_residual_failed > 0)
     itr_log(ITR_LOG_WARN, "%d solve(s) had a scaled residual above the threshold: see merge_report.json", c->n_residual_failed);
   ctx_fini(c);

@@ -24,10 +24,17 @@ typedef struct {
 
 void shard_fini(itr_shard *sh);
 
+typedef struct merge_stages merge_stages; /* -stages > 1: the pipeline's state (merge_stages.c) */
+
 typedef struct {
   const itr_options *opt;
-  MPI_Comm comm;
-  int rank, size;
+  MPI_Comm world;  /* every rank: validation, the final gather, evaluation and output */
+  int wrank, wsize;
+  MPI_Comm comm;   /* the ranks that share this rank's layers: world, or this rank's pipeline stage */
+  int rank, size;  /* in comm */
+  int n_stages, stage;    /* -stages: how many pipeline stages, and this rank's (1, 0 without) */
+  int layer_lo, layer_hi; /* the layers this rank's stage runs and merges: [lo, hi) */
+  merge_stages *st;       /* NULL without -stages */
   merge_method method;
   int N; /* adapters */
   itr_model_config cfg;
@@ -62,6 +69,41 @@ typedef struct {
 
 #define SLOT(l, m) ((size_t)(l) * ITR_MODULE_COUNT + (size_t)(m))
 
+/* ---- shared by the data-parallel loop (merge.c) and the pipeline stages (merge_stages.c) ---- */
+
+/* Owner (0..size-1) of every sequence of ts: longest first, each to the least-loaded rank
+ * (lowest on ties); the same on every rank. Not Collective. */
+itr_err merge_shard_owners(const itr_token_set *ts, int size, int *owner);
+/* This rank's shard from the owners (whole sequences in their order in ts). Not Collective. */
+itr_err merge_shard_from_owners(const itr_token_set *ts, const int *owner, int rank, itr_shard *sh);
+/* Embeds every task's calibration shard into h[i]. Not Collective. */
+itr_err merge_embed_all(merge_ctx *c, float **h);
+/* Forward of layer l on every task's shard: source model into X, merged model into Xt (k >= 2);
+ * loads the layer first. Not Collective (callers agree). */
+itr_err merge_forward_layer(merge_ctx *c, int k, int l);
+/* Rebuilds the merged model's LoRA set from c->cur. Not Collective. */
+itr_err merge_rebuild_lora(merge_ctx *c);
+/* The signal (or ITERIS_FAULT_STOP_AT="k l" injection) that asks to stop before layer l of
+ * iteration k, agreed over c->comm: 0 = go on. Collective on c->comm. */
+int merge_stop_agree(merge_ctx *c, int k, int l);
+/* Progress line of one finished layer with the ETA of this rank's part of the run. */
+void merge_progress(merge_ctx *c, int k, int l, double t_layer, double max_resid, int n_failed, int done, int total,
+                    double t0);
+
+/* ---- pipeline stages (merge_stages.c) --------------------------------------------------------- */
+
+/* Splits the ranks into -stages pipeline stages: sets comm, rank, size, layer_lo, layer_hi (all
+ * ranks and all layers without -stages). Collective on c->world. */
+itr_err merge_stages_setup(merge_ctx *c);
+/* -restart with -stages: every stage resumes after the last iteration that every stage finished
+ * (its per-stage checkpoint files). Collective on c->world. */
+itr_err merge_stages_restart(merge_ctx *c, int *found);
+/* Runs the iterations as a pipeline (stage g starts iteration k+1 once its own layers of
+ * iteration k are solved), then gathers every layer's updates, weights and residuals on every
+ * rank and makes comm = world. Collective on c->world. */
+itr_err merge_stages_run(merge_ctx *c);
+void merge_stages_fini(merge_ctx *c);
+
 /* Assembles and solves every targeted module of layer l in iteration k into c->next, from the
  * rows captured in c->X / c->Xt (merge_site.c); with -solve_groups, rank 0 plans the solves over
  * the groups by cost. Collective on c->comm. */
@@ -77,6 +119,18 @@ itr_err checkpoint_write(const merge_ctx *c, int k_next, int l_next);
 /* Reads the checkpoint if there is one (*found = 1): fills cur, next, coef, resid, start_iter,
  * start_layer. A checkpoint of other options is an input error. Not Collective. */
 itr_err checkpoint_read(merge_ctx *c, int *found);
+/* With -stages: OUT.partial/checkpoint.stage<g>of<S>.iter<k>.h5, the updates of this stage's
+ * layers after its iteration k, with the weights and residuals so far. Not Collective (the
+ * stage's first rank writes). */
+itr_err checkpoint_write_stage(const merge_ctx *c, int k);
+/* The last iteration this stage has a checkpoint file of (0: none). Not Collective. */
+int checkpoint_stage_latest(const merge_ctx *c);
+/* Reads this stage's file of iteration k into cur (its layers), coef and resid. Not Collective. */
+itr_err checkpoint_read_stage(merge_ctx *c, int k);
+/* Removes the checkpoint files of this run's layout from DIR (before DIR becomes OUT). */
+void checkpoint_remove(const merge_ctx *c, const char *dir);
+/* Whether OUT.partial/checkpoint.h5 (a run without -stages) exists. Not Collective. */
+int checkpoint_exists(const merge_ctx *c);
 /* DIR/stats.h5: adaptive weights (L, 7, N) and scaled residuals (K, L, 7). Not Collective. */
 itr_err stats_write(const merge_ctx *c, const char *dir);
 

@@ -64,6 +64,9 @@ static const opt_entry table_[] = {
     {"restart", T_BOOL, OFF(restart), 0, 0, "0", U_ITERIS, "resume from the checkpoint in OUT.partial/ (written after every iteration and on SIGTERM)"},
     {"solve_groups", T_INT, OFF(solve_groups), 0, 0, "1", U_ITERIS | U_REGMEAN,
      "split the ranks into N groups with their own grids; rank 0 assigns each layer's solves to them by cost, and they solve at the same time"},
+    {"stages", T_INT, OFF(stages), 0, 0, "1", U_ITERIS | U_REGMEAN,
+     "pipeline stages: split the ranks into S groups, each holding a contiguous range of layers and its own grid; "
+     "activations pass from stage to stage, and a stage starts its next iteration as soon as its layers are solved"},
     {"max_tokens", T_INT, OFF(max_tokens), 0, 0, "0", U_ITERIS | U_REGMEAN, "keep the first N tokens of every calibration sequence (0: all)"},
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
     {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,
@@ -301,6 +304,8 @@ itr_err itr_options_parse(itr_options *opt) {
       for (int i = 0; i < opt->n_adapters; i++) opt->manual_coef[i] = 1.0;
     ITR_CHECK(opt->solve_groups >= 1 && opt->solve_groups <= ITR_MAX_TASKS, ITR_ERR_INPUT,
               "-solve_groups must be in 1..%d, got %d", ITR_MAX_TASKS, opt->solve_groups);
+    ITR_CHECK(opt->stages >= 1 && opt->stages <= ITR_MAX_TASKS, ITR_ERR_INPUT, "-stages must be in 1..%d, got %d",
+              ITR_MAX_TASKS, opt->stages);
     ITR_CHECK(opt->max_iter >= 1, ITR_ERR_INPUT, "-max_iter must be at least 1, got %d", opt->max_iter);
     ITR_CHECK(opt->alpha_1 >= 0 && opt->alpha_2 >= 0, ITR_ERR_INPUT, "-alpha_1 and -alpha_2 must be >= 0");
     ITR_CHECK(opt->reg_coef >= 0 && opt->reg_coef <= 1, ITR_ERR_INPUT, "-reg_coef must be in [0, 1], got %g",

@@ -37,6 +37,7 @@ typedef struct {
   int restart;
   int max_tokens; /* cap on tokens per calibration sequence (0: none) */
   int solve_groups; /* process groups solving different modules at once */
+  int stages;       /* pipeline stages: process groups holding contiguous ranges of layers */
   /* other modes */
   char inspect[ITR_OPT_PATH];
   char make_demo[ITR_OPT_PATH];

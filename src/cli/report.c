@@ -39,6 +39,7 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
   cJSON_AddStringToObject(root, "tool", "iteris-mpi");
   cJSON_AddItemToObject(root, "options", options_json(c->opt));
   cJSON_AddNumberToObject(root, "ranks", c->size);
+  cJSON_AddNumberToObject(root, "stages", c->n_stages);
   cJSON_AddNumberToObject(root, "iterations", c->iters_done);
   cJSON_AddNumberToObject(root, "seconds_merge", c->seconds_merge);
   cJSON_AddNumberToObject(root, "residual_threshold", ITR_DIST_RESIDUAL_THRESHOLD);

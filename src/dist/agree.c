@@ -7,7 +7,9 @@
 /* core keeps messages below 8 KiB; a longer one is cut (the headline comes first). */
 #define AGREE_MSG_CAP 8192
 
-itr_err itr_dist_agree(MPI_Comm comm, itr_err local) {
+/* prefix: name the rank that saw the error ("rank r of P", in MPI_COMM_WORLD's numbering, so that
+ * a message from a sub-communicator names the process the user sees in the logs). */
+static itr_err agree(MPI_Comm comm, itr_err local, int prefix) {
   int rank = 0, size = 1;
   MPI_Comm_rank(comm, &rank);
   MPI_Comm_size(comm, &size);
@@ -32,6 +34,23 @@ itr_err itr_dist_agree(MPI_Comm comm, itr_err local) {
   MPI_Bcast(msg, len, MPI_CHAR, worst.rank, comm);
   msg[len] = '\0';
   itr_err code = (itr_err)worst.code;
-  if (size > 1) return itr_error_set(code, "rank %d of %d: %s", worst.rank, size, msg);
-  return itr_error_set(code, "%s", msg);
+  if (!prefix || size == 1) return itr_error_set(code, "%s", msg);
+  int wrank = worst.rank, wsize = size;
+  MPI_Group g, wg;
+  if (MPI_Comm_group(comm, &g) == MPI_SUCCESS) {
+    if (MPI_Comm_group(MPI_COMM_WORLD, &wg) == MPI_SUCCESS) {
+      int r = MPI_UNDEFINED;
+      if (MPI_Group_translate_ranks(g, 1, &worst.rank, wg, &r) == MPI_SUCCESS && r != MPI_UNDEFINED) {
+        wrank = r;
+        MPI_Comm_size(MPI_COMM_WORLD, &wsize);
+      }
+      MPI_Group_free(&wg);
+    }
+    MPI_Group_free(&g);
+  }
+  return itr_error_set(code, "rank %d of %d: %s", wrank, wsize, msg);
 }
+
+itr_err itr_dist_agree(MPI_Comm comm, itr_err local) { return agree(comm, local, 1); }
+
+itr_err itr_dist_agree_relayed(MPI_Comm comm, itr_err local) { return agree(comm, local, 0); }
