@@ -61,6 +61,9 @@ struct merge_stages {
 
 static int stage_size(const merge_stages *st, int g) { return st->first[g + 1] - st->first[g]; }
 
+/* Iterations of the run: max_iter for IterIS, one for RegMean. */
+static int n_iters(const merge_ctx *c) { return c->method == METHOD_ITERIS ? c->opt->max_iter : 1; }
+
 /* ---- setup ------------------------------------------------------------------------------------- */
 
 /* Number of float messages (chunks) for n floats. */
@@ -246,7 +249,7 @@ static void send_stop_down(merge_ctx *c, itr_err e) {
     for (int q = 0; q < stage_size(st, g + 1); q++)
       MPI_Isend(&st->hdr_out, (int)sizeof st->hdr_out, MPI_BYTE, st->first[g + 1] + q, TAG_HDR, st->link,
                 &st->req[st->n_req++]);
-  st->sent_upto = c->opt->max_iter;
+  st->sent_upto = n_iters(c);
 }
 
 /* Receives the previous stage's next transfer into h_src / h_mrg. Returns its header (an error
@@ -279,7 +282,7 @@ static link_msg *recv_up(merge_ctx *c, link_msg *hdr) {
     }
   }
   st->recv_upto = hdr->k;
-  if (hdr->k >= c->opt->max_iter) st->up_closed = 1;
+  if (hdr->k >= n_iters(c)) st->up_closed = 1;
   return hdr;
 }
 
@@ -340,7 +343,7 @@ static itr_err stage_check(merge_ctx *c, int k, int l) {
 /* ---- the run ------------------------------------------------------------------------------------ */
 
 static itr_err stage_loop(merge_ctx *c) {
-  const int K = c->method == METHOD_ITERIS ? c->opt->max_iter : 1, S = c->n_stages, g = c->stage;
+  const int K = n_iters(c), S = c->n_stages, g = c->stage;
   const int lo = c->layer_lo, hi = c->layer_hi;
   const int total = (K - c->start_iter + 1) * (hi - lo);
   const double t0 = itr_wtime();
@@ -379,7 +382,7 @@ static itr_err stage_loop(merge_ctx *c) {
 /* Ends this stage's part of the run, whatever happened (see the top of the file). */
 static void stage_finish(merge_ctx *c, itr_err e) {
   merge_stages *st = c->st;
-  const int g = c->stage, S = c->n_stages, K = c->method == METHOD_ITERIS ? c->opt->max_iter : 1;
+  const int g = c->stage, S = c->n_stages, K = n_iters(c);
   if (g > 0 && c->rank == 0) {
     st->up_out.code = (int)e;
     st->up_out.k = c->iters_done;
@@ -436,7 +439,7 @@ static itr_err bcast_update(merge_ctx *c, itr_update *u, int root, int64_t d_out
 static itr_err gather(merge_ctx *c) {
   merge_stages *st = c->st;
   const int L = c->cfg.num_hidden_layers, S = c->n_stages, N = c->N;
-  const int K = c->method == METHOD_ITERIS ? c->opt->max_iter : 1;
+  const int K = n_iters(c);
   for (int h = 0; h < S; h++) {
     const int lo = itr_dist_group_first(h, S, L), hi = itr_dist_group_first(h + 1, S, L);
     for (int l = lo; l < hi; l++)
@@ -470,7 +473,7 @@ static itr_err gather(merge_ctx *c) {
 
 itr_err merge_stages_run(merge_ctx *c) {
   merge_stages *st = c->st;
-  const int K = c->method == METHOD_ITERIS ? c->opt->max_iter : 1;
+  const int K = n_iters(c);
   st->sent_upto = st->recv_upto = c->start_iter - 1;
   st->up_closed = c->stage == 0 || st->recv_upto >= K;
   itr_err e = stage_loop(c);

@@ -34,16 +34,17 @@ static itr_err agree(MPI_Comm comm, itr_err local, int prefix) {
   MPI_Bcast(msg, len, MPI_CHAR, worst.rank, comm);
   msg[len] = '\0';
   itr_err code = (itr_err)worst.code;
-  if (!prefix || size == 1) return itr_error_set(code, "%s", msg);
   int wrank = worst.rank, wsize = size;
+  MPI_Comm_size(MPI_COMM_WORLD, &wsize);
+  int r0 = 0, p0 = 0, named = 0;
+  /* a message agreed before in a sub-communicator names its rank already */
+  if (sscanf(msg, "rank %d of %d: %n", &r0, &p0, &named) == 2 && named > 0) prefix = 0;
+  if (!prefix || wsize == 1) return itr_error_set(code, "%s", msg);
   MPI_Group g, wg;
   if (MPI_Comm_group(comm, &g) == MPI_SUCCESS) {
     if (MPI_Comm_group(MPI_COMM_WORLD, &wg) == MPI_SUCCESS) {
       int r = MPI_UNDEFINED;
-      if (MPI_Group_translate_ranks(g, 1, &worst.rank, wg, &r) == MPI_SUCCESS && r != MPI_UNDEFINED) {
-        wrank = r;
-        MPI_Comm_size(MPI_COMM_WORLD, &wsize);
-      }
+      if (MPI_Group_translate_ranks(g, 1, &worst.rank, wg, &r) == MPI_SUCCESS && r != MPI_UNDEFINED) wrank = r;
       MPI_Group_free(&wg);
     }
     MPI_Group_free(&g);
