@@ -210,6 +210,12 @@ int checkpoint_exists(const merge_ctx *c) {
   return access(path, F_OK) == 0;
 }
 
+void checkpoint_remove_stage(const merge_ctx *c, int k) {
+  char path[ITR_PATH_MAX + 96];
+  stage_path(c, k, path, sizeof path);
+  remove(path);
+}
+
 void checkpoint_remove(const merge_ctx *c, const char *dir) {
   char path[ITR_PATH_MAX + 96];
   snprintf(path, sizeof path, "%s/checkpoint.h5", dir);

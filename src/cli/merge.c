@@ -4,12 +4,15 @@
  * same error):
  *   validate  rank 0 reads every header (config, adapters against the base, token files); then
  *             the other ranks open the same inputs.
- *   load      every rank maps the base model (v1: all layers on every rank; data parallel).
+ *   load      every rank opens the base model's files and holds the embedding; decoder layers are
+ *             read one at a time, when the iteration reaches them.
  *   iterate   for k = 1..max_iter, layer by layer: every rank runs the source model i and (k >= 2)
  *             the merged model of iteration k-1 on its shard of calibration set i, in lockstep,
  *             capturing X_i and Xt_i at every input site; the statistics are formed from the
  *             ranks' rows straight in ScaLAPACK's block-cyclic layout and every module's system is
  *             solved with its Cholesky on a grid over all ranks (merge_site.c, src/dist).
+ *             With -stages S the same runs per stage on its own layers and ranks, as a pipeline
+ *             (merge_stages.c).
  *   write     rank 0 writes OUT.partial/ (adapter, report) and renames it to OUT.
  *   evaluate  with -heldout: kl_ratio and top-1 per task, on held-out shards, summed over ranks.
  */

@@ -123,6 +123,8 @@ itr_err checkpoint_read(merge_ctx *c, int *found);
  * layers after its iteration k, with the weights and residuals so far. Not Collective (the
  * stage's first rank writes). */
 itr_err checkpoint_write_stage(const merge_ctx *c, int k);
+/* Removes this stage's file of iteration k (no restart can need it any more). Not Collective. */
+void checkpoint_remove_stage(const merge_ctx *c, int k);
 /* The last iteration this stage has a checkpoint file of (0: none). Not Collective. */
 int checkpoint_stage_latest(const merge_ctx *c);
 /* Reads this stage's file of iteration k into cur (its layers), coef and resid. Not Collective. */

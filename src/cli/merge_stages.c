@@ -14,7 +14,10 @@
  *            A header with an error code ends the transfers: stage g stopped.
  *   TAG_DATA the rows, one message (in chunks) per task, kind and pair of ranks that share rows.
  *   TAG_UP   stage g+1's first rank -> stage g's first rank, exactly once per run: "done", or
- *            "stopped with this error" (stage g then stops at its next layer boundary).
+ *            "stopped with this error" (stage g then stops at its next layer boundary), with the
+ *            number of TAG_PROG messages sent before it.
+ *   TAG_PROG stage g+1's first rank -> stage g's first rank after each of its iterations: the
+ *            last iteration that stage g+1 and every stage after it have checkpointed.
  * A stage that stops sends one message upstream, receives (and drops) what its upstream still
  * sends until that one stops too, sends an error header downstream, and waits for the one message
  * from downstream: every stage ends its part of the run in finite time, whichever stage failed
@@ -22,7 +25,9 @@
  *
  * Checkpoints: each stage writes its updates after each of its iterations
  * (checkpoint_write_stage); -restart resumes every stage after the last iteration that every
- * stage finished. At the end every stage broadcasts its layers' updates, weights and residuals to
+ * stage finished. A stage keeps its files from min(k - 1, what the later stages reported) on: an
+ * earlier stage has always started the iteration a later one finished, so it has finished the one
+ * before, and the newest iteration that all stages have is always kept by all. At the end every stage broadcasts its layers' updates, weights and residuals to
  * all ranks, which then evaluate and write as without stages. */
 #include <petscsys.h>
 #include <stdio.h>
@@ -32,7 +37,7 @@
 #include "cli/merge_internal.h"
 #include "cli/signals.h"
 
-enum { TAG_HDR = 7101, TAG_DATA = 7102, TAG_UP = 7103 };
+enum { TAG_HDR = 7101, TAG_DATA = 7102, TAG_UP = 7103, TAG_PROG = 7104 };
 enum { KIND_SRC = 1, KIND_MRG = 2 };
 #define LINK_MSG_CAP 2048
 #define CHUNK_FLOATS ((size_t)1 << 28) /* 1 GiB per message: counts stay ints */
@@ -57,6 +62,14 @@ struct merge_stages {
   int sent_upto, recv_upto;      /* last iteration sent downstream / received from upstream */
   int up_closed;                 /* the previous stage sends nothing more */
   int down_heard;                /* (first rank) the next stage's one message has arrived */
+  int down_count;                /* (first rank) progress messages it said it sent before */
+  int *prog_out;                 /* (first rank, g > 0) progress sent upstream, one per iteration */
+  MPI_Request *prog_req;
+  int n_prog_sent, n_prog_recv;
+  int down_progress;             /* (first rank) last iteration checkpointed by every later stage */
+  int trimmed;                   /* (first rank) this stage's files of iterations <= trimmed are removed */
+  int ckpt_done;                 /* (first rank) the last iteration this stage checkpointed */
+  int reported;                  /* (first rank, g > 0) the last progress sent upstream */
 };
 
 static int stage_size(const merge_stages *st, int g) { return st->first[g + 1] - st->first[g]; }
@@ -106,6 +119,9 @@ static itr_err stages_alloc(merge_ctx *c, merge_stages *st) {
   if (g > 0) ITR_TRY(itr_calloc((size_t)max_T * (size_t)D, sizeof(float), "received activations", &st->rbuf));
   if (g < S - 1) st->cap_req += stage_size(st, g + 1); /* headers */
   ITR_TRY(itr_calloc((size_t)(st->cap_req ? st->cap_req : 1), sizeof(MPI_Request), "send requests", &st->req));
+  const size_t K1 = (size_t)n_iters(c) + 1;
+  ITR_TRY(itr_calloc(K1, sizeof(int), "progress messages", &st->prog_out));
+  ITR_TRY(itr_calloc(K1, sizeof(MPI_Request), "progress requests", &st->prog_req));
   return ITR_OK;
 }
 
@@ -160,6 +176,8 @@ void merge_stages_fini(merge_ctx *c) {
   }
   free(st->rbuf);
   free(st->req);
+  free(st->prog_out);
+  free(st->prog_req);
   if (st->stage_comm != MPI_COMM_NULL) MPI_Comm_free(&st->stage_comm);
   if (st->link != MPI_COMM_NULL) MPI_Comm_free(&st->link);
   free(st);
@@ -313,6 +331,41 @@ static itr_err stage_inputs(merge_ctx *c, int k) {
   return ITR_OK;
 }
 
+/* (first rank, not the last stage) Receives the next stage's progress messages: those already
+ * there (until < 0), or until `until` have arrived. */
+static void recv_progress(merge_ctx *c, int until) {
+  merge_stages *st = c->st;
+  if (c->stage == c->n_stages - 1) return;
+  for (;;) {
+    if (until >= 0 && st->n_prog_recv >= until) return;
+    int flag = 1, v = 0;
+    if (until < 0) MPI_Iprobe(st->first[c->stage + 1], TAG_PROG, st->link, &flag, MPI_STATUS_IGNORE);
+    if (!flag) return;
+    MPI_Recv(&v, 1, MPI_INT, st->first[c->stage + 1], TAG_PROG, st->link, MPI_STATUS_IGNORE);
+    st->n_prog_recv++;
+    if (v > st->down_progress) st->down_progress = v;
+  }
+}
+
+/* (first rank) Takes in the next stage's progress, tells the previous stage when the last
+ * iteration checkpointed by this stage and every later one has moved on, and removes the files no
+ * restart can need. */
+static void progress_update(merge_ctx *c) {
+  merge_stages *st = c->st;
+  const int last = c->stage == c->n_stages - 1, b = st->ckpt_done;
+  recv_progress(c, -1);
+  const int later = last || b < st->down_progress ? b : st->down_progress;
+  if (c->stage > 0 && later > st->reported) { /* strictly increasing: at most max_iter messages */
+    st->prog_out[st->n_prog_sent] = later;
+    MPI_Isend(&st->prog_out[st->n_prog_sent], 1, MPI_INT, st->first[c->stage - 1], TAG_PROG, st->link,
+              &st->prog_req[st->n_prog_sent]);
+    st->n_prog_sent++;
+    st->reported = later;
+  }
+  const int keep = later < b - 1 ? later : b - 1;
+  while (st->trimmed + 1 < keep) checkpoint_remove_stage(c, ++st->trimmed);
+}
+
 /* At a layer boundary (before layer l of iteration k): a signal, or the next stage's message
  * that it stopped, stops this stage. The first rank's view is shared with the stage. */
 static itr_err stage_check(merge_ctx *c, int k, int l) {
@@ -327,8 +380,10 @@ static itr_err stage_check(merge_ctx *c, int k, int l) {
       MPI_Recv(&m, (int)sizeof m, MPI_BYTE, st->first[c->stage + 1], TAG_UP, st->link, MPI_STATUS_IGNORE);
       m.msg[LINK_MSG_CAP - 1] = '\0';
       st->down_heard = 1;
+      st->down_count = m.k;
     }
   }
+  if (c->rank == 0 && c->method == METHOD_ITERIS) progress_update(c);
   const int sig = merge_stop_agree(c, k, l);
   MPI_Bcast(&m, (int)sizeof m, MPI_BYTE, 0, c->comm);
   if (m.code != ITR_OK) return itr_error_set((itr_err)m.code, "%s", m.msg);
@@ -372,8 +427,13 @@ static itr_err stage_loop(merge_ctx *c) {
       }
     ITR_TRY(itr_dist_agree(c->comm, merge_rebuild_lora(c)));
     c->iters_done = k;
-    if (c->method == METHOD_ITERIS)
+    if (c->method == METHOD_ITERIS) {
       ITR_TRY(itr_dist_agree(c->comm, c->rank == 0 ? checkpoint_write_stage(c, k) : ITR_OK));
+      if (c->rank == 0) {
+        c->st->ckpt_done = k;
+        progress_update(c);
+      }
+    }
     if (k < K) ITR_TRY(stage_check(c, k + 1, lo));
   }
   return ITR_OK;
@@ -385,7 +445,7 @@ static void stage_finish(merge_ctx *c, itr_err e) {
   const int g = c->stage, S = c->n_stages, K = n_iters(c);
   if (g > 0 && c->rank == 0) {
     st->up_out.code = (int)e;
-    st->up_out.k = c->iters_done;
+    st->up_out.k = st->n_prog_sent;
     st->up_out.kinds = 0;
     snprintf(st->up_out.msg, sizeof st->up_out.msg, "%s", e == ITR_OK ? "" : itr_error_message());
     MPI_Isend(&st->up_out, (int)sizeof st->up_out, MPI_BYTE, st->first[g - 1], TAG_UP, st->link, &st->up_req);
@@ -399,8 +459,11 @@ static void stage_finish(merge_ctx *c, itr_err e) {
     link_msg m;
     MPI_Recv(&m, (int)sizeof m, MPI_BYTE, st->first[g + 1], TAG_UP, st->link, MPI_STATUS_IGNORE);
     st->down_heard = 1;
+    st->down_count = m.k;
   }
+  if (g < S - 1 && c->rank == 0) recv_progress(c, st->down_count);
   wait_sends(st);
+  if (st->n_prog_sent) MPI_Waitall(st->n_prog_sent, st->prog_req, MPI_STATUSES_IGNORE);
   if (st->up_req != MPI_REQUEST_NULL) MPI_Wait(&st->up_req, MPI_STATUS_IGNORE);
 }
 
@@ -476,6 +539,9 @@ itr_err merge_stages_run(merge_ctx *c) {
   const int K = n_iters(c);
   st->sent_upto = st->recv_upto = c->start_iter - 1;
   st->up_closed = c->stage == 0 || st->recv_upto >= K;
+  st->down_progress = c->start_iter - 1; /* a restart: every stage has that iteration */
+  st->trimmed = st->reported = 0;
+  st->ckpt_done = c->start_iter - 1;
   itr_err e = stage_loop(c);
   stage_finish(c, e);
   /* every stage ended with its own error or one relayed verbatim from another stage */
