@@ -29,7 +29,7 @@ if [ "$which" = all ] || [ "$which" = pipeline ]; then
   C="$CASE/calib_0.jsonl,$CASE/calib_1.jsonl,$CASE/calib_2.jsonl,$CASE/calib_3.jsonl"
   cmd=(mpirun -np "$NP" /usr/bin/time -f "rank peak RSS %M KiB, %e s" env OPENBLAS_NUM_THREADS=1
        "$BUILD/bin/iteris-mpi" -base "$CASE/base" -adapters "$A" -calib "$C" -max_iter "${MAX_ITER:-2}"
-       -out "$CASE/merged" -log_view)
+       -out "$CASE/merged" -log_view ${EXTRA:-})
   echo "== ${cmd[*]}"
   "${cmd[@]}"
 fi

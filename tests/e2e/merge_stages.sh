@@ -57,6 +57,20 @@ for at in "3 2" "3 0" "2 3" "1 1"; do
   cmp "$W/full/adapter_model.safetensors" "$W/int/adapter_model.safetensors"
   test ! -e "$W/int.partial"
 done
+# four stages, eight iterations: each stage drops the files no restart can need (the last keeps two)
+r8=("${base[@]}" -max_iter 8 -stages 4)
+mpirun -np 4 "$BIN" "${r8[@]}" -out "$W/full8" >/dev/null 2>&1
+rm -rf "$W/int" "$W/int.partial"
+set +e
+ITERIS_FAULT_STOP_AT="6 3" timeout -k 5 120 mpirun -np 4 "$BIN" "${r8[@]}" -out "$W/int" >/dev/null 2>&1; rc=$?
+set -e
+[ "$rc" -eq 5 ]
+n_last=$(ls "$W/int.partial" | grep -c "stage4of4")
+n_all=$(ls "$W/int.partial" | grep -c "checkpoint.stage")
+echo "checkpoint files after a stop in iteration 6 of 8: $n_all in all, $n_last of the last stage"
+[ "$n_last" -le 2 ] && [ "$n_all" -lt 24 ]
+timeout -k 5 120 mpirun -np 4 "$BIN" "${r8[@]}" -out "$W/int" -restart 1 >/dev/null 2>&1
+cmp "$W/full8/adapter_model.safetensors" "$W/int/adapter_model.safetensors"
 rm -rf "$W/int" "$W/int.partial"
 set +e
 ITERIS_FAULT_STOP_AT="2 1" mpirun -np 2 "$BIN" "${rargs[@]}" -out "$W/int" >/dev/null 2>&1
