@@ -5,7 +5,8 @@
 #   pipeline       the whole merge on a Llama-3-8B-shaped 2-layer case, time, peak memory per rank,
 #                  -log_view                                         -> results/pipeline_llama3_8b.md
 #   memory         peak memory per rank vs rank count, one such layer -> results/memory_scaling_llama3_8b.md
-# BENCH=forward|merge|pipeline|memory runs one; NP (default 2) ranks for the pipeline, NPS (default "1 2 4")
+# BENCH=forward|merge|pipeline|memory runs one; NP (default 2) ranks for the pipeline (EXTRA: more options, e.g.
+# "-stages 2"), NPS (default "1 2 4")
 # rank counts for memory.
 set -euo pipefail
 BUILD=${BUILD:-build}

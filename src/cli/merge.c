@@ -434,43 +434,43 @@ static itr_err run_data_free(merge_ctx *c) {
 
 /* ---- evaluation -------------------------------------------------------------------------------- */
 
-/* Fidelity on the held-out sets: base, base + adapter i and the merged model run layer by layer
- * (one layer held at a time) on this rank's held-out sequences; then the logits, sequence by
- * sequence, and the sums over ranks. */
-static itr_err evaluate(merge_ctx *c) {
+itr_err merge_eval_alloc(merge_ctx *c, itr_shard *sh, float *(*h)[3]) {
+  const int64_t D = c->cfg.hidden_size;
+  for (int i = 0; i < c->N; i++) {
+    ITR_TRY(shard_make(&c->heldout[i], c->rank, c->size, &sh[i]));
+    for (int v = 0; v < 3; v++) {
+      ITR_TRY(itr_calloc((size_t)(sh[i].T ? sh[i].T : 1) * (size_t)D, sizeof(float), "held-out hidden states", &h[i][v]));
+      if (c->stage == 0 && sh[i].T > 0) ITR_TRY(itr_model_embed(c->model, sh[i].ids, sh[i].T, h[i][v]));
+    }
+  }
+  return ITR_OK;
+}
+
+itr_err merge_eval_layer(merge_ctx *c, int l, const itr_shard *sh, float *(*h)[3]) {
+  ITR_TRY(load_layer(c, l));
+  for (int i = 0; i < c->N; i++) {
+    ITR_TRY(run_sequences(c, &sh[i], h[i][0], NULL, NULL));
+    ITR_TRY(run_sequences(c, &sh[i], h[i][1], c->lora_task[i], NULL));
+    ITR_TRY(run_sequences(c, &sh[i], h[i][2], c->lora_merged, NULL));
+  }
+  return ITR_OK;
+}
+
+itr_err merge_eval_finish(merge_ctx *c, itr_err e, int have, const itr_shard *sh, float *(*h)[3]) {
   const int64_t V = c->cfg.vocab_size, D = c->cfg.hidden_size;
-  const int N = c->N, L = c->cfg.num_hidden_layers;
-  itr_shard sh[ITR_MAX_TASKS];
-  float *h[ITR_MAX_TASKS][3]; /* per task: base, task, merged hidden states (T_i, D) */
+  const int N = c->N;
   float *lt = NULL, *lm = NULL, *lb = NULL;
   itr_fidelity_acc acc[ITR_MAX_TASKS];
-  memset(sh, 0, sizeof sh);
-  memset(h, 0, sizeof h);
   memset(acc, 0, sizeof acc);
-  itr_err e = ITR_OK;
   int64_t maxlen = 1;
-  for (int i = 0; i < N && e == ITR_OK; i++) {
-    e = shard_make(&c->heldout[i], c->rank, c->size, &sh[i]);
-    for (int v = 0; v < 3 && e == ITR_OK; v++) {
-      e = itr_calloc((size_t)(sh[i].T ? sh[i].T : 1) * (size_t)D, sizeof(float), "held-out hidden states", &h[i][v]);
-      if (e == ITR_OK && sh[i].T > 0) e = itr_model_embed(c->model, sh[i].ids, sh[i].T, h[i][v]);
-    }
-    for (int s = 0; e == ITR_OK && s < sh[i].n_seqs; s++)
+  for (int i = 0; have && i < N; i++)
+    for (int s = 0; s < sh[i].n_seqs; s++)
       if (sh[i].offsets[s + 1] - sh[i].offsets[s] > maxlen) maxlen = sh[i].offsets[s + 1] - sh[i].offsets[s];
-  }
-  for (int l = 0; l < L && e == ITR_OK; l++) {
-    e = load_layer(c, l);
-    for (int i = 0; i < N && e == ITR_OK; i++) {
-      e = run_sequences(c, &sh[i], h[i][0], NULL, NULL);
-      if (e == ITR_OK) e = run_sequences(c, &sh[i], h[i][1], c->lora_task[i], NULL);
-      if (e == ITR_OK) e = run_sequences(c, &sh[i], h[i][2], c->lora_merged, NULL);
-    }
-  }
   size_t n = (size_t)maxlen * (size_t)V;
-  if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "logits", &lt);
-  if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "logits", &lm);
-  if (e == ITR_OK) e = itr_calloc(n, sizeof(float), "logits", &lb);
-  for (int i = 0; i < N && e == ITR_OK; i++)
+  if (e == ITR_OK && have) e = itr_calloc(n, sizeof(float), "logits", &lt);
+  if (e == ITR_OK && have) e = itr_calloc(n, sizeof(float), "logits", &lm);
+  if (e == ITR_OK && have) e = itr_calloc(n, sizeof(float), "logits", &lb);
+  for (int i = 0; i < N && e == ITR_OK && have; i++)
     for (int s = 0; s < sh[i].n_seqs && e == ITR_OK; s++) {
       int64_t r0 = sh[i].offsets[s], T = sh[i].offsets[s + 1] - r0;
       e = itr_model_logits(c->model, h[i][1] + r0 * D, T, lt);
@@ -481,19 +481,42 @@ static itr_err evaluate(merge_ctx *c) {
   free(lt);
   free(lm);
   free(lb);
-  for (int i = 0; i < N; i++) {
-    shard_fini(&sh[i]);
-    for (int v = 0; v < 3; v++) free(h[i][v]);
-  }
-  ITR_TRY(itr_dist_agree(c->comm, e));
+  ITR_TRY(itr_dist_agree_relayed(c->world, e));
   for (int i = 0; i < N; i++) {
     double v[4] = {acc[i].kl_merged, acc[i].kl_base, acc[i].top1, acc[i].n};
-    MPI_Allreduce(MPI_IN_PLACE, v, 4, MPI_DOUBLE, MPI_SUM, c->comm);
+    if (MPI_Allreduce(MPI_IN_PLACE, v, 4, MPI_DOUBLE, MPI_SUM, c->world) != 0)
+      return itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the fidelity sums failed");
     acc[i].kl_merged = v[0], acc[i].kl_base = v[1], acc[i].top1 = v[2], acc[i].n = v[3];
     itr_fidelity_result(&acc[i], &c->kl_ratio[i], &c->top1[i]);
   }
   c->evaluated = 1;
   return ITR_OK;
+}
+
+void merge_eval_free(merge_ctx *c, itr_shard *sh, float *(*h)[3]) {
+  for (int i = 0; i < c->N; i++) {
+    shard_fini(&sh[i]);
+    for (int v = 0; v < 3; v++) {
+      free(h[i][v]);
+      h[i][v] = NULL;
+    }
+  }
+}
+
+/* Fidelity on the held-out sets: base, base + adapter i and the merged model run layer by layer
+ * (one layer held at a time) on this rank's held-out sequences; then the logits, sequence by
+ * sequence, and the sums over ranks. */
+static itr_err evaluate(merge_ctx *c) {
+  itr_shard sh[ITR_MAX_TASKS];
+  float *h[ITR_MAX_TASKS][3];
+  memset(sh, 0, sizeof sh);
+  memset(h, 0, sizeof h);
+  itr_err e = merge_eval_alloc(c, sh, h);
+  for (int l = 0; l < c->cfg.num_hidden_layers && e == ITR_OK; l++) e = merge_eval_layer(c, l, sh, h);
+  e = itr_dist_agree(c->world, e);
+  if (e == ITR_OK) e = merge_eval_finish(c, e, 1, sh, h);
+  merge_eval_free(c, sh, h);
+  return e;
 }
 
 /* ---- output ------------------------------------------------------------------------------------ */
@@ -590,9 +613,10 @@ static itr_err setup(merge_ctx *c) {
 
   PetscLogStagePush(c->stage_load);
   e = itr_tensor_store_open(o->base, &c->store);
-  /* the embedding feeds the first stage; the head (and the embedding) the evaluation */
-  if (e == ITR_OK && (c->stage == 0 || o->n_heldout > 0))
-    e = itr_model_load(&c->cfg, c->store, 0, 0, 1, o->n_heldout > 0, &c->model);
+  /* the embedding feeds the first stage; the head gives the last stage the held-out logits */
+  const int last = c->stage == c->n_stages - 1;
+  if (e == ITR_OK && (c->stage == 0 || (last && o->n_heldout > 0)))
+    e = itr_model_load(&c->cfg, c->store, 0, 0, 1, last && o->n_heldout > 0, &c->model);
   PetscLogStagePop();
   ITR_TRY(itr_dist_agree(c->world, e));
 
@@ -688,7 +712,7 @@ itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm) {
                                                                   : run_data_free(c);
   }
   c->seconds_merge = itr_wtime() - t0;
-  if (e == ITR_OK && opt->n_heldout > 0) {
+  if (e == ITR_OK && opt->n_heldout > 0 && !c->evaluated) {
     PetscLogStagePush(c->stage_eval);
     e = evaluate(c);
     PetscLogStagePop();

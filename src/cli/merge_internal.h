@@ -90,6 +90,16 @@ int merge_stop_agree(merge_ctx *c, int k, int l);
 void merge_progress(merge_ctx *c, int k, int l, double t_layer, double max_resid, int n_failed, int done, int total,
                     double t0);
 
+/* Evaluation in parts (-heldout), for the data-parallel run and the stages: this rank's held-out
+ * shards over c->comm and their three hidden states per task (base, task, merged; embedded on the
+ * first stage) [Not Collective]; one layer of all three [Not Collective]; then, on every rank
+ * (have = 0: this rank holds no final states and adds nothing), the logits, the fidelity summed
+ * over c->world, after agreeing on e [Collective on c->world]; and the buffers' release. */
+itr_err merge_eval_alloc(merge_ctx *c, itr_shard *sh, float *(*h)[3]);
+itr_err merge_eval_layer(merge_ctx *c, int l, const itr_shard *sh, float *(*h)[3]);
+itr_err merge_eval_finish(merge_ctx *c, itr_err e, int have, const itr_shard *sh, float *(*h)[3]);
+void merge_eval_free(merge_ctx *c, itr_shard *sh, float *(*h)[3]);
+
 /* ---- pipeline stages (merge_stages.c) --------------------------------------------------------- */
 
 /* Splits the ranks into -stages pipeline stages: sets comm, rank, size, layer_lo, layer_hi (all

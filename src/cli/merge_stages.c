@@ -528,10 +528,98 @@ static itr_err gather(merge_ctx *c) {
       MPI_Allreduce(&nf, &c->n_residual_failed, 1, MPI_INT, MPI_SUM, c->world) != 0)
     return itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the weights and residuals failed");
   c->iters_done = K;
-  c->comm = c->world;
-  c->rank = c->wrank;
-  c->size = c->wsize;
   return itr_dist_agree(c->world, merge_rebuild_lora(c));
+}
+
+/* -heldout through the pipeline: each stage runs the base, task and merged models of its own
+ * layers on the held-out states it receives, in one pass; the last stage computes the logits. All
+ * buffers are made (and agreed on by all ranks) before the first transfer, so a transfer is never
+ * left half done: a stage that fails sends an error header instead of its rows. */
+static itr_err stages_evaluate(merge_ctx *c) {
+  merge_stages *st = c->st;
+  const int g = c->stage, S = c->n_stages, N = c->N;
+  const int64_t D = c->cfg.hidden_size;
+  itr_shard sh[ITR_MAX_TASKS];
+  float *h[ITR_MAX_TASKS][3];
+  int *own[ITR_MAX_TASKS][3];
+  float *sbuf = NULL, *rbuf = NULL;
+  MPI_Request *req = NULL;
+  int n_req = 0, cap = 1;
+  link_msg hdr;
+  memset(sh, 0, sizeof sh);
+  memset(h, 0, sizeof h);
+  memset(own, 0, sizeof own);
+  memset(&hdr, 0, sizeof hdr);
+  itr_err e = merge_eval_alloc(c, sh, h);
+  int64_t T_all = 0, T_max = 1;
+  for (int i = 0; i < N && e == ITR_OK; i++) {
+    const size_t n = (size_t)(c->heldout[i].n_seqs ? c->heldout[i].n_seqs : 1);
+    for (int w = 0; w < 3 && e == ITR_OK; w++) {
+      const int hs = g - 1 + w;
+      if (hs < 0 || hs >= S) continue;
+      e = itr_calloc(n, sizeof(int), "held-out sequence owners", &own[i][w]);
+      if (e == ITR_OK) e = merge_shard_owners(&c->heldout[i], stage_size(st, hs), own[i][w]);
+    }
+    T_all += sh[i].T;
+    if (sh[i].T > T_max) T_max = sh[i].T;
+    if (g < S - 1 && e == ITR_OK)
+      for (int q = 0; q < stage_size(st, g + 1); q++)
+        cap += 3 * n_chunks((size_t)shared_rows(&c->heldout[i], own[i][1], c->rank, own[i][2], q) * (size_t)D);
+  }
+  if (e == ITR_OK && g < S - 1) {
+    cap += stage_size(st, g + 1);
+    e = itr_calloc((size_t)(3 * T_all + 1) * (size_t)D, sizeof(float), "held-out activations in flight", &sbuf);
+    if (e == ITR_OK) e = itr_calloc((size_t)cap, sizeof(MPI_Request), "send requests", &req);
+  }
+  if (e == ITR_OK && g > 0) e = itr_calloc((size_t)T_max * (size_t)D, sizeof(float), "received activations", &rbuf);
+  e = itr_dist_agree(c->world, e);
+  const int go = e == ITR_OK; /* the same on all ranks: a stage sends exactly when the next one receives */
+  if (go && g > 0) { /* the previous stage's states, or its error */
+    MPI_Recv(&hdr, (int)sizeof hdr, MPI_BYTE, st->first[g - 1], TAG_HDR, st->link, MPI_STATUS_IGNORE);
+    hdr.msg[LINK_MSG_CAP - 1] = '\0';
+    if (hdr.code != ITR_OK) e = itr_error_set((itr_err)hdr.code, "%s", hdr.msg);
+    for (int v = 0; v < 3 && e == ITR_OK; v++)
+      for (int i = 0; i < N; i++)
+        for (int p = 0; p < stage_size(st, g - 1); p++) {
+          const size_t n = (size_t)shared_rows(&c->heldout[i], own[i][0], p, own[i][1], c->rank) * (size_t)D;
+          for (size_t o = 0; o < n; o += CHUNK_FLOATS) {
+            const size_t m = n - o < CHUNK_FLOATS ? n - o : CHUNK_FLOATS;
+            MPI_Recv(rbuf + o, (int)m, MPI_FLOAT, st->first[g - 1] + p, TAG_DATA, st->link, MPI_STATUS_IGNORE);
+          }
+          copy_rows(&c->heldout[i], own[i][0], p, own[i][1], c->rank, D, h[i][v], rbuf, -1);
+        }
+  }
+  for (int l = c->layer_lo; l < c->layer_hi && e == ITR_OK; l++) /* e: the same on the whole stage */
+    e = itr_dist_agree(c->comm, merge_eval_layer(c, l, sh, h));
+  if (go && g < S - 1) { /* on to the next stage: the states, or the error */
+    hdr.code = (int)e;
+    hdr.k = 0;
+    hdr.kinds = 0;
+    snprintf(hdr.msg, sizeof hdr.msg, "%s", e == ITR_OK ? "" : itr_error_message());
+    if (c->rank == 0)
+      for (int q = 0; q < stage_size(st, g + 1); q++)
+        MPI_Isend(&hdr, (int)sizeof hdr, MPI_BYTE, st->first[g + 1] + q, TAG_HDR, st->link, &req[n_req++]);
+    size_t w = 0;
+    for (int v = 0; v < 3 && e == ITR_OK; v++)
+      for (int i = 0; i < N; i++)
+        for (int q = 0; q < stage_size(st, g + 1); q++) {
+          const size_t n = copy_rows(&c->heldout[i], own[i][1], c->rank, own[i][2], q, D, h[i][v], sbuf + w, 1);
+          for (size_t o = 0; o < n; o += CHUNK_FLOATS) {
+            const size_t m = n - o < CHUNK_FLOATS ? n - o : CHUNK_FLOATS;
+            MPI_Isend(sbuf + w + o, (int)m, MPI_FLOAT, st->first[g + 1] + q, TAG_DATA, st->link, &req[n_req++]);
+          }
+          w += n;
+        }
+    MPI_Waitall(n_req, req, MPI_STATUSES_IGNORE);
+  }
+  e = merge_eval_finish(c, e, g == S - 1, sh, h);
+  merge_eval_free(c, sh, h);
+  for (int i = 0; i < N; i++)
+    for (int w = 0; w < 3; w++) free(own[i][w]);
+  free(sbuf);
+  free(rbuf);
+  free(req);
+  return e;
 }
 
 itr_err merge_stages_run(merge_ctx *c) {
@@ -546,7 +634,17 @@ itr_err merge_stages_run(merge_ctx *c) {
   stage_finish(c, e);
   /* every stage ended with its own error or one relayed verbatim from another stage */
   ITR_TRY(itr_dist_agree_relayed(c->world, e));
-  return gather(c);
+  e = gather(c);
+  if (e == ITR_OK && c->opt->n_heldout > 0) {
+    PetscLogStagePush(c->stage_eval);
+    e = stages_evaluate(c);
+    PetscLogStagePop();
+  }
+  /* from here on (write, report) every rank acts as one of all */
+  c->comm = c->world;
+  c->rank = c->wrank;
+  c->size = c->wsize;
+  return e;
 }
 
 itr_err merge_stages_restart(merge_ctx *c, int *found) {

@@ -2,7 +2,7 @@
 # Pipeline stages (-stages S) on the generated demo case (4 layers):
 #  1. the merge equals the one of -np 1 without stages within 1e-10 relative, for even and uneven
 #     stages (np 2, 3, 4, 5 with S = 2, 2, 4, 3), with -solve_groups inside a stage, with RegMean, and
-#     with 160-token tasks (both c_i paths);
+#     with 160-token tasks (both c_i paths); the held-out fidelity through the stages equals -np 1's;
 #  2. a run stopped in several places (as by SIGTERM) exits with 5 and resumes with -restart 1 to the
 #     same adapter, bit for bit; a checkpoint of a run without stages is refused;
 #  3. an allocation failure on one rank of the first or of the last stage ends every rank with exit
@@ -38,6 +38,21 @@ cmp_ad "$W/np1t5" "$W/s3t5"
 mpirun -np 1 "$BIN" "${base[@]}" -method regmean -out "$W/rm1" >/dev/null 2>&1
 timeout -k 5 120 mpirun -np 3 "$BIN" "${base[@]}" -method regmean -stages 2 -out "$W/rm3" >/dev/null 2>&1
 cmp_ad "$W/rm1" "$W/rm3"
+
+# held-out fidelity through the pipeline (each stage runs only its layers) equals the one of -np 1
+H=(-heldout "$D/heldout_0.jsonl,$D/heldout_1.jsonl,$D/heldout_2.jsonl")
+mpirun -np 1 "$BIN" "${args[@]}" "${H[@]}" -out "$W/h1" >/dev/null 2>&1
+timeout -k 5 120 mpirun -np 4 "$BIN" "${args[@]}" "${H[@]}" -stages 3 -out "$W/h4" >/dev/null 2>&1
+cmp_ad "$W/h1" "$W/h4"
+/usr/bin/python3 - "$W/h1/merge_report.json" "$W/h4/merge_report.json" <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+for ta, tb in zip(a["tasks"], b["tasks"]):
+    for key in ("kl_ratio", "top1"):
+        x, y = ta[key], tb[key]
+        assert x is not None and abs(x - y) <= 1e-9 * max(1.0, abs(x)), (key, x, y)
+print("held-out fidelity through 3 stages: equal to -np 1 within 1e-9")
+PY
 
 # 2. stop and restart
 rargs=("${base[@]}" -max_iter 4)
