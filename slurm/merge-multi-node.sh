@@ -4,6 +4,8 @@
 #   sbatch slurm/merge-multi-node.sh jobs/demo.yaml              (or a name: demo)
 #   ITERIS_JOB=jobs/demo.yaml sbatch slurm/merge-multi-node.sh
 #   sbatch --nodes=4 slurm/merge-multi-node.sh demo -max_iter 30  (options after the job file win)
+#   sbatch --nodes=4 slurm/merge-multi-node.sh demo -stages 4     (a pipeline stage per node: each node reads
+#                                                                   only its layers; see slurm/README.md)
 # Submit from the repository root (or set ITERIS_HOME): paths are relative to the submit dir.
 # Stop and resume: Slurm sends TERM 120 s before the time limit (scancel --signal=TERM --full JOBID does
 # the same at once); iteris-mpi writes OUT.partial/checkpoint.h5 at the next iteration boundary and exits

@@ -65,7 +65,7 @@ static const opt_entry table_[] = {
     {"solve_groups", T_INT, OFF(solve_groups), 0, 0, "1", U_ITERIS | U_REGMEAN,
      "split the ranks into N groups with their own grids; rank 0 assigns each layer's solves to them by cost, and they solve at the same time"},
     {"stages", T_INT, OFF(stages), 0, 0, "1", U_ITERIS | U_REGMEAN,
-     "pipeline stages: split the ranks into S groups, each holding a contiguous range of layers and its own grid; "
+     "pipeline stages: split the ranks into N groups, each holding a contiguous range of layers and its own grid; "
      "activations pass from stage to stage, and a stage starts its next iteration as soon as its layers are solved"},
     {"max_tokens", T_INT, OFF(max_tokens), 0, 0, "0", U_ITERIS | U_REGMEAN, "keep the first N tokens of every calibration sequence (0: all)"},
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},

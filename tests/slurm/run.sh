@@ -82,6 +82,15 @@ if [ "$st" = COMPLETED ] && [ -s demo/merged-k1/merge_report.json ] &&
   ok "ITERIS_JOB=jobs/demo.yaml + '-max_iter 1 -out demo/merged-k1': 1 iteration on 2 ranks"
 else bad "ITERIS_JOB + extra options: state $st"; show_log "iteris-merge-$jid.out"; fi
 
+echo "== 4b pipeline stages under srun: -stages 2 on 4 tasks"
+jid=$(submit --time=5 --ntasks=4 "$REPO/slurm/merge-single-node.sh" demo -stages 2 -out demo/merged-stages)
+st=$(wait_done "$jid" 180)
+if [ "$st" = COMPLETED ] && [ -s demo/merged-stages/merge_report.json ] &&
+   [ "$(report_get demo/merged-stages/merge_report.json 'r["stages"], r["ranks"]')" = "(2, 4)" ] &&
+   /usr/bin/python3 "$REPO/tests/ref/compare_adapters.py" demo/merged-iteris demo/merged-stages 1e-5 >cmp-stages.log 2>&1; then
+  ok "srun -n 4 -stages 2 gives the adapter of srun -n 4 without stages: $(tail -n 1 cmp-stages.log)"
+else bad "srun -n 4 -stages 2: state $st"; show_log "iteris-merge-$jid.out"; fi
+
 echo "== 5 a missing job file"
 jid=$(submit --time=2 --ntasks=1 "$REPO/slurm/merge-single-node.sh" jobs/missing.yaml)
 st=$(wait_done "$jid" 60)
