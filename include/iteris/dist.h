@@ -139,11 +139,6 @@ itr_err itr_dist_matrix_diag(const itr_dist_matrix *A, double *diag);
 /* Global row / column of local row li / local column lc of A (ScaLAPACK's indxl2g). Not Collective. */
 int itr_dist_global_row(const itr_dist_matrix *A, int li);
 int itr_dist_global_col(const itr_dist_matrix *A, int lc);
-/* *out = tr(Wt^T G Wt) = sum_ij Wt_ij (G Wt)_ij for G (d, d) symmetric with its lower triangle
- * stored (as itr_dist_gram forms it) and Wt (d, m), both on one grid: ||X W^T||_F^2 when
- * G = X^T X and Wt = W^T, in 2 d^2 m flops whatever the number of rows of X (pdsymm).
- * Collective on the grid. */
-itr_err itr_dist_quad_trace(const itr_dist_matrix *G, const itr_dist_matrix *Wt, double *out);
 /* B = A for A on parent's grid and B on the grid of group g made by itr_dist_grid_split
  * (B is initialised with A's shape on the members of group g; pass NULL elsewhere). Every rank
  * of the parent calls it. Collective on the parent's comm. */

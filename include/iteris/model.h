@@ -117,11 +117,21 @@ float *itr_model_lm_head(itr_model *m);
 
 /* hidden (T, D) f32 = rows of the embedding for ids (T); each id in [0, V). Needs with_embed. */
 itr_err itr_model_embed(const itr_model *m, const int32_t *ids, int64_t T, float *hidden);
+/* Called once per layer and module with ||y||_F^2 (float64 sum of the float32 entries) of the
+ * module's product y = x (W0 + LoRA)^T (T, d_out) on the block, before its bias, rotary
+ * embedding or residual add: the denominator of IterIS's adaptive weight when the LoRA set is
+ * base + adapter i. */
+typedef void (*itr_output_norm_fn)(int layer, itr_module m, double sumsq, void *ctx);
+
 /* Runs layers [a, b) (owned) on hidden (T, D) f32 in place. seqs NULL: one sequence of T tokens.
  * lora NULL: base model. sink NULL: nothing captured. */
 itr_err itr_model_run_layers(const itr_model *m, int a, int b, float *hidden, int64_t T,
                              const itr_seq_layout *seqs, const itr_lora_set *lora,
                              itr_capture_fn sink, void *ctx);
+/* The same, with out_norm (may be NULL) called for every module of every layer run. */
+itr_err itr_model_run_layers_ex(const itr_model *m, int a, int b, float *hidden, int64_t T,
+                                const itr_seq_layout *seqs, const itr_lora_set *lora,
+                                itr_capture_fn sink, itr_output_norm_fn out_norm, void *ctx);
 /* logits (T, V) f32 = final norm of hidden (T, D) (not modified) times lm_head^T. Needs with_head. */
 itr_err itr_model_logits(const itr_model *m, const float *hidden, int64_t T, float *logits);
 /* Whole forward (needs every layer, embedding and head): logits (T, V) f32 for ids (T). */

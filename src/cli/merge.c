@@ -171,7 +171,8 @@ static itr_err check_out_dir(const itr_options *o) {
 typedef struct {
   float **buf; /* [ITR_SITE_COUNT] (T, d_in) f32 */
   const int64_t *d_in;
-  int64_t row0; /* row of buf where the captured block starts */
+  int64_t row0;  /* row of buf where the captured block starts */
+  double *ynorm; /* [ITR_MODULE_COUNT]: ||X W^T||^2 of each module added up, or NULL */
 } capture_ctx;
 
 static itr_err capture_copy(int layer, itr_site site, const float *rows, int64_t T, int64_t d_in, void *ctx) {
@@ -181,6 +182,12 @@ static itr_err capture_copy(int layer, itr_site site, const float *rows, int64_t
             (long long)d_in, (long long)cc->d_in[site]);
   if (cc->buf[site]) memcpy(cc->buf[site] + cc->row0 * d_in, rows, (size_t)T * (size_t)d_in * sizeof(float));
   return ITR_OK;
+}
+
+static void capture_norm(int layer, itr_module m, double sumsq, void *ctx) {
+  (void)layer;
+  capture_ctx *cc = ctx;
+  cc->ynorm[m] += sumsq;
 }
 
 static int64_t site_d_in(const itr_model_config *cfg, itr_site s) {
@@ -228,13 +235,14 @@ static itr_err load_layer(merge_ctx *c, int l) {
  * see the same operands whatever the rank count (OpenBLAS results depend on the number of rows of
  * a call), so the statistics are independent of how sequences are spread over ranks. */
 static itr_err run_sequences(const merge_ctx *c, const itr_shard *sh, float *h, const itr_lora_set *lora,
-                             float **capture) {
+                             float **capture, double *ynorm) {
   const int64_t D = c->cfg.hidden_size;
   const int l = c->layer_index;
   for (int s = 0; s < sh->n_seqs; s++) {
     int64_t r0 = sh->offsets[s], T = sh->offsets[s + 1] - r0;
-    capture_ctx cx = {capture, c->site_d, r0};
-    ITR_TRY(itr_model_run_layers(c->layer, l, l + 1, h + r0 * D, T, NULL, lora, capture ? capture_copy : NULL, &cx));
+    capture_ctx cx = {capture, c->site_d, r0, ynorm};
+    ITR_TRY(itr_model_run_layers_ex(c->layer, l, l + 1, h + r0 * D, T, NULL, lora, capture ? capture_copy : NULL,
+                                    ynorm ? capture_norm : NULL, &cx));
   }
   return ITR_OK;
 }
@@ -243,8 +251,11 @@ itr_err merge_forward_layer(merge_ctx *c, int k, int l) {
   ITR_TRY(load_layer(c, l));
   for (int i = 0; i < c->N; i++) {
     const itr_shard *sh = &c->calib_sh[i];
-    ITR_TRY(run_sequences(c, sh, c->h_src[i], c->lora_task[i], c->X[i]));
-    if (k >= 2) ITR_TRY(run_sequences(c, sh, c->h_mrg[i], c->lora_merged, c->Xt[i]));
+    /* iteration 1: the source model's outputs give the denominators of the adaptive weights */
+    const int norms = k == 1 && c->method == METHOD_ITERIS;
+    memset(c->ynorm[i], 0, sizeof c->ynorm[i]);
+    ITR_TRY(run_sequences(c, sh, c->h_src[i], c->lora_task[i], c->X[i], norms ? c->ynorm[i] : NULL));
+    if (k >= 2) ITR_TRY(run_sequences(c, sh, c->h_mrg[i], c->lora_merged, c->Xt[i], NULL));
   }
   return ITR_OK;
 }
@@ -285,8 +296,8 @@ static itr_err forward_prefix(merge_ctx *c, int k, int l0) {
   for (int l = 0; l < l0; l++) {
     ITR_TRY(load_layer(c, l));
     for (int i = 0; i < c->N; i++) {
-      ITR_TRY(run_sequences(c, &c->calib_sh[i], c->h_src[i], c->lora_task[i], NULL));
-      if (k >= 2) ITR_TRY(run_sequences(c, &c->calib_sh[i], c->h_mrg[i], c->lora_merged, NULL));
+      ITR_TRY(run_sequences(c, &c->calib_sh[i], c->h_src[i], c->lora_task[i], NULL, NULL));
+      if (k >= 2) ITR_TRY(run_sequences(c, &c->calib_sh[i], c->h_mrg[i], c->lora_merged, NULL, NULL));
     }
   }
   return ITR_OK;
@@ -449,9 +460,9 @@ itr_err merge_eval_alloc(merge_ctx *c, itr_shard *sh, float *(*h)[3]) {
 itr_err merge_eval_layer(merge_ctx *c, int l, const itr_shard *sh, float *(*h)[3]) {
   ITR_TRY(load_layer(c, l));
   for (int i = 0; i < c->N; i++) {
-    ITR_TRY(run_sequences(c, &sh[i], h[i][0], NULL, NULL));
-    ITR_TRY(run_sequences(c, &sh[i], h[i][1], c->lora_task[i], NULL));
-    ITR_TRY(run_sequences(c, &sh[i], h[i][2], c->lora_merged, NULL));
+    ITR_TRY(run_sequences(c, &sh[i], h[i][0], NULL, NULL, NULL));
+    ITR_TRY(run_sequences(c, &sh[i], h[i][1], c->lora_task[i], NULL, NULL));
+    ITR_TRY(run_sequences(c, &sh[i], h[i][2], c->lora_merged, NULL, NULL));
   }
   return ITR_OK;
 }

@@ -51,6 +51,8 @@ typedef struct {
   int64_t site_d[ITR_SITE_COUNT];         /* d_in of each input site */
   float *h_src[ITR_MAX_TASKS], *h_mrg[ITR_MAX_TASKS];                   /* (T_i, D) f32 hidden states */
   float *X[ITR_MAX_TASKS][ITR_SITE_COUNT], *Xt[ITR_MAX_TASKS][ITR_SITE_COUNT]; /* (T_i, d_in) f32, one layer */
+  double ynorm[ITR_MAX_TASKS][ITR_MODULE_COUNT]; /* iteration 1, the held layer: ||X_i (W0 + dW_i)^T||^2 over
+                                                    this rank's rows, from the source model's forward */
   itr_update *cur, *next; /* [L * ITR_MODULE_COUNT]: merged updates of the last / current iteration */
   double *coef;           /* [L * ITR_MODULE_COUNT * N] adaptive weights c_i (iteration 1) */
   double *resid;          /* [K * L * ITR_MODULE_COUNT] scaled residual of each solve */

@@ -60,7 +60,7 @@ fail:
 
 /* Rows of W0 converted to float64 at a time: the adaptive weights never need the whole of W0 in
  * float64 (0.9 GiB for Llama-3-8B's gate/up site, 3.8 GiB at 70B). */
-enum { W_PANEL = 256, X_BLOCK = 256 };
+enum { W_PANEL = 256 };
 
 /* wp (n, d_in) f64 = rows [o0, o0 + n) of W0 + s B A; W0 (d_out, d_in) f32. */
 static void weight_panel(const float *W0, const itr_merge_task *t, int64_t d_in, int64_t o0, int64_t n, double *wp) {
@@ -70,63 +70,20 @@ static void weight_panel(const float *W0, const itr_merge_task *t, int64_t d_in,
                 t->A, (int)d_in, 1.0, wp, (int)d_in);
 }
 
-/* ||X (W0 + s B A)^T||_F^2 over this rank's rows of X (T, d_in) f32 (the denominator of c_i,
- * additive over ranks) and ||W0 + s B A||_F^2 (its numerator), in float64 from the float32 W0
- * (d_out, d_in) of the held layer, W_PANEL output rows at a time. */
-static itr_err adaptive_norms(int64_t T, int64_t d_in, const float *X, int64_t d_out, const float *W0,
-                              const itr_merge_task *t, double *xw, double *ww) {
-  double *x = NULL, *wp = NULL, *y = NULL;
-  double sx = 0.0, sw = 0.0;
-  const int64_t nx = T < X_BLOCK ? (T > 0 ? T : 1) : X_BLOCK;
-  itr_err e = ITR_OK;
-  ITR_TRY_GOTO(itr_calloc((size_t)W_PANEL * (size_t)d_in, sizeof(double), "W0 + dW panel f64", &wp), e, done);
-  ITR_TRY_GOTO(itr_calloc((size_t)nx * (size_t)d_in, sizeof(double), "X block f64", &x), e, done);
-  ITR_TRY_GOTO(itr_calloc((size_t)nx * (size_t)W_PANEL, sizeof(double), "X W^T block", &y), e, done);
+/* ||W0 + s B A||_F^2 (the numerator of c_i) in float64 from the float32 W0 (d_out, d_in) of the
+ * held layer, W_PANEL rows at a time. The denominator ||X (W0 + s B A)^T||_F^2 comes from the
+ * source model's forward (c->ynorm), which forms those products anyway. */
+static itr_err weight_norm2(int64_t d_in, int64_t d_out, const float *W0, const itr_merge_task *t, double *ww) {
+  double *wp = NULL, sw = 0.0;
+  ITR_TRY(itr_calloc((size_t)W_PANEL * (size_t)d_in, sizeof(double), "W0 + dW panel f64", &wp));
   for (int64_t o0 = 0; o0 < d_out; o0 += W_PANEL) {
     const int64_t no = d_out - o0 < W_PANEL ? d_out - o0 : W_PANEL;
     weight_panel(W0, t, d_in, o0, no, wp);
     for (int64_t q = 0; q < no * d_in; q++) sw += wp[q] * wp[q];
-    for (int64_t r0 = 0; r0 < T; r0 += X_BLOCK) {
-      const int64_t n = T - r0 < X_BLOCK ? T - r0 : X_BLOCK;
-      to_f64(X + r0 * d_in, (size_t)(n * d_in), x);
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)no, (int)d_in, 1.0, x, (int)d_in, wp,
-                  (int)d_in, 0.0, y, (int)no);
-      for (int64_t q = 0; q < n * no; q++) sx += y[q] * y[q];
-    }
   }
-  *xw = sx;
-  *ww = sw;
-done:
-  free(x);
   free(wp);
-  free(y);
-  return e;
-}
-
-/* ||X (W0 + s B A)^T||_F^2 = tr(W G W^T) from the distributed Gram G = X^T X of all the task's rows
- * (iteration 1): 2 d_in^2 d_out flops over the grid instead of 2 n d_in d_out, so the cheaper way
- * when the task has more tokens n than inputs d_in. W^T (d_in, d_out) is built in the block-cyclic
- * layout straight from the float32 W0 and the factors. Collective on the grid. */
-static itr_err adaptive_denominator_gram(const itr_dist_matrix *G, int64_t d_out, const float *W0,
-                                         const itr_merge_task *t, double *xw) {
-  const int64_t d_in = G->m;
-  itr_dist_matrix Wt;
-  memset(&Wt, 0, sizeof Wt);
-  itr_err e = itr_dist_agree(G->grid->comm, itr_dist_matrix_init(&Wt, G->grid, (int)d_in, (int)d_out));
-  if (e != ITR_OK) return e;
-  for (int lc = 0; lc < Wt.n_loc; lc++) {
-    const int64_t o = itr_dist_global_col(&Wt, lc); /* a row of W */
-    double *col = Wt.a + (size_t)lc * (size_t)Wt.lld;
-    for (int li = 0; li < Wt.m_loc; li++) {
-      const int64_t j = itr_dist_global_row(&Wt, li);
-      double v = (double)W0[o * d_in + j], lr = 0.0;
-      for (int r = 0; r < t->r; r++) lr += t->B[o * t->r + r] * t->A[(int64_t)r * d_in + j];
-      col[li] = v + t->scale * lr;
-    }
-  }
-  e = itr_dist_quad_trace(G, &Wt, xw);
-  itr_dist_matrix_fini(&Wt);
-  return e;
+  *ww = sw;
+  return ITR_OK;
 }
 
 /* The system of one module at a site, filled task by task: T2 in the block-cyclic layout (lower
@@ -343,21 +300,16 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
       e = itr_dist_agree(c->comm, itr_calloc((size_t)d_in, sizeof(double), "diagonal of X^T X", &diag));
       if (e == ITR_OK) e = itr_dist_matrix_diag(&G, diag);
     }
-    /* iteration 1: the denominators of c_i, from this rank's rows (few tokens) or from G = X^T X
-     * (more tokens than inputs: cheaper), and the numerators */
+    /* iteration 1: the numerators of c_i, and the denominators, summed over the ranks, from the
+     * source model's forward of this layer */
     if (e == ITR_OK && c->method == METHOD_ITERIS && k == 1) {
-      int64_t n_all = T;
-      if (MPI_Allreduce(MPI_IN_PLACE, &n_all, 1, MPI_INT64_T, MPI_SUM, c->comm) != MPI_SUCCESS)
-        e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of a token count failed");
-      const int from_gram = n_all > d_in;
-      for (int q = 0; q < nj && e == ITR_OK; q++)
-        e = adaptive_norms(from_gram ? 0 : T, d_in, x, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i],
-                           &xw[q], &ww[q]);
+      for (int q = 0; q < nj && e == ITR_OK; q++) {
+        xw[q] = c->ynorm[i][site_jobs[q].m];
+        e = weight_norm2(d_in, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i], &ww[q]);
+      }
       e = itr_dist_agree(c->comm, e);
       if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, xw, 3, MPI_DOUBLE, MPI_SUM, c->comm) != MPI_SUCCESS)
         e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the adaptive weights failed");
-      for (int q = 0; q < nj && e == ITR_OK && from_gram; q++)
-        e = adaptive_denominator_gram(&G, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i], &xw[q]);
     }
     PetscLogStagePop();
     for (int q = 0; q < nj && e == ITR_OK; q++) {

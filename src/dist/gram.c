@@ -208,21 +208,3 @@ itr_err itr_dist_matrix_to_group(const itr_dist_matrix *A, const itr_dist_grid *
 
 int itr_dist_global_row(const itr_dist_matrix *A, int li) { return l2g(li, A->grid->mb, A->grid->myrow, A->grid->nprow); }
 int itr_dist_global_col(const itr_dist_matrix *A, int lc) { return l2g(lc, A->grid->mb, A->grid->mycol, A->grid->npcol); }
-
-itr_err itr_dist_quad_trace(const itr_dist_matrix *G, const itr_dist_matrix *Wt, double *out) {
-  const itr_dist_grid *g = G->grid;
-  ITR_CHECK(Wt->grid == g && G->m == G->n && Wt->m == G->m, ITR_ERR_INTERNAL,
-            "quad_trace: G is %d x %d, Wt %d x %d (expected d x d and d x m on one grid)", G->m, G->n, Wt->m, Wt->n);
-  itr_dist_matrix C;
-  memset(&C, 0, sizeof C);
-  itr_err e = itr_dist_agree(g->comm, itr_dist_matrix_init(&C, g, Wt->m, Wt->n));
-  if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
-  const int d = G->m, m = Wt->n, one = 1;
-  const double f1 = 1.0, f0 = 0.0;
-  pdsymm_("L", "L", &d, &m, &f1, G->a, &one, &one, G->desc, Wt->a, &one, &one, Wt->desc, &f0, C.a, &one, &one, C.desc);
-  double s = local_dot(Wt, &C, 0);
-  itr_dist_matrix_fini(&C);
-  ITR_TRY(sum_over(g->comm, &s));
-  *out = s;
-  return ITR_OK;
-}

@@ -200,28 +200,37 @@ static void rmsnorm_forward(float *out, const float *x, const float *w, int64_t 
   }
 }
 
-/* out (T, d_out) (+)= x (T, d_in) W^T + b + sum_terms s (x A^T) B^T + dW_scale x dW^T.
- * accumulate = 1 adds into out (the residual stream). tmp holds T * (largest r). */
+/* out (T, d_out) (+)= x (T, d_in) W^T + sum_terms s (x A^T) B^T + dW_scale x dW^T + b.
+ * accumulate = 1 adds into out (the residual stream): the product is formed in prod (T, d_out)
+ * first, then added. sumsq (may be NULL) gets ||product||_F^2 in float64, before the bias. tmp
+ * holds T * (largest r). */
 static void linear_forward(float *out, const float *x, const float *W, const float *b,
                            const itr_lora_slot *slot, float *tmp, int T, int d_out, int d_in,
-                           int accumulate) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, d_out, d_in, 1.0f, x, d_in, W, d_in,
-              accumulate ? 1.0f : 0.0f, out, d_out);
-  if (b)
-    for (int t = 0; t < T; t++)
-      for (int o = 0; o < d_out; o++) out[(int64_t)t * d_out + o] += b[o];
-  if (!slot) return;
-  for (int k = 0; k < slot->n_terms; k++) {
+                           int accumulate, float *prod, double *sumsq) {
+  float *y = accumulate ? prod : out;
+  const size_t n = (size_t)T * (size_t)d_out;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, d_out, d_in, 1.0f, x, d_in, W, d_in, 0.0f, y, d_out);
+  for (int k = 0; slot && k < slot->n_terms; k++) {
     const itr_lora_term *tm = &slot->terms[k];
-    /* tmp (T, r) = x A^T;  out += s tmp B^T */
+    /* tmp (T, r) = x A^T;  y += s tmp B^T */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, tm->r, d_in, 1.0f, x, d_in, tm->A, d_in,
                 0.0f, tmp, tm->r);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, d_out, tm->r, tm->scaling, tmp, tm->r,
-                tm->B, tm->r, 1.0f, out, d_out);
+                tm->B, tm->r, 1.0f, y, d_out);
   }
-  if (slot->dW)
+  if (slot && slot->dW)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, d_out, d_in, slot->dW_scale, x, d_in,
-                slot->dW, d_in, 1.0f, out, d_out);
+                slot->dW, d_in, 1.0f, y, d_out);
+  if (sumsq) {
+    double ss = 0.0;
+    for (size_t i = 0; i < n; i++) ss += (double)y[i] * (double)y[i];
+    *sumsq = ss;
+  }
+  if (b)
+    for (int t = 0; t < T; t++)
+      for (int o = 0; o < d_out; o++) y[(int64_t)t * d_out + o] += b[o];
+  if (accumulate)
+    for (size_t i = 0; i < n; i++) out[i] += prod[i];
 }
 
 /* Rotate-half rotary embedding in place on x (n, nh heads of hd) with row stride ld, positions
@@ -297,6 +306,12 @@ static itr_err check_layout(const itr_seq_layout *seqs, int64_t T, int64_t *max_
 itr_err itr_model_run_layers(const itr_model *m, int a, int b, float *hidden, int64_t T,
                              const itr_seq_layout *seqs, const itr_lora_set *lora,
                              itr_capture_fn sink, void *ctx) {
+  return itr_model_run_layers_ex(m, a, b, hidden, T, seqs, lora, sink, NULL, ctx);
+}
+
+itr_err itr_model_run_layers_ex(const itr_model *m, int a, int b, float *hidden, int64_t T,
+                                const itr_seq_layout *seqs, const itr_lora_set *lora,
+                                itr_capture_fn sink, itr_output_norm_fn out_norm, void *ctx) {
   const itr_model_dims *d = &m->dims;
   ITR_CHECK(m->layer_begin <= a && a <= b && b <= m->layer_end, ITR_ERR_INPUT,
             "forward: layers [%d, %d) requested but this model owns [%d, %d)", a, b, m->layer_begin,
@@ -332,11 +347,15 @@ itr_err itr_model_run_layers(const itr_model *m, int a, int b, float *hidden, in
   size_t n_xn = (size_t)T * D, n_q = (size_t)T * qd, n_kv = (size_t)T * kvd, n_f = (size_t)T * F;
   size_t n_S = (size_t)max_len * (size_t)max_len, n_tmp = (size_t)T * max_r,
          n_rope = (size_t)max_len * half;
-  size_t total = n_xn + 2 * n_q + 2 * n_kv + 2 * n_f + n_S + n_tmp + 2 * n_rope;
+  size_t total = 2 * n_xn + 2 * n_q + 2 * n_kv + 2 * n_f + n_S + n_tmp + 2 * n_rope;
   float *ws = NULL;
   ITR_TRY(itr_calloc(total, sizeof(float), "forward workspace", &ws));
   float *xn = ws, *q = xn + n_xn, *att = q + n_q, *k = att + n_q, *v = k + n_kv, *g = v + n_kv,
-        *u = g + n_f, *S = u + n_f, *tmp = S + n_S, *cosv = tmp + n_tmp, *sinv = cosv + n_rope;
+        *u = g + n_f, *S = u + n_f, *tmp = S + n_S, *cosv = tmp + n_tmp, *sinv = cosv + n_rope,
+        *prod = sinv + n_rope; /* (T, D): the o and down products before they join the residual */
+  double ss[ITR_MODULE_COUNT];
+  double *want = out_norm ? ss : NULL;
+#define SS(mod) (want ? &ss[mod] : NULL)
   for (int64_t t = 0; t < max_len; t++)
     for (int i = 0; i < half; i++) {
       double ang = (double)t * pow(d->theta, -2.0 * i / d->hd);
@@ -351,9 +370,9 @@ itr_err itr_model_run_layers(const itr_model *m, int a, int b, float *hidden, in
     /* attention block */
     rmsnorm_forward(xn, hidden, lp->norm_in, T, D, d->eps);
     if (sink) ITR_TRY_GOTO(sink(l, ITR_SITE_ATTN_IN, xn, T, D, ctx), err, done);
-    linear_forward(q, xn, lp->w[ITR_Q_PROJ], lp->b[ITR_Q_PROJ], slot_of(lora, l, ITR_Q_PROJ), tmp, Ti, qd, D, 0);
-    linear_forward(k, xn, lp->w[ITR_K_PROJ], lp->b[ITR_K_PROJ], slot_of(lora, l, ITR_K_PROJ), tmp, Ti, kvd, D, 0);
-    linear_forward(v, xn, lp->w[ITR_V_PROJ], lp->b[ITR_V_PROJ], slot_of(lora, l, ITR_V_PROJ), tmp, Ti, kvd, D, 0);
+    linear_forward(q, xn, lp->w[ITR_Q_PROJ], lp->b[ITR_Q_PROJ], slot_of(lora, l, ITR_Q_PROJ), tmp, Ti, qd, D, 0, prod, SS(ITR_Q_PROJ));
+    linear_forward(k, xn, lp->w[ITR_K_PROJ], lp->b[ITR_K_PROJ], slot_of(lora, l, ITR_K_PROJ), tmp, Ti, kvd, D, 0, prod, SS(ITR_K_PROJ));
+    linear_forward(v, xn, lp->w[ITR_V_PROJ], lp->b[ITR_V_PROJ], slot_of(lora, l, ITR_V_PROJ), tmp, Ti, kvd, D, 0, prod, SS(ITR_V_PROJ));
     for (int s = 0; s < seqs->n_seqs; s++) {
       int64_t t0 = seqs->offsets[s];
       int n = (int)(seqs->offsets[s + 1] - t0);
@@ -362,17 +381,20 @@ itr_err itr_model_run_layers(const itr_model *m, int a, int b, float *hidden, in
       attention_forward(att + t0 * qd, q + t0 * qd, k + t0 * kvd, v + t0 * kvd, S, n, d);
     }
     if (sink) ITR_TRY_GOTO(sink(l, ITR_SITE_ATTN_OUT, att, T, qd, ctx), err, done);
-    linear_forward(hidden, att, lp->w[ITR_O_PROJ], lp->b[ITR_O_PROJ], slot_of(lora, l, ITR_O_PROJ), tmp, Ti, D, qd, 1);
+    linear_forward(hidden, att, lp->w[ITR_O_PROJ], lp->b[ITR_O_PROJ], slot_of(lora, l, ITR_O_PROJ), tmp, Ti, D, qd, 1, prod, SS(ITR_O_PROJ));
     /* MLP block */
     rmsnorm_forward(xn, hidden, lp->norm_post, T, D, d->eps);
     if (sink) ITR_TRY_GOTO(sink(l, ITR_SITE_MLP_IN, xn, T, D, ctx), err, done);
-    linear_forward(g, xn, lp->w[ITR_GATE_PROJ], lp->b[ITR_GATE_PROJ], slot_of(lora, l, ITR_GATE_PROJ), tmp, Ti, F, D, 0);
-    linear_forward(u, xn, lp->w[ITR_UP_PROJ], lp->b[ITR_UP_PROJ], slot_of(lora, l, ITR_UP_PROJ), tmp, Ti, F, D, 0);
+    linear_forward(g, xn, lp->w[ITR_GATE_PROJ], lp->b[ITR_GATE_PROJ], slot_of(lora, l, ITR_GATE_PROJ), tmp, Ti, F, D, 0, prod, SS(ITR_GATE_PROJ));
+    linear_forward(u, xn, lp->w[ITR_UP_PROJ], lp->b[ITR_UP_PROJ], slot_of(lora, l, ITR_UP_PROJ), tmp, Ti, F, D, 0, prod, SS(ITR_UP_PROJ));
     for (size_t i = 0; i < n_f; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     if (sink) ITR_TRY_GOTO(sink(l, ITR_SITE_MLP_OUT, g, T, F, ctx), err, done);
-    linear_forward(hidden, g, lp->w[ITR_DOWN_PROJ], lp->b[ITR_DOWN_PROJ], slot_of(lora, l, ITR_DOWN_PROJ), tmp, Ti, D, F, 1);
+    linear_forward(hidden, g, lp->w[ITR_DOWN_PROJ], lp->b[ITR_DOWN_PROJ], slot_of(lora, l, ITR_DOWN_PROJ), tmp, Ti, D, F, 1, prod, SS(ITR_DOWN_PROJ));
+    if (out_norm)
+      for (int mm = 0; mm < ITR_MODULE_COUNT; mm++) out_norm(l, (itr_module)mm, ss[mm], ctx);
   }
 done:
+#undef SS
   free(ws);
   return err;
 }

@@ -17,7 +17,7 @@ done
 # process groups to which rank 0 assigns each layer's solves by cost (-solve_groups) give the same merge
 mpirun -np 4 "$BIN" "${args[@]}" -solve_groups 3 -out "$W/np4g3"
 mpirun -np 3 "$BIN" "${args[@]}" -solve_groups 2 -out "$W/np3g2"
-# 5 tokens per sequence: 160 per task, fewer than down_proj's 172 inputs (c_i from the rows there, from the Gram elsewhere)
+# 5 tokens per sequence: 160 per task, fewer than down_proj's 172 inputs (both sides of the n < d_in branches of the norms)
 mpirun -np 5 "$BIN" "${args[@]}" -solve_groups 2 -max_tokens 5 -out "$W/np5g2"
 mpirun -np 1 "$BIN" "${args[@]}" -max_tokens 5 -out "$W/np1t5"
 /usr/bin/python3 tests/ref/compare_adapters.py "$W/np1t5" "$W/np5g2" 1e-10

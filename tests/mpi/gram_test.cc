@@ -209,38 +209,3 @@ TEST(DistGram, CopyToEveryGroupGrid) {
   }
 }
 
-TEST(DistGram, QuadTraceIsTheNormOfXWt) {
-  // ||X W^T||_F^2 through tr(W (X^T X) W^T) on the distributed Gram, against a float64 loop over rows
-  for (const Case &c : kCases) {
-    itr_dist_grid *g = nullptr;
-    ASSERT_EQ(itr_dist_grid_create(MPI_COMM_WORLD, c.mb, &g), ITR_OK) << itr_error_message();
-    Rows R(c.n, c.d, 11 + c.d);
-    const int m = 5;
-    std::vector<double> W((size_t)m * c.d);
-    dist_fixtures::Rng rng(9);
-    for (double &v : W) v = rng.uniform();
-    double want = 0;
-    for (int t = 0; t < c.n; t++)
-      for (int o = 0; o < m; o++) {
-        double y = 0;
-        for (int j = 0; j < c.d; j++) y += (double)R.x[(size_t)t * c.d + j] * W[(size_t)o * c.d + j];
-        want += y * y;
-      }
-    itr_dist_matrix X, G, Wt;
-    make_rows(g, R, 1.0, 0.0, &X);
-    ASSERT_EQ(itr_dist_matrix_init(&G, g, c.d, c.d), ITR_OK);
-    ASSERT_EQ(itr_dist_gram(1.0, &X, &X, 0.0, &G), ITR_OK);
-    ASSERT_EQ(itr_dist_matrix_init(&Wt, g, c.d, m), ITR_OK);
-    for (int lc = 0; lc < Wt.n_loc; lc++)
-      for (int li = 0; li < Wt.m_loc; li++)
-        Wt.a[(size_t)lc * Wt.lld + li] =
-            W[(size_t)itr_dist_global_col(&Wt, lc) * c.d + itr_dist_global_row(&Wt, li)];
-    double got = -1;
-    ASSERT_EQ(itr_dist_quad_trace(&G, &Wt, &got), ITR_OK) << itr_error_message();
-    EXPECT_NEAR(got / want, 1.0, 1e-12) << c.n << " x " << c.d;
-    itr_dist_matrix_fini(&X);
-    itr_dist_matrix_fini(&G);
-    itr_dist_matrix_fini(&Wt);
-    itr_dist_grid_destroy(g);
-  }
-}

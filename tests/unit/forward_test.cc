@@ -505,6 +505,65 @@ TEST(ForwardCapture, SitesMatchDoubleLoop) {
     }
 }
 
+// The output norms (IterIS's c_i denominators) equal ||x W^T||^2 in a double loop over the captured
+// inputs and the folded weights W0 + s B A: the bias, the rotary embedding and the residual add
+// must not enter. A model with every bias and a LoRA on every module.
+TEST(ForwardCapture, OutputNormsMatchDoubleLoop) {
+  itr_model_config c = make_cfg(12, 20, 2, 3, 1, 10);
+  c.attention_bias = 1;
+  c.o_bias = 1;
+  c.mlp_bias = 1;
+  ModelPtr m;
+  ASSERT_EQ(itr_model_create(&c, 0, 2, 1, 1, &m.m), ITR_OK) << itr_error_message();
+  fill_random(m.m, c, 5, 0, 2);
+  RefWeights folded = ref_from_model(m.m, c);
+  LoraPtr lora;
+  ASSERT_EQ(itr_lora_set_create(&c, &lora.s), ITR_OK);
+  add_random_lora(lora.s, c, 23, &folded);
+  struct Seen {
+    std::vector<std::vector<Vec>> rows;  // [l][site] captured inputs
+    double norm[2][ITR_MODULE_COUNT];
+    int calls = 0;
+  } seen;
+  seen.rows.assign(2, std::vector<Vec>(4));
+  auto sink = [](int l, itr_site site, const float *rows, int64_t T, int64_t d, void *ctx) -> itr_err {
+    static_cast<Seen *>(ctx)->rows[l][site] = Vec(rows, rows + T * d);
+    return ITR_OK;
+  };
+  auto onorm = [](int l, itr_module mod, double ss, void *ctx) {
+    Seen *s = static_cast<Seen *>(ctx);
+    s->norm[l][mod] = ss;
+    s->calls++;
+  };
+  const int64_t T = 7;
+  std::vector<int32_t> ids = {3, 1, 4, 1, 5, 9, 2};
+  std::vector<float> h(T * 12);
+  ASSERT_EQ(itr_model_embed(m.m, ids.data(), T, h.data()), ITR_OK);
+  ASSERT_EQ(itr_model_run_layers_ex(m.m, 0, 2, h.data(), T, nullptr, lora.s, sink, onorm, &seen), ITR_OK)
+      << itr_error_message();
+  EXPECT_EQ(seen.calls, 2 * ITR_MODULE_COUNT);
+  for (int l = 0; l < 2; l++)
+    for (int k = 0; k < ITR_MODULE_COUNT; k++) {
+      int64_t o, i;
+      module_shape(c, k, &o, &i);
+      const Vec &x = seen.rows[l][itr_module_site((itr_module)k)];
+      const Vec &w = folded.w[l][k];
+      double ref = 0.0;
+      for (int64_t t = 0; t < T; t++)
+        for (int64_t r = 0; r < o; r++) {
+          double y = 0.0;
+          for (int64_t j = 0; j < i; j++) y += x[t * i + j] * w[r * i + j];
+          ref += y * y;
+        }
+      EXPECT_NEAR(seen.norm[l][k], ref, 1e-5 * ref) << "layer " << l << " module " << k;
+    }
+  // and the forward itself is unchanged by asking for the norms
+  std::vector<float> h2(T * 12);
+  ASSERT_EQ(itr_model_embed(m.m, ids.data(), T, h2.data()), ITR_OK);
+  ASSERT_EQ(itr_model_run_layers(m.m, 0, 2, h2.data(), T, nullptr, lora.s, nullptr, nullptr), ITR_OK);
+  EXPECT_EQ(h, h2);
+}
+
 TEST(ForwardCapture, SinkErrorStopsTheForward) {
   itr_model_config c = make_cfg(8, 8, 2, 2, 2, 5);
   ModelPtr m;
