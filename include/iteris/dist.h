@@ -115,7 +115,7 @@ itr_err itr_dist_matrix_gather(const itr_dist_matrix *A, int root, double *out);
  * a x + b y (in float64; y may be NULL): rank p passes its own T_p rows x, y (T_p, d) f32
  * row-major (T_p may be 0). Z is held as a block-cyclic (size * T_max, d) f64 matrix on the grid:
  * rank p's rows sit at [p T_max, p T_max + T_p), the padding rows are zero, which changes no
- * product Z^T W. The rows move with one pdgemr2d from the grid's size x 1 context. d >= 1
+ * product Z^T W. The rows move with one MPI_Alltoallv, each packed for its owner. d >= 1
  * [same on all ranks]. Collective on the grid. */
 itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
                              double b, itr_dist_matrix *Z);

@@ -1,5 +1,5 @@
 /* Statistics of tall matrices whose rows are spread over the ranks, formed straight in the
- * block-cyclic layout the solve uses: rows enter through the grid's size x 1 context (pdgemr2d),
+ * block-cyclic layout the solve uses: rows enter with one MPI_Alltoallv, packed for their owners,
  * Grams are pdsyrk / pdgemm, norms are local sums and one all-reduce. No rank ever holds a whole
  * (d, d) matrix: memory per rank is d^2 / size per matrix plus its share of the rows. */
 #include <limits.h>
@@ -18,46 +18,131 @@ static itr_err sum_over(MPI_Comm comm, double *v) {
   return ITR_OK;
 }
 
+/* Local index of global index g on its owner (block size mb, np processes, source 0). */
+static int64_t g2l(int64_t g, int mb, int np) { return (g / mb) / np * mb + g % mb; }
+
+/* Rows t in [0, T) of the block that starts at global row g0 owned by process row r. */
+static int64_t rows_owned(int64_t g0, int64_t T, int mb, int r, int pr) {
+  int64_t n = 0;
+  for (int64_t t = 0; t < T; t++)
+    if (((g0 + t) / mb) % pr == r) n++;
+  return n;
+}
+
+/* Packs rank p's rows for the process at grid position (r, c) in the order the receiver writes
+ * them: the column blocks of c in order, in each the rows of r in order, in each row the block's
+ * columns. Filled a row at a time (x is read once, in order): only the last column block can be
+ * narrower than mb, so block k of nr rows starts at k mb nr. With y (b != 0) the values are
+ * a x + b y in float64 (out64); without, x itself in float32 (out32: half the bytes to move; the
+ * receiver scales). */
+static void pack_rows(const float *x, double a, const float *y, double b, int64_t T, int64_t d, int64_t g0, int mb,
+                      int r, int pr, int c, int pc, double *out64, float *out32) {
+  int64_t nr = 0;
+  for (int64_t t = 0; t < T; t++)
+    if (((g0 + t) / mb) % pr == r) nr++;
+  int64_t ri = 0;
+  for (int64_t t = 0; t < T; t++) {
+    if (((g0 + t) / mb) % pr != r) continue;
+    const float *xr = x + t * d, *yr = y ? y + t * d : NULL;
+    int64_t k = 0;
+    for (int64_t j0 = (int64_t)c * mb; j0 < d; j0 += (int64_t)mb * pc, k++) {
+      const int64_t wdt = j0 + mb < d ? mb : d - j0, at = k * mb * nr + ri * wdt;
+      if (out64)
+        for (int64_t j = 0; j < wdt; j++) out64[at + j] = a * (double)xr[j0 + j] + b * (double)yr[j0 + j];
+      else
+        memcpy(out32 + at, xr + j0, (size_t)wdt * sizeof(float));
+    }
+    ri++;
+  }
+}
+
 itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
                              double b, itr_dist_matrix *Z) {
   itr_err e = ITR_OK;
-  int64_t tmax = T;
-  MPI_Allreduce(MPI_IN_PLACE, &tmax, 1, MPI_INT64_T, MPI_MAX, grid->comm);
-  if (tmax < 1) tmax = 1;
-  double *loc = NULL;
+  const int size = grid->size, mb = grid->mb, pr = grid->nprow, pc = grid->npcol;
+  int64_t *Ts = NULL, tmax = 1;
+  double *sbuf = NULL, *rbuf = NULL;
+  int *scount = NULL, *sdispl = NULL, *rcount = NULL, *rdispl = NULL;
   itr_dist_matrix z;
   memset(&z, 0, sizeof z);
-  if (grid->ctxt_rows < 0 || grid->is_sub)
-    e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: the grid has no row context (a group grid?)");
-  else if ((int64_t)grid->size * tmax > INT_MAX || d < 1 || d > INT_MAX || T < 0 || (T > 0 && !x))
-    e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: %d ranks x %lld rows of %lld: out of range", grid->size,
-                      (long long)tmax, (long long)d);
-  if (e == ITR_OK) e = itr_calloc((size_t)tmax * (size_t)d, sizeof(double), "rows f64 (column-major)", &loc);
-  if (e == ITR_OK) e = itr_dist_matrix_init(&z, grid, (int)(grid->size * tmax), (int)d);
+  e = itr_calloc((size_t)size, sizeof(int64_t), "row counts", &Ts);
+  if (e == ITR_OK) e = itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &scount);
   e = itr_dist_agree(grid->comm, e);
   if (e != ITR_OK) goto done;
-  /* row-major f32 (T, d) -> column-major f64 (tmax, d), in tiles of 64 x 64 */
-  for (int64_t t0 = 0; t0 < T; t0 += 64)
-    for (int64_t j0 = 0; j0 < d; j0 += 64) {
-      int64_t t1 = t0 + 64 < T ? t0 + 64 : T, j1 = j0 + 64 < d ? j0 + 64 : d;
-      for (int64_t t = t0; t < t1; t++)
-        for (int64_t j = j0; j < j1; j++)
-          loc[j * tmax + t] = a * (double)x[t * d + j] + (y ? b * (double)y[t * d + j] : 0.0);
+  if (MPI_Allgather(&T, 1, MPI_INT64_T, Ts, 1, MPI_INT64_T, grid->comm) != MPI_SUCCESS) {
+    e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: MPI_Allgather of the row counts failed");
+    goto done;
+  }
+  for (int p = 0; p < size; p++)
+    if (Ts[p] > tmax) tmax = Ts[p];
+  sdispl = scount + size;
+  rcount = sdispl + size;
+  rdispl = rcount + size;
+  /* what goes to each process, and what comes from each (counts of doubles, which MPI takes as int) */
+  int64_t stot = 0, rtot = 0;
+  const int64_t my_cols = (d / mb / pc) * mb + (((d / mb) % pc) > grid->mycol ? mb : ((d / mb) % pc) == grid->mycol ? d % mb : 0);
+  for (int q = 0; q < size; q++) {
+    const int r = q / pc, c = q % pc;
+    const int64_t cols = (d / mb / pc) * mb + (((d / mb) % pc) > c ? mb : ((d / mb) % pc) == c ? d % mb : 0);
+    const int64_t ns = rows_owned((int64_t)grid->rank * tmax, T, mb, r, pr) * cols;
+    const int64_t nr = rows_owned((int64_t)q * tmax, Ts[q], mb, grid->myrow, pr) * my_cols;
+    if (ns > INT_MAX || nr > INT_MAX || stot > INT_MAX - ns || rtot > INT_MAX - nr) {
+      e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: %lld rows of %lld on %d ranks: more than 2^31 values "
+                        "move between two ranks; run more ranks", (long long)T, (long long)d, size);
+      break;
     }
-  {
-    const int M = (int)(grid->size * tmax), N = (int)d, mb = (int)tmax, zero = 0, one = 1, lld = (int)tmax;
-    int desc[ITR_DLEN], info = 0;
-    descinit_(desc, &M, &N, &mb, &N, &zero, &zero, &grid->ctxt_rows, &lld, &info);
-    if (info != 0)
-      e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: descinit_ rejected argument %d; this is a bug", -info);
-    e = itr_dist_agree(grid->comm, e);
-    if (e != ITR_OK) goto done;
-    pdgemr2d_(&M, &N, loc, &one, &one, desc, z.a, &one, &one, z.desc, &grid->ctxt);
+    scount[q] = (int)ns;
+    sdispl[q] = (int)stot;
+    rcount[q] = (int)nr;
+    rdispl[q] = (int)rtot;
+    stot += ns;
+    rtot += nr;
+  }
+  if (e == ITR_OK && ((int64_t)size * tmax > INT_MAX || d < 1 || d > INT_MAX || T < 0 || (T > 0 && !x)))
+    e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: %d ranks x %lld rows of %lld: out of range", size,
+                      (long long)tmax, (long long)d);
+  if (e == ITR_OK) e = itr_calloc((size_t)(stot ? stot : 1), sizeof(double), "rows f64 to send", &sbuf);
+  if (e == ITR_OK) e = itr_calloc((size_t)(rtot ? rtot : 1), sizeof(double), "rows f64 received", &rbuf);
+  if (e == ITR_OK) e = itr_dist_matrix_init(&z, grid, (int)(size * tmax), (int)d);
+  e = itr_dist_agree(grid->comm, e);
+  if (e != ITR_OK) goto done;
+  const int wide = y && b != 0.0; /* mixed rows travel in float64, plain rows in float32 */
+  float *s32 = (float *)sbuf, *r32 = (float *)rbuf;
+  for (int q = 0; q < size; q++)
+    pack_rows(x, a, y, b, T, d, (int64_t)grid->rank * tmax, mb, q / pc, pr, q % pc, pc,
+              wide ? sbuf + sdispl[q] : NULL, wide ? NULL : s32 + sdispl[q]);
+  if (MPI_Alltoallv(wide ? (void *)sbuf : (void *)s32, scount, sdispl, wide ? MPI_DOUBLE : MPI_FLOAT,
+                    wide ? (void *)rbuf : (void *)r32, rcount, rdispl, wide ? MPI_DOUBLE : MPI_FLOAT,
+                    grid->comm) != MPI_SUCCESS) {
+    e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: MPI_Alltoallv of the rows failed");
+    goto done;
+  }
+  /* unpack in the packing order: source rank, column block, row, column */
+  for (int p = 0; p < size; p++) {
+    const double *in = rbuf + rdispl[p];
+    const float *in32 = r32 + rdispl[p];
+    const int64_t g0 = (int64_t)p * tmax;
+    size_t w = 0;
+    for (int64_t j0 = (int64_t)grid->mycol * mb; j0 < d; j0 += (int64_t)mb * pc) {
+      const int64_t j1 = j0 + mb < d ? j0 + mb : d, lc0 = g2l(j0, mb, pc);
+      for (int64_t t = 0; t < Ts[p]; t++) {
+        const int64_t g = g0 + t;
+        if ((g / mb) % pr != grid->myrow) continue;
+        double *dst = z.a + lc0 * z.lld + g2l(g, mb, pr);
+        if (wide)
+          for (int64_t j = 0; j < j1 - j0; j++) dst[j * z.lld] = in[w++];
+        else
+          for (int64_t j = 0; j < j1 - j0; j++) dst[j * z.lld] = a * (double)in32[w++];
+      }
+    }
   }
   *Z = z;
   memset(&z, 0, sizeof z);
 done:
-  free(loc);
+  free(Ts);
+  free(scount);
+  free(sbuf);
+  free(rbuf);
   itr_dist_matrix_fini(&z);
   if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
   return ITR_OK;
