@@ -151,8 +151,8 @@ itr_err merge_stages_setup(merge_ctx *c) {
                 MPI_Comm_dup(c->world, &st->link) == MPI_SUCCESS,
             ITR_ERR_INTERNAL, "cannot make the communicators of the pipeline stages");
   c->comm = st->stage_comm;
-  MPI_Comm_rank(c->comm, &c->rank);
-  MPI_Comm_size(c->comm, &c->size);
+  (void)MPI_Comm_rank(c->comm, &c->rank);
+  (void)MPI_Comm_size(c->comm, &c->size);
   itr_err e = ITR_OK;
   if (c->method == METHOD_ITERIS || c->method == METHOD_REGMEAN) e = stages_alloc(c, st);
   ITR_TRY(itr_dist_agree(c->world, e));
@@ -178,8 +178,8 @@ void merge_stages_fini(merge_ctx *c) {
   free(st->req);
   free(st->prog_out);
   free(st->prog_req);
-  if (st->stage_comm != MPI_COMM_NULL) MPI_Comm_free(&st->stage_comm);
-  if (st->link != MPI_COMM_NULL) MPI_Comm_free(&st->link);
+  if (st->stage_comm != MPI_COMM_NULL) (void)MPI_Comm_free(&st->stage_comm);
+  if (st->link != MPI_COMM_NULL) (void)MPI_Comm_free(&st->link);
   free(st);
   c->st = NULL;
 }
@@ -212,15 +212,24 @@ static size_t copy_rows(const itr_token_set *ts, const int *oa, int p, const int
   return w;
 }
 
-static void isend_floats(merge_stages *st, const float *buf, size_t n, int dest) {
+/* n floats to dest in CHUNK_FLOATS messages, one request each appended to req[*n_req...]. */
+static void isend_chunks(MPI_Comm link, const float *buf, size_t n, int dest, MPI_Request *req, int *n_req) {
   for (size_t o = 0; o < n; o += CHUNK_FLOATS) {
     const size_t m = n - o < CHUNK_FLOATS ? n - o : CHUNK_FLOATS;
-    MPI_Isend(buf + o, (int)m, MPI_FLOAT, dest, TAG_DATA, st->link, &st->req[st->n_req++]);
+    (void)MPI_Isend(buf + o, (int)m, MPI_FLOAT, dest, TAG_DATA, link, &req[(*n_req)++]);
+  }
+}
+
+/* The n floats isend_chunks sent from src. */
+static void recv_chunks(MPI_Comm link, float *buf, size_t n, int src) {
+  for (size_t o = 0; o < n; o += CHUNK_FLOATS) {
+    const size_t m = n - o < CHUNK_FLOATS ? n - o : CHUNK_FLOATS;
+    (void)MPI_Recv(buf + o, (int)m, MPI_FLOAT, src, TAG_DATA, link, MPI_STATUS_IGNORE);
   }
 }
 
 static void wait_sends(merge_stages *st) {
-  if (st->n_req) MPI_Waitall(st->n_req, st->req, MPI_STATUSES_IGNORE);
+  if (st->n_req) (void)MPI_Waitall(st->n_req, st->req, MPI_STATUSES_IGNORE);
   st->n_req = 0;
 }
 
@@ -237,7 +246,7 @@ static void send_down(merge_ctx *c, int k, int kinds) {
   st->hdr_out.msg[0] = '\0';
   if (c->rank == 0)
     for (int q = 0; q < nq; q++)
-      MPI_Isend(&st->hdr_out, (int)sizeof st->hdr_out, MPI_BYTE, st->first[g + 1] + q, TAG_HDR, st->link,
+      (void)MPI_Isend(&st->hdr_out, (int)sizeof st->hdr_out, MPI_BYTE, st->first[g + 1] + q, TAG_HDR, st->link,
                 &st->req[st->n_req++]);
   for (int kind = 0; kind < 2; kind++) {
     if (!(kinds & (1 << kind))) continue;
@@ -246,7 +255,7 @@ static void send_down(merge_ctx *c, int k, int kinds) {
       size_t w = 0;
       for (int q = 0; q < nq; q++) {
         size_t n = copy_rows(&c->calib[i], st->own[i][1], c->rank, st->own[i][2], q, D, h, buf + w, 1);
-        isend_floats(st, buf + w, n, st->first[g + 1] + q);
+        isend_chunks(st->link, buf + w, n, st->first[g + 1] + q, st->req, &st->n_req);
         w += n;
       }
     }
@@ -265,7 +274,7 @@ static void send_stop_down(merge_ctx *c, itr_err e) {
   snprintf(st->hdr_out.msg, sizeof st->hdr_out.msg, "%s", itr_error_message());
   if (c->rank == 0)
     for (int q = 0; q < stage_size(st, g + 1); q++)
-      MPI_Isend(&st->hdr_out, (int)sizeof st->hdr_out, MPI_BYTE, st->first[g + 1] + q, TAG_HDR, st->link,
+      (void)MPI_Isend(&st->hdr_out, (int)sizeof st->hdr_out, MPI_BYTE, st->first[g + 1] + q, TAG_HDR, st->link,
                 &st->req[st->n_req++]);
   st->sent_upto = n_iters(c);
 }
@@ -277,7 +286,7 @@ static link_msg *recv_up(merge_ctx *c, link_msg *hdr) {
   merge_stages *st = c->st;
   const int g = c->stage, np = stage_size(st, g - 1);
   const int64_t D = c->cfg.hidden_size;
-  MPI_Recv(hdr, (int)sizeof *hdr, MPI_BYTE, st->first[g - 1], TAG_HDR, st->link, MPI_STATUS_IGNORE);
+  (void)MPI_Recv(hdr, (int)sizeof *hdr, MPI_BYTE, st->first[g - 1], TAG_HDR, st->link, MPI_STATUS_IGNORE);
   hdr->msg[LINK_MSG_CAP - 1] = '\0';
   if (hdr->code != ITR_OK) {
     st->up_closed = 1;
@@ -290,10 +299,7 @@ static link_msg *recv_up(merge_ctx *c, link_msg *hdr) {
       size_t w = 0;
       for (int p = 0; p < np; p++) {
         const size_t n = (size_t)shared_rows(&c->calib[i], st->own[i][0], p, st->own[i][1], c->rank) * (size_t)D;
-        for (size_t o = 0; o < n; o += CHUNK_FLOATS) {
-          const size_t m = n - o < CHUNK_FLOATS ? n - o : CHUNK_FLOATS;
-          MPI_Recv(st->rbuf + w + o, (int)m, MPI_FLOAT, st->first[g - 1] + p, TAG_DATA, st->link, MPI_STATUS_IGNORE);
-        }
+        recv_chunks(st->link, st->rbuf + w, n, st->first[g - 1] + p);
         copy_rows(&c->calib[i], st->own[i][0], p, st->own[i][1], c->rank, D, h, st->rbuf + w, -1);
         w += n;
       }
@@ -339,9 +345,9 @@ static void recv_progress(merge_ctx *c, int until) {
   for (;;) {
     if (until >= 0 && st->n_prog_recv >= until) return;
     int flag = 1, v = 0;
-    if (until < 0) MPI_Iprobe(st->first[c->stage + 1], TAG_PROG, st->link, &flag, MPI_STATUS_IGNORE);
+    if (until < 0) (void)MPI_Iprobe(st->first[c->stage + 1], TAG_PROG, st->link, &flag, MPI_STATUS_IGNORE);
     if (!flag) return;
-    MPI_Recv(&v, 1, MPI_INT, st->first[c->stage + 1], TAG_PROG, st->link, MPI_STATUS_IGNORE);
+    (void)MPI_Recv(&v, 1, MPI_INT, st->first[c->stage + 1], TAG_PROG, st->link, MPI_STATUS_IGNORE);
     st->n_prog_recv++;
     if (v > st->down_progress) st->down_progress = v;
   }
@@ -357,7 +363,7 @@ static void progress_update(merge_ctx *c) {
   const int later = last || b < st->down_progress ? b : st->down_progress;
   if (c->stage > 0 && later > st->reported) { /* strictly increasing: at most max_iter messages */
     st->prog_out[st->n_prog_sent] = later;
-    MPI_Isend(&st->prog_out[st->n_prog_sent], 1, MPI_INT, st->first[c->stage - 1], TAG_PROG, st->link,
+    (void)MPI_Isend(&st->prog_out[st->n_prog_sent], 1, MPI_INT, st->first[c->stage - 1], TAG_PROG, st->link,
               &st->prog_req[st->n_prog_sent]);
     st->n_prog_sent++;
     st->reported = later;
@@ -375,9 +381,9 @@ static itr_err stage_check(merge_ctx *c, int k, int l) {
   m.msg[0] = '\0';
   if (c->rank == 0 && c->stage < c->n_stages - 1 && !st->down_heard) {
     int flag = 0;
-    MPI_Iprobe(st->first[c->stage + 1], TAG_UP, st->link, &flag, MPI_STATUS_IGNORE);
+    (void)MPI_Iprobe(st->first[c->stage + 1], TAG_UP, st->link, &flag, MPI_STATUS_IGNORE);
     if (flag) {
-      MPI_Recv(&m, (int)sizeof m, MPI_BYTE, st->first[c->stage + 1], TAG_UP, st->link, MPI_STATUS_IGNORE);
+      (void)MPI_Recv(&m, (int)sizeof m, MPI_BYTE, st->first[c->stage + 1], TAG_UP, st->link, MPI_STATUS_IGNORE);
       m.msg[LINK_MSG_CAP - 1] = '\0';
       st->down_heard = 1;
       st->down_count = m.k;
@@ -385,7 +391,7 @@ static itr_err stage_check(merge_ctx *c, int k, int l) {
   }
   if (c->rank == 0 && c->method == METHOD_ITERIS) progress_update(c);
   const int sig = merge_stop_agree(c, k, l);
-  MPI_Bcast(&m, (int)sizeof m, MPI_BYTE, 0, c->comm);
+  (void)MPI_Bcast(&m, (int)sizeof m, MPI_BYTE, 0, c->comm);
   if (m.code != ITR_OK) return itr_error_set((itr_err)m.code, "%s", m.msg);
   if (sig)
     return itr_error_set(ITR_ERR_INTERRUPTED,
@@ -448,7 +454,7 @@ static void stage_finish(merge_ctx *c, itr_err e) {
     st->up_out.k = st->n_prog_sent;
     st->up_out.kinds = 0;
     snprintf(st->up_out.msg, sizeof st->up_out.msg, "%s", e == ITR_OK ? "" : itr_error_message());
-    MPI_Isend(&st->up_out, (int)sizeof st->up_out, MPI_BYTE, st->first[g - 1], TAG_UP, st->link, &st->up_req);
+    (void)MPI_Isend(&st->up_out, (int)sizeof st->up_out, MPI_BYTE, st->first[g - 1], TAG_UP, st->link, &st->up_req);
   }
   if (g > 0) {
     link_msg hdr;
@@ -457,14 +463,14 @@ static void stage_finish(merge_ctx *c, itr_err e) {
   if (g < S - 1 && st->sent_upto < K) send_stop_down(c, e);
   if (g < S - 1 && c->rank == 0 && !st->down_heard) {
     link_msg m;
-    MPI_Recv(&m, (int)sizeof m, MPI_BYTE, st->first[g + 1], TAG_UP, st->link, MPI_STATUS_IGNORE);
+    (void)MPI_Recv(&m, (int)sizeof m, MPI_BYTE, st->first[g + 1], TAG_UP, st->link, MPI_STATUS_IGNORE);
     st->down_heard = 1;
     st->down_count = m.k;
   }
   if (g < S - 1 && c->rank == 0) recv_progress(c, st->down_count);
   wait_sends(st);
-  if (st->n_prog_sent) MPI_Waitall(st->n_prog_sent, st->prog_req, MPI_STATUSES_IGNORE);
-  if (st->up_req != MPI_REQUEST_NULL) MPI_Wait(&st->up_req, MPI_STATUS_IGNORE);
+  if (st->n_prog_sent) (void)MPI_Waitall(st->n_prog_sent, st->prog_req, MPI_STATUSES_IGNORE);
+  if (st->up_req != MPI_REQUEST_NULL) (void)MPI_Wait(&st->up_req, MPI_STATUS_IGNORE);
 }
 
 /* Broadcasts update u from world rank root to every rank. */
@@ -575,17 +581,14 @@ static itr_err stages_evaluate(merge_ctx *c) {
   e = itr_dist_agree(c->world, e);
   const int go = e == ITR_OK; /* the same on all ranks: a stage sends exactly when the next one receives */
   if (go && g > 0) { /* the previous stage's states, or its error */
-    MPI_Recv(&hdr, (int)sizeof hdr, MPI_BYTE, st->first[g - 1], TAG_HDR, st->link, MPI_STATUS_IGNORE);
+    (void)MPI_Recv(&hdr, (int)sizeof hdr, MPI_BYTE, st->first[g - 1], TAG_HDR, st->link, MPI_STATUS_IGNORE);
     hdr.msg[LINK_MSG_CAP - 1] = '\0';
     if (hdr.code != ITR_OK) e = itr_error_set((itr_err)hdr.code, "%s", hdr.msg);
     for (int v = 0; v < 3 && e == ITR_OK; v++)
       for (int i = 0; i < N; i++)
         for (int p = 0; p < stage_size(st, g - 1); p++) {
           const size_t n = (size_t)shared_rows(&c->heldout[i], own[i][0], p, own[i][1], c->rank) * (size_t)D;
-          for (size_t o = 0; o < n; o += CHUNK_FLOATS) {
-            const size_t m = n - o < CHUNK_FLOATS ? n - o : CHUNK_FLOATS;
-            MPI_Recv(rbuf + o, (int)m, MPI_FLOAT, st->first[g - 1] + p, TAG_DATA, st->link, MPI_STATUS_IGNORE);
-          }
+          recv_chunks(st->link, rbuf, n, st->first[g - 1] + p);
           copy_rows(&c->heldout[i], own[i][0], p, own[i][1], c->rank, D, h[i][v], rbuf, -1);
         }
   }
@@ -598,19 +601,16 @@ static itr_err stages_evaluate(merge_ctx *c) {
     snprintf(hdr.msg, sizeof hdr.msg, "%s", e == ITR_OK ? "" : itr_error_message());
     if (c->rank == 0)
       for (int q = 0; q < stage_size(st, g + 1); q++)
-        MPI_Isend(&hdr, (int)sizeof hdr, MPI_BYTE, st->first[g + 1] + q, TAG_HDR, st->link, &req[n_req++]);
+        (void)MPI_Isend(&hdr, (int)sizeof hdr, MPI_BYTE, st->first[g + 1] + q, TAG_HDR, st->link, &req[n_req++]);
     size_t w = 0;
     for (int v = 0; v < 3 && e == ITR_OK; v++)
       for (int i = 0; i < N; i++)
         for (int q = 0; q < stage_size(st, g + 1); q++) {
           const size_t n = copy_rows(&c->heldout[i], own[i][1], c->rank, own[i][2], q, D, h[i][v], sbuf + w, 1);
-          for (size_t o = 0; o < n; o += CHUNK_FLOATS) {
-            const size_t m = n - o < CHUNK_FLOATS ? n - o : CHUNK_FLOATS;
-            MPI_Isend(sbuf + w + o, (int)m, MPI_FLOAT, st->first[g + 1] + q, TAG_DATA, st->link, &req[n_req++]);
-          }
+          isend_chunks(st->link, sbuf + w, n, st->first[g + 1] + q, req, &n_req);
           w += n;
         }
-    MPI_Waitall(n_req, req, MPI_STATUSES_IGNORE);
+    (void)MPI_Waitall(n_req, req, MPI_STATUSES_IGNORE);
   }
   e = merge_eval_finish(c, e, g == S - 1, sh, h);
   merge_eval_free(c, sh, h);
