@@ -35,6 +35,8 @@ typedef struct {
   int n_stages, stage;    /* -stages: how many pipeline stages, and this rank's (1, 0 without) */
   int layer_lo, layer_hi; /* the layers this rank's stage runs and merges: [lo, hi) */
   merge_stages *st;       /* NULL without -stages */
+  double stage_secs[ITR_MAX_TASKS][2]; /* -stages, per stage: seconds of its iterations, and of those spent
+                                          waiting for the previous stage's activations (all ranks, at the end) */
   merge_method method;
   int N; /* adapters */
   itr_model_config cfg;

@@ -410,7 +410,10 @@ static itr_err stage_loop(merge_ctx *c) {
   const double t0 = itr_wtime();
   int done = 0;
   for (int k = c->start_iter; k <= K; k++) {
-    ITR_TRY(stage_inputs(c, k));
+    const double tw = itr_wtime();
+    itr_err ei = stage_inputs(c, k);
+    if (g > 0) c->stage_secs[g][1] += itr_wtime() - tw; /* the first stage embeds: no waiting */
+    ITR_TRY(ei);
     const int kinds = (k == c->start_iter ? KIND_SRC : 0) | (k >= 2 ? KIND_MRG : 0);
     for (int l = lo; l < hi; l++) {
       double tl = itr_wtime(), max_resid = 0;
@@ -528,12 +531,19 @@ static itr_err gather(merge_ctx *c) {
     for (int i = 0; i < N; i++) c->coef[q * (size_t)N + (size_t)i] = 0;
     for (int k = 0; k < K; k++) c->resid[(size_t)k * nslots + q] = 0;
   }
+  for (int h = 0; h < S; h++)
+    if (h != c->stage || !contributes) c->stage_secs[h][0] = c->stage_secs[h][1] = 0.0;
   int nf = contributes ? c->n_residual_failed : 0;
   if (MPI_Allreduce(MPI_IN_PLACE, c->coef, (int)(nslots * (size_t)N), MPI_DOUBLE, MPI_SUM, c->world) != 0 ||
       MPI_Allreduce(MPI_IN_PLACE, c->resid, (int)(nslots * (size_t)K), MPI_DOUBLE, MPI_SUM, c->world) != 0 ||
-      MPI_Allreduce(&nf, &c->n_residual_failed, 1, MPI_INT, MPI_SUM, c->world) != 0)
+      MPI_Allreduce(&nf, &c->n_residual_failed, 1, MPI_INT, MPI_SUM, c->world) != 0 ||
+      MPI_Allreduce(MPI_IN_PLACE, c->stage_secs, 2 * S, MPI_DOUBLE, MPI_SUM, c->world) != 0)
     return itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the weights and residuals failed");
   c->iters_done = K;
+  for (int h = 0; h < S; h++)
+    itr_log(ITR_LOG_INFO, "stage %d/%d (ranks %d-%d, layers %d-%d): %.1f s, %.1f s of it waiting for activations", h + 1,
+            S, st->first[h], st->first[h + 1] - 1, itr_dist_group_first(h, S, L) + 1, itr_dist_group_first(h + 1, S, L),
+            c->stage_secs[h][0], c->stage_secs[h][1]);
   return itr_dist_agree(c->world, merge_rebuild_lora(c));
 }
 
@@ -630,7 +640,9 @@ itr_err merge_stages_run(merge_ctx *c) {
   st->down_progress = c->start_iter - 1; /* a restart: every stage has that iteration */
   st->trimmed = st->reported = 0;
   st->ckpt_done = c->start_iter - 1;
+  const double t0 = itr_wtime();
   itr_err e = stage_loop(c);
+  c->stage_secs[c->stage][0] = itr_wtime() - t0;
   stage_finish(c, e);
   /* every stage ended with its own error or one relayed verbatim from another stage */
   ITR_TRY(itr_dist_agree_relayed(c->world, e));

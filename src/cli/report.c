@@ -42,6 +42,18 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
   cJSON_AddNumberToObject(root, "stages", c->n_stages);
   cJSON_AddNumberToObject(root, "iterations", c->iters_done);
   cJSON_AddNumberToObject(root, "seconds_merge", c->seconds_merge);
+  if (c->n_stages > 1) { /* where each stage's time went: its iterations, and waiting for its input */
+    cJSON *sa = cJSON_AddArrayToObject(root, "stage_timings");
+    for (int h = 0; h < c->n_stages; h++) {
+      cJSON *o = cJSON_CreateObject();
+      cJSON_AddNumberToObject(o, "stage", h + 1);
+      cJSON_AddNumberToObject(o, "first_layer", itr_dist_group_first(h, c->n_stages, L));
+      cJSON_AddNumberToObject(o, "last_layer", itr_dist_group_first(h + 1, c->n_stages, L) - 1);
+      cJSON_AddNumberToObject(o, "seconds", c->stage_secs[h][0]);
+      cJSON_AddNumberToObject(o, "seconds_waiting", c->stage_secs[h][1]);
+      cJSON_AddItemToArray(sa, o);
+    }
+  }
   cJSON_AddNumberToObject(root, "residual_threshold", ITR_DIST_RESIDUAL_THRESHOLD);
   cJSON_AddNumberToObject(root, "residual_failed", c->n_residual_failed);
   if (c->opt->out_rank > 0) cJSON_AddNumberToObject(root, "energy_kept_min", c->energy_kept_min);

@@ -28,8 +28,16 @@ for run in "2 2" "3 2" "4 4" "5 3" "4 2 -solve_groups 2"; do
     { echo "np $np -stages $S $extra failed:"; tail -5 "$out.log"; exit 1; }
   grep -q "$S pipeline stages" "$out.log"
   cmp_ad "$W/np1" "$out"
-  /usr/bin/python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['stages']==$S and r['ranks']==$np, r" \
-    "$out/merge_report.json"
+  /usr/bin/python3 - "$out/merge_report.json" "$S" "$np" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); S, P = int(sys.argv[2]), int(sys.argv[3])
+assert r["stages"] == S and r["ranks"] == P, (r["stages"], r["ranks"])
+st = r["stage_timings"]
+assert [s["stage"] for s in st] == list(range(1, S + 1)), st
+assert st[0]["first_layer"] == 0 and st[-1]["last_layer"] == 3, st  # the demo's 4 layers, all covered
+assert all(st[i]["last_layer"] + 1 == st[i + 1]["first_layer"] for i in range(S - 1)), st
+assert st[0]["seconds_waiting"] == 0 and all(0 <= s["seconds_waiting"] <= s["seconds"] for s in st), st
+PY
   ls "$out" | grep -q checkpoint && { echo "checkpoint files left in $out"; exit 1; }
 done
 mpirun -np 1 "$BIN" "${args[@]}" -max_tokens 5 -out "$W/np1t5" >/dev/null 2>&1
