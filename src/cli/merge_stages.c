@@ -90,19 +90,26 @@ static int64_t shared_rows(const itr_token_set *ts, const int *oa, int p, const 
   return n;
 }
 
+/* Owners of ts's sequences in the previous stage, this one and the next ([0], [1], [2]; NULL where
+ * there is no such stage), each stage sharing them out over its own ranks. */
+static itr_err neighbour_owners(const merge_ctx *c, const itr_token_set *ts, int *own[3]) {
+  const size_t n = (size_t)(ts->n_seqs ? ts->n_seqs : 1);
+  for (int w = 0; w < 3; w++) {
+    const int h = c->stage - 1 + w;
+    if (h < 0 || h >= c->n_stages) continue;
+    ITR_TRY(itr_calloc(n, sizeof(int), "sequence owners", &own[w]));
+    ITR_TRY(merge_shard_owners(ts, stage_size(c->st, h), own[w]));
+  }
+  return ITR_OK;
+}
+
 static itr_err stages_alloc(merge_ctx *c, merge_stages *st) {
   const int g = c->stage, S = c->n_stages, N = c->N;
   const int64_t D = c->cfg.hidden_size;
   int64_t max_T = 1;
   for (int i = 0; i < N; i++) {
     const itr_token_set *ts = &c->calib[i];
-    const size_t n = (size_t)(ts->n_seqs ? ts->n_seqs : 1);
-    for (int w = 0; w < 3; w++) {
-      const int h = g - 1 + w;
-      if (h < 0 || h >= S) continue;
-      ITR_TRY(itr_calloc(n, sizeof(int), "sequence owners", &st->own[i][w]));
-      ITR_TRY(merge_shard_owners(ts, stage_size(st, h), st->own[i][w]));
-    }
+    ITR_TRY(neighbour_owners(c, ts, st->own[i]));
     int64_t T = 0;
     for (int s = 0; s < ts->n_seqs; s++)
       if (st->own[i][1][s] == c->rank) T += ts->offsets[s + 1] - ts->offsets[s];
@@ -569,13 +576,7 @@ static itr_err stages_evaluate(merge_ctx *c) {
   itr_err e = merge_eval_alloc(c, sh, h);
   int64_t T_all = 0, T_max = 1;
   for (int i = 0; i < N && e == ITR_OK; i++) {
-    const size_t n = (size_t)(c->heldout[i].n_seqs ? c->heldout[i].n_seqs : 1);
-    for (int w = 0; w < 3 && e == ITR_OK; w++) {
-      const int hs = g - 1 + w;
-      if (hs < 0 || hs >= S) continue;
-      e = itr_calloc(n, sizeof(int), "held-out sequence owners", &own[i][w]);
-      if (e == ITR_OK) e = merge_shard_owners(&c->heldout[i], stage_size(st, hs), own[i][w]);
-    }
+    e = neighbour_owners(c, &c->heldout[i], own[i]);
     T_all += sh[i].T;
     if (sh[i].T > T_max) T_max = sh[i].T;
     if (g < S - 1 && e == ITR_OK)

@@ -37,9 +37,7 @@ static int64_t rows_owned(int64_t g0, int64_t T, int mb, int r, int pr) {
  * receiver scales). */
 static void pack_rows(const float *x, double a, const float *y, double b, int64_t T, int64_t d, int64_t g0, int mb,
                       int r, int pr, int c, int pc, double *out64, float *out32) {
-  int64_t nr = 0;
-  for (int64_t t = 0; t < T; t++)
-    if (((g0 + t) / mb) % pr == r) nr++;
+  const int64_t nr = rows_owned(g0, T, mb, r, pr);
   int64_t ri = 0;
   for (int64_t t = 0; t < T; t++) {
     if (((g0 + t) / mb) % pr != r) continue;
@@ -80,10 +78,14 @@ itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, co
   rdispl = rcount + size;
   /* what goes to each process, and what comes from each (counts of doubles, which MPI takes as int) */
   int64_t stot = 0, rtot = 0;
-  const int64_t my_cols = (d / mb / pc) * mb + (((d / mb) % pc) > grid->mycol ? mb : ((d / mb) % pc) == grid->mycol ? d % mb : 0);
-  for (int q = 0; q < size; q++) {
+  if ((int64_t)size * tmax > INT_MAX || d < 1 || d > INT_MAX || T < 0 || (T > 0 && !x))
+    e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: %d ranks x %lld rows of %lld: out of range", size,
+                      (long long)tmax, (long long)d);
+  const int di = e == ITR_OK ? (int)d : 1, zero = 0;
+  const int64_t my_cols = numroc_(&di, &mb, &grid->mycol, &zero, &pc);
+  for (int q = 0; q < size && e == ITR_OK; q++) {
     const int r = q / pc, c = q % pc;
-    const int64_t cols = (d / mb / pc) * mb + (((d / mb) % pc) > c ? mb : ((d / mb) % pc) == c ? d % mb : 0);
+    const int64_t cols = numroc_(&di, &mb, &c, &zero, &pc);
     const int64_t ns = rows_owned((int64_t)grid->rank * tmax, T, mb, r, pr) * cols;
     const int64_t nr = rows_owned((int64_t)q * tmax, Ts[q], mb, grid->myrow, pr) * my_cols;
     if (ns > INT_MAX || nr > INT_MAX || stot > INT_MAX - ns || rtot > INT_MAX - nr) {
@@ -98,9 +100,6 @@ itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, co
     stot += ns;
     rtot += nr;
   }
-  if (e == ITR_OK && ((int64_t)size * tmax > INT_MAX || d < 1 || d > INT_MAX || T < 0 || (T > 0 && !x)))
-    e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: %d ranks x %lld rows of %lld: out of range", size,
-                      (long long)tmax, (long long)d);
   if (e == ITR_OK) e = itr_calloc((size_t)(stot ? stot : 1), sizeof(double), "rows f64 to send", &sbuf);
   if (e == ITR_OK) e = itr_calloc((size_t)(rtot ? rtot : 1), sizeof(double), "rows f64 received", &rbuf);
   if (e == ITR_OK) e = itr_dist_matrix_init(&z, grid, (int)(size * tmax), (int)d);
