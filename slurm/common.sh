@@ -3,7 +3,7 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034  # ITR_JOB, ITR_ARGS, ITR_RC, ITR_BIN are read by the scripts that source this file
 
-ITR_EXIT_STOPPED=5 # iteris-mpi: stopped by a signal after writing OUT.partial/checkpoint (src/cli/signals.h)
+ITR_EXIT_STOPPED=5 # iteris-mpi: stopped by a signal after writing OUT.partial/checkpoint (include/iteris/pipeline.h)
 
 itr_say() { echo "[sbatch ${SLURM_JOB_ID:-?}${SLURM_ARRAY_TASK_ID:+ array ${SLURM_ARRAY_JOB_ID:-?}_$SLURM_ARRAY_TASK_ID}] $*"; }
 itr_die() { itr_say "error: $*" >&2; exit 2; }

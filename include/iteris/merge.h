@@ -173,6 +173,77 @@ itr_err itr_iteris_assemble(const itr_iteris_opts *o, int N, const itr_merge_tas
 itr_err itr_iteris_assemble_add(const itr_iteris_opts *o, const itr_merge_task *t, int i, int64_t d_out,
                                 int64_t d_in, const double *W0, double c, int64_t row, itr_system *sys);
 
+/* ---- the method table (method.c) ------------------------------------------------------------
+ * A merge method is one entry here plus its formula file: what it needs, whether it iterates, the
+ * options it reads, and (for methods that solve a system from statistics) the function that gives
+ * each task's coefficients in that system. The program's option checks, the pipeline's choice of
+ * driver and -help all read this table; docs/METHODS.md says how to add one. */
+
+typedef enum {
+  ITR_METHOD_ITERIS,
+  ITR_METHOD_REGMEAN,
+  ITR_METHOD_TASK_ARITHMETIC,
+  ITR_METHOD_TIES,
+  ITR_METHOD_DARE,
+  ITR_METHOD_KNOTS,
+  ITR_METHOD_COUNT
+} itr_method_id;
+
+enum {
+  ITR_METHOD_STATS = 1u << 0,    /* solves a system from statistics of calibration data (needs -calib) */
+  ITR_METHOD_ITERATES = 1u << 1, /* -max_iter iterations, the merged model's inputs from iteration 2 */
+  ITR_METHOD_ADAPTIVE = 1u << 2, /* adaptive weights c_i from the source model's forward (iteration 1) */
+  ITR_METHOD_DENSE = 1u << 3,    /* a full-rank update: written as a LoRA of rank -out_rank */
+  ITR_METHOD_FEATURES = 1u << 4, /* also runs from -features files */
+  ITR_METHOD_GRAM_DIAG = 1u << 5, /* its terms read diag(G') (itr_task_terms.diag) */
+};
+
+/* The parameters that a task's coefficients depend on. */
+typedef struct {
+  double alpha_1, alpha_2; /* -alpha_1, -alpha_2: ridges relative to a Frobenius norm */
+  double regmean_alpha;    /* RegMean: scale of the Grams' off-diagonal entries */
+  int dense;               /* the right-hand side is T1 (d_out rows, with_pretrain), not the factors */
+} itr_terms_params;
+
+/* Task i's part of a module's system, as numbers that multiply its statistics:
+ *   T2  += gram * G'   (G' with its off-diagonal entries times offdiag)  + shift * I
+ *   rows = rhs * (cross * P + (diag * diag(G') + ridge) .* F)
+ * where G' is the task's (mixed) Gram Xt'^T Xt', P = F X^T Xt' the cross term, F the task's A_i
+ * (r_i rows) or W0 + dW_i (d_out rows, dense), and weight the task's coefficient in the solution
+ * (itr_system.coef). */
+typedef struct {
+  double weight, gram, offdiag, shift, rhs, cross, diag, ridge;
+} itr_task_terms;
+
+/* Task i's terms from its adaptive weight coef (1 where the method has none), the norms n1 =
+ * ||X^T Xt'||_F and n2 = ||G'||_F; label and i name the module and task in messages. */
+typedef itr_err (*itr_terms_fn)(const itr_terms_params *p, const itr_merge_task *t, int i, double coef, double n1,
+                                double n2, const char *label, itr_task_terms *out);
+
+typedef struct {
+  const char *name;    /* -method NAME */
+  itr_method_id id;
+  unsigned flags;      /* ITR_METHOD_* */
+  const char *options; /* the method-specific options it reads, space-separated, without '-' */
+  itr_terms_fn terms;  /* ITR_METHOD_STATS: the task's coefficients in the system; else NULL */
+  const char *summary; /* one line for -help */
+} itr_method;
+
+/* The entry named name, or NULL. Not Collective. */
+const itr_method *itr_method_find(const char *name);
+/* The entry of id (every id has one). */
+const itr_method *itr_method_get(itr_method_id id);
+/* Whether method m reads -option (option without '-'). */
+int itr_method_reads(const itr_method *m, const char *option);
+/* The names of every method, separated by sep, into buf (for messages and -help). */
+void itr_method_names(const char *sep, char *buf, size_t len);
+
+/* The coefficient functions of the table: IterIS (iteris.c) and RegMean (baselines.c). */
+itr_err itr_iteris_terms(const itr_terms_params *p, const itr_merge_task *t, int i, double coef, double n1, double n2,
+                         const char *label, itr_task_terms *out);
+itr_err itr_regmean_terms(const itr_terms_params *p, const itr_merge_task *t, int i, double coef, double n1,
+                          double n2, const char *label, itr_task_terms *out);
+
 /* ---- the merged update of one module (update.c) -------------------------------------------- */
 
 typedef struct {

@@ -303,7 +303,7 @@ typedef struct {
 } feat_module;
 
 typedef struct {
-  const itr_options *opt;
+  const itr_merge_opts *opt;
   int method, N;
   feat_adapter *ad[ITR_MAX_TASKS];
   int n_mod;
@@ -520,7 +520,7 @@ fail:
 
 /* One module: assemble task by task (one task's statistics in memory at a time), solve locally. */
 static itr_err merge_module(feat_ctx *c, feat_module *m) {
-  const itr_options *o = c->opt;
+  const itr_merge_opts *o = c->opt;
   const int N = c->N;
   itr_merge_task tasks[ITR_MAX_TASKS];
   double *A[ITR_MAX_TASKS] = {0}, *B[ITR_MAX_TASKS] = {0}, *W0 = NULL;
@@ -747,7 +747,7 @@ static itr_err write_outputs(feat_ctx *c) {
   return ITR_OK;
 }
 
-static itr_err run(const itr_options *o) {
+static itr_err run(const itr_merge_opts *o) {
   feat_ctx c;
   memset(&c, 0, sizeof c);
   c.opt = o;
@@ -787,7 +787,7 @@ static itr_err run(const itr_options *o) {
   return e;
 }
 
-itr_err itr_cli_features(const itr_options *opt, MPI_Comm comm) {
+itr_err itr_cli_features(const itr_merge_opts *opt, MPI_Comm comm) {
   int rank;
   MPI_Comm_rank(comm, &rank);
   itr_err e = rank == 0 ? run(opt) : ITR_OK;

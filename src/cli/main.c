@@ -9,9 +9,9 @@
 
 #include "cli/cli.h"
 #include "cli/options.h"
-#include "cli/signals.h"
 #include "iteris/core.h"
 #include "iteris/dist.h"
+#include "iteris/pipeline.h"
 
 /* Before PETSc starts: -help (ours, not PETSc's 300 lines) and a missing -options_file, which
  * PETSc would report with a 3 KB banner on every rank. */
@@ -67,7 +67,7 @@ int main(int argc, char **argv) {
     return 4;
   }
   PetscPushErrorHandler(PetscReturnErrorHandler, NULL);
-  itr_cli_signals_install(); /* SIGTERM/SIGINT/SIGUSR1: checkpoint and stop at the next layer */
+  itr_signals_install(); /* SIGTERM/SIGINT/SIGUSR1: checkpoint and stop at the next layer */
 
   /* fault injection for the agreement tests: ITERIS_FAULT_ALLOC="RANK:K" makes the K-th checked
    * allocation of rank RANK fail, so every phase's "error on one rank only" path can be exercised */
@@ -80,13 +80,13 @@ int main(int argc, char **argv) {
   itr_err err = opt ? itr_options_parse(opt) : itr_error_set(ITR_ERR_INTERNAL, "out of memory for the options");
   err = itr_dist_agree(MPI_COMM_WORLD, err); /* a failure on one rank only stops every rank */
   if (err == ITR_OK) {
-    if (opt->verbose >= 2) itr_log_set_level(ITR_LOG_DEBUG);
+    if (opt->m.verbose >= 2) itr_log_set_level(ITR_LOG_DEBUG);
     switch (opt->mode) {
       case ITR_MODE_INSPECT: err = itr_cli_inspect(opt, MPI_COMM_WORLD); break;
       case ITR_MODE_MAKE_DEMO: err = itr_cli_make_demo(opt, MPI_COMM_WORLD); break;
       case ITR_MODE_LOGITS: err = itr_cli_logits(opt, MPI_COMM_WORLD); break;
-      case ITR_MODE_MERGE: err = itr_cli_merge(opt, MPI_COMM_WORLD); break;
-      case ITR_MODE_FEATURES: err = itr_cli_features(opt, MPI_COMM_WORLD); break;
+      case ITR_MODE_MERGE: err = itr_pipeline_merge(&opt->m, MPI_COMM_WORLD); break;
+      case ITR_MODE_FEATURES: err = itr_cli_features(&opt->m, MPI_COMM_WORLD); break;
     }
   }
   /* every mode returns the agreed error on all ranks; rank 0 prints it */
@@ -94,7 +94,7 @@ int main(int argc, char **argv) {
     /* input errors: the message alone; numerical and internal ones: with the traceback */
     char head[1024];
     itr_error_headline(head, sizeof head);
-    int trace = err == ITR_ERR_NUMERIC || err == ITR_ERR_INTERNAL || (opt && opt->verbose >= 1);
+    int trace = err == ITR_ERR_NUMERIC || err == ITR_ERR_INTERNAL || (opt && opt->m.verbose >= 1);
     fprintf(stderr, "error: %s\n", trace ? itr_error_message() : head);
     fprintf(stderr, "(exit code %d: %s)\n", itr_exit_code(err), itr_err_name(err));
   }

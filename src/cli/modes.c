@@ -36,7 +36,7 @@ itr_err itr_cli_logits(const itr_options *opt, MPI_Comm comm) {
   if (rank == 0) {
     const char *dirs[ITR_MAX_TASKS];
     for (int i = 0; i < opt->n_adapter_logits; i++) dirs[i] = opt->adapter[i];
-    err = itr_model_write_logits(opt->base, dirs, opt->n_adapter_logits, opt->logits, opt->logits_out);
+    err = itr_model_write_logits(opt->m.base, dirs, opt->n_adapter_logits, opt->logits, opt->logits_out);
   }
   return itr_dist_agree(comm, err);
 }

@@ -4,6 +4,8 @@
  * unknown, or set but not used by the chosen mode/method, is an error. */
 #include "cli/options.h"
 
+#include "iteris/merge.h"
+
 #include <errno.h>
 #include <math.h>
 #include <petscsys.h>
@@ -15,10 +17,10 @@ typedef enum { T_STR, T_STRLIST, T_INT, T_REAL, T_REALLIST, T_BOOL } opt_type;
 
 /* where an option applies */
 enum {
-  U_ITERIS = 1 << 0, U_TA = 1 << 1, U_REGMEAN = 1 << 2, U_TIES = 1 << 3, U_DARE = 1 << 4, U_KNOTS = 1 << 5,
+  U_MERGE = 1 << 0,  /* every merge, whatever the method */
+  U_METHOD = 1 << 1, /* merges whose -method reads it (the method table's options, include/iteris/merge.h) */
   U_INSPECT = 1 << 6, U_LOGITS = 1 << 7, U_DEMO = 1 << 8,
-  U_FEATURES = 1 << 9, /* also allowed with -features (with a method bit: only for that method) */
-  U_MERGE = U_ITERIS | U_TA | U_REGMEAN | U_TIES | U_DARE | U_KNOTS,
+  U_FEATURES = 1 << 9, /* also allowed with -features (with U_METHOD: only where the method reads it) */
   U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO | U_FEATURES,
 };
 
@@ -35,57 +37,72 @@ typedef struct {
 
 #define OFF(f) offsetof(itr_options, f)
 static const opt_entry table_[] = {
-    {"base", T_STR, OFF(base), 0, sizeof(((itr_options *)0)->base), "", U_MERGE | U_LOGITS, "Hugging Face model folder (config.json + safetensors)"},
-    {"adapters", T_STRLIST, OFF(adapters), OFF(n_adapters), 0, "", U_MERGE | U_FEATURES, "PEFT LoRA adapter folders, comma-separated"},
-    {"calib", T_STRLIST, OFF(calib), OFF(n_calib), 0, "", U_MERGE,
+    {"base", T_STR, OFF(m.base), 0, sizeof(((itr_options *)0)->m.base), "", U_MERGE | U_LOGITS, "Hugging Face model folder (config.json + safetensors)"},
+    {"adapters", T_STRLIST, OFF(m.adapters), OFF(m.n_adapters), 0, "", U_MERGE | U_FEATURES, "PEFT LoRA adapter folders, comma-separated"},
+    {"calib", T_STRLIST, OFF(m.calib), OFF(m.n_calib), 0, "", U_MERGE,
      "calibration JSONL files, one per adapter, same order ({\"input_ids\": [...]} per line)"},
-    {"heldout", T_STRLIST, OFF(heldout), OFF(n_heldout), 0, "", U_MERGE,
+    {"heldout", T_STRLIST, OFF(m.heldout), OFF(m.n_heldout), 0, "", U_MERGE,
      "held-out JSONL files, one per adapter: the report gives kl_ratio and top1 per task"},
-    {"out", T_STR, OFF(out), 0, sizeof(((itr_options *)0)->out), "", U_MERGE | U_FEATURES, "output folder for the merged PEFT adapter and the report"},
-    {"method", T_STR, OFF(method), 0, sizeof(((itr_options *)0)->method), "iteris", U_MERGE | U_FEATURES,
+    {"out", T_STR, OFF(m.out), 0, sizeof(((itr_options *)0)->m.out), "", U_MERGE | U_FEATURES, "output folder for the merged PEFT adapter and the report"},
+    {"method", T_STR, OFF(m.method), 0, sizeof(((itr_options *)0)->m.method), "iteris", U_MERGE | U_FEATURES,
      "iteris | task_arithmetic | regmean | ties | dare | knots"},
-    {"max_iter", T_INT, OFF(max_iter), 0, 0, "10", U_ITERIS, "IterIS iterations (solves)"},
-    {"alpha_1", T_REAL, OFF(alpha_1), 0, 0, "1e-7", U_ITERIS | U_FEATURES, "ridge on X_i^T Xt_i, relative to its Frobenius norm"},
-    {"alpha_2", T_REAL, OFF(alpha_2), 0, 0, "1e-7", U_ITERIS | U_REGMEAN | U_FEATURES,
+    {"max_iter", T_INT, OFF(m.max_iter), 0, 0, "10", U_METHOD, "IterIS iterations (solves)"},
+    {"alpha_1", T_REAL, OFF(m.alpha_1), 0, 0, "1e-7", U_METHOD | U_FEATURES, "ridge on X_i^T Xt_i, relative to its Frobenius norm"},
+    {"alpha_2", T_REAL, OFF(m.alpha_2), 0, 0, "1e-7", U_METHOD | U_FEATURES,
      "ridge on Xt_i^T Xt_i, relative to its Frobenius norm"},
-    {"reg_coef", T_REAL, OFF(reg_coef), 0, 0, "0", U_ITERIS | U_FEATURES, "mixing rho: Xt_i <- (1-rho) Xt_i + rho X_i"},
-    {"manual_coef", T_REALLIST, OFF(manual_coef), OFF(n_manual_coef), 0, "", U_ITERIS | U_TA | U_TIES | U_DARE | U_KNOTS | U_FEATURES,
+    {"reg_coef", T_REAL, OFF(m.reg_coef), 0, 0, "0", U_METHOD | U_FEATURES, "mixing rho: Xt_i <- (1-rho) Xt_i + rho X_i"},
+    {"manual_coef", T_REALLIST, OFF(m.manual_coef), OFF(m.n_manual_coef), 0, "", U_METHOD | U_FEATURES,
      "manual weight w_i per adapter, comma-separated (default 1 each)"},
-    {"with_pretrain", T_BOOL, OFF(with_pretrain), 0, 0, "0", U_ITERIS,
+    {"with_pretrain", T_BOOL, OFF(m.with_pretrain), 0, 0, "0", U_METHOD,
      "use W0 + dW_i in the solve (full-rank result, written with -out_rank)"},
-    {"out_rank", T_INT, OFF(out_rank), 0, 0, "0", U_MERGE | U_FEATURES, "truncate the merged update to this rank (0: exact)"},
-    {"out_dtype", T_STR, OFF(out_dtype), 0, sizeof(((itr_options *)0)->out_dtype), "F32", U_MERGE | U_FEATURES, "dtype of the written adapter: F32 | BF16 | F16 | F64"},
-    {"ta_lambda", T_REAL, OFF(ta_lambda), 0, 0, "1", U_TA | U_TIES | U_DARE | U_KNOTS | U_FEATURES, "scale lambda of the merged update"},
-    {"regmean_alpha", T_REAL, OFF(regmean_alpha), 0, 0, "1", U_REGMEAN | U_FEATURES, "RegMean: scale of the Grams' off-diagonal entries"},
-    {"density", T_REAL, OFF(density), 0, 0, "0.2", U_TIES | U_DARE | U_KNOTS, "TIES, KnOTS-TIES, -dare_ties 1: fraction of entries kept per task"},
-    {"dare_p", T_REAL, OFF(dare_p), 0, 0, "0.5", U_DARE, "DARE: drop probability"},
-    {"dare_ties", T_BOOL, OFF(dare_ties), 0, 0, "0", U_DARE, "DARE: combine with TIES instead of a sum"},
-    {"seed", T_INT, OFF(seed), 0, 0, "0", U_DARE, "random seed (DARE)"},
-    {"restart", T_BOOL, OFF(restart), 0, 0, "0", U_ITERIS, "resume from the checkpoint in OUT.partial/ (written after every iteration and on SIGTERM)"},
-    {"solve_groups", T_INT, OFF(solve_groups), 0, 0, "1", U_ITERIS | U_REGMEAN,
+    {"out_rank", T_INT, OFF(m.out_rank), 0, 0, "0", U_MERGE | U_FEATURES, "truncate the merged update to this rank (0: exact)"},
+    {"out_dtype", T_STR, OFF(m.out_dtype), 0, sizeof(((itr_options *)0)->m.out_dtype), "F32", U_MERGE | U_FEATURES, "dtype of the written adapter: F32 | BF16 | F16 | F64"},
+    {"ta_lambda", T_REAL, OFF(m.ta_lambda), 0, 0, "1", U_METHOD | U_FEATURES, "scale lambda of the merged update"},
+    {"regmean_alpha", T_REAL, OFF(m.regmean_alpha), 0, 0, "1", U_METHOD | U_FEATURES, "RegMean: scale of the Grams' off-diagonal entries"},
+    {"density", T_REAL, OFF(m.density), 0, 0, "0.2", U_METHOD, "TIES, KnOTS-TIES, -dare_ties 1: fraction of entries kept per task"},
+    {"dare_p", T_REAL, OFF(m.dare_p), 0, 0, "0.5", U_METHOD, "DARE: drop probability"},
+    {"dare_ties", T_BOOL, OFF(m.dare_ties), 0, 0, "0", U_METHOD, "DARE: combine with TIES instead of a sum"},
+    {"seed", T_INT, OFF(m.seed), 0, 0, "0", U_METHOD, "random seed (DARE)"},
+    {"restart", T_BOOL, OFF(m.restart), 0, 0, "0", U_METHOD, "resume from the checkpoint in OUT.partial/ (written after every iteration and on SIGTERM)"},
+    {"solve_groups", T_INT, OFF(m.solve_groups), 0, 0, "1", U_METHOD,
      "split the ranks into N groups with their own grids; rank 0 assigns each layer's solves to them by cost, and they solve at the same time"},
-    {"stages", T_INT, OFF(stages), 0, 0, "1", U_ITERIS | U_REGMEAN,
+    {"stages", T_INT, OFF(m.stages), 0, 0, "1", U_METHOD,
      "pipeline stages: split the ranks into N groups, each holding a contiguous range of layers and its own grid; "
      "activations pass from stage to stage, and a stage starts its next iteration as soon as its layers are solved"},
-    {"max_tokens", T_INT, OFF(max_tokens), 0, 0, "0", U_ITERIS | U_REGMEAN, "keep the first N tokens of every calibration sequence (0: all)"},
+    {"max_tokens", T_INT, OFF(m.max_tokens), 0, 0, "0", U_METHOD, "keep the first N tokens of every calibration sequence (0: all)"},
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
     {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,
      "write the demo case (tiny model, 3 adapters, calibration data) into this folder and exit"},
-    {"features", T_STR, OFF(features), 0, sizeof(((itr_options *)0)->features), "", U_MERGE | U_FEATURES,
+    {"features", T_STR, OFF(m.features), 0, sizeof(((itr_options *)0)->m.features), "", U_MERGE | U_FEATURES,
      "merge from external features in this HDF5 file (inputs or statistics per task and module; docs/FEATURES.md)"},
     {"logits", T_STR, OFF(logits), 0, sizeof(((itr_options *)0)->logits), "", U_LOGITS, "JSONL token file: write the logits of -base (+ -adapter)"},
     {"logits_out", T_STR, OFF(logits_out), 0, sizeof(((itr_options *)0)->logits_out), "", U_LOGITS, "safetensors file for -logits (logits.0, logits.1, ...)"},
     {"adapter", T_STRLIST, OFF(adapter), OFF(n_adapter_logits), 0, "", U_LOGITS,
      "adapter folder(s) applied on top of -base for -logits"},
-    {"verbose", T_INT, OFF(verbose), 0, 0, "0", U_ALL, "0: progress, 1: details, 2: debug"},
+    {"verbose", T_INT, OFF(m.verbose), 0, 0, "0", U_ALL, "0: progress, 1: details, 2: debug"},
 };
 #define N_OPTS (sizeof table_ / sizeof table_[0])
 
-static const struct {
-  const char *name;
-  unsigned bit;
-} methods_[] = {{"iteris", U_ITERIS}, {"task_arithmetic", U_TA}, {"regmean", U_REGMEAN},
-                {"ties", U_TIES},     {"dare", U_DARE},          {"knots", U_KNOTS}};
+/* Whether option i may be set in this mode with this method. */
+static int option_used(size_t i, itr_mode mode, unsigned use, const itr_method *method) {
+  const unsigned u = table_[i].used_by;
+  if (mode != ITR_MODE_MERGE && mode != ITR_MODE_FEATURES) return (u & use) != 0;
+  if (mode == ITR_MODE_FEATURES && !(u & U_FEATURES)) return 0;
+  return (u & U_MERGE) || ((u & U_METHOD) && itr_method_reads(method, table_[i].name));
+}
+
+/* Every option a method names exists in the table (the two tables stay in step). */
+static itr_err check_method_options(const itr_method *method) {
+  char names[512];
+  snprintf(names, sizeof names, "%s", method->options);
+  for (char *save = NULL, *w = strtok_r(names, " ", &save); w; w = strtok_r(NULL, " ", &save)) {
+    size_t i = 0;
+    while (i < N_OPTS && strcmp(table_[i].name, w) != 0) i++;
+    ITR_CHECK(i < N_OPTS && (table_[i].used_by & U_METHOD), ITR_ERR_INTERNAL,
+              "method '%s' reads -%s, which the option table does not give to methods", method->name, w);
+  }
+  return ITR_OK;
+}
 
 void itr_options_print_help(FILE *f) {
   fprintf(f,
@@ -171,7 +188,7 @@ static itr_err set_value(itr_options *opt, const opt_entry *e, const char *s) {
       long v;
       ITR_TRY(parse_long(e->name, s, &v));
       ITR_CHECK(v >= 0 && v <= 1000000000L, ITR_ERR_INPUT, "option -%s: %ld is out of range [0, 1e9]", e->name, v);
-      if (e->off == OFF(seed)) *(long *)(base + e->off) = v;
+      if (e->off == OFF(m.seed)) *(long *)(base + e->off) = v;
       else *(int *)(base + e->off) = (int)v;
       return ITR_OK;
     }
@@ -254,72 +271,72 @@ itr_err itr_options_parse(itr_options *opt) {
   /* mode, then method, then options that the mode/method does not use */
   int nmodes = (opt->inspect[0] != 0) + (opt->make_demo[0] != 0) + (opt->logits[0] != 0);
   ITR_CHECK(nmodes <= 1, ITR_ERR_INPUT, "-inspect, -make_demo and -logits are separate modes: give one");
-  unsigned use;
+  unsigned use = 0;
+  const itr_method *method = NULL;
   if (opt->inspect[0]) opt->mode = ITR_MODE_INSPECT, use = U_INSPECT;
   else if (opt->make_demo[0]) opt->mode = ITR_MODE_MAKE_DEMO, use = U_DEMO;
   else if (opt->logits[0]) opt->mode = ITR_MODE_LOGITS, use = U_LOGITS;
   else {
-    opt->mode = opt->features[0] ? ITR_MODE_FEATURES : ITR_MODE_MERGE;
-    use = 0;
-    for (size_t m = 0; m < sizeof methods_ / sizeof methods_[0]; m++)
-      if (strcmp(opt->method, methods_[m].name) == 0) use = methods_[m].bit;
-    ITR_CHECK(use, ITR_ERR_INPUT,
-              "option -method: unknown method '%s' (iteris, task_arithmetic, regmean, ties, dare, knots)", opt->method);
-    ITR_CHECK(opt->mode != ITR_MODE_FEATURES || (use & (U_ITERIS | U_REGMEAN | U_TA)), ITR_ERR_INPUT,
-              "-features supports -method iteris, regmean and task_arithmetic, not '%s'", opt->method);
+    opt->mode = opt->m.features[0] ? ITR_MODE_FEATURES : ITR_MODE_MERGE;
+    method = itr_method_find(opt->m.method);
+    char names[256];
+    itr_method_names(", ", names, sizeof names);
+    ITR_CHECK(method, ITR_ERR_INPUT, "option -method: unknown method '%s' (%s)", opt->m.method, names);
+    ITR_TRY(check_method_options(method));
+    ITR_CHECK(opt->mode != ITR_MODE_FEATURES || (method->flags & ITR_METHOD_FEATURES), ITR_ERR_INPUT,
+              "-features supports -method iteris, regmean and task_arithmetic, not '%s'", opt->m.method);
   }
   for (size_t i = 0; i < N_OPTS; i++)
-    ITR_CHECK(!set[i] || ((table_[i].used_by & use) &&
-                          (opt->mode != ITR_MODE_FEATURES || (table_[i].used_by & U_FEATURES))),
+    ITR_CHECK(!set[i] || option_used(i, opt->mode, use, method),
               ITR_ERR_INPUT, "option -%s is not used %s%s: remove it (see -help)", table_[i].name,
               opt->mode == ITR_MODE_MERGE ? "by -method " : opt->mode == ITR_MODE_FEATURES ? "with -features by -method " : "in this mode",
-              opt->mode == ITR_MODE_MERGE || opt->mode == ITR_MODE_FEATURES ? opt->method : "");
+              opt->mode == ITR_MODE_MERGE || opt->mode == ITR_MODE_FEATURES ? opt->m.method : "");
 
   /* required options and value checks */
   if (opt->mode == ITR_MODE_LOGITS) {
-    ITR_CHECK(opt->base[0], ITR_ERR_INPUT, "-logits needs -base DIR");
+    ITR_CHECK(opt->m.base[0], ITR_ERR_INPUT, "-logits needs -base DIR");
     ITR_CHECK(opt->logits_out[0], ITR_ERR_INPUT, "-logits needs -logits_out OUT.safetensors");
   }
   if (opt->mode == ITR_MODE_MERGE || opt->mode == ITR_MODE_FEATURES) {
-    ITR_CHECK(opt->base[0] || opt->mode == ITR_MODE_FEATURES, ITR_ERR_INPUT, "missing -base DIR (the Hugging Face model folder); see -help");
-    ITR_CHECK(opt->n_adapters >= 1, ITR_ERR_INPUT, "missing -adapters D1,D2,... (PEFT adapter folders); see -help");
-    ITR_CHECK(opt->out[0], ITR_ERR_INPUT, "missing -out DIR (where the merged adapter goes); see -help");
-    int needs_calib = opt->mode == ITR_MODE_MERGE && (use & (U_ITERIS | U_REGMEAN)) != 0;
+    ITR_CHECK(opt->m.base[0] || opt->mode == ITR_MODE_FEATURES, ITR_ERR_INPUT, "missing -base DIR (the Hugging Face model folder); see -help");
+    ITR_CHECK(opt->m.n_adapters >= 1, ITR_ERR_INPUT, "missing -adapters D1,D2,... (PEFT adapter folders); see -help");
+    ITR_CHECK(opt->m.out[0], ITR_ERR_INPUT, "missing -out DIR (where the merged adapter goes); see -help");
+    int needs_calib = opt->mode == ITR_MODE_MERGE && (method->flags & ITR_METHOD_STATS) != 0;
     if (needs_calib)
-      ITR_CHECK(opt->n_calib == opt->n_adapters, ITR_ERR_INPUT,
+      ITR_CHECK(opt->m.n_calib == opt->m.n_adapters, ITR_ERR_INPUT,
                 "-calib has %d file(s) but -adapters has %d: give one calibration file per adapter, same order",
-                opt->n_calib, opt->n_adapters);
+                opt->m.n_calib, opt->m.n_adapters);
     else
-      ITR_CHECK(opt->n_calib == 0 || opt->n_calib == opt->n_adapters, ITR_ERR_INPUT,
-                "-calib has %d file(s) but -adapters has %d", opt->n_calib, opt->n_adapters);
-    ITR_CHECK(opt->n_heldout == 0 || opt->n_heldout == opt->n_adapters, ITR_ERR_INPUT,
-              "-heldout has %d file(s) but -adapters has %d: give one per adapter, same order", opt->n_heldout,
-              opt->n_adapters);
-    ITR_CHECK(opt->n_manual_coef == 0 || opt->n_manual_coef == opt->n_adapters, ITR_ERR_INPUT,
-              "-manual_coef has %d value(s) but -adapters has %d", opt->n_manual_coef, opt->n_adapters);
-    for (int i = 0; i < opt->n_manual_coef; i++)
-      ITR_CHECK(opt->manual_coef[i] > 0, ITR_ERR_INPUT, "-manual_coef: weight %d is %g; weights must be > 0", i + 1,
-                opt->manual_coef[i]);
-    if (opt->n_manual_coef == 0)
-      for (int i = 0; i < opt->n_adapters; i++) opt->manual_coef[i] = 1.0;
-    ITR_CHECK(opt->solve_groups >= 1 && opt->solve_groups <= ITR_MAX_TASKS, ITR_ERR_INPUT,
-              "-solve_groups must be in 1..%d, got %d", ITR_MAX_TASKS, opt->solve_groups);
-    ITR_CHECK(opt->stages >= 1 && opt->stages <= ITR_MAX_TASKS, ITR_ERR_INPUT, "-stages must be in 1..%d, got %d",
-              ITR_MAX_TASKS, opt->stages);
-    ITR_CHECK(opt->max_iter >= 1, ITR_ERR_INPUT, "-max_iter must be at least 1, got %d", opt->max_iter);
-    ITR_CHECK(opt->alpha_1 >= 0 && opt->alpha_2 >= 0, ITR_ERR_INPUT, "-alpha_1 and -alpha_2 must be >= 0");
-    ITR_CHECK(opt->reg_coef >= 0 && opt->reg_coef <= 1, ITR_ERR_INPUT, "-reg_coef must be in [0, 1], got %g",
-              opt->reg_coef);
-    ITR_CHECK(opt->density > 0 && opt->density <= 1, ITR_ERR_INPUT, "-density must be in (0, 1], got %g", opt->density);
-    ITR_CHECK(opt->dare_p >= 0 && opt->dare_p < 1, ITR_ERR_INPUT, "-dare_p must be in [0, 1), got %g", opt->dare_p);
-    ITR_CHECK(!(use & (U_TIES | U_DARE)) || opt->out_rank > 0, ITR_ERR_INPUT,
+      ITR_CHECK(opt->m.n_calib == 0 || opt->m.n_calib == opt->m.n_adapters, ITR_ERR_INPUT,
+                "-calib has %d file(s) but -adapters has %d", opt->m.n_calib, opt->m.n_adapters);
+    ITR_CHECK(opt->m.n_heldout == 0 || opt->m.n_heldout == opt->m.n_adapters, ITR_ERR_INPUT,
+              "-heldout has %d file(s) but -adapters has %d: give one per adapter, same order", opt->m.n_heldout,
+              opt->m.n_adapters);
+    ITR_CHECK(opt->m.n_manual_coef == 0 || opt->m.n_manual_coef == opt->m.n_adapters, ITR_ERR_INPUT,
+              "-manual_coef has %d value(s) but -adapters has %d", opt->m.n_manual_coef, opt->m.n_adapters);
+    for (int i = 0; i < opt->m.n_manual_coef; i++)
+      ITR_CHECK(opt->m.manual_coef[i] > 0, ITR_ERR_INPUT, "-manual_coef: weight %d is %g; weights must be > 0", i + 1,
+                opt->m.manual_coef[i]);
+    if (opt->m.n_manual_coef == 0)
+      for (int i = 0; i < opt->m.n_adapters; i++) opt->m.manual_coef[i] = 1.0;
+    ITR_CHECK(opt->m.solve_groups >= 1 && opt->m.solve_groups <= ITR_MAX_TASKS, ITR_ERR_INPUT,
+              "-solve_groups must be in 1..%d, got %d", ITR_MAX_TASKS, opt->m.solve_groups);
+    ITR_CHECK(opt->m.stages >= 1 && opt->m.stages <= ITR_MAX_TASKS, ITR_ERR_INPUT, "-stages must be in 1..%d, got %d",
+              ITR_MAX_TASKS, opt->m.stages);
+    ITR_CHECK(opt->m.max_iter >= 1, ITR_ERR_INPUT, "-max_iter must be at least 1, got %d", opt->m.max_iter);
+    ITR_CHECK(opt->m.alpha_1 >= 0 && opt->m.alpha_2 >= 0, ITR_ERR_INPUT, "-alpha_1 and -alpha_2 must be >= 0");
+    ITR_CHECK(opt->m.reg_coef >= 0 && opt->m.reg_coef <= 1, ITR_ERR_INPUT, "-reg_coef must be in [0, 1], got %g",
+              opt->m.reg_coef);
+    ITR_CHECK(opt->m.density > 0 && opt->m.density <= 1, ITR_ERR_INPUT, "-density must be in (0, 1], got %g", opt->m.density);
+    ITR_CHECK(opt->m.dare_p >= 0 && opt->m.dare_p < 1, ITR_ERR_INPUT, "-dare_p must be in [0, 1), got %g", opt->m.dare_p);
+    ITR_CHECK(!(method->flags & ITR_METHOD_DENSE) || opt->m.out_rank > 0, ITR_ERR_INPUT,
               "-method %s gives a dense (full-rank) update: give -out_rank k to write it as a LoRA of rank k",
-              opt->method);
-    ITR_CHECK(!opt->with_pretrain || opt->out_rank > 0, ITR_ERR_INPUT,
+              opt->m.method);
+    ITR_CHECK(!opt->m.with_pretrain || opt->m.out_rank > 0, ITR_ERR_INPUT,
               "-with_pretrain 1 gives a full-rank update: give -out_rank k to write it as a LoRA of rank k");
-    ITR_CHECK(strcmp(opt->out_dtype, "F32") == 0 || strcmp(opt->out_dtype, "BF16") == 0 ||
-                  strcmp(opt->out_dtype, "F16") == 0 || strcmp(opt->out_dtype, "F64") == 0,
-              ITR_ERR_INPUT, "-out_dtype must be F32, BF16, F16 or F64, got '%s'", opt->out_dtype);
+    ITR_CHECK(strcmp(opt->m.out_dtype, "F32") == 0 || strcmp(opt->m.out_dtype, "BF16") == 0 ||
+                  strcmp(opt->m.out_dtype, "F16") == 0 || strcmp(opt->m.out_dtype, "F64") == 0,
+              ITR_ERR_INPUT, "-out_dtype must be F32, BF16, F16 or F64, got '%s'", opt->m.out_dtype);
   }
   return ITR_OK;
 }

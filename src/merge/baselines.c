@@ -64,6 +64,20 @@ fail:
   return e;
 }
 
+itr_err itr_regmean_terms(const itr_terms_params *p, const itr_merge_task *t, int i, double coef, double n1,
+                          double n2, const char *label, itr_task_terms *out) {
+  (void)coef, (void)n1;
+  const double a = p->regmean_alpha, shift = p->alpha_2 * n2;
+  ITR_CHECK(a >= 0 && a <= 1, ITR_ERR_INPUT, "-regmean_alpha must be in [0, 1], got %g", a);
+  ITR_CHECK(shift >= 0 && isfinite(shift), ITR_ERR_NUMERIC,
+            "regmean %s, task %d: the ridge alpha_2 ||X^T X||_F = %g is not finite and >= 0", label, i, shift);
+  /* T2 += Gr_i = X^T X (off-diagonal times a) + alpha_2 ||X^T X||_F I; rows = s_i A_i Gr_i =
+   * s_i (a A X^T X + ((1 - a) diag(X^T X) + shift) .* A) */
+  *out = (itr_task_terms){.weight = 1.0, .gram = 1.0, .offdiag = a, .shift = shift, .rhs = t->scale, .cross = a,
+                          .diag = 1.0 - a, .ridge = shift};
+  return ITR_OK;
+}
+
 itr_err itr_baseline_regmean_assemble_add(const itr_merge_task *t, int i, double regmean_alpha, double ridge,
                                           int64_t row, itr_system *sys) {
   const char *label = sys->label;
@@ -81,19 +95,20 @@ itr_err itr_baseline_regmean_assemble_add(const itr_merge_task *t, int i, double
   double nrm = 0.0;
   for (int64_t k = 0; k < d * d; k++) nrm += S[k] * S[k];
   nrm = sqrt(nrm);
-  const double shift = ridge * nrm;
-  sys->coef[i] = 1.0;
+  const itr_terms_params p = {0.0, ridge, regmean_alpha, 0};
+  itr_task_terms tt;
+  ITR_TRY(itr_regmean_terms(&p, t, i, 1.0, 0.0, nrm, label, &tt));
+  sys->coef[i] = tt.weight;
   for (int64_t a = 0; a < d; a++)
-    for (int64_t b = 0; b < d; b++) sys->T2[a * d + b] += (a == b ? 1.0 : regmean_alpha) * S[a * d + b];
-  for (int64_t a = 0; a < d; a++) sys->T2[a * d + a] += shift;
+    for (int64_t b = 0; b < d; b++) sys->T2[a * d + b] += (a == b ? tt.gram : tt.gram * tt.offdiag) * S[a * d + b];
+  for (int64_t a = 0; a < d; a++) sys->T2[a * d + a] += tt.shift;
   if (t->r == 0) return ITR_OK;
-  /* rows = s_i A_i Gr_i = s_i (alpha A S + (1 - alpha) A diag(S) + shift A) */
+  /* rows = rhs (cross A S + (diag diag(S) + ridge) .* A) */
   double *out = sys->rhs + row * d;
-  cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, t->r, (int)d, t->scale * regmean_alpha, S, (int)d, t->A, (int)d,
-              0.0, out, (int)d);
+  cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, t->r, (int)d, tt.rhs * tt.cross, S, (int)d, t->A, (int)d, 0.0,
+              out, (int)d);
   for (int j = 0; j < t->r; j++)
-    for (int64_t c = 0; c < d; c++)
-      out[j * d + c] += t->scale * ((1.0 - regmean_alpha) * S[c * d + c] + shift) * t->A[j * d + c];
+    for (int64_t c = 0; c < d; c++) out[j * d + c] += tt.rhs * (tt.diag * S[c * d + c] + tt.ridge) * t->A[j * d + c];
   return ITR_OK;
 }
 

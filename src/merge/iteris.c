@@ -118,8 +118,8 @@ static void mixed_norms(const itr_merge_task *t, double rho, double *n1, double 
   *n2 = sqrt(b);
 }
 
-/* T2 += cw (Xt'^T Xt' + alpha_2 n2 I) */
-static void add_gram(const itr_merge_task *t, double rho, double cw, double alpha_2, double n2, double *T2) {
+/* T2 += cw Xt'^T Xt' + shift I */
+static void add_gram(const itr_merge_task *t, double rho, double cw, double shift, double *T2) {
   const itr_stats *s = t->stats;
   const int64_t d = s->d_in;
   const double *S = s->gram_x, *G = itr_stats_gram_t(s), *C = itr_stats_cross(s);
@@ -134,17 +134,16 @@ static void add_gram(const itr_merge_task *t, double rho, double cw, double alph
         T2[i * d + j] += cw * g;
       }
   }
-  for (int64_t i = 0; i < d; i++) T2[i * d + i] += cw * alpha_2 * n2;
+  for (int64_t i = 0; i < d; i++) T2[i * d + i] += shift;
 }
 
-/* out (m, d_in) = f (F X^T Xt' + alpha_1 n1 F) for F (m, d_in); P = F X^T Xt (unmixed) or NULL. */
-static void right_times_M(const itr_merge_task *t, double rho, double f, double alpha_1, double n1,
-                          int64_t m, const double *F, const double *P, double beta, double *out) {
+/* out (m, d_in) = f (F X^T Xt' + ridge F) for F (m, d_in); P = F X^T Xt (unmixed) or NULL. */
+static void right_times_M(const itr_merge_task *t, double rho, double f, double ridge, int64_t m, const double *F, const double *P, double beta, double *out) {
   const itr_stats *s = t->stats;
   const int d = (int)s->d_in;
   const double *S = s->gram_x, *C = itr_stats_cross(s);
   double p = s->xt_is_x ? 0.0 : 1.0 - rho, q = s->xt_is_x ? 1.0 : rho;
-  /* out = beta out + f q F S + f p (F C or P) + f alpha_1 n1 F */
+  /* out = beta out + f q F S + f p (F C or P) + f ridge F */
   if (q != 0)
     cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, (int)m, d, f * q, S, d, F, d, beta, out, d);
   else if (beta != 1.0)
@@ -155,7 +154,19 @@ static void right_times_M(const itr_merge_task *t, double rho, double f, double 
     else
       cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, d, d, f * p, F, d, C, d, 1.0, out, d);
   }
-  for (int64_t k = 0; k < m * d; k++) out[k] += f * alpha_1 * n1 * F[k];
+  for (int64_t k = 0; k < m * d; k++) out[k] += f * ridge * F[k];
+}
+
+itr_err itr_iteris_terms(const itr_terms_params *p, const itr_merge_task *t, int i, double coef, double n1, double n2,
+                         const char *label, itr_task_terms *out) {
+  ITR_CHECK(coef > 0 && isfinite(coef), ITR_ERR_NUMERIC, "module '%s', task %d: adaptive weight %g is not > 0", label, i,
+            coef);
+  const double cw = coef * t->weight; /* c_i w_i */
+  /* T2 += c_i w_i (G' + alpha_2 ||G'|| I); rows = c_i w_i s_i (A X^T Xt' + alpha_1 ||X^T Xt'|| A), or
+   * with_pretrain rhs += c_i w_i ((W0 + dW_i) X^T Xt' + alpha_1 ||X^T Xt'|| (W0 + dW_i)) */
+  *out = (itr_task_terms){.weight = cw, .gram = cw, .offdiag = 1.0, .shift = cw * p->alpha_2 * n2,
+                          .rhs = p->dense ? cw : cw * t->scale, .cross = 1.0, .diag = 0.0, .ridge = p->alpha_1 * n1};
+  return ITR_OK;
 }
 
 itr_err itr_iteris_assemble_add(const itr_iteris_opts *o, const itr_merge_task *t, int i, int64_t d_out,
@@ -166,20 +177,21 @@ itr_err itr_iteris_assemble_add(const itr_iteris_opts *o, const itr_merge_task *
                 (sys->dense ? sys->nrhs == d_out : row >= 0 && row + t->r <= sys->nrhs),
             ITR_ERR_INTERNAL, "module '%s': task %d does not fit the system (row %lld, r %d, nrhs %lld)", label, i,
             (long long)row, t->r, (long long)sys->nrhs);
-  ITR_CHECK(c > 0 && isfinite(c), ITR_ERR_NUMERIC, "module '%s', task %d: adaptive weight %g is not > 0", label, i, c);
-  const double cw = c * t->weight;
-  sys->coef[i] = cw;
   double n1, n2;
   mixed_norms(t, o->reg_coef, &n1, &n2);
-  add_gram(t, o->reg_coef, cw, o->alpha_2, n2, sys->T2);
+  const itr_terms_params p = {o->alpha_1, o->alpha_2, 0.0, sys->dense};
+  itr_task_terms tt;
+  ITR_TRY(itr_iteris_terms(&p, t, i, c, n1, n2, label, &tt));
+  sys->coef[i] = tt.weight;
+  add_gram(t, o->reg_coef, tt.gram, tt.shift, sys->T2);
   if (sys->dense) {
     double *W = NULL;
     ITR_TRY(itr_calloc((size_t)d_out * (size_t)d_in, sizeof(double), "W0 + dW", &W));
     full_weight(t, d_out, d_in, W0, W);
-    right_times_M(t, o->reg_coef, cw, o->alpha_1, n1, d_out, W, NULL, 1.0, sys->rhs);
+    right_times_M(t, o->reg_coef, tt.rhs, tt.ridge, d_out, W, NULL, 1.0, sys->rhs);
     free(W);
   } else if (t->r > 0) {
-    right_times_M(t, o->reg_coef, cw * t->scale, o->alpha_1, n1, t->r, t->A, t->P, 0.0, sys->rhs + row * d_in);
+    right_times_M(t, o->reg_coef, tt.rhs, tt.ridge, t->r, t->A, t->P, 0.0, sys->rhs + row * d_in);
   }
   return ITR_OK;
 }

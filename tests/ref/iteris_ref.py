@@ -8,7 +8,7 @@ stacked inputs, and the solve is numpy.linalg.solve of the d_in x d_in system. I
 verified float64 Llama pieces of tests/ref/llama_ref.py (config, safetensors parser, RMSNorm, RoPE);
 the forward with input capture, the adapter reader and the merge are written here.
 
-Iteration semantics (the same as src/cli/merge.c, stated independently):
+Iteration semantics (the same as src/pipeline/driver_data.c, stated independently):
   X_i[m]   inputs of module m when base + adapter i runs on calibration set i (every line of the
            JSONL file is its own sequence, positions restart at 0), all rows stacked; fixed.
   c_i[m]   ||W0 + dW_i||_F^2 / ||X_i (W0 + dW_i)^T||_F^2, fixed across iterations; times w_i.

@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cli/merge_internal.h"
+#include "pipeline/pipeline_internal.h"
 
 
 
@@ -115,7 +115,7 @@ static void module_job_fini(module_job *j) {
 }
 
 static itr_err module_job_init(merge_ctx *c, int l, itr_module m, int64_t d_in, module_job *j) {
-  const itr_options *o = c->opt;
+  const itr_merge_opts *o = c->opt;
   j->m = m;
   int64_t din;
   itr_module_shape(&c->cfg, m, &j->d_out, &din);
@@ -123,10 +123,10 @@ static itr_err module_job_init(merge_ctx *c, int l, itr_module m, int64_t d_in, 
   int64_t R = 0;
   for (int i = 0; i < c->N; i++) {
     ITR_TRY(merge_task_factors(c->ad[i], l, m, j->d_out, d_in, &j->tasks[i], &j->A[i], &j->B[i]));
-    j->tasks[i].weight = c->method == METHOD_ITERIS ? o->manual_coef[i] : 1.0;
+    j->tasks[i].weight = itr_method_reads(c->method, "manual_coef") ? o->manual_coef[i] : 1.0;
     R += j->tasks[i].r;
   }
-  const int dense = c->method == METHOD_ITERIS && o->with_pretrain;
+  const int dense = itr_method_reads(c->method, "with_pretrain") && o->with_pretrain;
   ITR_CHECK(c->layer && c->layer_index == l, ITR_ERR_INTERNAL, "layer %d is not the one held (%d)", l, c->layer_index);
   j->W0f = itr_model_weight(c->layer, l, m);
   if (dense) { /* with_pretrain: W0 + dW_i enters the right-hand side, and the result is W - W0 */
@@ -188,36 +188,37 @@ static itr_err rhs_piece_local(const module_job *j, const itr_merge_task *t, int
   return e;
 }
 
-/* Task i's contribution to module j: T2 += cw (G + alpha_2 n2 I) and the rows of the rhs (the
- * formulas of ALGORITHM.md, as itr_iteris_assemble_add / itr_baseline_regmean_assemble_add do on
- * replicated statistics). piece holds F X^T Xt' summed over ranks; diag is diag(G) (RegMean). */
+/* Task i's contribution to module j, with the coefficients of the method table's terms function
+ * (itr_task_terms: the one statement of each method's formulas, which the replicated assembly of
+ * src/merge uses too): T2 += gram G' (off-diagonal times offdiag) + shift I, and the rows of the rhs
+ * = rhs (cross piece + (diag diag(G') + ridge) F). piece holds F X^T Xt' summed over ranks; diag is
+ * diag(G') (ITR_METHOD_GRAM_DIAG, else NULL). */
 static itr_err assemble_task(merge_ctx *c, module_job *j, int i, int64_t row, double coef, const itr_dist_matrix *G,
                              double n1, double n2, const double *diag) {
-  const itr_options *o = c->opt;
+  const itr_merge_opts *o = c->opt;
   const itr_merge_task *t = &j->tasks[i];
   const int64_t d = j->sys.d_in;
-  if (c->method == METHOD_REGMEAN) {
-    const double a = o->regmean_alpha, shift = o->alpha_2 * n2;
-    j->sys.coef[i] = 1.0;
-    itr_dist_matrix_add(&j->T2, 1.0, G, a, shift, 1);
-    /* rows = s (a A S + (1 - a) A diag(S) + shift A), A S = piece */
-    double *out = j->sys.rhs + row * d;
-    for (int r = 0; r < t->r; r++)
-      for (int64_t q = 0; q < d; q++)
-        out[r * d + q] = t->scale * (a * j->piece[r * d + q] + ((1.0 - a) * diag[q] + shift) * t->A[r * d + q]);
-    return ITR_OK;
-  }
-  ITR_CHECK(coef > 0 && isfinite(coef), ITR_ERR_NUMERIC, "module '%s', task %d: adaptive weight %g is not > 0",
-            j->label, i, coef);
-  const double cw = coef * t->weight;
-  j->sys.coef[i] = cw;
-  itr_dist_matrix_add(&j->T2, cw, G, 1.0, cw * o->alpha_2 * n2, 1);
-  if (j->sys.dense) { /* rhs += cw ((W0 + dW) X^T Xt' + alpha_1 n1 (W0 + dW)) */
-    for (int64_t q = 0; q < j->d_out * d; q++) j->sys.rhs[q] += cw * (j->piece[q] + o->alpha_1 * n1 * j->W[q]);
-  } else { /* rows = cw s (A X^T Xt' + alpha_1 n1 A) */
-    double *out = j->sys.rhs + row * d;
-    for (int64_t q = 0; q < t->r * d; q++) out[q] = cw * t->scale * (j->piece[q] + o->alpha_1 * n1 * t->A[q]);
-  }
+  const itr_terms_params p = {o->alpha_1, o->alpha_2, o->regmean_alpha, j->sys.dense};
+  itr_task_terms tt;
+  ITR_CHECK(c->method->terms, ITR_ERR_INTERNAL, "method '%s' has no terms function", c->method->name);
+  ITR_TRY(c->method->terms(&p, t, i, coef, n1, n2, j->label, &tt));
+  ITR_CHECK(tt.diag == 0.0 || diag, ITR_ERR_INTERNAL, "method '%s' reads diag(G) but has no ITR_METHOD_GRAM_DIAG",
+            c->method->name);
+  j->sys.coef[i] = tt.weight;
+  itr_dist_matrix_add(&j->T2, tt.gram, G, tt.offdiag, tt.shift, 1);
+  /* F: the task's factor A_i (r_i rows from row) or W0 + dW_i (d_out rows, dense, summed over tasks) */
+  const int64_t rows = j->sys.dense ? j->d_out : t->r;
+  const double *F = j->sys.dense ? j->W : t->A;
+  double *out = j->sys.rhs + (j->sys.dense ? 0 : row * d);
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t q = 0; q < d; q++) {
+      const double f = tt.diag != 0.0 ? tt.diag * diag[q] + tt.ridge : tt.ridge;
+      const double v = tt.rhs * (tt.cross * j->piece[r * d + q] + f * F[r * d + q]);
+      if (j->sys.dense)
+        out[r * d + q] += v;
+      else
+        out[r * d + q] = v;
+    }
   return ITR_OK;
 }
 
@@ -263,10 +264,10 @@ static itr_err solve_on(const itr_dist_grid *grid, const itr_dist_matrix *T2, mo
 /* Assembles every targeted module at site s of layer l (iteration k) into jobs[*nj...]: the
  * statistics of one task at a time, formed in the block-cyclic layout and freed before the next. */
 static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job *jobs, int *nj_total) {
-  const itr_options *o = c->opt;
+  const itr_merge_opts *o = c->opt;
   const int N = c->N;
   const int64_t d_in = c->site_d[s];
-  const double rho = c->method == METHOD_ITERIS ? o->reg_coef : 0.0;
+  const double rho = itr_method_reads(c->method, "reg_coef") ? o->reg_coef : 0.0;
   module_job *site_jobs = jobs + *nj_total;
   int nj = 0;
   itr_err e = ITR_OK;
@@ -296,13 +297,13 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
     if (xt) n1 = sqrt(n1);
     itr_dist_matrix_fini(&Xd);
     itr_dist_matrix_fini(&Xm);
-    if (e == ITR_OK && c->method == METHOD_REGMEAN) {
+    if (e == ITR_OK && (c->method->flags & ITR_METHOD_GRAM_DIAG)) {
       e = itr_dist_agree(c->comm, itr_calloc((size_t)d_in, sizeof(double), "diagonal of X^T X", &diag));
       if (e == ITR_OK) e = itr_dist_matrix_diag(&G, diag);
     }
     /* iteration 1: the numerators of c_i, and the denominators, summed over the ranks, from the
      * source model's forward of this layer */
-    if (e == ITR_OK && c->method == METHOD_ITERIS && k == 1) {
+    if (e == ITR_OK && (c->method->flags & ITR_METHOD_ADAPTIVE) && k == 1) {
       for (int q = 0; q < nj && e == ITR_OK; q++) {
         xw[q] = c->ynorm[i][site_jobs[q].m];
         e = weight_norm2(d_in, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i], &ww[q]);
@@ -317,7 +318,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
       itr_merge_task *t = &j->tasks[i];
       double *coef = c->coef + SLOT(l, j->m) * (size_t)N;
       PetscLogStagePush(c->stage_assemble);
-      if (c->method == METHOD_ITERIS && k == 1) e = adaptive_weight(j, i, ww[q], xw[q], &coef[i]);
+      if ((c->method->flags & ITR_METHOD_ADAPTIVE) && k == 1) e = adaptive_weight(j, i, ww[q], xw[q], &coef[i]);
       if (e == ITR_OK && j->sys.dense) full_weight(j, t, d_in, j->W);
       if (e == ITR_OK) e = rhs_piece_local(j, t, d_in, T, x, xt, rho, k);
       e = itr_dist_agree(c->comm, e);
@@ -349,35 +350,13 @@ static double solve_cost(const module_job *j) {
   return d * d * d / 3.0 + 4.0 * d * d * R;
 }
 
-/* The master scheduler (rank 0): assigns the solves of a layer to the groups, longest first, each
- * to the group that would finish it first (its load so far plus the cost over its rank count);
- * the plan is broadcast, so every rank acts on rank 0's decision. */
+/* Rank 0 plans the solves of a layer over the groups (merge_plan_solves); the plan is broadcast,
+ * so every rank acts on rank 0's decision. */
 static itr_err plan_solves(merge_ctx *c, int l, const module_job *jobs, int nj, int *group_of) {
   if (c->rank == 0) {
-    int order[ITR_MODULE_COUNT];
-    double load[ITR_MAX_TASKS] = {0};
-    for (int q = 0; q < nj; q++) order[q] = q;
-    for (int a = 1; a < nj; a++) /* insertion sort, costliest first; ties by module order */
-      for (int b = a; b > 0 && solve_cost(&jobs[order[b]]) > solve_cost(&jobs[order[b - 1]]); b--) {
-        int t = order[b];
-        order[b] = order[b - 1];
-        order[b - 1] = t;
-      }
-    for (int a = 0; a < nj; a++) {
-      const int q = order[a];
-      int best = 0;
-      double best_end = 0;
-      for (int g = 0; g < c->n_groups; g++) {
-        const int size = itr_dist_group_first(g + 1, c->n_groups, c->size) - itr_dist_group_first(g, c->n_groups, c->size);
-        const double end = load[g] + solve_cost(&jobs[q]) / size;
-        if (g == 0 || end < best_end) {
-          best = g;
-          best_end = end;
-        }
-      }
-      group_of[q] = best;
-      load[best] = best_end;
-    }
+    double cost[ITR_MODULE_COUNT];
+    for (int q = 0; q < nj; q++) cost[q] = solve_cost(&jobs[q]);
+    merge_plan_solves(nj, cost, c->n_groups, c->size, group_of);
     if (c->opt->verbose >= 1) {
       char line[512];
       int n = snprintf(line, sizeof line, "layer %d solve plan over %d groups:", l + 1, c->n_groups);

@@ -1,18 +1,29 @@
-/* State of one merge run, shared by the pipeline (merge.c) and the report (report.c). */
-#ifndef ITERIS_CLI_MERGE_INTERNAL_H
-#define ITERIS_CLI_MERGE_INTERNAL_H
+/* The pipeline layer's private header: the state of one merge run (merge_ctx) and the entry points
+ * of its files, in their order: each file calls only files listed above it (checked by
+ * tests/layering.py over the object files).
+ *   schedule.c       rank 0's decisions (sequences over ranks, layers over stages, solves over groups)
+ *   context.c        the agreed stop, the progress line
+ *   forward.c        capture of the target modules' inputs, the merged LoRA set, held-out evaluation
+ *   site.c           one input site: statistics -> systems -> solves (ScaLAPACK)
+ *   checkpoint.c     checkpoints and stats.h5
+ *   report.c         merge_report.json and the printed summary
+ *   driver_data.c    the data-parallel iterations
+ *   driver_direct.c  the methods without calibration data
+ *   driver_stages.c  -stages: the pipeline-parallel iterations
+ *   run.c            setup, the driver's choice, evaluation, the atomic write (itr_pipeline_merge) */
+#ifndef ITERIS_PIPELINE_INTERNAL_H
+#define ITERIS_PIPELINE_INTERNAL_H
 
 #include <mpi.h>
 #include <petscsys.h>
 #include <stdio.h>
 
-#include "cli/options.h"
 #include "iteris/dist.h"
 #include "iteris/io.h"
 #include "iteris/merge.h"
 #include "iteris/model.h"
+#include "iteris/pipeline.h"
 
-typedef enum { METHOD_ITERIS, METHOD_REGMEAN, METHOD_TA, METHOD_TIES, METHOD_DARE, METHOD_KNOTS } merge_method;
 
 /* This rank's share of a token set: whole sequences, packed. */
 typedef struct {
@@ -24,10 +35,10 @@ typedef struct {
 
 void shard_fini(itr_shard *sh);
 
-typedef struct merge_stages merge_stages; /* -stages > 1: the pipeline's state (merge_stages.c) */
+typedef struct merge_stages merge_stages; /* -stages > 1: the pipeline's state (driver_stages.c) */
 
 typedef struct {
-  const itr_options *opt;
+  const itr_merge_opts *opt;
   MPI_Comm world;  /* every rank: validation, the final gather, evaluation and output */
   int wrank, wsize;
   MPI_Comm comm;   /* the ranks that share this rank's layers: world, or this rank's pipeline stage */
@@ -37,7 +48,7 @@ typedef struct {
   merge_stages *st;       /* NULL without -stages */
   double stage_secs[ITR_MAX_TASKS][2]; /* -stages, per stage: seconds of its iterations, and of those spent
                                           waiting for the previous stage's activations (all ranks, at the end) */
-  merge_method method;
+  const itr_method *method; /* the method table's entry (include/iteris/merge.h) */
   int N; /* adapters */
   itr_model_config cfg;
   itr_tensor_store *store;
@@ -73,26 +84,49 @@ typedef struct {
 
 #define SLOT(l, m) ((size_t)(l) * ITR_MODULE_COUNT + (size_t)(m))
 
-/* ---- shared by the data-parallel loop (merge.c) and the pipeline stages (merge_stages.c) ---- */
+/* ---- schedule.c -------------------------------------------------------------------------------- */
 
 /* Owner (0..size-1) of every sequence of ts: longest first, each to the least-loaded rank
  * (lowest on ties); the same on every rank. Not Collective. */
 itr_err merge_shard_owners(const itr_token_set *ts, int size, int *owner);
 /* This rank's shard from the owners (whole sequences in their order in ts). Not Collective. */
 itr_err merge_shard_from_owners(const itr_token_set *ts, const int *owner, int rank, itr_shard *sh);
-/* Embeds every task's calibration shard into h[i]. Not Collective. */
-itr_err merge_embed_all(merge_ctx *c, float **h);
-/* Forward of layer l on every task's shard: source model into X, merged model into Xt (k >= 2);
- * loads the layer first. Not Collective (callers agree). */
-itr_err merge_forward_layer(merge_ctx *c, int k, int l);
-/* Rebuilds the merged model's LoRA set from c->cur. Not Collective. */
-itr_err merge_rebuild_lora(merge_ctx *c);
+/* This rank's shard of ts shared out over size ranks (merge_shard_owners). Not Collective. */
+itr_err merge_shard_make(const itr_token_set *ts, int rank, int size, itr_shard *sh);
+/* Layers [*lo, *hi) of stage g of S over L layers: contiguous, as even as possible. */
+void merge_stage_layers(int g, int S, int L, int *lo, int *hi);
+/* The solves of one layer over n_groups groups of a communicator of size ranks (group g holds
+ * ranks [itr_dist_group_first(g), itr_dist_group_first(g + 1))): costliest first (ties by index),
+ * each to the group that would finish it first (its load so far plus the cost over its rank
+ * count). cost[nj] in flops; group_of[nj] out. */
+void merge_plan_solves(int nj, const double *cost, int n_groups, int size, int *group_of);
+
+/* ---- context.c ----------------------------------------------------------------------------------- */
+
+/* Iterations of the run: max_iter for IterIS, one for every other method. */
+int merge_n_iters(const merge_ctx *c);
 /* The signal (or ITERIS_FAULT_STOP_AT="k l" injection) that asks to stop before layer l of
  * iteration k, agreed over c->comm: 0 = go on. Collective on c->comm. */
 int merge_stop_agree(merge_ctx *c, int k, int l);
 /* Progress line of one finished layer with the ETA of this rank's part of the run. */
 void merge_progress(merge_ctx *c, int k, int l, double t_layer, double max_resid, int n_failed, int done, int total,
                     double t0);
+
+/* ---- forward.c ----------------------------------------------------------------------------------- */
+
+/* d_in of input site s (the first module that reads it). */
+int64_t merge_site_d_in(const itr_model_config *cfg, itr_site s);
+/* The capture buffers X, Xt of every task and site for this rank's shards. Not Collective. */
+itr_err merge_alloc_site_buffers(merge_ctx *c);
+/* Embeds every task's calibration shard into h[i]. Not Collective. */
+itr_err merge_embed_all(merge_ctx *c, float **h);
+/* Forward of layer l on every task's shard: source model into X, merged model into Xt (k >= 2);
+ * loads the layer first. Not Collective (callers agree). */
+itr_err merge_forward_layer(merge_ctx *c, int k, int l);
+/* Runs layers [0, l0) without capture (a resumed iteration's hidden states). Not Collective. */
+itr_err merge_forward_prefix(merge_ctx *c, int k, int l0);
+/* Rebuilds the merged model's LoRA set from c->cur. Not Collective. */
+itr_err merge_rebuild_lora(merge_ctx *c);
 
 /* Evaluation in parts (-heldout), for the data-parallel run and the stages: this rank's held-out
  * shards over c->comm and their three hidden states per task (base, task, merged; embedded on the
@@ -103,29 +137,22 @@ itr_err merge_eval_alloc(merge_ctx *c, itr_shard *sh, float *(*h)[3]);
 itr_err merge_eval_layer(merge_ctx *c, int l, const itr_shard *sh, float *(*h)[3]);
 itr_err merge_eval_finish(merge_ctx *c, itr_err e, int have, const itr_shard *sh, float *(*h)[3]);
 void merge_eval_free(merge_ctx *c, itr_shard *sh, float *(*h)[3]);
+/* The whole evaluation on every rank of c->world, layer by layer (without -stages). Collective on
+ * c->world. */
+itr_err merge_evaluate(merge_ctx *c);
 
-/* ---- pipeline stages (merge_stages.c) --------------------------------------------------------- */
-
-/* Splits the ranks into -stages pipeline stages: sets comm, rank, size, layer_lo, layer_hi (all
- * ranks and all layers without -stages). Collective on c->world. */
-itr_err merge_stages_setup(merge_ctx *c);
-/* -restart with -stages: every stage resumes after the last iteration that every stage finished
- * (its per-stage checkpoint files). Collective on c->world. */
-itr_err merge_stages_restart(merge_ctx *c, int *found);
-/* Runs the iterations as a pipeline (stage g starts iteration k+1 once its own layers of
- * iteration k are solved), then gathers every layer's updates, weights and residuals on every
- * rank and makes comm = world. Collective on c->world. */
-itr_err merge_stages_run(merge_ctx *c);
-void merge_stages_fini(merge_ctx *c);
+/* ---- site.c -------------------------------------------------------------------------------------- */
 
 /* Assembles and solves every targeted module of layer l in iteration k into c->next, from the
- * rows captured in c->X / c->Xt (merge_site.c); with -solve_groups, rank 0 plans the solves over
- * the groups by cost. Collective on c->comm. */
+ * rows captured in c->X / c->Xt; with -solve_groups, rank 0 plans the solves over the groups by
+ * cost (merge_plan_solves). Collective on c->comm. */
 itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid, int *n_failed);
 /* Factors of adapter a for (l, m) in f64 (allocated in *A, *B; r = 0 and NULL when the adapter
  * does not target the module); fills t->r, t->scale, t->A, t->B. Not Collective. */
 itr_err merge_task_factors(const itr_adapter *a, int l, itr_module m, int64_t d_out, int64_t d_in, itr_merge_task *t,
                            double **A, double **B);
+
+/* ---- checkpoint.c -------------------------------------------------------------------------------- */
 
 /* Checkpoint in OUT.partial/checkpoint.h5: resume at iteration k_next, layer l_next. Not
  * Collective (rank 0 writes). */
@@ -150,10 +177,32 @@ int checkpoint_exists(const merge_ctx *c);
 /* DIR/stats.h5: adaptive weights (L, 7, N) and scaled residuals (K, L, 7). Not Collective. */
 itr_err stats_write(const merge_ctx *c, const char *dir);
 
+/* ---- report.c ------------------------------------------------------------------------------------ */
+
 /* Writes DIR/merge_report.json (options, per-iteration residuals, weights, fidelity, timings).
  * Not Collective (rank 0). */
 itr_err merge_report_write(const merge_ctx *c, const char *dir);
 /* Prints the fidelity table (when evaluated) and a one-line summary. Not Collective. */
 void merge_report_print(const merge_ctx *c, FILE *f);
+
+/* ---- the drivers: each runs the iterations of a whole run; none calls another ------------------ */
+
+/* driver_data.c: every rank of c->comm runs every layer (from start_iter / start_layer).
+ * Collective on c->comm. */
+itr_err merge_run_data_parallel(merge_ctx *c);
+/* driver_direct.c: task arithmetic, TIES, DARE, KnOTS, every module on every rank. Collective on
+ * c->comm. */
+itr_err merge_run_direct(merge_ctx *c);
+/* driver_stages.c: splits the ranks into -stages pipeline stages: sets comm, rank, size, layer_lo,
+ * layer_hi (all ranks and all layers without -stages). Collective on c->world. */
+itr_err merge_stages_setup(merge_ctx *c);
+/* -restart with -stages: every stage resumes after the last iteration that every stage finished
+ * (its per-stage checkpoint files). Collective on c->world. */
+itr_err merge_stages_restart(merge_ctx *c, int *found);
+/* Runs the iterations as a pipeline (stage g starts iteration k+1 once its own layers of
+ * iteration k are solved), then gathers every layer's updates, weights and residuals on every
+ * rank and makes comm = world. Collective on c->world. */
+itr_err merge_stages_run(merge_ctx *c);
+void merge_stages_fini(merge_ctx *c);
 
 #endif

@@ -4,11 +4,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cli/merge_internal.h"
+#include "pipeline/pipeline_internal.h"
 
 static cJSON *num_or_null(double v) { return isfinite(v) ? cJSON_CreateNumber(v) : cJSON_CreateNull(); }
 
-static cJSON *options_json(const itr_options *o) {
+static cJSON *options_json(const itr_merge_opts *o) {
   cJSON *j = cJSON_CreateObject();
   cJSON_AddStringToObject(j, "base", o->base);
   cJSON *ad = cJSON_AddArrayToObject(j, "adapters"), *ca = cJSON_AddArrayToObject(j, "calib"),
@@ -46,9 +46,11 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
     cJSON *sa = cJSON_AddArrayToObject(root, "stage_timings");
     for (int h = 0; h < c->n_stages; h++) {
       cJSON *o = cJSON_CreateObject();
+      int lo, hi;
+      merge_stage_layers(h, c->n_stages, L, &lo, &hi);
       cJSON_AddNumberToObject(o, "stage", h + 1);
-      cJSON_AddNumberToObject(o, "first_layer", itr_dist_group_first(h, c->n_stages, L));
-      cJSON_AddNumberToObject(o, "last_layer", itr_dist_group_first(h + 1, c->n_stages, L) - 1);
+      cJSON_AddNumberToObject(o, "first_layer", lo);
+      cJSON_AddNumberToObject(o, "last_layer", hi - 1);
       cJSON_AddNumberToObject(o, "seconds", c->stage_secs[h][0]);
       cJSON_AddNumberToObject(o, "seconds_waiting", c->stage_secs[h][1]);
       cJSON_AddItemToArray(sa, o);
@@ -84,7 +86,7 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
 
   /* per module: adaptive weights and the residual of every iteration's solve */
   cJSON *mods = cJSON_AddArrayToObject(root, "modules");
-  const int K = c->method == METHOD_ITERIS ? c->opt->max_iter : 1;
+  const int K = merge_n_iters(c);
   for (int l = 0; l < L; l++)
     for (int m = 0; m < ITR_MODULE_COUNT; m++) {
       if (!(c->module_mask & (1u << m))) continue;
@@ -98,11 +100,11 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
         cJSON_AddNumberToObject(j, "out_rank", c->opt->out_rank);
         cJSON_AddItemToObject(j, "energy_kept", num_or_null(c->energy_kept[slot]));
       }
-      if (c->method == METHOD_ITERIS) {
+      if (c->method->flags & ITR_METHOD_ADAPTIVE) {
         cJSON *w = cJSON_AddArrayToObject(j, "adaptive_weight");
         for (int i = 0; i < N; i++) cJSON_AddItemToArray(w, num_or_null(c->coef[slot * (size_t)N + (size_t)i]));
       }
-      if (c->method == METHOD_ITERIS || c->method == METHOD_REGMEAN) {
+      if (c->method->flags & ITR_METHOD_STATS) {
         cJSON *r = cJSON_AddArrayToObject(j, "scaled_residual");
         for (int k = 0; k < c->iters_done && k < K; k++)
           cJSON_AddItemToArray(r, num_or_null(c->resid[(size_t)k * (size_t)L * ITR_MODULE_COUNT + slot]));

@@ -1,5 +1,5 @@
-/* Graceful stop: signal handlers that only record the signal (see signals.h). */
-#include "cli/signals.h"
+/* Graceful stop: signal handlers that only record the signal (include/iteris/pipeline.h). */
+#include "iteris/pipeline.h"
 
 #include <signal.h>
 #include <string.h>
@@ -10,7 +10,7 @@ static void on_signal(int sig) {
   if (stop_signal_ == 0) stop_signal_ = sig; /* keep the first one */
 }
 
-void itr_cli_signals_install(void) {
+void itr_signals_install(void) {
   static const int sigs[] = {SIGTERM, SIGINT, SIGUSR1};
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
@@ -22,12 +22,12 @@ void itr_cli_signals_install(void) {
   for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) (void)sigaction(sigs[i], &sa, NULL);
 }
 
-int itr_cli_stop_requested(void) { return (int)stop_signal_; }
+int itr_signals_requested(void) { return (int)stop_signal_; }
 
-int itr_cli_stop_agree(MPI_Comm comm) {
+int itr_signals_agree(MPI_Comm comm) {
   int mine = (int)stop_signal_, all = 0;
   MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MAX, comm);
   return all;
 }
 
-void itr_cli_stop_clear(void) { stop_signal_ = 0; }
+void itr_signals_clear(void) { stop_signal_ = 0; }

@@ -28,14 +28,14 @@
  * stage finished. A stage keeps its files from min(k - 1, what the later stages reported) on: an
  * earlier stage has always started the iteration a later one finished, so it has finished the one
  * before, and the newest iteration that all stages have is always kept by all. At the end every stage broadcasts its layers' updates, weights and residuals to
- * all ranks, which then evaluate and write as without stages. */
+ * all ranks, which then merge_evaluate and write as without stages. */
 #include <petscsys.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "cli/merge_internal.h"
-#include "cli/signals.h"
+#include "pipeline/pipeline_internal.h"
+#include "iteris/pipeline.h"
 
 enum { TAG_HDR = 7101, TAG_DATA = 7102, TAG_UP = 7103, TAG_PROG = 7104 };
 enum { KIND_SRC = 1, KIND_MRG = 2 };
@@ -74,8 +74,6 @@ struct merge_stages {
 
 static int stage_size(const merge_stages *st, int g) { return st->first[g + 1] - st->first[g]; }
 
-/* Iterations of the run: max_iter for IterIS, one for RegMean. */
-static int n_iters(const merge_ctx *c) { return c->method == METHOD_ITERIS ? c->opt->max_iter : 1; }
 
 /* ---- setup ------------------------------------------------------------------------------------- */
 
@@ -126,7 +124,7 @@ static itr_err stages_alloc(merge_ctx *c, merge_stages *st) {
   if (g > 0) ITR_TRY(itr_calloc((size_t)max_T * (size_t)D, sizeof(float), "received activations", &st->rbuf));
   if (g < S - 1) st->cap_req += stage_size(st, g + 1); /* headers */
   ITR_TRY(itr_calloc((size_t)(st->cap_req ? st->cap_req : 1), sizeof(MPI_Request), "send requests", &st->req));
-  const size_t K1 = (size_t)n_iters(c) + 1;
+  const size_t K1 = (size_t)merge_n_iters(c) + 1;
   ITR_TRY(itr_calloc(K1, sizeof(int), "progress messages", &st->prog_out));
   ITR_TRY(itr_calloc(K1, sizeof(MPI_Request), "progress requests", &st->prog_req));
   return ITR_OK;
@@ -152,8 +150,7 @@ itr_err merge_stages_setup(merge_ctx *c) {
   while (c->wrank >= st->first[g + 1]) g++;
   c->n_stages = S;
   c->stage = g;
-  c->layer_lo = itr_dist_group_first(g, S, L);
-  c->layer_hi = itr_dist_group_first(g + 1, S, L);
+  merge_stage_layers(g, S, L, &c->layer_lo, &c->layer_hi);
   ITR_CHECK(MPI_Comm_split(c->world, g, c->wrank, &st->stage_comm) == MPI_SUCCESS &&
                 MPI_Comm_dup(c->world, &st->link) == MPI_SUCCESS,
             ITR_ERR_INTERNAL, "cannot make the communicators of the pipeline stages");
@@ -161,13 +158,16 @@ itr_err merge_stages_setup(merge_ctx *c) {
   (void)MPI_Comm_rank(c->comm, &c->rank);
   (void)MPI_Comm_size(c->comm, &c->size);
   itr_err e = ITR_OK;
-  if (c->method == METHOD_ITERIS || c->method == METHOD_REGMEAN) e = stages_alloc(c, st);
+  if (c->method->flags & ITR_METHOD_STATS) e = stages_alloc(c, st);
   ITR_TRY(itr_dist_agree(c->world, e));
   char line[1024];
   int n = snprintf(line, sizeof line, "%d pipeline stages (ranks: layers):", S);
-  for (int h = 0; h < S && n < (int)sizeof line; h++)
-    n += snprintf(line + n, sizeof line - (size_t)n, " %d-%d: %d-%d%s", st->first[h], st->first[h + 1] - 1,
-                  itr_dist_group_first(h, S, L) + 1, itr_dist_group_first(h + 1, S, L), h + 1 < S ? "," : "");
+  for (int h = 0; h < S && n < (int)sizeof line; h++) {
+    int lo, hi;
+    merge_stage_layers(h, S, L, &lo, &hi);
+    n += snprintf(line + n, sizeof line - (size_t)n, " %d-%d: %d-%d%s", st->first[h], st->first[h + 1] - 1, lo + 1,
+                  hi, h + 1 < S ? "," : "");
+  }
   itr_log(ITR_LOG_INFO, "%s", line);
   return ITR_OK;
 }
@@ -283,7 +283,7 @@ static void send_stop_down(merge_ctx *c, itr_err e) {
     for (int q = 0; q < stage_size(st, g + 1); q++)
       (void)MPI_Isend(&st->hdr_out, (int)sizeof st->hdr_out, MPI_BYTE, st->first[g + 1] + q, TAG_HDR, st->link,
                 &st->req[st->n_req++]);
-  st->sent_upto = n_iters(c);
+  st->sent_upto = merge_n_iters(c);
 }
 
 /* Receives the previous stage's next transfer into h_src / h_mrg. Returns its header (an error
@@ -313,7 +313,7 @@ static link_msg *recv_up(merge_ctx *c, link_msg *hdr) {
     }
   }
   st->recv_upto = hdr->k;
-  if (hdr->k >= n_iters(c)) st->up_closed = 1;
+  if (hdr->k >= merge_n_iters(c)) st->up_closed = 1;
   return hdr;
 }
 
@@ -396,7 +396,7 @@ static itr_err stage_check(merge_ctx *c, int k, int l) {
       st->down_count = m.k;
     }
   }
-  if (c->rank == 0 && c->method == METHOD_ITERIS) progress_update(c);
+  if (c->rank == 0 && (c->method->flags & ITR_METHOD_ITERATES)) progress_update(c);
   const int sig = merge_stop_agree(c, k, l);
   (void)MPI_Bcast(&m, (int)sizeof m, MPI_BYTE, 0, c->comm);
   if (m.code != ITR_OK) return itr_error_set((itr_err)m.code, "%s", m.msg);
@@ -411,7 +411,7 @@ static itr_err stage_check(merge_ctx *c, int k, int l) {
 /* ---- the run ------------------------------------------------------------------------------------ */
 
 static itr_err stage_loop(merge_ctx *c) {
-  const int K = n_iters(c), S = c->n_stages, g = c->stage;
+  const int K = merge_n_iters(c), S = c->n_stages, g = c->stage;
   const int lo = c->layer_lo, hi = c->layer_hi;
   const int total = (K - c->start_iter + 1) * (hi - lo);
   const double t0 = itr_wtime();
@@ -443,7 +443,7 @@ static itr_err stage_loop(merge_ctx *c) {
       }
     ITR_TRY(itr_dist_agree(c->comm, merge_rebuild_lora(c)));
     c->iters_done = k;
-    if (c->method == METHOD_ITERIS) {
+    if (c->method->flags & ITR_METHOD_ITERATES) {
       ITR_TRY(itr_dist_agree(c->comm, c->rank == 0 ? checkpoint_write_stage(c, k) : ITR_OK));
       if (c->rank == 0) {
         c->st->ckpt_done = k;
@@ -458,7 +458,7 @@ static itr_err stage_loop(merge_ctx *c) {
 /* Ends this stage's part of the run, whatever happened (see the top of the file). */
 static void stage_finish(merge_ctx *c, itr_err e) {
   merge_stages *st = c->st;
-  const int g = c->stage, S = c->n_stages, K = n_iters(c);
+  const int g = c->stage, S = c->n_stages, K = merge_n_iters(c);
   if (g > 0 && c->rank == 0) {
     st->up_out.code = (int)e;
     st->up_out.k = st->n_prog_sent;
@@ -518,9 +518,10 @@ static itr_err bcast_update(merge_ctx *c, itr_update *u, int root, int64_t d_out
 static itr_err gather(merge_ctx *c) {
   merge_stages *st = c->st;
   const int L = c->cfg.num_hidden_layers, S = c->n_stages, N = c->N;
-  const int K = n_iters(c);
+  const int K = merge_n_iters(c);
   for (int h = 0; h < S; h++) {
-    const int lo = itr_dist_group_first(h, S, L), hi = itr_dist_group_first(h + 1, S, L);
+    int lo, hi;
+    merge_stage_layers(h, S, L, &lo, &hi);
     for (int l = lo; l < hi; l++)
       for (int m = 0; m < ITR_MODULE_COUNT; m++) {
         if (!(c->module_mask & (1u << m))) continue;
@@ -547,10 +548,12 @@ static itr_err gather(merge_ctx *c) {
       MPI_Allreduce(MPI_IN_PLACE, c->stage_secs, 2 * S, MPI_DOUBLE, MPI_SUM, c->world) != 0)
     return itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the weights and residuals failed");
   c->iters_done = K;
-  for (int h = 0; h < S; h++)
+  for (int h = 0; h < S; h++) {
+    int lo, hi;
+    merge_stage_layers(h, S, L, &lo, &hi);
     itr_log(ITR_LOG_INFO, "stage %d/%d (ranks %d-%d, layers %d-%d): %.1f s, %.1f s of it waiting for activations", h + 1,
-            S, st->first[h], st->first[h + 1] - 1, itr_dist_group_first(h, S, L) + 1, itr_dist_group_first(h + 1, S, L),
-            c->stage_secs[h][0], c->stage_secs[h][1]);
+            S, st->first[h], st->first[h + 1] - 1, lo + 1, hi, c->stage_secs[h][0], c->stage_secs[h][1]);
+  }
   return itr_dist_agree(c->world, merge_rebuild_lora(c));
 }
 
@@ -635,7 +638,7 @@ static itr_err stages_evaluate(merge_ctx *c) {
 
 itr_err merge_stages_run(merge_ctx *c) {
   merge_stages *st = c->st;
-  const int K = n_iters(c);
+  const int K = merge_n_iters(c);
   st->sent_upto = st->recv_upto = c->start_iter - 1;
   st->up_closed = c->stage == 0 || st->recv_upto >= K;
   st->down_progress = c->start_iter - 1; /* a restart: every stage has that iteration */

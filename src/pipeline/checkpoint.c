@@ -17,10 +17,10 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cli/merge_internal.h"
+#include "pipeline/pipeline_internal.h"
 
 static void fingerprint(const merge_ctx *c, char *buf, size_t len) {
-  const itr_options *o = c->opt;
+  const itr_merge_opts *o = c->opt;
   int n = snprintf(buf, len, "method=%s base=%s alpha_1=%.17g alpha_2=%.17g reg_coef=%.17g with_pretrain=%d regmean_alpha=%.17g",
                    o->method, o->base, o->alpha_1, o->alpha_2, o->reg_coef, o->with_pretrain, o->regmean_alpha);
   for (int i = 0; i < c->N && n > 0 && (size_t)n < len; i++)
@@ -266,7 +266,7 @@ itr_err stats_write(const merge_ctx *c, const char *dir) {
   snprintf(path, sizeof path, "%s/stats.h5", dir);
   itr_h5 *h = NULL;
   ITR_TRY(itr_h5_create(path, &h));
-  const int L = c->cfg.num_hidden_layers, K = c->method == METHOD_ITERIS ? c->opt->max_iter : 1;
+  const int L = c->cfg.num_hidden_layers, K = merge_n_iters(c);
   itr_err e = ITR_OK;
   int64_t dc[3] = {L, ITR_MODULE_COUNT, c->N}, dr[3] = {K, L, ITR_MODULE_COUNT};
   ITR_TRY_GOTO(itr_h5_set_attr(h, "modules", "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"), e, fail);

@@ -1,0 +1,79 @@
+/* The merge pipeline: everything between the libraries (io, model, dist, merge, eval) and the
+ * program (src/cli). One call runs a whole merge on a communicator: validation, the forward passes
+ * that capture each target module's inputs, the statistics in ScaLAPACK's block-cyclic layout, the
+ * solves, checkpoints, evaluation and the atomic write of OUT. Inside (src/pipeline, lowest
+ * first): schedule (rank 0's decisions: sequences over ranks, layers over stages, solves over
+ * groups), context (stop agreement, progress), forward (capture, held-out evaluation), site
+ * (statistics -> systems -> solves of one input site), checkpoint and report, the drivers
+ * (data-parallel, staged, direct), run (setup, driver choice, write). */
+#ifndef ITERIS_PIPELINE_H
+#define ITERIS_PIPELINE_H
+
+#include <mpi.h>
+
+#include "iteris/core.h"
+
+#define ITR_MAX_TASKS 64
+#define ITR_OPT_PATH 4096
+
+/* The parameters of one merge (names as in ALGORITHM.md and -help). Identical on every rank. */
+typedef struct {
+  /* inputs */
+  char base[ITR_OPT_PATH];
+  int n_adapters;
+  char adapters[ITR_MAX_TASKS][ITR_OPT_PATH];
+  int n_calib;
+  char calib[ITR_MAX_TASKS][ITR_OPT_PATH];
+  int n_heldout;
+  char heldout[ITR_MAX_TASKS][ITR_OPT_PATH];
+  char features[ITR_OPT_PATH]; /* -features FILE.h5: merge from external features (docs/FEATURES.md) */
+  char out[ITR_OPT_PATH];
+  /* method and its parameters */
+  char method[32];
+  int max_iter;
+  double alpha_1, alpha_2, reg_coef;
+  int n_manual_coef;
+  double manual_coef[ITR_MAX_TASKS];
+  int with_pretrain;
+  int out_rank;
+  char out_dtype[8];
+  double ta_lambda, regmean_alpha, density, dare_p;
+  int dare_ties;
+  long seed;
+  /* how the run is laid out */
+  int restart;
+  int max_tokens;   /* cap on tokens per calibration sequence (0: none) */
+  int solve_groups; /* process groups solving different modules at once */
+  int stages;       /* pipeline stages: process groups holding contiguous ranges of layers */
+  int verbose;
+} itr_merge_opts;
+
+/* Collective on comm. Merges opt->adapters into opt->out (a PEFT adapter, merge_report.json,
+ * stats.h5; written to OUT.partial/ and renamed when complete). Returns the same error on every
+ * rank, its message set on rank 0 at least. ITR_ERR_INTERRUPTED: a stop signal was agreed and the
+ * checkpoint is in OUT.partial/ (rerun with restart = 1). */
+itr_err itr_pipeline_merge(const itr_merge_opts *opt, MPI_Comm comm);
+
+/* ---- graceful stop ------------------------------------------------------------------------------
+ * SIGTERM / SIGINT / SIGUSR1: the handlers only record the signal; the merge polls it at a layer
+ * boundary, agrees on it across ranks, writes its checkpoint and stops with ITR_ERR_INTERRUPTED
+ * (exit code 5: not 0, there is no adapter yet; not 128+signal, which means killed without a
+ * checkpoint; slurm/merge-*.sh requeue on it). So a Slurm job (sbatch --signal=TERM@120, scancel
+ * --signal=TERM) or a user can stop a long merge and resume it with -restart 1. Under mpirun, send
+ * SIGUSR1 to mpirun (it forwards USR1; on TERM it kills the ranks itself). */
+
+/* Installs the handlers (sigaction, SA_RESTART) for SIGTERM, SIGINT and SIGUSR1 and clears the
+ * flag. Call once, after PetscInitialize, so they replace any handler PETSc installs (Debian's
+ * PETSc 3.18 leaves SIGTERM at its default: killed). Not Collective; the handlers are
+ * async-signal-safe (they only store the signal number). */
+void itr_signals_install(void);
+/* The number of the first signal received since itr_signals_install, or 0. Not Collective: ranks
+ * can see a signal at different times; use itr_signals_agree to decide together. */
+int itr_signals_requested(void);
+/* Collective on comm: the largest signal number any rank has seen (0: none), the same on every
+ * rank. Call it at the same point on every rank. */
+int itr_signals_agree(MPI_Comm comm);
+/* Clears the flag (tests, or a caller that handled the stop). Not Collective. */
+void itr_signals_clear(void);
+
+#endif

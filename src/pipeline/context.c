@@ -1,0 +1,32 @@
+/* What both drivers share about a run in progress: the agreed stop (signal or fault injection) and
+ * the progress line with its ETA. */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "pipeline/pipeline_internal.h"
+
+int merge_n_iters(const merge_ctx *c) { return (c->method->flags & ITR_METHOD_ITERATES) ? c->opt->max_iter : 1; }
+
+int merge_stop_agree(merge_ctx *c, int k, int l) {
+  int sig = itr_signals_agree(c->comm);
+  /* fault injection for the restart tests: ITERIS_FAULT_STOP_AT="k l" acts as a signal there */
+  const char *at = getenv("ITERIS_FAULT_STOP_AT");
+  int fk, fl;
+  if (!sig && at && sscanf(at, "%d %d", &fk, &fl) == 2 && fk == k && fl == l) sig = 15;
+  return sig;
+}
+
+void merge_progress(merge_ctx *c, int k, int l, double t_layer, double max_resid, int n_failed, int done, int total,
+                    double t0) {
+  const int K = merge_n_iters(c), L = c->cfg.num_hidden_layers;
+  const double el = itr_wtime() - t0, eta = el / done * (total - done);
+  char stage[48] = "";
+  if (c->n_stages > 1) snprintf(stage, sizeof stage, "stage %d/%d ", c->stage + 1, c->n_stages);
+  /* with -stages, each stage's first rank reports its own layers */
+  const int speak = c->n_stages > 1 && c->rank == 0 && c->wrank != 0;
+  if (speak) itr_log_set_quiet(0);
+  itr_log(ITR_LOG_INFO, "%siter %d/%d layer %d/%d: %.2f s, max scaled residual %.3g %s, elapsed %.1f s, ETA %.1f s",
+          stage, k, K, l + 1, L, t_layer, max_resid, n_failed ? "FAILED" : "PASSED", el, eta);
+  if (speak) itr_log_set_quiet(1);
+}
+
