@@ -143,6 +143,26 @@ uint64_t itr_hash64(const char *s);       /* FNV-1a 64 of a string (NULL: the em
 
 double itr_wtime(void); /* seconds, monotonic */
 
+/* ---- the one scaled residual (residual.c; docs/ALGORITHM.md, "Checking a solve") -------------- */
+
+/* HPL's scaled residual of a solve A X = B with n unknowns per right-hand side:
+ *   ||A X - B||_inf / ((||A||_inf ||X||_inf + ||B||_inf) n eps),  eps = 2^-53 (LAPACK's dlamch('E')),
+ * from the four infinity norms (max row sums). A solve PASSED when it is below
+ * ITR_RESIDUAL_THRESHOLD (HPL's 16); NaN never passes. A zero denominator gives 0 for a zero
+ * residual and infinity otherwise. */
+#define ITR_RESIDUAL_THRESHOLD 16.0
+double itr_scaled_residual(double r_inf, double a_inf, double x_inf, double b_inf, int64_t n);
+/* Whether a scaled residual passes (below the threshold; NaN fails). */
+int itr_residual_passed(double scaled);
+/* The one FAILED policy: sets ITR_ERR_NUMERIC (exit 3) with a message naming the module (label,
+ * e.g. "layers.3.mlp.down_proj"), the residual and the ridge to raise; returns the code. */
+itr_err itr_residual_error(const char *label, double scaled, double alpha_2);
+/* Fault injection for the tests of that policy (ITERIS_FAULT_RESIDUAL=LABEL, read by main): the
+ * solvers add 1 to the solution of the system named label before they check it, so its residual
+ * FAILS. NULL or "" turns it off. Not thread-safe; set once at start. */
+void itr_fault_residual_set(const char *label);
+int itr_fault_residual(const char *label);
+
 #ifdef __cplusplus
 }
 #endif

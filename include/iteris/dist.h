@@ -147,11 +147,10 @@ itr_err itr_dist_matrix_to_group(const itr_dist_matrix *A, const itr_dist_grid *
 
 /* ---- SPD solve ---------------------------------------------------------------------------- */
 
-#define ITR_DIST_RESIDUAL_THRESHOLD 16.0
 
 typedef struct {
-  double residual;  /* ||T2 Y - RHS||_inf / ((||T2||_inf ||Y||_inf + ||RHS||_inf) d_in eps), eps = 2^-53 */
-  double threshold; /* ITR_DIST_RESIDUAL_THRESHOLD */
+  double residual;  /* itr_scaled_residual (core.h, HPL's): ||T2 Y - RHS||_inf / ((||T2||_inf ||Y||_inf + ||RHS||_inf) d eps) */
+  double threshold; /* ITR_RESIDUAL_THRESHOLD */
   int passed;       /* residual < threshold (0 for NaN) */
   double t2_norm, y_norm, rhs_norm; /* the infinity norms above */
   double seconds;                   /* wall time of reduce + factor + solve + residual + gather */

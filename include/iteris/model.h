@@ -29,6 +29,48 @@
 extern "C" {
 #endif
 
+/* ---- the architecture descriptor (arch.c) -------------------------------------------------------
+ * What the layers above need to know of a model's layout, in one place: its target modules (their
+ * names, shapes, biases and the input site each reads), the input sites (width, the modules that
+ * share each one's captured rows), the number of layers and whether the embedding is tied. Built
+ * from config.json (itr_model_config) and io's one name table; the pipeline, its checkpoints and
+ * stats.h5 take their layout from it, so no count of modules or sites is written anywhere else. */
+
+#define ITR_ARCH_MAX_MODULES 16
+#define ITR_ARCH_MAX_SITES 8
+
+typedef struct {
+  itr_module id;      /* in io's name table (tensor names, PEFT target names) */
+  const char *name;   /* "q_proj" */
+  const char *block;  /* "self_attn" or "mlp" */
+  int site;           /* index into itr_arch_desc.site */
+  int64_t d_out, d_in;
+  int has_bias;
+} itr_arch_module;
+
+typedef struct {
+  itr_site id;
+  const char *name;   /* "attn_in", "attn_out", "mlp_in", "mlp_out" */
+  int64_t d_in;       /* width of the captured rows */
+  int n_modules;
+  int modules[ITR_ARCH_MAX_MODULES]; /* indices into itr_arch_desc.module, in module order */
+} itr_arch_site;
+
+typedef struct {
+  int n_layers;                                 /* L */
+  int64_t hidden_size, vocab_size;              /* D, V */
+  int tied_embeddings;                          /* lm_head = embed_tokens */
+  int n_modules;                                /* modules per layer (index q: a slot is l * n_modules + q) */
+  itr_arch_module module[ITR_ARCH_MAX_MODULES]; /* in the name table's order */
+  int n_sites;
+  itr_arch_site site[ITR_ARCH_MAX_SITES];
+} itr_arch_desc;
+
+/* Fills arch from a validated configuration. Not Collective. */
+itr_err itr_arch_desc_init(const itr_model_config *cfg, itr_arch_desc *arch);
+/* The index of module id in arch (-1: not there). */
+int itr_arch_desc_module(const itr_arch_desc *arch, itr_module id);
+
 /* ---- LoRA terms: what is added to the base projections --------------------------------------- */
 
 typedef struct {

@@ -572,10 +572,10 @@ static itr_err merge_module(feat_ctx *c, feat_module *m) {
   }
   if (e != ITR_OK) goto done;
   ITR_TRY_GOTO(itr_system_solve_local(&sys), e, done);
-  m->residual = sys.scaled;
+  m->residual = sys.residual;
   ITR_TRY_GOTO(itr_update_from_system(&sys, N, tasks, m->d_out, W0, &m->upd), e, done);
   itr_log(o->verbose >= 1 ? ITR_LOG_INFO : ITR_LOG_DEBUG, "  %s: R = %lld, scaled residual %.3g %s", m->path,
-          (long long)R, sys.scaled, sys.passed ? "PASSED" : "FAILED");
+          (long long)R, sys.residual, sys.passed ? "PASSED" : "FAILED");
 done:
   itr_system_fini(&sys);
   free(W0);

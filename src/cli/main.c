@@ -75,6 +75,8 @@ int main(int argc, char **argv) {
   int fault_rank = -1;
   long fault_k = 0;
   if (fault && sscanf(fault, "%d:%ld", &fault_rank, &fault_k) == 2 && fault_rank == rank) itr_alloc_fail_after(fault_k);
+  /* ITERIS_FAULT_RESIDUAL="layers.0.self_attn.q_proj": that solve's check must FAIL (exit 3) */
+  itr_fault_residual_set(getenv("ITERIS_FAULT_RESIDUAL"));
 
   itr_options *opt = calloc(1, sizeof *opt);
   itr_err err = opt ? itr_options_parse(opt) : itr_error_set(ITR_ERR_INTERNAL, "out of memory for the options");

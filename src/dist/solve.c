@@ -97,6 +97,8 @@ itr_err itr_dist_solve_spd(const char *label, const itr_dist_matrix *T2, const i
   else
     pdpotrs_("L", &d, &R, F.a, &one, &one, F.desc, Y->a, &one, &one, Y->desc, &info);
   const double t_potrs = itr_wtime() - t_s, t_r = itr_wtime();
+  if (info == 0 && itr_fault_residual(label)) /* fault injection: a wrong solution must FAIL the check */
+    for (size_t q = 0; q < (size_t)Y->lld * (size_t)Y->n_loc; q++) Y->a[q] += 1.0;
   info = agree_info(g->comm, info);
   if (info != 0) {
     e = arg_error("pdpotrs", potrs_args, 11, info, label);
@@ -126,20 +128,18 @@ itr_err itr_dist_solve_spd(const char *label, const itr_dist_matrix *T2, const i
                       label, t2_norm, rhs_norm, y_norm);
     goto done;
   }
-  const double eps = DBL_EPSILON / 2; /* LAPACK's dlamch('E'), as HPL */
-  double denom = (t2_norm * y_norm + rhs_norm) * (double)d * eps;
   if (g->rank == 0)
     itr_log(ITR_LOG_DEBUG, "solve %s: pdpotrf %.3f s (%.1f GFLOP/s), pdpotrs %.3f s, residual %.3f s", label, t_potrf,
             (double)d * d * d / 3.0 / (t_potrf > 0 ? t_potrf : 1e-9) * 1e-9, t_potrs, itr_wtime() - t_r);
-  double resid = denom > 0 ? res_norm / denom : (res_norm == 0 ? 0.0 : INFINITY);
-  int passed = resid < ITR_DIST_RESIDUAL_THRESHOLD;
+  const double resid = itr_scaled_residual(res_norm, t2_norm, y_norm, rhs_norm, d);
+  const int passed = itr_residual_passed(resid);
   if (g->rank == 0)
     itr_log(passed ? ITR_LOG_DEBUG : ITR_LOG_WARN,
             "solve %s: d_in %d, R %d, grid %d x %d: scaled residual %.3g %s (threshold %g)",
-            label, d, R, g->nprow, g->npcol, resid, passed ? "PASSED" : "FAILED", ITR_DIST_RESIDUAL_THRESHOLD);
+            label, d, R, g->nprow, g->npcol, resid, passed ? "PASSED" : "FAILED", ITR_RESIDUAL_THRESHOLD);
   if (report) {
     report->residual = resid;
-    report->threshold = ITR_DIST_RESIDUAL_THRESHOLD;
+    report->threshold = ITR_RESIDUAL_THRESHOLD;
     report->passed = passed;
     report->t2_norm = t2_norm;
     report->y_norm = y_norm;

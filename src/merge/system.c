@@ -40,10 +40,15 @@ fail:
   return e;
 }
 
-static double fro(int64_t n, const double *a) {
-  double s = 0.0;
-  for (int64_t i = 0; i < n; i++) s += a[i] * a[i];
-  return sqrt(s);
+/* ||M||_inf of M (d, m) column-major (= (m, d) row-major): the largest row sum over the d rows. */
+static double norm_inf(int64_t d, int64_t m, const double *a) {
+  double mx = 0.0;
+  for (int64_t i = 0; i < d; i++) {
+    double s = 0.0;
+    for (int64_t j = 0; j < m; j++) s += fabs(a[j * d + i]);
+    if (!(s <= mx)) mx = s; /* NaN propagates */
+  }
+  return mx;
 }
 
 itr_err itr_system_check(itr_system *sys, const double *Y, const double *rhs0) {
@@ -54,17 +59,14 @@ itr_err itr_system_check(itr_system *sys, const double *Y, const double *rhs0) {
   memcpy(res, rhs0, (size_t)m * (size_t)d * sizeof(double));
   cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, (int)m, (int)d, 1.0, sys->T2, (int)d, Y, (int)d,
               -1.0, res, (int)d);
-  double rn = fro(m * d, res), an = fro(d * d, sys->T2), yn = fro(m * d, Y), bn = fro(m * d, rhs0);
+  const double rn = norm_inf(d, m, res), an = norm_inf(d, d, sys->T2), yn = norm_inf(d, m, Y),
+               bn = norm_inf(d, m, rhs0);
   free(res);
-  double den = an * yn + bn;
-  sys->residual = den > 0 ? rn / den : rn;
-  sys->scaled = sys->residual / (DBL_EPSILON * (double)d);
-  sys->passed = sys->scaled < ITR_RESIDUAL_THRESHOLD; /* NaN fails */
-  itr_log(sys->passed ? ITR_LOG_DEBUG : ITR_LOG_ERROR,
-          "solve %s: d_in %lld, %lld rhs: ||T2 Y - RHS|| / (||T2|| ||Y|| + ||RHS||) = %.3e, scaled "
-          "%.3g (threshold %.0f) %s",
-          sys->label, (long long)d, (long long)m, sys->residual, sys->scaled, ITR_RESIDUAL_THRESHOLD,
-          sys->passed ? "PASSED" : "FAILED");
+  sys->residual = itr_scaled_residual(rn, an, yn, bn, d);
+  sys->passed = itr_residual_passed(sys->residual);
+  itr_log(sys->passed ? ITR_LOG_DEBUG : ITR_LOG_ERROR, "solve %s: d_in %lld, %lld rhs: scaled residual %.3g %s (threshold %.0f)",
+          sys->label, (long long)d, (long long)m, sys->residual, sys->passed ? "PASSED" : "FAILED",
+          ITR_RESIDUAL_THRESHOLD);
   return ITR_OK;
 }
 
@@ -105,12 +107,11 @@ itr_err itr_system_solve_local(itr_system *sys) {
     goto done;
   }
   sys->solved = 1;
+  if (itr_fault_residual(sys->label)) /* fault injection: a wrong solution must FAIL the check */
+    for (int64_t q = 0; q < m * d; q++) sys->rhs[q] += 1.0;
   ITR_TRY_GOTO(itr_system_check(sys, sys->rhs, rhs0), e, done);
   if (!sys->passed) {
-    e = itr_error_set(ITR_ERR_NUMERIC,
-                      "module '%s': solve residual %.3e (scaled %.3g) above threshold %.0f: T2 is too "
-                      "ill-conditioned; raise -alpha_2 (now %g)",
-                      sys->label, sys->residual, sys->scaled, ITR_RESIDUAL_THRESHOLD, sys->alpha_2);
+    e = itr_residual_error(sys->label, sys->residual, sys->alpha_2);
     goto done;
   }
   e = ITR_OK;

@@ -31,16 +31,14 @@ itr_err merge_run_data_parallel(merge_ctx *c) {
     ITR_TRY(itr_dist_agree(c->comm, e));
     for (int l = l0; l < L; l++) {
       double tl = itr_wtime(), max_resid = 0;
-      int n_failed = 0;
       PetscLogStagePush(c->stage_forward);
       e = merge_forward_layer(c, k, l);
       PetscLogStagePop();
       ITR_TRY(itr_dist_agree(c->comm, e));
-      e = merge_solve_layer(c, k, l, &max_resid, &n_failed);
+      e = merge_solve_layer(c, k, l, &max_resid);
       ITR_TRY(e);
       done++;
-      merge_progress(c, k, l, itr_wtime() - tl, max_resid, n_failed, done, total, t0);
-      c->n_residual_failed += n_failed;
+      merge_progress(c, k, l, itr_wtime() - tl, max_resid, done, total, t0);
       if (l + 1 < L) ITR_TRY(maybe_stop(c, k, l + 1));
     }
     /* the new updates become the merged model of the next iteration */

@@ -28,7 +28,7 @@
  * stage finished. A stage keeps its files from min(k - 1, what the later stages reported) on: an
  * earlier stage has always started the iteration a later one finished, so it has finished the one
  * before, and the newest iteration that all stages have is always kept by all. At the end every stage broadcasts its layers' updates, weights and residuals to
- * all ranks, which then merge_evaluate and write as without stages. */
+ * all ranks, which then evaluate and write as without stages. */
 #include <petscsys.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -424,15 +424,13 @@ static itr_err stage_loop(merge_ctx *c) {
     const int kinds = (k == c->start_iter ? KIND_SRC : 0) | (k >= 2 ? KIND_MRG : 0);
     for (int l = lo; l < hi; l++) {
       double tl = itr_wtime(), max_resid = 0;
-      int n_failed = 0;
       PetscLogStagePush(c->stage_forward);
       itr_err e = merge_forward_layer(c, k, l);
       PetscLogStagePop();
       ITR_TRY(itr_dist_agree(c->comm, e));
       if (l == hi - 1 && g < S - 1) send_down(c, k, kinds); /* the next stage can start while this one solves */
-      ITR_TRY(merge_solve_layer(c, k, l, &max_resid, &n_failed));
-      c->n_residual_failed += n_failed;
-      merge_progress(c, k, l, itr_wtime() - tl, max_resid, n_failed, ++done, total, t0);
+      ITR_TRY(merge_solve_layer(c, k, l, &max_resid));
+      merge_progress(c, k, l, itr_wtime() - tl, max_resid, ++done, total, t0);
       if (l + 1 < hi) ITR_TRY(stage_check(c, k, l + 1));
     }
     for (int l = lo; l < hi; l++)
@@ -541,10 +539,8 @@ static itr_err gather(merge_ctx *c) {
   }
   for (int h = 0; h < S; h++)
     if (h != c->stage || !contributes) c->stage_secs[h][0] = c->stage_secs[h][1] = 0.0;
-  int nf = contributes ? c->n_residual_failed : 0;
   if (MPI_Allreduce(MPI_IN_PLACE, c->coef, (int)(nslots * (size_t)N), MPI_DOUBLE, MPI_SUM, c->world) != 0 ||
       MPI_Allreduce(MPI_IN_PLACE, c->resid, (int)(nslots * (size_t)K), MPI_DOUBLE, MPI_SUM, c->world) != 0 ||
-      MPI_Allreduce(&nf, &c->n_residual_failed, 1, MPI_INT, MPI_SUM, c->world) != 0 ||
       MPI_Allreduce(MPI_IN_PLACE, c->stage_secs, 2 * S, MPI_DOUBLE, MPI_SUM, c->world) != 0)
     return itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the weights and residuals failed");
   c->iters_done = K;

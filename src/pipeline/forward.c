@@ -85,8 +85,12 @@ static itr_err run_sequences(const merge_ctx *c, const itr_shard *sh, float *h, 
   for (int s = 0; s < sh->n_seqs; s++) {
     int64_t r0 = sh->offsets[s], T = sh->offsets[s + 1] - r0;
     capture_ctx cx = {capture, c->site_d, r0, ynorm};
-    ITR_TRY(itr_model_run_layers_ex(c->layer, l, l + 1, h + r0 * D, T, NULL, lora, capture ? capture_copy : NULL,
-                                    ynorm ? capture_norm : NULL, &cx));
+    (void)PetscLogEventBegin(c->ev_forward, 0, 0, 0, 0);
+    itr_err e = itr_model_run_layers_ex(c->layer, l, l + 1, h + r0 * D, T, NULL, lora, capture ? capture_copy : NULL,
+                                        ynorm ? capture_norm : NULL, &cx);
+    (void)PetscLogFlops(merge_forward_flops(c, T));
+    (void)PetscLogEventEnd(c->ev_forward, 0, 0, 0, 0);
+    ITR_TRY(e);
   }
   return ITR_OK;
 }

@@ -73,13 +73,14 @@ typedef struct {
   int n_groups, group;       /* -solve_groups: how many groups, and this rank's */
   int group_root[ITR_MAX_TASKS]; /* first rank (in comm) of each group */
   itr_dist_grid *group_grid; /* the grid of this rank's group (itr_dist_grid_split of grid) */
-  int start_iter, start_layer, iters_done, n_residual_failed;
+  int start_iter, start_layer, iters_done;
   double energy_kept_min;
   double *energy_kept;    /* [L * ITR_MODULE_COUNT] ||kept||^2 / ||dW||^2 with -out_rank (1: exact) */
   int evaluated;
   double kl_ratio[ITR_MAX_TASKS], top1[ITR_MAX_TASKS];
   double seconds_merge;
   PetscLogStage stage_load, stage_forward, stage_stats, stage_reduce, stage_assemble, stage_solve, stage_write, stage_eval;
+  PetscLogEvent ev_forward, ev_gram, ev_assemble, ev_solve; /* -log_view: time and flops per phase */
 } merge_ctx;
 
 #define SLOT(l, m) ((size_t)(l) * ITR_MODULE_COUNT + (size_t)(m))
@@ -103,13 +104,20 @@ void merge_plan_solves(int nj, const double *cost, int n_groups, int size, int *
 
 /* ---- context.c ----------------------------------------------------------------------------------- */
 
+/* Registers the -log_view stages (load, forward, statistics, reduce, assemble, solve, write,
+ * evaluate) and events with flop counts (ItrForward, ItrGram, ItrAssemble, ItrSolve). Not
+ * Collective (PETSc's registration is local). */
+void merge_log_register(merge_ctx *c);
+/* Flops of the held layer's forward over one sequence of T tokens: the seven projections
+ * (2 T d_out d_in each) and attention (4 T^2 D: Q K^T and S V); LoRA terms (r << d) not counted. */
+double merge_forward_flops(const merge_ctx *c, int64_t T);
 /* Iterations of the run: max_iter for IterIS, one for every other method. */
 int merge_n_iters(const merge_ctx *c);
 /* The signal (or ITERIS_FAULT_STOP_AT="k l" injection) that asks to stop before layer l of
  * iteration k, agreed over c->comm: 0 = go on. Collective on c->comm. */
 int merge_stop_agree(merge_ctx *c, int k, int l);
 /* Progress line of one finished layer with the ETA of this rank's part of the run. */
-void merge_progress(merge_ctx *c, int k, int l, double t_layer, double max_resid, int n_failed, int done, int total,
+void merge_progress(merge_ctx *c, int k, int l, double t_layer, double max_resid, int done, int total,
                     double t0);
 
 /* ---- forward.c ----------------------------------------------------------------------------------- */
@@ -145,8 +153,10 @@ itr_err merge_evaluate(merge_ctx *c);
 
 /* Assembles and solves every targeted module of layer l in iteration k into c->next, from the
  * rows captured in c->X / c->Xt; with -solve_groups, rank 0 plans the solves over the groups by
- * cost (merge_plan_solves). Collective on c->comm. */
-itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid, int *n_failed);
+ * cost (merge_plan_solves). *max_resid: the largest scaled residual so far. A solve that FAILED
+ * (itr_residual_passed) stops the run with ITR_ERR_NUMERIC (itr_residual_error) on every rank.
+ * Collective on c->comm. */
+itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid);
 /* Factors of adapter a for (l, m) in f64 (allocated in *A, *B; r = 0 and NULL when the adapter
  * does not target the module); fills t->r, t->scale, t->A, t->B. Not Collective. */
 itr_err merge_task_factors(const itr_adapter *a, int l, itr_module m, int64_t d_out, int64_t d_in, itr_merge_task *t,

@@ -56,8 +56,7 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
       cJSON_AddItemToArray(sa, o);
     }
   }
-  cJSON_AddNumberToObject(root, "residual_threshold", ITR_DIST_RESIDUAL_THRESHOLD);
-  cJSON_AddNumberToObject(root, "residual_failed", c->n_residual_failed);
+  cJSON_AddNumberToObject(root, "residual_threshold", ITR_RESIDUAL_THRESHOLD);
   if (c->opt->out_rank > 0) cJSON_AddNumberToObject(root, "energy_kept_min", c->energy_kept_min);
 
   cJSON *tasks = cJSON_AddArrayToObject(root, "tasks");

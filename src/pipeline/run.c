@@ -14,7 +14,7 @@
  *             With -stages S the same runs per stage on its own layers and ranks, as a pipeline
  *             (driver_stages.c).
  *   write     rank 0 writes OUT.partial/ (adapter, report) and renames it to OUT.
- *   merge_evaluate  with -heldout: kl_ratio and top-1 per task, on held-out shards, summed over ranks.
+ *   evaluate  with -heldout: kl_ratio and top-1 per task, on held-out shards, summed over ranks.
  */
 #include <errno.h>
 #include <math.h>
@@ -253,14 +253,7 @@ itr_err itr_pipeline_merge(const itr_merge_opts *opt, MPI_Comm comm) {
     free(c);
     return e;
   }
-  PetscLogStageRegister("load", &c->stage_load);
-  PetscLogStageRegister("forward", &c->stage_forward);
-  PetscLogStageRegister("statistics", &c->stage_stats);
-  PetscLogStageRegister("reduce", &c->stage_reduce);
-  PetscLogStageRegister("assemble", &c->stage_assemble);
-  PetscLogStageRegister("solve", &c->stage_solve);
-  PetscLogStageRegister("write", &c->stage_write);
-  PetscLogStageRegister("merge_evaluate", &c->stage_eval);
+  merge_log_register(c);
   double t0 = itr_wtime();
   itr_err e = setup(c);
   if (e == ITR_OK) {
@@ -282,8 +275,6 @@ itr_err itr_pipeline_merge(const itr_merge_opts *opt, MPI_Comm comm) {
     PetscLogStagePop();
   }
   if (e == ITR_OK && c->wrank == 0) merge_report_print(c, stdout);
-  if (e == ITR_OK && c->n_residual_failed > 0)
-    itr_log(ITR_LOG_WARN, "%d solve(s) had a scaled residual above the threshold: see merge_report.json", c->n_residual_failed);
   ctx_fini(c);
   free(c);
   return e;

@@ -235,8 +235,9 @@ static itr_err adaptive_weight(const module_job *j, int i, double ww, double xw,
 /* Solves module j on grid (Collective on the grid's comm): T2 and the rhs (replicated) go in,
  * sys.rhs receives Y on every rank of the grid. */
 static itr_err solve_on(const itr_dist_grid *grid, const itr_dist_matrix *T2, module_job *j,
-                        itr_dist_solve_report *rep) {
+                        itr_dist_solve_report *rep, PetscLogEvent ev) {
   const int64_t d = j->sys.d_in, R = j->sys.nrhs;
+  (void)PetscLogEventBegin(ev, 0, 0, 0, 0);
   itr_dist_matrix B = {0}, Y = {0};
   double *tmp = NULL;
   itr_err e = itr_dist_matrix_init(&B, grid, (int)d, (int)R);
@@ -258,6 +259,9 @@ static itr_err solve_on(const itr_dist_grid *grid, const itr_dist_matrix *T2, mo
   free(tmp);
   itr_dist_matrix_fini(&B);
   itr_dist_matrix_fini(&Y);
+  /* this rank's share of pdpotrf (d^3 / 3), pdpotrs (2 d^2 R) and the residual's pdsymm (2 d^2 R) */
+  (void)PetscLogFlops(((double)d * (double)d * (double)d / 3.0 + 4.0 * (double)d * (double)d * (double)R) / grid->size);
+  (void)PetscLogEventEnd(ev, 0, 0, 0, 0);
   return e;
 }
 
@@ -286,6 +290,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
     double *diag = NULL, n1 = 0.0, n2 = 0.0, xw[3] = {0, 0, 0}, ww[3] = {0, 0, 0};
     /* the Gram of the (mixed) merged-model rows and the two norms, in the block-cyclic layout */
     PetscLogStagePush(c->stage_stats);
+    (void)PetscLogEventBegin(c->ev_gram, 0, 0, 0, 0);
     e = itr_dist_rows_create(c->grid, T, d_in, x, 1.0, NULL, 0.0, &Xd);
     if (e == ITR_OK && xt) e = itr_dist_rows_create(c->grid, T, d_in, xt, 1.0 - rho, x, rho, &Xm);
     if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_dist_matrix_init(&G, c->grid, (int)d_in, (int)d_in));
@@ -297,6 +302,9 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
     if (xt) n1 = sqrt(n1);
     itr_dist_matrix_fini(&Xd);
     itr_dist_matrix_fini(&Xm);
+    /* this rank's share of pdsyrk over all the task's rows: n d (d + 1) */
+    (void)PetscLogFlops((double)c->calib[i].n_tokens * (double)d_in * (double)(d_in + 1) / c->grid->size);
+    (void)PetscLogEventEnd(c->ev_gram, 0, 0, 0, 0);
     if (e == ITR_OK && (c->method->flags & ITR_METHOD_GRAM_DIAG)) {
       e = itr_dist_agree(c->comm, itr_calloc((size_t)d_in, sizeof(double), "diagonal of X^T X", &diag));
       if (e == ITR_OK) e = itr_dist_matrix_diag(&G, diag);
@@ -318,16 +326,23 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
       itr_merge_task *t = &j->tasks[i];
       double *coef = c->coef + SLOT(l, j->m) * (size_t)N;
       PetscLogStagePush(c->stage_assemble);
+      (void)PetscLogEventBegin(c->ev_assemble, 0, 0, 0, 0);
       if ((c->method->flags & ITR_METHOD_ADAPTIVE) && k == 1) e = adaptive_weight(j, i, ww[q], xw[q], &coef[i]);
       if (e == ITR_OK && j->sys.dense) full_weight(j, t, d_in, j->W);
       if (e == ITR_OK) e = rhs_piece_local(j, t, d_in, T, x, xt, rho, k);
+      /* F X^T Xt' for F (m, d_in): 4 T d_in m, twice when mixed */
+      const double m_rows = (double)(j->sys.dense ? j->d_out : t->r);
+      (void)PetscLogFlops(4.0 * (double)T * (double)d_in * m_rows * (k >= 2 && rho > 0 && rho < 1 ? 2 : 1));
+      (void)PetscLogEventEnd(c->ev_assemble, 0, 0, 0, 0);
       e = itr_dist_agree(c->comm, e);
       PetscLogStagePop();
       PetscLogStagePush(c->stage_reduce);
       if (e == ITR_OK) e = itr_dist_agree(c->comm, allreduce_sum(j->piece, j->sys.nrhs * d_in, c->comm));
       PetscLogStagePop();
       PetscLogStagePush(c->stage_assemble);
+      (void)PetscLogEventBegin(c->ev_assemble, 0, 0, 0, 0);
       if (e == ITR_OK) e = itr_dist_agree(c->comm, assemble_task(c, j, i, row[q], coef[i], &G, n1, n2, diag));
+      (void)PetscLogEventEnd(c->ev_assemble, 0, 0, 0, 0);
       PetscLogStagePop();
       row[q] += t->r;
     }
@@ -373,7 +388,7 @@ static itr_err plan_solves(merge_ctx *c, int l, const module_job *jobs, int nj, 
 /* Solves every assembled module of a layer: on the grid of all ranks one after another, or with
  * -solve_groups G > 1 as rank 0 plans: each T2 is copied onto its group's grid, the groups solve
  * at the same time, and every Y is broadcast from its group's first rank. */
-static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj, double *max_resid, int *n_failed) {
+static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj, double *max_resid) {
   const int N = c->N;
   itr_dist_solve_report reps[ITR_MODULE_COUNT];
   memset(reps, 0, sizeof reps);
@@ -394,7 +409,7 @@ static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj,
       itr_dist_matrix_fini(&jobs[q].T2); /* one d_in^2 / P less while the groups solve */
     }
     for (int q = 0; q < nj && e == ITR_OK; q++)
-      if (group_of[q] == c->group) e = solve_on(c->group_grid, &T2g[q], &jobs[q], &reps[q]);
+      if (group_of[q] == c->group) e = solve_on(c->group_grid, &T2g[q], &jobs[q], &reps[q], c->ev_solve);
     for (int q = 0; q < nj; q++) itr_dist_matrix_fini(&T2g[q]);
     e = itr_dist_agree(c->comm, e);
     for (int q = 0; q < nj && e == ITR_OK; q++) {
@@ -412,7 +427,7 @@ static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj,
     module_job *j = &jobs[q];
     itr_update upd = {0};
     itr_dist_solve_report rep = reps[q];
-    if (!grouped) e = solve_on(c->grid, &j->T2, j, &rep);
+    if (!grouped) e = solve_on(c->grid, &j->T2, j, &rep, c->ev_solve);
     itr_dist_matrix_fini(&j->T2);
     if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_update_from_system(&j->sys, N, j->tasks, j->d_out, j->W0, &upd));
     if (e != ITR_OK) break;
@@ -420,14 +435,15 @@ static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj,
     c->next[SLOT(l, j->m)] = upd;
     c->resid[(size_t)(k - 1) * (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT + SLOT(l, j->m)] = rep.residual;
     if (rep.residual > *max_resid || isnan(rep.residual)) *max_resid = rep.residual;
-    if (!rep.passed) (*n_failed)++;
     itr_log(c->opt->verbose >= 1 ? ITR_LOG_INFO : ITR_LOG_DEBUG, "  %s: R = %lld, scaled residual %.3g %s", j->label,
             (long long)j->sys.nrhs, rep.residual, rep.passed ? "PASSED" : "FAILED");
+    /* every rank holds the same report (agreed norms; broadcast from the group): stop together */
+    if (!rep.passed) e = itr_residual_error(j->label, rep.residual, c->opt->alpha_2);
   }
   return e;
 }
 
-itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid, int *n_failed) {
+itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid) {
   module_job jobs[ITR_MODULE_COUNT];
   memset(jobs, 0, sizeof jobs);
   int nj = 0, solved = 0;
@@ -439,7 +455,7 @@ itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid, int *n_
     e = assemble_site(c, k, l, (itr_site)s, jobs, &nj);
     if (e == ITR_OK && (per_site || s == ITR_SITE_COUNT - 1) && nj > solved) {
       PetscLogStagePush(c->stage_solve);
-      e = solve_layer(c, k, l, jobs + solved, nj - solved, max_resid, n_failed);
+      e = solve_layer(c, k, l, jobs + solved, nj - solved, max_resid);
       PetscLogStagePop();
       for (int q = solved; q < nj; q++) module_job_fini(&jobs[q]);
       solved = nj;

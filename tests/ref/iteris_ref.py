@@ -191,12 +191,10 @@ def merge_iteris(cfg, W0, dW, calib, modules, max_iter, alpha_1, alpha_2, rho, w
 
 
 def merge_regmean(cfg, W0, dW, calib, modules, alpha_2, regmean_alpha):
-    """dW = (sum_i dW_i H_i)(sum_i H_i)^{-1}, H_i = Gr_i + alpha_2 ||X_i^T X_i||_F I,
-    Gr_i = X_i^T X_i with its off-diagonal entries scaled by regmean_alpha.
-    Ridge convention mirrored from src/merge/baselines.c (itr_baseline_regmean_assemble): the
-    pipeline passes -alpha_2 as the ridge, the shift is per task and relative to the Frobenius norm of
-    the plain Gram X_i^T X_i (not of the off-diagonal-scaled one), it is added to both the task's
-    right-hand side and to the summed Gram, and there are no weights (manual_coef is not used)."""
+    """docs/ALGORITHM.md, Baselines, regmean: dW = (sum_i dW_i Gr_i)(sum_i Gr_i)^{-1} with
+    Gr_i = a X_i^T X_i + (1 - a) diag(X_i^T X_i) + alpha_2 ||X_i^T X_i||_F I, a = regmean_alpha:
+    the ridge is per task, relative to the Frobenius norm of the plain Gram, part of Gr_i (so it
+    enters both the task's right-hand side and the summed Gram), and there are no weights."""
     N = len(dW)
     X = [capture(cfg, weights_with(W0, dW[i]), calib[i], modules) for i in range(N)]
     out = {}
