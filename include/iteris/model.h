@@ -68,8 +68,9 @@ typedef struct {
 
 /* Fills arch from a validated configuration. Not Collective. */
 itr_err itr_arch_desc_init(const itr_model_config *cfg, itr_arch_desc *arch);
-/* The index of module id in arch (-1: not there). */
+/* The index of module id / site id in arch (-1: not there). */
 int itr_arch_desc_module(const itr_arch_desc *arch, itr_module id);
+int itr_arch_desc_site(const itr_arch_desc *arch, itr_site id);
 
 /* ---- LoRA terms: what is added to the base projections --------------------------------------- */
 

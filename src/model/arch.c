@@ -49,3 +49,9 @@ int itr_arch_desc_module(const itr_arch_desc *arch, itr_module id) {
     if (arch->module[q].id == id) return q;
   return -1;
 }
+
+int itr_arch_desc_site(const itr_arch_desc *arch, itr_site id) {
+  for (int s = 0; s < arch->n_sites; s++)
+    if (arch->site[s].id == id) return s;
+  return -1;
+}

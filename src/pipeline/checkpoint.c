@@ -23,6 +23,8 @@ static void fingerprint(const merge_ctx *c, char *buf, size_t len) {
   const itr_merge_opts *o = c->opt;
   int n = snprintf(buf, len, "method=%s base=%s alpha_1=%.17g alpha_2=%.17g reg_coef=%.17g with_pretrain=%d regmean_alpha=%.17g",
                    o->method, o->base, o->alpha_1, o->alpha_2, o->reg_coef, o->with_pretrain, o->regmean_alpha);
+  for (int m = 0; m < c->arch.n_modules && n > 0 && (size_t)n < len; m++)
+    n += snprintf(buf + n, len - (size_t)n, "%s%s", m ? "," : " modules=", c->arch.module[m].name);
   for (int i = 0; i < c->N && n > 0 && (size_t)n < len; i++)
     n += snprintf(buf + n, len - (size_t)n, " [%s %s w=%.17g]", o->adapters[i], o->n_calib > i ? o->calib[i] : "-",
                   o->manual_coef[i]);
@@ -99,8 +101,7 @@ itr_err checkpoint_write(const merge_ctx *c, int k_next, int l_next) {
   ckpt_path(c, path, sizeof path);
   itr_h5 *h = NULL;
   ITR_TRY(itr_h5_create(path, &h));
-  const int L = c->cfg.num_hidden_layers;
-  const size_t nslots = (size_t)L * ITR_MODULE_COUNT;
+  const size_t nslots = NSLOTS(c);
   const int K = c->opt->max_iter;
   itr_err e = ITR_OK;
   fingerprint(c, fp, sizeof fp);
@@ -112,7 +113,7 @@ itr_err checkpoint_write(const merge_ctx *c, int k_next, int l_next) {
   ITR_TRY_GOTO(itr_h5_write_f64(h, "resid", 1, &dr, c->resid), e, fail);
   for (size_t q = 0; q < nslots; q++) {
     ITR_TRY_GOTO(write_update(h, "cur", q, &c->cur[q]), e, fail);
-    if ((int)(q / ITR_MODULE_COUNT) < l_next) ITR_TRY_GOTO(write_update(h, "next", q, &c->next[q]), e, fail);
+    if ((int)(q / (size_t)c->arch.n_modules) < l_next) ITR_TRY_GOTO(write_update(h, "next", q, &c->next[q]), e, fail);
   }
   return itr_h5_close(h, 1);
 fail:
@@ -131,7 +132,7 @@ itr_err checkpoint_read(merge_ctx *c, int *found) {
   ITR_TRY(itr_h5_open(path, &h));
   itr_err e = ITR_OK;
   const int L = c->cfg.num_hidden_layers;
-  const size_t nslots = (size_t)L * ITR_MODULE_COUNT;
+  const size_t nslots = NSLOTS(c);
   fingerprint(c, fp, sizeof fp);
   ITR_TRY_GOTO(itr_h5_get_attr(h, "fingerprint", got, sizeof got), e, done);
   if (strcmp(fp, got) != 0) {
@@ -152,11 +153,12 @@ itr_err checkpoint_read(merge_ctx *c, int *found) {
   ITR_TRY_GOTO(read_resid(h, c, nslots), e, done);
   for (size_t q = 0; q < nslots; q++) {
     int64_t d_out, d_in;
-    itr_module_shape(&c->cfg, (itr_module)(q % ITR_MODULE_COUNT), &d_out, &d_in);
+    const itr_arch_module *am = &c->arch.module[q % (size_t)c->arch.n_modules];
+    d_out = am->d_out, d_in = am->d_in;
     itr_update_fini(&c->cur[q]);
     itr_update_fini(&c->next[q]);
     ITR_TRY_GOTO(read_update(h, "cur", q, d_out, d_in, &c->cur[q]), e, done);
-    if ((int)(q / ITR_MODULE_COUNT) < l) ITR_TRY_GOTO(read_update(h, "next", q, d_out, d_in, &c->next[q]), e, done);
+    if ((int)(q / (size_t)c->arch.n_modules) < l) ITR_TRY_GOTO(read_update(h, "next", q, d_out, d_in, &c->next[q]), e, done);
   }
   c->start_iter = k;
   c->start_layer = l;
@@ -178,7 +180,7 @@ itr_err checkpoint_write_stage(const merge_ctx *c, int k) {
   stage_path(c, k, path, sizeof path);
   itr_h5 *h = NULL;
   ITR_TRY(itr_h5_create(path, &h));
-  const size_t nslots = (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT;
+  const size_t nslots = NSLOTS(c);
   itr_err e = ITR_OK;
   fingerprint(c, fp, sizeof fp);
   snprintf(st, sizeof st, "%d %d %d %d", c->stage, c->n_stages, c->layer_lo, c->layer_hi);
@@ -188,7 +190,7 @@ itr_err checkpoint_write_stage(const merge_ctx *c, int k) {
   ITR_TRY_GOTO(itr_h5_write_f64(h, "coef", 1, &dc, c->coef), e, fail);
   ITR_TRY_GOTO(itr_h5_write_f64(h, "resid", 1, &dr, c->resid), e, fail);
   for (int l = c->layer_lo; l < c->layer_hi; l++)
-    for (int m = 0; m < ITR_MODULE_COUNT; m++) ITR_TRY_GOTO(write_update(h, "cur", SLOT(l, m), &c->cur[SLOT(l, m)]), e, fail);
+    for (int m = 0; m < c->arch.n_modules; m++) ITR_TRY_GOTO(write_update(h, "cur", SLOT(l, m), &c->cur[SLOT(l, m)]), e, fail);
   return itr_h5_close(h, 1);
 fail:
   (void)itr_h5_close(h, 0);
@@ -233,7 +235,7 @@ itr_err checkpoint_read_stage(merge_ctx *c, int k) {
   itr_h5 *h = NULL;
   ITR_TRY(itr_h5_open(path, &h));
   itr_err e = ITR_OK;
-  const size_t nslots = (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT;
+  const size_t nslots = NSLOTS(c);
   fingerprint(c, fp, sizeof fp);
   snprintf(want, sizeof want, "%d %d %d %d", c->stage, c->n_stages, c->layer_lo, c->layer_hi);
   ITR_TRY_GOTO(itr_h5_get_attr(h, "fingerprint", got, sizeof got), e, done);
@@ -249,10 +251,10 @@ itr_err checkpoint_read_stage(merge_ctx *c, int k) {
   ITR_TRY_GOTO(itr_h5_read_f64(h, "coef", 1, &dc, c->coef), e, done);
   ITR_TRY_GOTO(read_resid(h, c, nslots), e, done);
   for (int l = c->layer_lo; l < c->layer_hi; l++)
-    for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+    for (int m = 0; m < c->arch.n_modules; m++) {
       int64_t d_out, d_in;
       const size_t q = SLOT(l, m);
-      itr_module_shape(&c->cfg, (itr_module)m, &d_out, &d_in);
+      d_out = c->arch.module[m].d_out, d_in = c->arch.module[m].d_in;
       itr_update_fini(&c->cur[q]);
       ITR_TRY_GOTO(read_update(h, "cur", q, d_out, d_in, &c->cur[q]), e, done);
     }
@@ -268,8 +270,11 @@ itr_err stats_write(const merge_ctx *c, const char *dir) {
   ITR_TRY(itr_h5_create(path, &h));
   const int L = c->cfg.num_hidden_layers, K = merge_n_iters(c);
   itr_err e = ITR_OK;
-  int64_t dc[3] = {L, ITR_MODULE_COUNT, c->N}, dr[3] = {K, L, ITR_MODULE_COUNT};
-  ITR_TRY_GOTO(itr_h5_set_attr(h, "modules", "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"), e, fail);
+  int64_t dc[3] = {L, c->arch.n_modules, c->N}, dr[3] = {K, L, c->arch.n_modules};
+  char names[ITR_ARCH_MAX_MODULES * 24] = "";
+  for (int m = 0, n = 0; m < c->arch.n_modules && n >= 0 && (size_t)n < sizeof names; m++)
+    n += snprintf(names + n, sizeof names - (size_t)n, "%s%s", m ? " " : "", c->arch.module[m].name);
+  ITR_TRY_GOTO(itr_h5_set_attr(h, "modules", names), e, fail);
   ITR_TRY_GOTO(itr_h5_set_attr(h, "method", c->opt->method), e, fail);
   ITR_TRY_GOTO(itr_h5_write_f64(h, "adaptive_weight", 3, dc, c->coef), e, fail);
   ITR_TRY_GOTO(itr_h5_write_f64(h, "scaled_residual", 3, dr, c->resid), e, fail);

@@ -25,11 +25,8 @@ void merge_log_register(merge_ctx *c) {
 
 double merge_forward_flops(const merge_ctx *c, int64_t T) {
   double f = 0.0;
-  for (int m = 0; m < ITR_MODULE_COUNT; m++) {
-    int64_t d_out, d_in;
-    itr_module_shape(&c->cfg, (itr_module)m, &d_out, &d_in);
-    f += 2.0 * (double)T * (double)d_out * (double)d_in;
-  }
+  for (int m = 0; m < c->arch.n_modules; m++)
+    f += 2.0 * (double)T * (double)c->arch.module[m].d_out * (double)c->arch.module[m].d_in;
   return f + 4.0 * (double)T * (double)T * (double)c->cfg.hidden_size;
 }
 

@@ -42,7 +42,7 @@ itr_err merge_run_data_parallel(merge_ctx *c) {
       if (l + 1 < L) ITR_TRY(maybe_stop(c, k, l + 1));
     }
     /* the new updates become the merged model of the next iteration */
-    for (size_t q = 0; q < (size_t)L * ITR_MODULE_COUNT; q++) {
+    for (size_t q = 0; q < NSLOTS(c); q++) {
       itr_update_fini(&c->cur[q]);
       c->cur[q] = c->next[q];
       memset(&c->next[q], 0, sizeof c->next[q]);

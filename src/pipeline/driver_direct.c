@@ -10,11 +10,12 @@
 
 /* One module of a data-free method: task arithmetic and KnOTS give factors, TIES and DARE a
  * dense update (written through -out_rank). Every rank computes every module (deterministic). */
-static itr_err data_free_module(merge_ctx *c, int l, itr_module m, itr_update *out) {
+static itr_err data_free_module(merge_ctx *c, int l, int q, itr_update *out) {
+  const itr_module m = c->arch.module[q].id;
   const itr_merge_opts *o = c->opt;
   const int N = c->N;
   int64_t d_out, d_in;
-  itr_module_shape(&c->cfg, m, &d_out, &d_in);
+  d_out = c->arch.module[q].d_out, d_in = c->arch.module[q].d_in;
   itr_merge_task tasks[ITR_MAX_TASKS];
   double *A[ITR_MAX_TASKS] = {0}, *B[ITR_MAX_TASKS] = {0}, *dW[ITR_MAX_TASKS] = {0}, w[ITR_MAX_TASKS];
   memset(tasks, 0, sizeof tasks);
@@ -33,7 +34,7 @@ static itr_err data_free_module(merge_ctx *c, int l, itr_module m, itr_update *o
   } else { /* ties, dare: on the dense updates */
     const size_t n = (size_t)d_out * (size_t)d_in;
     char label[96];
-    snprintf(label, sizeof label, "layers.%d.%s.%s", l, itr_module_block(m), itr_module_name(m));
+    snprintf(label, sizeof label, "layers.%d.%s.%s", l, c->arch.module[q].block, c->arch.module[q].name);
     for (int i = 0; i < N && e == ITR_OK; i++) {
       e = itr_calloc(n, sizeof(double), "dense task update", &dW[i]);
       if (e == ITR_OK && tasks[i].r > 0) itr_lora_dense(d_out, d_in, tasks[i].r, tasks[i].scale, B[i], A[i], dW[i]);
@@ -60,8 +61,8 @@ itr_err merge_run_direct(merge_ctx *c) {
   const int L = c->cfg.num_hidden_layers;
   itr_err e = ITR_OK;
   for (int l = 0; l < L && e == ITR_OK; l++) {
-    for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++)
-      if (c->module_mask & (1u << m)) e = data_free_module(c, l, (itr_module)m, &c->cur[SLOT(l, m)]);
+    for (int m = 0; m < c->arch.n_modules && e == ITR_OK; m++)
+      if (TARGETED(c, m)) e = data_free_module(c, l, m, &c->cur[SLOT(l, m)]);
     if (e == ITR_OK) itr_log(ITR_LOG_INFO, "%s: layer %d/%d done", c->opt->method, l + 1, L);
   }
   ITR_TRY(itr_dist_agree(c->comm, e));

@@ -434,7 +434,7 @@ static itr_err stage_loop(merge_ctx *c) {
       if (l + 1 < hi) ITR_TRY(stage_check(c, k, l + 1));
     }
     for (int l = lo; l < hi; l++)
-      for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+      for (int m = 0; m < c->arch.n_modules; m++) {
         itr_update_fini(&c->cur[SLOT(l, m)]);
         c->cur[SLOT(l, m)] = c->next[SLOT(l, m)];
         memset(&c->next[SLOT(l, m)], 0, sizeof c->next[SLOT(l, m)]);
@@ -521,18 +521,18 @@ static itr_err gather(merge_ctx *c) {
     int lo, hi;
     merge_stage_layers(h, S, L, &lo, &hi);
     for (int l = lo; l < hi; l++)
-      for (int m = 0; m < ITR_MODULE_COUNT; m++) {
-        if (!(c->module_mask & (1u << m))) continue;
+      for (int m = 0; m < c->arch.n_modules; m++) {
+        if (!TARGETED(c, m)) continue;
         int64_t d_out, d_in;
-        itr_module_shape(&c->cfg, (itr_module)m, &d_out, &d_in);
+        d_out = c->arch.module[m].d_out, d_in = c->arch.module[m].d_in;
         ITR_TRY(bcast_update(c, &c->cur[SLOT(l, m)], st->first[h], d_out, d_in));
       }
   }
   /* weights and residuals: each stage's first rank contributes its layers' entries */
-  const size_t nslots = (size_t)L * ITR_MODULE_COUNT;
+  const size_t nslots = NSLOTS(c);
   const int contributes = c->rank == 0;
   for (size_t q = 0; q < nslots; q++) {
-    const int l = (int)(q / ITR_MODULE_COUNT), mine = contributes && l >= c->layer_lo && l < c->layer_hi;
+    const int l = (int)(q / (size_t)c->arch.n_modules), mine = contributes && l >= c->layer_lo && l < c->layer_hi;
     if (mine) continue;
     for (int i = 0; i < N; i++) c->coef[q * (size_t)N + (size_t)i] = 0;
     for (int k = 0; k < K; k++) c->resid[(size_t)k * nslots + q] = 0;

@@ -13,40 +13,36 @@
 /* ---- capture of the inputs of the target modules ---------------------------------------------- */
 
 typedef struct {
-  float **buf; /* [ITR_SITE_COUNT] (T, d_in) f32 */
-  const int64_t *d_in;
+  float **buf; /* [n_sites] (T, d_in) f32 */
+  const itr_arch_desc *arch;
   int64_t row0;  /* row of buf where the captured block starts */
-  double *ynorm; /* [ITR_MODULE_COUNT]: ||X W^T||^2 of each module added up, or NULL */
+  double *ynorm; /* [n_modules]: ||X W^T||^2 of each module added up, or NULL */
 } capture_ctx;
 
 static itr_err capture_copy(int layer, itr_site site, const float *rows, int64_t T, int64_t d_in, void *ctx) {
   (void)layer;
   capture_ctx *cc = ctx;
-  ITR_CHECK(d_in == cc->d_in[site], ITR_ERR_INTERNAL, "capture: site %d has %lld inputs, expected %lld", (int)site,
-            (long long)d_in, (long long)cc->d_in[site]);
-  if (cc->buf[site]) memcpy(cc->buf[site] + cc->row0 * d_in, rows, (size_t)T * (size_t)d_in * sizeof(float));
+  const int s = itr_arch_desc_site(cc->arch, site);
+  ITR_CHECK(s >= 0 && d_in == cc->arch->site[s].d_in, ITR_ERR_INTERNAL,
+            "capture: site %d (index %d) has %lld inputs, not those of the architecture descriptor", (int)site, s,
+            (long long)d_in);
+  if (cc->buf[s]) memcpy(cc->buf[s] + cc->row0 * d_in, rows, (size_t)T * (size_t)d_in * sizeof(float));
   return ITR_OK;
 }
 
 static void capture_norm(int layer, itr_module m, double sumsq, void *ctx) {
   (void)layer;
   capture_ctx *cc = ctx;
-  cc->ynorm[m] += sumsq;
-}
-
-int64_t merge_site_d_in(const itr_model_config *cfg, itr_site s) {
-  static const itr_module first[ITR_SITE_COUNT] = {ITR_Q_PROJ, ITR_O_PROJ, ITR_GATE_PROJ, ITR_DOWN_PROJ};
-  int64_t d_out, d_in;
-  itr_module_shape(cfg, first[s], &d_out, &d_in);
-  return d_in;
+  const int q = itr_arch_desc_module(cc->arch, m);
+  if (q >= 0) cc->ynorm[q] += sumsq;
 }
 
 /* ---- the layer loop ---------------------------------------------------------------------------- */
 
 itr_err merge_alloc_site_buffers(merge_ctx *c) {
   for (int i = 0; i < c->N; i++)
-    for (int s = 0; s < ITR_SITE_COUNT; s++) {
-      size_t n = (size_t)c->calib_sh[i].T * (size_t)c->site_d[s];
+    for (int s = 0; s < c->arch.n_sites; s++) {
+      size_t n = (size_t)c->calib_sh[i].T * (size_t)c->arch.site[s].d_in;
       ITR_TRY(itr_calloc(n ? n : 1, sizeof(float), "captured source inputs X", &c->X[i][s]));
       ITR_TRY(itr_calloc(n ? n : 1, sizeof(float), "captured merged inputs Xt", &c->Xt[i][s]));
     }
@@ -84,7 +80,7 @@ static itr_err run_sequences(const merge_ctx *c, const itr_shard *sh, float *h, 
   const int l = c->layer_index;
   for (int s = 0; s < sh->n_seqs; s++) {
     int64_t r0 = sh->offsets[s], T = sh->offsets[s + 1] - r0;
-    capture_ctx cx = {capture, c->site_d, r0, ynorm};
+    capture_ctx cx = {capture, &c->arch, r0, ynorm};
     (void)PetscLogEventBegin(c->ev_forward, 0, 0, 0, 0);
     itr_err e = itr_model_run_layers_ex(c->layer, l, l + 1, h + r0 * D, T, NULL, lora, capture ? capture_copy : NULL,
                                         ynorm ? capture_norm : NULL, &cx);
@@ -110,9 +106,9 @@ itr_err merge_forward_layer(merge_ctx *c, int k, int l) {
 
 itr_err merge_rebuild_lora(merge_ctx *c) {
   itr_lora_set_clear(c->lora_merged);
-  const int L = c->cfg.num_hidden_layers;
+  const int L = c->arch.n_layers;
   for (int l = 0; l < L; l++)
-    for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+    for (int m = 0; m < c->arch.n_modules; m++) {
       const itr_update *u = &c->cur[SLOT(l, m)];
       if (!u->A && !u->dense) continue;
       size_t nA = (size_t)u->rank * (size_t)u->d_in, nB = (size_t)u->d_out * (size_t)u->rank;
@@ -124,11 +120,11 @@ itr_err merge_rebuild_lora(merge_ctx *c) {
         ITR_TRY_GOTO(itr_calloc(nB, sizeof(float), "merged B f32", &b), e, fail);
         for (size_t q = 0; q < nA; q++) a[q] = (float)u->A[q];
         for (size_t q = 0; q < nB; q++) b[q] = (float)u->B[q];
-        ITR_TRY_GOTO(itr_lora_set_add(c->lora_merged, l, (itr_module)m, (int)u->rank, 1.0f, a, b), e, fail);
+        ITR_TRY_GOTO(itr_lora_set_add(c->lora_merged, l, c->arch.module[m].id, (int)u->rank, 1.0f, a, b), e, fail);
       } else {
         ITR_TRY_GOTO(itr_calloc(nD, sizeof(float), "merged dW f32", &a), e, fail);
         for (size_t q = 0; q < nD; q++) a[q] = (float)u->dense[q];
-        ITR_TRY_GOTO(itr_lora_set_set_dense(c->lora_merged, l, (itr_module)m, a, 1.0f, 1), e, fail);
+        ITR_TRY_GOTO(itr_lora_set_set_dense(c->lora_merged, l, c->arch.module[m].id, a, 1.0f, 1), e, fail);
       }
     fail:
       free(a);

@@ -51,6 +51,7 @@ typedef struct {
   const itr_method *method; /* the method table's entry (include/iteris/merge.h) */
   int N; /* adapters */
   itr_model_config cfg;
+  itr_arch_desc arch; /* modules, input sites, shapes: the layout of every per-module array below */
   itr_tensor_store *store;
   itr_model *model;      /* the embedding (and the head with -heldout): no decoder layer */
   itr_model *layer;      /* the one decoder layer this rank holds now (see load_layer) */
@@ -58,24 +59,23 @@ typedef struct {
   itr_adapter *ad[ITR_MAX_TASKS];
   itr_token_set calib[ITR_MAX_TASKS], heldout[ITR_MAX_TASKS];
   itr_shard calib_sh[ITR_MAX_TASKS];
-  unsigned module_mask; /* union of the adapters' target modules */
+  unsigned module_mask; /* union of the adapters' target modules (bits: itr_module ids) */
   itr_lora_set *lora_task[ITR_MAX_TASKS]; /* source model i: base + adapter i */
   itr_lora_set *lora_merged;              /* base + the merged update of the last iteration */
-  int64_t site_d[ITR_SITE_COUNT];         /* d_in of each input site */
   float *h_src[ITR_MAX_TASKS], *h_mrg[ITR_MAX_TASKS];                   /* (T_i, D) f32 hidden states */
-  float *X[ITR_MAX_TASKS][ITR_SITE_COUNT], *Xt[ITR_MAX_TASKS][ITR_SITE_COUNT]; /* (T_i, d_in) f32, one layer */
-  double ynorm[ITR_MAX_TASKS][ITR_MODULE_COUNT]; /* iteration 1, the held layer: ||X_i (W0 + dW_i)^T||^2 over
+  float *X[ITR_MAX_TASKS][ITR_ARCH_MAX_SITES], *Xt[ITR_MAX_TASKS][ITR_ARCH_MAX_SITES]; /* (T_i, d_in) f32, one layer */
+  double ynorm[ITR_MAX_TASKS][ITR_ARCH_MAX_MODULES]; /* iteration 1, the held layer: ||X_i (W0 + dW_i)^T||^2 over
                                                     this rank's rows, from the source model's forward */
-  itr_update *cur, *next; /* [L * ITR_MODULE_COUNT]: merged updates of the last / current iteration */
-  double *coef;           /* [L * ITR_MODULE_COUNT * N] adaptive weights c_i (iteration 1) */
-  double *resid;          /* [K * L * ITR_MODULE_COUNT] scaled residual of each solve */
+  itr_update *cur, *next; /* [L * n_modules]: merged updates of the last / current iteration */
+  double *coef;           /* [L * n_modules * N] adaptive weights c_i (iteration 1) */
+  double *resid;          /* [K * L * n_modules] scaled residual of each solve */
   itr_dist_grid *grid;       /* all ranks */
   int n_groups, group;       /* -solve_groups: how many groups, and this rank's */
   int group_root[ITR_MAX_TASKS]; /* first rank (in comm) of each group */
   itr_dist_grid *group_grid; /* the grid of this rank's group (itr_dist_grid_split of grid) */
   int start_iter, start_layer, iters_done;
   double energy_kept_min;
-  double *energy_kept;    /* [L * ITR_MODULE_COUNT] ||kept||^2 / ||dW||^2 with -out_rank (1: exact) */
+  double *energy_kept;    /* [L * n_modules] ||kept||^2 / ||dW||^2 with -out_rank (1: exact) */
   int evaluated;
   double kl_ratio[ITR_MAX_TASKS], top1[ITR_MAX_TASKS];
   double seconds_merge;
@@ -83,7 +83,11 @@ typedef struct {
   PetscLogEvent ev_forward, ev_gram, ev_assemble, ev_solve; /* -log_view: time and flops per phase */
 } merge_ctx;
 
-#define SLOT(l, m) ((size_t)(l) * ITR_MODULE_COUNT + (size_t)(m))
+/* Slot of module m (index in c->arch) of layer l in the per-module arrays; their count. */
+#define SLOT(l, m) ((size_t)(l) * (size_t)c->arch.n_modules + (size_t)(m))
+#define NSLOTS(c) ((size_t)(c)->arch.n_layers * (size_t)(c)->arch.n_modules)
+/* Whether some adapter targets module m (index in c->arch). */
+#define TARGETED(c, m) (((c)->module_mask >> (c)->arch.module[m].id) & 1u)
 
 /* ---- schedule.c -------------------------------------------------------------------------------- */
 
@@ -100,7 +104,7 @@ void merge_stage_layers(int g, int S, int L, int *lo, int *hi);
  * ranks [itr_dist_group_first(g), itr_dist_group_first(g + 1))): costliest first (ties by index),
  * each to the group that would finish it first (its load so far plus the cost over its rank
  * count). cost[nj] in flops; group_of[nj] out. */
-void merge_plan_solves(int nj, const double *cost, int n_groups, int size, int *group_of);
+void merge_plan_solves(int nj, const double *cost, int n_groups, int size, int *group_of); /* nj <= ITR_ARCH_MAX_MODULES */
 
 /* ---- context.c ----------------------------------------------------------------------------------- */
 
@@ -122,8 +126,6 @@ void merge_progress(merge_ctx *c, int k, int l, double t_layer, double max_resid
 
 /* ---- forward.c ----------------------------------------------------------------------------------- */
 
-/* d_in of input site s (the first module that reads it). */
-int64_t merge_site_d_in(const itr_model_config *cfg, itr_site s);
 /* The capture buffers X, Xt of every task and site for this rank's shards. Not Collective. */
 itr_err merge_alloc_site_buffers(merge_ctx *c);
 /* Embeds every task's calibration shard into h[i]. Not Collective. */

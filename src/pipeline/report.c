@@ -87,12 +87,12 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
   cJSON *mods = cJSON_AddArrayToObject(root, "modules");
   const int K = merge_n_iters(c);
   for (int l = 0; l < L; l++)
-    for (int m = 0; m < ITR_MODULE_COUNT; m++) {
-      if (!(c->module_mask & (1u << m))) continue;
-      size_t slot = (size_t)l * ITR_MODULE_COUNT + (size_t)m;
+    for (int m = 0; m < c->arch.n_modules; m++) {
+      if (!TARGETED(c, m)) continue;
+      size_t slot = SLOT(l, m);
       cJSON *j = cJSON_CreateObject();
       char name[96];
-      snprintf(name, sizeof name, "layers.%d.%s.%s", l, itr_module_block((itr_module)m), itr_module_name((itr_module)m));
+      snprintf(name, sizeof name, "layers.%d.%s.%s", l, c->arch.module[m].block, c->arch.module[m].name);
       cJSON_AddStringToObject(j, "module", name);
       cJSON_AddNumberToObject(j, "rank", (double)c->cur[slot].rank);
       if (c->opt->out_rank > 0) {
@@ -106,7 +106,7 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
       if (c->method->flags & ITR_METHOD_STATS) {
         cJSON *r = cJSON_AddArrayToObject(j, "scaled_residual");
         for (int k = 0; k < c->iters_done && k < K; k++)
-          cJSON_AddItemToArray(r, num_or_null(c->resid[(size_t)k * (size_t)L * ITR_MODULE_COUNT + slot]));
+          cJSON_AddItemToArray(r, num_or_null(c->resid[(size_t)k * NSLOTS(c) + slot]));
       }
       cJSON_AddItemToArray(mods, j);
     }

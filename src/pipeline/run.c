@@ -49,6 +49,7 @@ static itr_err open_inputs(merge_ctx *c) {
   char path[ITR_PATH_MAX + 32];
   snprintf(path, sizeof path, "%s/config.json", o->base);
   ITR_TRY(itr_model_config_read(path, &c->cfg));
+  ITR_TRY(itr_arch_desc_init(&c->cfg, &c->arch));
   for (int i = 0; i < c->N; i++) ITR_TRY(itr_adapter_open(o->adapters[i], &c->cfg, &c->ad[i]));
   for (int i = 0; i < o->n_calib; i++) {
     ITR_TRY(itr_token_set_read(o->calib[i], c->cfg.vocab_size, &c->calib[i]));
@@ -88,7 +89,7 @@ static itr_err write_adapter(merge_ctx *c, const char *dir) {
   itr_err e = ITR_OK;
   const int L = c->cfg.num_hidden_layers;
   for (int l = 0; l < L && e == ITR_OK; l++)
-    for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++) {
+    for (int m = 0; m < c->arch.n_modules && e == ITR_OK; m++) {
       const itr_update *u = &c->cur[SLOT(l, m)];
       if (!u->A && !u->dense) continue;
       itr_update t = {0};
@@ -99,7 +100,7 @@ static itr_err write_adapter(merge_ctx *c, const char *dir) {
         c->energy_kept_min = fmin(c->energy_kept_min, t.energy_kept);
         c->energy_kept[SLOT(l, m)] = t.energy_kept;
       }
-      if (e == ITR_OK) e = itr_adapter_writer_add_f64(w, l, (itr_module)m, (int)use->rank, use->A, use->B);
+      if (e == ITR_OK) e = itr_adapter_writer_add_f64(w, l, c->arch.module[m].id, (int)use->rank, use->A, use->B);
       itr_update_fini(&t);
     }
   if (e == ITR_OK) e = itr_adapter_writer_write(w, dir);
@@ -129,7 +130,7 @@ static itr_err write_outputs(merge_ctx *c) {
 /* ---- entry ------------------------------------------------------------------------------------- */
 
 static void ctx_fini(merge_ctx *c) {
-  const size_t nslots = (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT;
+  const size_t nslots = NSLOTS(c);
   if (c->cur)
     for (size_t q = 0; q < nslots; q++) itr_update_fini(&c->cur[q]);
   if (c->next)
@@ -147,7 +148,7 @@ static void ctx_fini(merge_ctx *c) {
     itr_lora_set_destroy(c->lora_task[i]);
     free(c->h_src[i]);
     free(c->h_mrg[i]);
-    for (int s = 0; s < ITR_SITE_COUNT; s++) {
+    for (int s = 0; s < ITR_ARCH_MAX_SITES; s++) {
       free(c->X[i][s]);
       free(c->Xt[i][s]);
     }
@@ -180,7 +181,7 @@ static itr_err setup(merge_ctx *c) {
   ITR_TRY(itr_dist_agree(c->world, e));
 
   const int L = c->cfg.num_hidden_layers, N = c->N;
-  const size_t nslots = (size_t)L * ITR_MODULE_COUNT;
+  const size_t nslots = NSLOTS(c);
   const int K = merge_n_iters(c);
   e = itr_calloc(nslots, sizeof(itr_update), "updates", &c->cur);
   if (e == ITR_OK) e = itr_calloc(nslots, sizeof(itr_update), "updates", &c->next);
@@ -188,7 +189,6 @@ static itr_err setup(merge_ctx *c) {
   if (e == ITR_OK) e = itr_calloc(nslots * (size_t)K, sizeof(double), "residuals", &c->resid);
   if (e == ITR_OK) e = itr_calloc(nslots, sizeof(double), "kept energy", &c->energy_kept);
   for (size_t q = 0; e == ITR_OK && q < nslots; q++) c->energy_kept[q] = 1.0;
-  for (int s = 0; s < ITR_SITE_COUNT; s++) c->site_d[s] = merge_site_d_in(&c->cfg, (itr_site)s);
   if (e == ITR_OK) e = itr_lora_set_create(&c->cfg, &c->lora_merged);
   for (int i = 0; i < N && e == ITR_OK; i++) {
     e = itr_lora_set_create(&c->cfg, &c->lora_task[i]);

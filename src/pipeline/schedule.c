@@ -94,7 +94,7 @@ void merge_stage_layers(int g, int S, int L, int *lo, int *hi) {
 }
 
 void merge_plan_solves(int nj, const double *cost, int n_groups, int size, int *group_of) {
-  int order[ITR_MODULE_COUNT];
+  int order[ITR_ARCH_MAX_MODULES];
   double load[ITR_MAX_TASKS] = {0};
   for (int q = 0; q < nj; q++) order[q] = q;
   for (int a = 1; a < nj; a++) /* insertion sort, costliest first; ties by module order */

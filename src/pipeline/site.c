@@ -89,7 +89,7 @@ static itr_err weight_norm2(int64_t d_in, int64_t d_out, const float *W0, const 
 /* The system of one module at a site, filled task by task: T2 in the block-cyclic layout (lower
  * triangle), the right-hand sides replicated in sys.rhs (sys.T2 stays NULL). */
 typedef struct {
-  itr_module m;
+  int m; /* index in c->arch */
   int64_t d_out;
   char label[96];
   itr_merge_task tasks[ITR_MAX_TASKS];
@@ -114,12 +114,13 @@ static void module_job_fini(module_job *j) {
   itr_system_fini(&j->sys);
 }
 
-static itr_err module_job_init(merge_ctx *c, int l, itr_module m, int64_t d_in, module_job *j) {
+static itr_err module_job_init(merge_ctx *c, int l, int q, int64_t d_in, module_job *j) {
   const itr_merge_opts *o = c->opt;
-  j->m = m;
-  int64_t din;
-  itr_module_shape(&c->cfg, m, &j->d_out, &din);
-  snprintf(j->label, sizeof j->label, "layers.%d.%s.%s", l, itr_module_block(m), itr_module_name(m));
+  const itr_arch_module *am = &c->arch.module[q];
+  const itr_module m = am->id;
+  j->m = q;
+  j->d_out = am->d_out;
+  snprintf(j->label, sizeof j->label, "layers.%d.%s.%s", l, am->block, am->name);
   int64_t R = 0;
   for (int i = 0; i < c->N; i++) {
     ITR_TRY(merge_task_factors(c->ad[i], l, m, j->d_out, d_in, &j->tasks[i], &j->A[i], &j->B[i]));
@@ -267,27 +268,29 @@ static itr_err solve_on(const itr_dist_grid *grid, const itr_dist_matrix *T2, mo
 
 /* Assembles every targeted module at site s of layer l (iteration k) into jobs[*nj...]: the
  * statistics of one task at a time, formed in the block-cyclic layout and freed before the next. */
-static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job *jobs, int *nj_total) {
+static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs, int *nj_total) {
   const itr_merge_opts *o = c->opt;
   const int N = c->N;
-  const int64_t d_in = c->site_d[s];
+  const itr_arch_site *site = &c->arch.site[s];
+  const int64_t d_in = site->d_in;
   const double rho = itr_method_reads(c->method, "reg_coef") ? o->reg_coef : 0.0;
   module_job *site_jobs = jobs + *nj_total;
   int nj = 0;
   itr_err e = ITR_OK;
-  for (int m = 0; m < ITR_MODULE_COUNT && e == ITR_OK; m++)
-    if (itr_module_site((itr_module)m) == s && (c->module_mask & (1u << m)))
-      e = module_job_init(c, l, (itr_module)m, d_in, &site_jobs[nj++]);
+  for (int a = 0; a < site->n_modules && e == ITR_OK; a++) {
+    const int q = site->modules[a];
+    if (TARGETED(c, q)) e = module_job_init(c, l, q, d_in, &site_jobs[nj++]);
+  }
   *nj_total += nj;
   e = itr_dist_agree(c->comm, e);
   if (nj == 0 || e != ITR_OK) return e;
 
-  int64_t row[3] = {0, 0, 0};
+  int64_t row[ITR_ARCH_MAX_MODULES] = {0};
   for (int i = 0; i < N && e == ITR_OK; i++) {
     const int64_t T = c->calib_sh[i].T;
     const float *x = c->X[i][s], *xt = k >= 2 ? c->Xt[i][s] : NULL;
     itr_dist_matrix Xd = {0}, Xm = {0}, G = {0};
-    double *diag = NULL, n1 = 0.0, n2 = 0.0, xw[3] = {0, 0, 0}, ww[3] = {0, 0, 0};
+    double *diag = NULL, n1 = 0.0, n2 = 0.0, xw[ITR_ARCH_MAX_MODULES] = {0}, ww[ITR_ARCH_MAX_MODULES] = {0};
     /* the Gram of the (mixed) merged-model rows and the two norms, in the block-cyclic layout */
     PetscLogStagePush(c->stage_stats);
     (void)PetscLogEventBegin(c->ev_gram, 0, 0, 0, 0);
@@ -317,7 +320,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, itr_site s, module_job 
         e = weight_norm2(d_in, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i], &ww[q]);
       }
       e = itr_dist_agree(c->comm, e);
-      if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, xw, 3, MPI_DOUBLE, MPI_SUM, c->comm) != MPI_SUCCESS)
+      if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, xw, nj, MPI_DOUBLE, MPI_SUM, c->comm) != MPI_SUCCESS)
         e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the adaptive weights failed");
     }
     PetscLogStagePop();
@@ -369,14 +372,14 @@ static double solve_cost(const module_job *j) {
  * so every rank acts on rank 0's decision. */
 static itr_err plan_solves(merge_ctx *c, int l, const module_job *jobs, int nj, int *group_of) {
   if (c->rank == 0) {
-    double cost[ITR_MODULE_COUNT];
+    double cost[ITR_ARCH_MAX_MODULES];
     for (int q = 0; q < nj; q++) cost[q] = solve_cost(&jobs[q]);
     merge_plan_solves(nj, cost, c->n_groups, c->size, group_of);
     if (c->opt->verbose >= 1) {
       char line[512];
       int n = snprintf(line, sizeof line, "layer %d solve plan over %d groups:", l + 1, c->n_groups);
       for (int q = 0; q < nj && n < (int)sizeof line; q++)
-        n += snprintf(line + n, sizeof line - (size_t)n, " %s->%d", itr_module_name(jobs[q].m), group_of[q]);
+        n += snprintf(line + n, sizeof line - (size_t)n, " %s->%d", c->arch.module[jobs[q].m].name, group_of[q]);
       itr_log(ITR_LOG_INFO, "%s", line);
     }
   }
@@ -390,13 +393,13 @@ static itr_err plan_solves(merge_ctx *c, int l, const module_job *jobs, int nj, 
  * at the same time, and every Y is broadcast from its group's first rank. */
 static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj, double *max_resid) {
   const int N = c->N;
-  itr_dist_solve_report reps[ITR_MODULE_COUNT];
+  itr_dist_solve_report reps[ITR_ARCH_MAX_MODULES];
   memset(reps, 0, sizeof reps);
   itr_err e = ITR_OK;
   const int grouped = c->n_groups > 1 && nj > 1;
   if (grouped) {
-    int group_of[ITR_MODULE_COUNT];
-    itr_dist_matrix T2g[ITR_MODULE_COUNT];
+    int group_of[ITR_ARCH_MAX_MODULES];
+    itr_dist_matrix T2g[ITR_ARCH_MAX_MODULES];
     memset(T2g, 0, sizeof T2g);
     e = itr_dist_agree(c->comm, plan_solves(c, l, jobs, nj, group_of));
     /* every copy first (each is collective over all ranks), then the groups solve concurrently */
@@ -433,7 +436,7 @@ static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj,
     if (e != ITR_OK) break;
     itr_update_fini(&c->next[SLOT(l, j->m)]);
     c->next[SLOT(l, j->m)] = upd;
-    c->resid[(size_t)(k - 1) * (size_t)c->cfg.num_hidden_layers * ITR_MODULE_COUNT + SLOT(l, j->m)] = rep.residual;
+    c->resid[(size_t)(k - 1) * NSLOTS(c) + SLOT(l, j->m)] = rep.residual;
     if (rep.residual > *max_resid || isnan(rep.residual)) *max_resid = rep.residual;
     itr_log(c->opt->verbose >= 1 ? ITR_LOG_INFO : ITR_LOG_DEBUG, "  %s: R = %lld, scaled residual %.3g %s", j->label,
             (long long)j->sys.nrhs, rep.residual, rep.passed ? "PASSED" : "FAILED");
@@ -444,16 +447,16 @@ static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj,
 }
 
 itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid) {
-  module_job jobs[ITR_MODULE_COUNT];
+  module_job jobs[ITR_ARCH_MAX_MODULES];
   memset(jobs, 0, sizeof jobs);
   int nj = 0, solved = 0;
   itr_err e = ITR_OK;
   /* One grid: each site is solved as soon as it is assembled, so only its systems are held. With
-   * groups: the whole layer is assembled first, so that rank 0 can spread its 7 solves. */
+   * groups: the whole layer is assembled first, so that rank 0 can spread its solves. */
   const int per_site = c->n_groups <= 1;
-  for (int s = 0; s < ITR_SITE_COUNT && e == ITR_OK; s++) {
-    e = assemble_site(c, k, l, (itr_site)s, jobs, &nj);
-    if (e == ITR_OK && (per_site || s == ITR_SITE_COUNT - 1) && nj > solved) {
+  for (int s = 0; s < c->arch.n_sites && e == ITR_OK; s++) {
+    e = assemble_site(c, k, l, s, jobs, &nj);
+    if (e == ITR_OK && (per_site || s == c->arch.n_sites - 1) && nj > solved) {
       PetscLogStagePush(c->stage_solve);
       e = solve_layer(c, k, l, jobs + solved, nj - solved, max_resid);
       PetscLogStagePop();

@@ -1,7 +1,8 @@
-// gtest main for tests/mpi: every test runs on every rank; rank 0 prints. After all tests, the
+// gtest main for tests/mpi: MPI, then PETSc; every test runs on every rank; rank 0 prints. After all tests, the
 // per-test verdicts are max-reduced so a failure on any rank fails the test everywhere; rank 0
 // prints "GTEST_SUMMARY passed=X failed=Y" for tests/run.sh. Assertion hooks never communicate.
 #include <mpi.h>
+#include <petscsys.h>
 
 #include <cstdio>
 #include <string>
@@ -27,6 +28,12 @@ class RankFailurePrinter : public ::testing::EmptyTestEventListener {
 
 int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
+  // PETSc after MPI (then MPI_Finalize is ours): the pipeline's tests register log stages and events
+  if (PetscInitializeNoArguments() != 0) {
+    std::fprintf(stderr, "PETSc failed to start\n");
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  PetscPushErrorHandler(PetscReturnErrorHandler, NULL);
   int rank = 0, size = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
@@ -63,6 +70,7 @@ int main(int argc, char **argv) {
     }
   }
   if (rank == 0) std::printf("GTEST_SUMMARY passed=%d failed=%d\n", npass, nfail);
+  PetscFinalize();
   MPI_Finalize();
   return nfail ? 1 : 0;
 }
