@@ -1,21 +1,23 @@
-/* merge_bench: GFLOP/s of the merge layer's two heavy phases against dgemm measured in the same
- * run (same threads, same machine load):
- *   stats  itr_stats_add_x       X^T X by dsyrk on f64-converted blocks      T d (d + 1) flops
- *          itr_stats_add_pair    Xt^T Xt (dsyrk) + X^T Xt (dgemm)           T d (d + 1) + 2 T d^2
- *   solve  dpotrf + dpotrs       Cholesky of T2 and R right-hand sides       d^3 / 3 + 2 d^2 R
- *          itr_system_solve_local (the same + restore T2 + residual check)
- *   dgemm  C (d, d) += X^T Xt with X, Xt (T, d)                              2 T d^2
- * Usage: merge_bench [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1]
- * Threads: OPENBLAS_NUM_THREADS. Prints a Markdown table. */
+/* merge_bench: the merge's two heavy phases on the path the product runs (src/pipeline/site.c),
+ * against dgemm measured in the same run, on a BLACS grid over all ranks:
+ *   stats  itr_dist_rows_create (every rank's T rows of X into the block-cyclic layout, one
+ *          Alltoallv) + itr_dist_gram (pdsyrk) + itr_dist_frob2          n d (d + 1) flops, n = P T
+ *   solve  itr_dist_solve_spd: pdpotrf, pdpotrs with R right-hand sides and the residual (pdsymm)
+ *                                                                        d^3 / 3 + 4 d^2 R flops
+ *   dgemm  on every rank at once, C (d, d) += X^T X with X (T, d)         2 T d^2 flops per rank
+ * Rates are per rank; "vs dgemm" divides by the dgemm rate per rank measured in this run (the same
+ * threads, the same machine load), so the ratio is what the phase keeps of the machine's BLAS.
+ * Usage: mpirun -np P merge_bench [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1]
+ * Threads: OPENBLAS_NUM_THREADS (1 per rank for MPI runs). Prints a Markdown table on rank 0. */
 #include <cblas.h>
-#include <lapacke.h>
 #include <math.h>
+#include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "iteris/merge.h"
-
+#include "iteris/core.h"
+#include "iteris/dist.h"
 
 static void fill(size_t n, float *x, unsigned seed) {
   unsigned s = seed;
@@ -25,7 +27,25 @@ static void fill(size_t n, float *x, unsigned seed) {
   }
 }
 
+/* The slowest rank's seconds of a phase that every rank runs. */
+static double max_time(double t) {
+  double m;
+  MPI_Allreduce(&t, &m, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return m;
+}
+
+static int fail(int rank, const char *what) {
+  if (rank == 0) fprintf(stderr, "merge_bench: %s: %s\n", what, itr_error_message());
+  MPI_Abort(MPI_COMM_WORLD, 4);
+  return 4;
+}
+
 int main(int argc, char **argv) {
+  MPI_Init(&argc, &argv);
+  int rank, size;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  itr_log_set_quiet(1);
   char dlist[256] = "4096,8192,14336";
   long T = 2048, R = 64;
   int reps = 1;
@@ -35,88 +55,83 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "-R")) R = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "-reps")) reps = atoi(argv[i + 1]);
     else {
-      fprintf(stderr, "usage: %s [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1]\n", argv[0]);
+      if (rank == 0) fprintf(stderr, "usage: %s [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1]\n", argv[0]);
+      MPI_Finalize();
       return 2;
     }
   }
+  itr_dist_grid *grid = NULL;
+  if (itr_dist_grid_create(MPI_COMM_WORLD, 0, &grid) != ITR_OK) return fail(rank, "grid");
   const char *thr = getenv("OPENBLAS_NUM_THREADS");
-  printf("threads %s, T = %ld tokens per block set, R = %ld right-hand sides, best of %d\n\n", thr ? thr : "(default)",
-         T, R, reps);
-  printf("| d_in | dgemm GFLOP/s | add_x (dsyrk) GFLOP/s | add_pair GFLOP/s | dpotrf+dpotrs GFLOP/s | "
-         "solve_local s | stats vs dgemm | solve vs dgemm |\n");
-  printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-  fflush(stdout);
+  if (rank == 0) {
+    printf("%d rank(s), grid %d x %d, block %d, OPENBLAS_NUM_THREADS %s; T = %ld rows per rank, R = %ld right-hand "
+           "sides, best of %d; GFLOP/s per rank\n\n",
+           size, grid->nprow, grid->npcol, grid->mb, thr ? thr : "(default)", T, R, reps);
+    printf("| d_in | dgemm | stats (rows + pdsyrk + norm) | stats s | solve (pdpotrf + pdpotrs + residual) | solve s | "
+           "stats vs dgemm | solve vs dgemm |\n");
+    printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    fflush(stdout);
+  }
   char *save = NULL;
   for (char *tok = strtok_r(dlist, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
     const long d = atol(tok);
-    const size_t td = (size_t)T * (size_t)d, dd = (size_t)d * (size_t)d;
-    float *x = malloc(td * sizeof(float)), *xt = malloc(td * sizeof(float));
-    double *xd = malloc(td * sizeof(double)), *xtd = malloc(td * sizeof(double)), *C = calloc(dd, sizeof(double));
-    if (!x || !xt || !xd || !xtd || !C) {
-      fprintf(stderr, "out of memory at d = %ld\n", d);
-      return 4;
+    const size_t td = (size_t)T * (size_t)d;
+    float *x = malloc(td * sizeof(float));
+    double *xd = malloc(td * sizeof(double)), *C = calloc((size_t)d * (size_t)d, sizeof(double));
+    double *rhs = malloc((size_t)d * (size_t)R * sizeof(double));
+    if (!x || !xd || !C || !rhs) return fail(rank, "out of memory");
+    fill(td, x, 1u + (unsigned)rank);
+    for (size_t i = 0; i < td; i++) xd[i] = x[i];
+    for (size_t i = 0; i < (size_t)d * (size_t)R; i++) rhs[i] = sin(0.37 * (double)i);
+    double best_gemm = 1e300, best_stats = 1e300, best_solve = 1e300;
+    for (int rep = 0; rep < reps; rep++) {
+      /* dgemm on every rank at once: the machine's rate per rank under this run's load */
+      MPI_Barrier(MPI_COMM_WORLD);
+      double t = itr_wtime();
+      cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d, (int)d, (int)T, 1.0, xd, (int)d, xd, (int)d, 0.0, C,
+                  (int)d);
+      best_gemm = fmin(best_gemm, max_time(itr_wtime() - t));
+      /* statistics as site.c forms them */
+      itr_dist_matrix Xd = {0}, G = {0}, B = {0}, Y = {0};
+      double n2 = 0;
+      MPI_Barrier(MPI_COMM_WORLD);
+      t = itr_wtime();
+      if (itr_dist_rows_create(grid, T, d, x, 1.0, NULL, 0.0, &Xd) != ITR_OK ||
+          itr_dist_matrix_init(&G, grid, (int)d, (int)d) != ITR_OK || itr_dist_gram(1.0, &Xd, &Xd, 0.0, &G) != ITR_OK ||
+          itr_dist_frob2(&G, 1, &n2) != ITR_OK)
+        return fail(rank, "statistics");
+      best_stats = fmin(best_stats, max_time(itr_wtime() - t));
+      itr_dist_matrix_fini(&Xd);
+      /* T2 = G + 1e-7 ||G|| I and R right-hand sides, solved as site.c does */
+      itr_dist_matrix_add(&G, 0.0, &G, 1.0, 1e-7 * sqrt(n2), 1);
+      if (itr_dist_matrix_init(&B, grid, (int)d, (int)R) != ITR_OK || itr_dist_matrix_init(&Y, grid, (int)d, (int)R) != ITR_OK)
+        return fail(rank, "right-hand sides");
+      itr_dist_matrix_scatter(&B, rhs);
+      itr_dist_solve_report rep_solve;
+      MPI_Barrier(MPI_COMM_WORLD);
+      t = itr_wtime();
+      if (itr_dist_solve_spd("bench", &G, &B, &Y, &rep_solve) != ITR_OK) return fail(rank, "solve");
+      best_solve = fmin(best_solve, max_time(itr_wtime() - t));
+      if (!rep_solve.passed && rank == 0) fprintf(stderr, "merge_bench: d = %ld: the solve FAILED its residual check\n", d);
+      itr_dist_matrix_fini(&G);
+      itr_dist_matrix_fini(&B);
+      itr_dist_matrix_fini(&Y);
     }
-    fill(td, x, 1), fill(td, xt, 2);
-    for (size_t i = 0; i < td; i++) xd[i] = x[i], xtd[i] = xt[i];
-    double t_gemm = 1e30, t_x = 1e30, t_pair = 1e30, t_chol = 1e30, t_local = 1e30;
-    itr_stats st;
-    if (itr_stats_init(&st, d, ITR_STATS_FULL_CROSS) != ITR_OK) {
-      fprintf(stderr, "%s\n", itr_error_message());
-      return 4;
+    const double dd = (double)d, n = (double)T * size;
+    const double gemm = 2.0 * T * dd * dd / best_gemm * 1e-9;
+    const double stats = n * dd * (dd + 1) / size / best_stats * 1e-9;
+    const double solve = (dd * dd * dd / 3.0 + 4.0 * dd * dd * R) / size / best_solve * 1e-9;
+    if (rank == 0) {
+      printf("| %ld | %.1f | %.1f | %.2f | %.1f | %.2f | %.2f | %.2f |\n", d, gemm, stats, best_stats, solve, best_solve,
+             stats / gemm, solve / gemm);
+      fflush(stdout);
     }
-    for (int r = 0; r < reps; r++) {
-      double t0 = itr_wtime();
-      cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d, (int)d, (int)T, 1.0, xd, (int)d, xtd, (int)d, 1.0,
-                  C, (int)d);
-      double t1 = itr_wtime();
-      itr_stats_add_x(&st, T, x);
-      double t2 = itr_wtime();
-      itr_stats_reset_xt(&st);
-      double t3 = itr_wtime();
-      itr_stats_add_pair(&st, T, x, xt);
-      double t4 = itr_wtime();
-      if (t1 - t0 < t_gemm) t_gemm = t1 - t0;
-      if (t2 - t1 < t_x) t_x = t2 - t1;
-      if (t4 - t3 < t_pair) t_pair = t4 - t3;
-    }
-    itr_stats_finalize(&st);
-    free(xd), free(xtd);
-    /* SPD T2 = gram_x + a ||gram_x|| I (T < d makes the gram singular), R random rhs */
-    double nrm = 0;
-    for (size_t i = 0; i < dd; i++) nrm += st.gram_x[i] * st.gram_x[i];
-    double *T2 = malloc(dd * sizeof(double)), *rhs = malloc((size_t)R * (size_t)d * sizeof(double));
-    for (int r = 0; r < reps; r++) {
-      memcpy(T2, st.gram_x, dd * sizeof(double));
-      for (long i = 0; i < d; i++) T2[i * d + i] += 1e-3 * sqrt(nrm);
-      for (size_t i = 0; i < (size_t)R * (size_t)d; i++) rhs[i] = (double)x[i % td];
-      double t0 = itr_wtime();
-      lapack_int info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', (lapack_int)d, T2, (lapack_int)d);
-      if (!info) info = LAPACKE_dpotrs(LAPACK_COL_MAJOR, 'U', (lapack_int)d, (lapack_int)R, T2, (lapack_int)d, rhs, (lapack_int)d);
-      double t1 = itr_wtime();
-      if (info) fprintf(stderr, "dpotrf/dpotrs info %d\n", (int)info);
-      if (t1 - t0 < t_chol) t_chol = t1 - t0;
-      itr_system sys = {0};
-      sys.d_in = d, sys.nrhs = R, sys.T2 = T2, sys.rhs = rhs, sys.alpha_2 = 1e-3;
-      snprintf(sys.label, sizeof sys.label, "bench d=%ld", d);
-      memcpy(T2, st.gram_x, dd * sizeof(double));
-      for (long i = 0; i < d; i++) T2[i * d + i] += 1e-3 * sqrt(nrm);
-      for (size_t i = 0; i < (size_t)R * (size_t)d; i++) rhs[i] = (double)x[i % td];
-      t0 = itr_wtime();
-      itr_err e = itr_system_solve_local(&sys);
-      t1 = itr_wtime();
-      if (e != ITR_OK) fprintf(stderr, "%s\n", itr_error_message());
-      if (t1 - t0 < t_local) t_local = t1 - t0;
-    }
-    const double fd = (double)d, fT = (double)T, fR = (double)R;
-    const double g_gemm = 2 * fT * fd * fd / t_gemm * 1e-9;
-    const double g_x = fT * fd * (fd + 1) / t_x * 1e-9;
-    const double g_pair = (fT * fd * (fd + 1) + 2 * fT * fd * fd) / t_pair * 1e-9;
-    const double g_chol = (fd * fd * fd / 3 + 2 * fd * fd * fR) / t_chol * 1e-9;
-    printf("| %ld | %.1f | %.1f | %.1f | %.1f | %.2f | %.2f | %.2f |\n", d, g_gemm, g_x, g_pair, g_chol, t_local,
-           g_x / g_gemm, g_chol / g_gemm);
-    fflush(stdout);
-    free(T2), free(rhs), free(x), free(xt), free(C);
-    itr_stats_fini(&st);
+    free(x);
+    free(xd);
+    free(C);
+    free(rhs);
   }
+  itr_dist_grid_destroy(grid);
+  MPI_Finalize();
   return 0;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make bench: the benchmarks of results/, each printing its own same-run BLAS peak.
 #   forward_bench  one Llama-2-7B layer, tokens/s vs sgemm          -> results/forward_bench.md
-#   merge_bench    statistics and solve GFLOP/s vs dgemm             -> results/merge_bench.md
+#   merge_bench    the product's statistics and solve (src/dist, as site.c calls them) GFLOP/s per rank vs
+#                  dgemm on every rank in the same run (NP ranks, DS sizes) -> results/merge_bench.md
 #   pipeline       the whole merge on a Llama-3-8B-shaped 2-layer case, time, peak memory per rank,
 #                  -log_view                                         -> results/pipeline_llama3_8b.md
 #   memory         peak memory per rank vs rank count, one such layer -> results/memory_scaling_llama3_8b.md
@@ -19,8 +20,9 @@ if [ "$which" = all ] || [ "$which" = forward ]; then
   OPENBLAS_NUM_THREADS=1 "$B/forward_bench"
 fi
 if [ "$which" = all ] || [ "$which" = merge ]; then
-  echo "== OPENBLAS_NUM_THREADS=2 $B/merge_bench -d 4096,8192,14336 -T 2048 -R 64 -reps 1"
-  OPENBLAS_NUM_THREADS=2 "$B/merge_bench" -d 4096,8192,14336 -T 2048 -R 64 -reps 1
+  NPM=${NP:-2} DS=${DS:-4096,8192,14336}
+  echo "== mpirun -np $NPM env OPENBLAS_NUM_THREADS=1 $B/merge_bench -d $DS -T 2048 -R 64 -reps 1"
+  mpirun -np "$NPM" env OPENBLAS_NUM_THREADS=1 "$B/merge_bench" -d "$DS" -T 2048 -R 64 -reps 1
 fi
 if [ "$which" = all ] || [ "$which" = pipeline ]; then
   NP=${NP:-2}

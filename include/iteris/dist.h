@@ -45,8 +45,6 @@ typedef struct {
   int nprow, npcol; /* nprow * npcol == size, nprow <= npcol, as square as size allows */
   int myrow, mycol; /* this process; row-major order: rank == myrow * npcol + mycol */
   int mb;           /* block size, rows and columns (mb == nb) */
-  int ctxt_rows;    /* a size x 1 BLACS context over the same processes (rank p is process row p): tall
-                       matrices whose rows are spread over the ranks enter ScaLAPACK here */
   int is_sub;       /* made by itr_dist_grid_split (its process numbers are the parent's ranks) */
 } itr_dist_grid;
 
@@ -84,24 +82,6 @@ typedef struct {
 itr_err itr_dist_matrix_init(itr_dist_matrix *A, const itr_dist_grid *grid, int m, int n);
 void itr_dist_matrix_fini(itr_dist_matrix *A); /* accepts a zeroed or finished struct */
 
-/* Which part of the matrix to move. */
-typedef enum {
-  ITR_DIST_ALL = 0,   /* every entry */
-  ITR_DIST_LOWER = 1, /* only blocks on or below the block diagonal (all that ScaLAPACK's
-                         uplo = 'L' routines read): about half the traffic for T2 */
-} itr_dist_part;
-
-/* Sums a per-rank partial matrix over the ranks of A's grid into A's block-cyclic layout: on
- * return each process holds exactly its own blocks of sum_ranks partial (blocks outside part
- * are zero). partial: (m, n) f64 row-major, on every rank (its own share, e.g. of the tokens).
- * Cost: one MPI_Reduce_scatter per panel of block columns (see src/dist/README.md), so each
- * rank sends about m*n doubles and receives its own m_loc*n_loc per other rank, never the whole
- * matrix; temporary memory is bounded by a panel of about 8 MiB (plus this rank's share of it).
- * Collective on the grid. */
-itr_err itr_dist_matrix_reduce(itr_dist_matrix *A, itr_dist_part part, const double *partial);
-/* Test hook: the panel size of itr_dist_matrix_reduce in bytes (0 restores 8 MiB), to make small
- * matrices cross several panels [same on all ranks]. Not Collective. */
-void itr_dist_set_reduce_panel_bytes(size_t bytes);
 /* Copies this process's blocks out of a full matrix that every rank holds (replicated).
  * full: (m, n) f64 row-major. Not Collective. */
 void itr_dist_matrix_scatter(itr_dist_matrix *A, const double *full);
@@ -169,14 +149,6 @@ typedef struct {
 itr_err itr_dist_solve_spd(const char *label, const itr_dist_matrix *T2, const itr_dist_matrix *RHS,
                            itr_dist_matrix *Y, itr_dist_solve_report *report);
 
-/* The whole phase: reduces the per-rank partials t2_partial (d_in, d_in) f64 row-major
- * (symmetric; entries above the diagonal are not read) and rhs_partial (d_in, R) f64 row-major,
- * solves, and gathers Y (d_in, R) f64 row-major on rank root of the grid's comm, or on every
- * rank when root < 0. d_in, R >= 1, root [same on all ranks]. report may be NULL.
- * Collective on the grid; ends at an agreement point (same error and message everywhere). */
-itr_err itr_dist_spd_solve_partial(const itr_dist_grid *grid, const char *label, int d_in, int R,
-                                   const double *t2_partial, const double *rhs_partial, int root, double *y,
-                                   itr_dist_solve_report *report);
 
 #ifdef __cplusplus
 }

@@ -1,5 +1,5 @@
 /* Block-cyclic matrices: the one place where row-major data enters ScaLAPACK's column-major
- * local blocks and leaves them again (reduce, scatter, gather).
+ * local blocks and leaves them again (scatter, gather; rows enter through gram.c).
  *
  * Layout (rsrc = csrc = 0, mb = nb): global row i is in block row i / mb, owned by process row
  * (i / mb) % nprow, at local row (i / (mb * nprow)) * mb + i % mb; columns likewise over npcol.
@@ -11,12 +11,6 @@
 #include "dist/scalapack.h"
 #include "iteris/dist.h"
 
-/* Temporary memory of a reduction panel (send buffer); the receive buffer is at most as large. */
-#define PANEL_BYTES_DEFAULT ((size_t)8 << 20)
-static size_t panel_bytes_ = PANEL_BYTES_DEFAULT;
-
-void itr_dist_set_reduce_panel_bytes(size_t bytes) { panel_bytes_ = bytes ? bytes : PANEL_BYTES_DEFAULT; }
-
 static int local_count(int n, int mb, int p, int np) {
   int zero = 0;
   return numroc_(&n, &mb, &p, &zero, &np);
@@ -24,14 +18,6 @@ static int local_count(int n, int mb, int p, int np) {
 
 /* Global index of local index l on process p of np. */
 static int l2g(int l, int mb, int p, int np) { return ((l / mb) * np + p) * mb + l % mb; }
-
-/* First local row of process row pr holding a block row >= bj (ITR_DIST_LOWER), at most m_loc. */
-static int first_row(itr_dist_part part, int bj, int pr, int nprow, int mb, int m_loc) {
-  if (part == ITR_DIST_ALL || bj <= pr) return 0;
-  long lb = (bj - pr + nprow - 1) / nprow; /* first local block row with lb * nprow + pr >= bj */
-  long li = lb * mb;
-  return li < m_loc ? (int)li : m_loc;
-}
 
 itr_err itr_dist_matrix_init(itr_dist_matrix *A, const itr_dist_grid *grid, int m, int n) {
   ITR_CHECK(m >= 1 && n >= 1, ITR_ERR_INTERNAL, "block-cyclic matrix of size %d x %d: both must be >= 1", m, n);
@@ -69,81 +55,6 @@ void itr_dist_matrix_scatter(itr_dist_matrix *A, const double *full) {
     double *col = A->a + (size_t)lc * A->lld;
     for (int li = 0; li < A->m_loc; li++) col[li] = full[(size_t)l2g(li, g->mb, g->myrow, g->nprow) * A->n + gj];
   }
-}
-
-itr_err itr_dist_matrix_reduce(itr_dist_matrix *A, itr_dist_part part, const double *partial) {
-  const itr_dist_grid *g = A->grid;
-  const int m = A->m, n = A->n, mb = g->mb, nprow = g->nprow, npcol = g->npcol, P = g->size;
-  const int nbc = (n + mb - 1) / mb;              /* global block columns */
-  const int ncycles = (nbc + npcol - 1) / npcol; /* local block columns of process column 0 */
-  /* A panel is `cyc` cycles of npcol block columns: at most m * cyc * npcol * mb doubles. */
-  size_t cycle_doubles = (size_t)m * (size_t)(npcol * mb < n ? npcol * mb : n);
-  size_t cyc = panel_bytes_ / sizeof(double) / (cycle_doubles ? cycle_doubles : 1);
-  if (cyc < 1) cyc = 1;
-  if (cyc > (size_t)ncycles) cyc = (size_t)ncycles;
-  size_t panel = cycle_doubles * cyc;
-  /* my share of a panel: at most m_loc rows times cyc local block columns */
-  size_t mine = (size_t)A->m_loc * ((size_t)A->n_loc < cyc * (size_t)mb ? (size_t)A->n_loc : cyc * (size_t)mb);
-
-  double *send = NULL, *recv = NULL;
-  int *counts = NULL, *m_loc = NULL, *n_loc = NULL;
-  itr_err e = ITR_OK;
-  if (panel > INT_MAX)
-    e = itr_error_set(ITR_ERR_INTERNAL, "reduction panel of %zu doubles exceeds MPI's int counts (m = %d)", panel, m);
-  if (e == ITR_OK) e = itr_calloc(panel, sizeof(double), "reduction panel (send)", &send);
-  if (e == ITR_OK) e = itr_calloc(mine, sizeof(double), "reduction panel (receive)", &recv);
-  if (e == ITR_OK) e = itr_calloc((size_t)P, sizeof(int), "reduction counts", &counts);
-  if (e == ITR_OK) e = itr_calloc((size_t)nprow, sizeof(int), "reduction row counts", &m_loc);
-  if (e == ITR_OK) e = itr_calloc((size_t)npcol, sizeof(int), "reduction column counts", &n_loc);
-  e = itr_dist_agree(g->comm, e);
-  if (e != ITR_OK) goto done;
-  for (int pr = 0; pr < nprow; pr++) m_loc[pr] = local_count(m, mb, pr, nprow);
-  for (int pc = 0; pc < npcol; pc++) n_loc[pc] = local_count(n, mb, pc, npcol);
-  memset(A->a, 0, sizeof(double) * (size_t)A->lld * (size_t)A->n_loc);
-
-  for (int c0 = 0; c0 < ncycles; c0 += (int)cyc) {
-    /* Pack by owner, in rank order, each owner's part in its own column-major local order. */
-    size_t k = 0;
-    for (int pr = 0; pr < nprow; pr++) {
-      for (int pc = 0; pc < npcol; pc++) {
-        size_t start = k;
-        int lc_end = (c0 + (int)cyc) * mb < n_loc[pc] ? (c0 + (int)cyc) * mb : n_loc[pc];
-        for (int lc0 = c0 * mb; lc0 < lc_end; lc0 += mb) { /* one local block column at a time */
-          int w = lc_end - lc0 < mb ? lc_end - lc0 : mb;
-          int gj0 = l2g(lc0, mb, pc, npcol);
-          int li0 = first_row(part, gj0 / mb, pr, nprow, mb, m_loc[pr]);
-          size_t rows = (size_t)(m_loc[pr] - li0);
-          /* tiled transpose: read w contiguous entries of a source row, write w strided columns */
-          for (int li = li0; li < m_loc[pr]; li++) {
-            const double *src = partial + (size_t)l2g(li, mb, pr, nprow) * n + gj0;
-            double *dst = send + k + (size_t)(li - li0);
-            for (int jj = 0; jj < w; jj++) dst[(size_t)jj * rows] = src[jj];
-          }
-          k += rows * (size_t)w;
-        }
-        counts[pr * npcol + pc] = (int)(k - start);
-      }
-    }
-    MPI_Reduce_scatter(send, recv, counts, MPI_DOUBLE, MPI_SUM, g->comm);
-    /* Unpack my part into the local blocks. */
-    size_t r = 0;
-    int lc_end = (c0 + (int)cyc) * mb < A->n_loc ? (c0 + (int)cyc) * mb : A->n_loc;
-    for (int lc = c0 * mb; lc < lc_end; lc++) {
-      int bj = l2g(lc, mb, g->mycol, npcol) / mb;
-      int li0 = first_row(part, bj, g->myrow, nprow, mb, A->m_loc);
-      size_t rows = (size_t)(A->m_loc - li0);
-      memcpy(A->a + (size_t)lc * A->lld + li0, recv + r, rows * sizeof(double));
-      r += rows;
-    }
-  }
-done:
-  free(send);
-  free(recv);
-  free(counts);
-  free(m_loc);
-  free(n_loc);
-  if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
-  return ITR_OK;
 }
 
 itr_err itr_dist_matrix_gather(const itr_dist_matrix *A, int root, double *out) {

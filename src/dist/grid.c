@@ -49,16 +49,10 @@ itr_err itr_dist_grid_create(MPI_Comm comm, int mb, itr_dist_grid **out) {
   int handle = Csys2blacs_handle(g->comm);
   g->ctxt = handle;
   Cblacs_gridinit(&g->ctxt, "Row", g->nprow, g->npcol);
-  g->ctxt_rows = handle;
-  Cblacs_gridinit(&g->ctxt_rows, "Col", size, 1);
   Cfree_blacs_system_handle(handle);
-  int nprow = 0, npcol = 0, rrow = -1, rcol = -1, rnp = 0, rnq = 0;
+  int nprow = 0, npcol = 0;
   Cblacs_gridinfo(g->ctxt, &nprow, &npcol, &g->myrow, &g->mycol);
-  Cblacs_gridinfo(g->ctxt_rows, &rnp, &rnq, &rrow, &rcol);
   itr_err ge = ITR_OK;
-  if (rnp != size || rnq != 1 || rrow != rank || rcol != 0)
-    ge = itr_error_set(ITR_ERR_INTERNAL, "BLACS row context: rank %d got position (%d, %d) in %d x %d, expected (%d, 0)",
-                       rank, rrow, rcol, rnp, rnq, rank);
   if (nprow != g->nprow || npcol != g->npcol || g->myrow * g->npcol + g->mycol != rank)
     ge = itr_error_set(ITR_ERR_INTERNAL,
                        "BLACS grid: rank %d got position (%d, %d) in a %d x %d grid, expected (%d, %d) in "
@@ -99,7 +93,7 @@ itr_err itr_dist_grid_split(const itr_dist_grid *parent, int n_groups, itr_dist_
   MPI_Comm_rank(g->comm, &g->rank);
   MPI_Comm_size(g->comm, &g->size);
   g->mb = parent->mb;
-  g->ctxt = g->ctxt_rows = -1;
+  g->ctxt = -1;
   g->is_sub = 1;
   itr_dist_grid_shape(g->size, &g->nprow, &g->npcol);
   /* Every group's grid is mapped by every rank (gridmap is collective over the system context):
@@ -135,7 +129,6 @@ itr_err itr_dist_grid_split(const itr_dist_grid *parent, int n_groups, itr_dist_
 
 void itr_dist_grid_destroy(itr_dist_grid *grid) {
   if (!grid) return;
-  if (grid->ctxt_rows >= 0 && !grid->is_sub) Cblacs_gridexit(grid->ctxt_rows);
   if (grid->myrow >= 0) Cblacs_gridexit(grid->ctxt);
   MPI_Comm_free(&grid->comm);
   free(grid);

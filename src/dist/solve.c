@@ -54,7 +54,14 @@ itr_err itr_dist_solve_spd(const char *label, const itr_dist_matrix *T2, const i
   memset(&F, 0, sizeof F);
   memset(&Res, 0, sizeof Res);
   double *work = NULL;
-  if (T2->m != T2->n || RHS->m != T2->m || RHS->grid != g || !same_layout(RHS, Y))
+  /* Sizes that must be the same on all ranks (HPL checks its arguments so): their minimum and maximum. */
+  int v[4] = {T2->m, -T2->m, RHS->n, -RHS->n}, vmax[4];
+  MPI_Allreduce(v, vmax, 4, MPI_INT, MPI_MAX, g->comm);
+  if (vmax[0] != -vmax[1] || vmax[2] != -vmax[3])
+    e = itr_error_set(ITR_ERR_INTERNAL,
+                      "solve of %s: d_in (%d..%d) or R (%d..%d) differ between ranks; they must be the same on all ranks",
+                      label, -vmax[1], vmax[0], -vmax[3], vmax[2]);
+  else if (T2->m != T2->n || RHS->m != T2->m || RHS->grid != g || !same_layout(RHS, Y))
     e = itr_error_set(ITR_ERR_INTERNAL,
                       "solve of %s: shapes do not match: T2 is %d x %d, RHS %d x %d, Y %d x %d (expected d_in x d_in, "
                       "d_in x R, d_in x R on one grid)",
@@ -152,48 +159,4 @@ done:
   free(work);
   if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
   return ITR_OK;
-}
-
-itr_err itr_dist_spd_solve_partial(const itr_dist_grid *grid, const char *label, int d_in, int R,
-                                   const double *t2_partial, const double *rhs_partial, int root, double *y,
-                                   itr_dist_solve_report *report) {
-  const double t0 = itr_wtime();
-  if (!label) label = "(unnamed system)";
-  itr_err e = ITR_OK;
-  itr_dist_matrix T2, RHS, Y;
-  memset(&T2, 0, sizeof T2);
-  memset(&RHS, 0, sizeof RHS);
-  memset(&Y, 0, sizeof Y);
-  itr_dist_solve_report rep;
-  memset(&rep, 0, sizeof rep);
-
-  /* Arguments that must be the same on all ranks: compare their minimum and maximum. */
-  int v[6] = {d_in, -d_in, R, -R, root < 0 ? -1 : root, root < 0 ? 1 : -root}, vmax[6];
-  MPI_Allreduce(v, vmax, 6, MPI_INT, MPI_MAX, grid->comm);
-  if (vmax[0] != -vmax[1] || vmax[2] != -vmax[3] || vmax[4] != -vmax[5])
-    e = itr_error_set(ITR_ERR_INTERNAL,
-                      "solve of %s: d_in (%d..%d), R (%d..%d) or root (%d..%d) differ between ranks; they must be the "
-                      "same on all ranks",
-                      label, -vmax[1], vmax[0], -vmax[3], vmax[2], -vmax[5], vmax[4]);
-  else if (d_in < 1 || R < 1 || root >= grid->size)
-    e = itr_error_set(ITR_ERR_INTERNAL, "solve of %s: d_in = %d and R = %d must be >= 1, root = %d < %d", label, d_in,
-                      R, root, grid->size);
-  else if (!t2_partial || !rhs_partial || ((root < 0 || root == grid->rank) && !y))
-    e = itr_error_set(ITR_ERR_INTERNAL, "solve of %s: rank %d passed a NULL partial sum or output", label, grid->rank);
-  if (e == ITR_OK) e = itr_dist_matrix_init(&T2, grid, d_in, d_in);
-  if (e == ITR_OK) e = itr_dist_matrix_init(&RHS, grid, d_in, R);
-  if (e == ITR_OK) e = itr_dist_matrix_init(&Y, grid, d_in, R);
-  ITR_TRY_GOTO(itr_dist_agree(grid->comm, e), e, done);
-
-  ITR_TRY_GOTO(itr_dist_matrix_reduce(&T2, ITR_DIST_LOWER, t2_partial), e, done);
-  ITR_TRY_GOTO(itr_dist_matrix_reduce(&RHS, ITR_DIST_ALL, rhs_partial), e, done);
-  ITR_TRY_GOTO(itr_dist_solve_spd(label, &T2, &RHS, &Y, &rep), e, done);
-  ITR_TRY_GOTO(itr_dist_matrix_gather(&Y, root, y), e, done);
-  rep.seconds = itr_wtime() - t0;
-  if (report) *report = rep;
-done:
-  itr_dist_matrix_fini(&T2);
-  itr_dist_matrix_fini(&RHS);
-  itr_dist_matrix_fini(&Y);
-  return e; /* frames were added by ITR_TRY_GOTO */
 }

@@ -1,5 +1,6 @@
-// Block-cyclic matrices: scatter/gather round trips and reductions of per-rank partial sums,
-// checked entry by entry against closed forms (integers, exact in float64).
+// Block-cyclic matrices: scatter/gather round trips, the update C += alpha A (off-diagonal times off)
+// + shift I that assembles T2, and the diagonal, checked entry by entry against closed forms (integers and
+// halves, exact in float64).
 #include <mpi.h>
 
 #include <string>
@@ -27,24 +28,8 @@ std::vector<double> partial_of(int k, int m, int n) {
   return p;
 }
 
-void check_reduce(const itr_dist_grid *g, const Shape &s, itr_dist_part part) {
-  int rank = g->rank, size = g->size;
-  std::vector<double> partial = partial_of(rank, s.m, s.n), out((size_t)s.m * s.n, -1.0);
-  itr_dist_matrix A;
-  ASSERT_EQ(itr_dist_matrix_init(&A, g, s.m, s.n), ITR_OK) << itr_error_message();
-  ASSERT_EQ(itr_dist_matrix_reduce(&A, part, partial.data()), ITR_OK) << itr_error_message();
-  ASSERT_EQ(itr_dist_matrix_gather(&A, -1, out.data()), ITR_OK) << itr_error_message();
-  const double factor = size * (size + 1) / 2.0;
-  long bad = 0;
-  for (int i = 0; i < s.m; i++)
-    for (int j = 0; j < s.n; j++) {
-      bool kept = part == ITR_DIST_ALL || i / s.mb >= j / s.mb;
-      double want = kept ? factor * (double)(i * s.n + j + 1) : 0.0;
-      if (out[(size_t)i * s.n + j] != want) bad++;
-    }
-  EXPECT_EQ(bad, 0) << s.m << " x " << s.n << " mb " << s.mb << " part " << part;
-  itr_dist_matrix_fini(&A);
-}
+// Square shapes for the update and the diagonal.
+const Shape kSquare[] = {{1, 1, 64}, {5, 5, 2}, {7, 7, 1}, {64, 64, 64}, {37, 37, 4}, {130, 130, 64}, {65, 65, 8}};
 
 }  // namespace
 
@@ -76,34 +61,49 @@ TEST(DistBlockCyclic, ScatterThenGatherIsIdentity) {
   }
 }
 
-TEST(DistBlockCyclic, ReduceSumsPartialsIntoOwnersBlocks) {
-  for (const Shape &s : kShapes) {
-    itr_dist_grid *g = nullptr;
-    ASSERT_EQ(itr_dist_grid_create(MPI_COMM_WORLD, s.mb, &g), ITR_OK) << itr_error_message();
-    check_reduce(g, s, ITR_DIST_ALL);
-    check_reduce(g, s, ITR_DIST_LOWER);
-    itr_dist_grid_destroy(g);
-  }
+TEST(DistBlockCyclic, AddScalesOffDiagonalAndShiftsDiagonal) {
+  // C = 1 everywhere, A = i n + j + 1: C += 2 (A, off-diagonal times 0.5) + 3 I, on the lower triangle
+  // (lower = 1: entries above the diagonal keep 1) or on every entry.
+  for (const Shape &s : kSquare)
+    for (int lower = 0; lower < 2; lower++) {
+      itr_dist_grid *g = nullptr;
+      ASSERT_EQ(itr_dist_grid_create(MPI_COMM_WORLD, s.mb, &g), ITR_OK) << itr_error_message();
+      std::vector<double> a = partial_of(0, s.m, s.n), ones((size_t)s.m * s.n, 1.0), out((size_t)s.m * s.n);
+      itr_dist_matrix A, C;
+      ASSERT_EQ(itr_dist_matrix_init(&A, g, s.m, s.n), ITR_OK);
+      ASSERT_EQ(itr_dist_matrix_init(&C, g, s.m, s.n), ITR_OK);
+      itr_dist_matrix_scatter(&A, a.data());
+      itr_dist_matrix_scatter(&C, ones.data());
+      itr_dist_matrix_add(&C, 2.0, &A, 0.5, 3.0, lower);
+      ASSERT_EQ(itr_dist_matrix_gather(&C, -1, out.data()), ITR_OK) << itr_error_message();
+      long bad = 0;
+      for (int i = 0; i < s.m; i++)
+        for (int j = 0; j < s.n; j++) {
+          const double aij = (double)(i * s.n + j + 1);
+          const double want = i == j ? 1.0 + 2.0 * aij + 3.0 : (lower && i < j) ? 1.0 : 1.0 + aij;
+          if (out[(size_t)i * s.n + j] != want) bad++;
+        }
+      EXPECT_EQ(bad, 0) << s.m << " x " << s.n << " mb " << s.mb << " lower " << lower;
+      itr_dist_matrix_fini(&A);
+      itr_dist_matrix_fini(&C);
+      itr_dist_grid_destroy(g);
+    }
 }
 
-TEST(DistBlockCyclic, ReduceAcrossManySmallPanels) {
-  // A panel of 1 byte forces one cycle of block columns per MPI_Reduce_scatter.
-  itr_dist_set_reduce_panel_bytes(1);
-  for (const Shape &s : kShapes) {
+TEST(DistBlockCyclic, DiagonalReachesEveryRank) {
+  for (const Shape &s : kSquare) {
     itr_dist_grid *g = nullptr;
     ASSERT_EQ(itr_dist_grid_create(MPI_COMM_WORLD, s.mb, &g), ITR_OK) << itr_error_message();
-    check_reduce(g, s, ITR_DIST_ALL);
-    check_reduce(g, s, ITR_DIST_LOWER);
+    std::vector<double> a = partial_of(0, s.m, s.n), diag((size_t)s.m, -1.0), want((size_t)s.m);
+    for (int i = 0; i < s.m; i++) want[i] = (double)(i * s.n + i + 1);
+    itr_dist_matrix A;
+    ASSERT_EQ(itr_dist_matrix_init(&A, g, s.m, s.n), ITR_OK);
+    itr_dist_matrix_scatter(&A, a.data());
+    ASSERT_EQ(itr_dist_matrix_diag(&A, diag.data()), ITR_OK) << itr_error_message();
+    EXPECT_EQ(diag, want) << s.m << " mb " << s.mb;
+    itr_dist_matrix_fini(&A);
     itr_dist_grid_destroy(g);
   }
-  // Two cycles per panel with 65 x 9, mb 8: panels of 2 * npcol block columns.
-  itr_dist_set_reduce_panel_bytes(2 * 65 * 8 * sizeof(double) * 4);
-  itr_dist_grid *g = nullptr;
-  ASSERT_EQ(itr_dist_grid_create(MPI_COMM_WORLD, 2, &g), ITR_OK);
-  check_reduce(g, Shape{65, 19, 2}, ITR_DIST_ALL);
-  check_reduce(g, Shape{65, 19, 2}, ITR_DIST_LOWER);
-  itr_dist_grid_destroy(g);
-  itr_dist_set_reduce_panel_bytes(0);
 }
 
 TEST(DistBlockCyclic, AllocationFailureOnLastRankOnlyFailsEverywhere) {
@@ -114,13 +114,14 @@ TEST(DistBlockCyclic, AllocationFailureOnLastRankOnlyFailsEverywhere) {
   ASSERT_EQ(itr_dist_grid_create(MPI_COMM_WORLD, 4, &g), ITR_OK);
   itr_dist_matrix A;
   ASSERT_EQ(itr_dist_matrix_init(&A, g, 37, 41), ITR_OK);
-  std::vector<double> partial = partial_of(rank, 37, 41), out((size_t)37 * 41);
-  // Fail the k-th allocation of the reduce, then of the gather, for every k, on the last rank only.
+  std::vector<double> full = partial_of(rank, 37, 41), out((size_t)37 * 41);
+  itr_dist_matrix_scatter(&A, full.data());
+  // Fail the k-th allocation of the gather (to one root, then to every rank), for every k, on the
+  // last rank only.
   for (int which = 0; which < 2; which++) {
     for (int k = 1; k <= 8; k++) {
       if (rank == size - 1) itr_alloc_fail_after(k);
-      itr_err e = which == 0 ? itr_dist_matrix_reduce(&A, ITR_DIST_ALL, partial.data())
-                             : itr_dist_matrix_gather(&A, 0, out.data());
+      itr_err e = itr_dist_matrix_gather(&A, which == 0 ? 0 : -1, out.data());
       int fired = rank == size - 1 && e != ITR_OK;
       itr_alloc_fail_after(0);
       int any = 0;

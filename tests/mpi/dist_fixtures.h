@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "iteris/dist.h"
+
 namespace dist_fixtures {
 
 // splitmix64: uniform doubles in [-1, 1), identical on every rank for one seed.
@@ -110,6 +112,37 @@ inline int same_string_on_all_ranks(MPI_Comm comm, const std::string &s) {
   int ok = root == s, all = 0;
   MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, comm);
   return all;
+}
+
+// The solve as the pipeline runs it (src/pipeline/site.c): every rank's partial sums t2p (d, d)
+// and rhsp (d, R), row-major, added up (MPI_Allreduce: the tests' stand-in for the statistics),
+// entered into the block-cyclic layout (itr_dist_matrix_scatter), itr_dist_solve_spd, and Y (d, R)
+// gathered on root (every rank: root < 0). Collective on the grid; d and R the same on all ranks.
+inline itr_err solve_partial(const itr_dist_grid *g, const char *label, int d, int R, const double *t2p,
+                             const double *rhsp, int root, double *y, itr_dist_solve_report *report) {
+  std::vector<double> t2((size_t)d * d), rhs((size_t)d * R);
+  MPI_Allreduce(t2p, t2.data(), d * d, MPI_DOUBLE, MPI_SUM, g->comm);
+  MPI_Allreduce(rhsp, rhs.data(), d * R, MPI_DOUBLE, MPI_SUM, g->comm);
+  itr_dist_matrix T2, B, Y;
+  std::memset(&T2, 0, sizeof T2);
+  std::memset(&B, 0, sizeof B);
+  std::memset(&Y, 0, sizeof Y);
+  itr_dist_solve_report rep;
+  itr_err e = itr_dist_matrix_init(&T2, g, d, d);
+  if (e == ITR_OK) e = itr_dist_matrix_init(&B, g, d, R);
+  if (e == ITR_OK) e = itr_dist_matrix_init(&Y, g, d, R);
+  e = itr_dist_agree(g->comm, e);
+  if (e == ITR_OK) {
+    itr_dist_matrix_scatter(&T2, t2.data());
+    itr_dist_matrix_scatter(&B, rhs.data());
+    e = itr_dist_solve_spd(label, &T2, &B, &Y, &rep);
+  }
+  if (e == ITR_OK) e = itr_dist_matrix_gather(&Y, root, y);
+  if (e == ITR_OK && report) *report = rep;
+  itr_dist_matrix_fini(&T2);
+  itr_dist_matrix_fini(&B);
+  itr_dist_matrix_fini(&Y);
+  return e;
 }
 
 }  // namespace dist_fixtures

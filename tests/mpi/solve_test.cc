@@ -1,5 +1,6 @@
-// The distributed SPD solve T2 Y = RHS from per-rank partial sums, against a float64
-// LAPACKE_dposv of the full system on one rank (so every -np is compared with the serial answer).
+// The distributed SPD solve T2 Y = RHS (itr_dist_solve_spd, as the pipeline calls it) of systems summed
+// from per-rank partials, against a float64 LAPACKE_dposv of the full system on one rank (so every -np
+// is compared with the serial answer).
 #include <mpi.h>
 
 #include <cmath>
@@ -14,6 +15,7 @@
 using dist_fixtures::rel_error;
 using dist_fixtures::same_on_all_ranks;
 using dist_fixtures::same_string_on_all_ranks;
+using dist_fixtures::solve_partial;
 using dist_fixtures::System;
 
 namespace {
@@ -31,7 +33,7 @@ void solve_and_check(MPI_Comm comm, const System &sys, int mb, uint64_t tag) {
   std::vector<double> y((size_t)sys.d * sys.R, NAN);
   itr_dist_solve_report rep;
   std::string label = "test.d" + std::to_string(sys.d) + ".R" + std::to_string(sys.R) + "." + std::to_string(tag);
-  itr_err e = itr_dist_spd_solve_partial(g, label.c_str(), sys.d, sys.R, t2p.data(), rhsp.data(), -1, y.data(), &rep);
+  itr_err e = solve_partial(g, label.c_str(), sys.d, sys.R, t2p.data(), rhsp.data(), -1, y.data(), &rep);
   ASSERT_EQ(e, ITR_OK) << itr_error_message();
   double err = rel_error(y, ref);
   EXPECT_LT(err, 1e-10) << label << " mb " << mb << " grid " << g->nprow << "x" << g->npcol;
@@ -93,7 +95,7 @@ TEST(DistSolve, GathersToOneRootOnly) {
   const int root = size - 1;
   std::vector<double> y;
   if (rank == root) y.assign((size_t)sys.d * sys.R, NAN);
-  itr_err e = itr_dist_spd_solve_partial(g, "root_only", sys.d, sys.R, t2p.data(), rhsp.data(), root,
+  itr_err e = solve_partial(g, "root_only", sys.d, sys.R, t2p.data(), rhsp.data(), root,
                                          rank == root ? y.data() : nullptr, nullptr);
   ASSERT_EQ(e, ITR_OK) << itr_error_message();
   if (rank == root) {
@@ -114,7 +116,7 @@ TEST(DistSolve, ReadsOnlyTheLowerTriangleOfPartials) {
   for (int i = 0; i < sys.d; i++)
     for (int j = i + 1; j < sys.d; j++) t2p[(size_t)i * sys.d + j] = NAN;  // poison above the diagonal
   itr_dist_solve_report rep;
-  ASSERT_EQ(itr_dist_spd_solve_partial(g, "lower", sys.d, sys.R, t2p.data(), rhsp.data(), -1, y.data(), &rep), ITR_OK)
+  ASSERT_EQ(solve_partial(g, "lower", sys.d, sys.R, t2p.data(), rhsp.data(), -1, y.data(), &rep), ITR_OK)
       << itr_error_message();
   EXPECT_LT(rel_error(y, sys.reference_solution()), 1e-10);
   EXPECT_TRUE(rep.passed);
@@ -132,7 +134,7 @@ TEST(DistSolve, NotPositiveDefiniteIsNumericErrorOnEveryRank) {
   // rank k holds the diagonal entries i with i % size == k.
   std::vector<double> t2p((size_t)d * d, 0.0), rhsp((size_t)d * R, 1.0 / size), y((size_t)d * R, 5.0);
   for (int i = rank; i < d; i += size) t2p[(size_t)i * d + i] = i == 65 ? -1.0 : 1.0;
-  itr_err e = itr_dist_spd_solve_partial(g, "layers.3.self_attn.q_proj", d, R, t2p.data(), rhsp.data(), -1,
+  itr_err e = solve_partial(g, "layers.3.self_attn.q_proj", d, R, t2p.data(), rhsp.data(), -1,
                                          y.data(), nullptr);
   EXPECT_EQ(e, ITR_ERR_NUMERIC);
   std::string msg = itr_error_message();
@@ -155,7 +157,7 @@ TEST(DistSolve, NonFiniteStatisticsAreNumericErrorOnEveryRank) {
   std::vector<double> t2p, rhsp, y((size_t)sys.d * sys.R);
   sys.partial(rank, size, t2p, rhsp);
   if (rank == size - 1) rhsp[5] = INFINITY;  // only on the last rank
-  itr_err e = itr_dist_spd_solve_partial(g, "layers.0.mlp.down_proj", sys.d, sys.R, t2p.data(), rhsp.data(), -1,
+  itr_err e = solve_partial(g, "layers.0.mlp.down_proj", sys.d, sys.R, t2p.data(), rhsp.data(), -1,
                                          y.data(), nullptr);
   EXPECT_EQ(e, ITR_ERR_NUMERIC);
   std::string msg = itr_error_message();
@@ -185,9 +187,15 @@ TEST(DistSolve, SizesDifferingOnLastRankAreRejectedEverywhere) {
   itr_dist_grid *g = nullptr;
   ASSERT_EQ(itr_dist_grid_create(MPI_COMM_WORLD, 0, &g), ITR_OK);
   const int d = rank == size - 1 ? 11 : 10, R = 2;
-  std::vector<double> t2p((size_t)d * d, 0.0), rhsp((size_t)d * R, 0.0), y((size_t)d * R);
-  for (int i = 0; i < d; i++) t2p[(size_t)i * d + i] = 1.0;
-  itr_err e = itr_dist_spd_solve_partial(g, "mismatch", d, R, t2p.data(), rhsp.data(), -1, y.data(), nullptr);
+  std::vector<double> t2((size_t)d * d, 0.0), rhs((size_t)d * R, 0.0);
+  for (int i = 0; i < d; i++) t2[(size_t)i * d + i] = 1.0;
+  itr_dist_matrix T2, B, Y;
+  ASSERT_EQ(itr_dist_matrix_init(&T2, g, d, d), ITR_OK);
+  ASSERT_EQ(itr_dist_matrix_init(&B, g, d, R), ITR_OK);
+  ASSERT_EQ(itr_dist_matrix_init(&Y, g, d, R), ITR_OK);
+  itr_dist_matrix_scatter(&T2, t2.data());
+  itr_dist_matrix_scatter(&B, rhs.data());
+  itr_err e = itr_dist_solve_spd("mismatch", &T2, &B, &Y, nullptr);
   if (size == 1) {
     EXPECT_EQ(e, ITR_OK) << itr_error_message();
   } else {
@@ -196,6 +204,9 @@ TEST(DistSolve, SizesDifferingOnLastRankAreRejectedEverywhere) {
     EXPECT_NE(msg.find("same on all ranks"), std::string::npos) << msg;
     EXPECT_TRUE(same_string_on_all_ranks(MPI_COMM_WORLD, msg));
   }
+  itr_dist_matrix_fini(&T2);
+  itr_dist_matrix_fini(&B);
+  itr_dist_matrix_fini(&Y);
   itr_dist_grid_destroy(g);
   itr_error_clear();
 }
@@ -212,7 +223,7 @@ TEST(DistSolve, AllocationFailureOnLastRankOnlyFailsEverywhere) {
   int k = 1;
   for (; k <= 40; k++) {
     if (rank == size - 1) itr_alloc_fail_after(k);
-    itr_err e = itr_dist_spd_solve_partial(g, "faulty", sys.d, sys.R, t2p.data(), rhsp.data(), -1, y.data(), nullptr);
+    itr_err e = solve_partial(g, "faulty", sys.d, sys.R, t2p.data(), rhsp.data(), -1, y.data(), nullptr);
     itr_alloc_fail_after(0);
     int fired = rank == size - 1 && e != ITR_OK, any = 0;
     MPI_Allreduce(&fired, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
