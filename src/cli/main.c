@@ -1,5 +1,6 @@
 /* iteris-mpi: main(). Initialises MPI and PETSc, reads the options, runs one mode, and makes
  * every rank exit with the same code and rank 0 print the same message. */
+#include <errno.h>
 #include <mpi.h>
 #include <petscsys.h>
 #include <stdio.h>
@@ -11,6 +12,7 @@
 #include "cli/options.h"
 #include "iteris/core.h"
 #include "iteris/dist.h"
+#include "iteris/io.h"
 #include "iteris/pipeline.h"
 
 /* Before PETSc starts: -help (ours, not PETSc's 300 lines) and a missing -options_file, which
@@ -33,6 +35,32 @@ static int prescan_args(int argc, char **argv, int rank, int *exit_code) {
     }
   }
   return 0;
+}
+
+/* -log_view :FILE[:FORMAT] (command line or job file): PETSc writes FILE only in PetscFinalize, after
+ * the whole merge, and spins there when it cannot open it. So its folder is checked now, and on
+ * failure the option is dropped (PetscFinalize then writes nothing) and the run stops with exit 2. */
+static itr_err check_log_view(int rank) {
+  char lv[ITR_PATH_MAX] = "";
+  PetscBool set = PETSC_FALSE;
+  if (PetscOptionsGetString(NULL, NULL, "-log_view", lv, sizeof lv, &set) != 0 || !set || lv[0] != ':') return ITR_OK;
+  char file[ITR_PATH_MAX], dir[ITR_PATH_MAX];
+  snprintf(file, sizeof file, "%s", lv + 1);
+  char *colon = strchr(file, ':');
+  if (colon) *colon = 0;
+  if (!file[0]) return ITR_OK;
+  snprintf(dir, sizeof dir, "%s", file);
+  char *slash = strrchr(dir, '/');
+  if (slash == dir) dir[1] = 0;
+  else if (slash) *slash = 0;
+  else snprintf(dir, sizeof dir, ".");
+  if (access(dir, W_OK | X_OK) == 0) return ITR_OK;
+  (void)PetscOptionsClearValue(NULL, "-log_view");
+  (void)rank;
+  return itr_error_set(ITR_ERR_INPUT,
+                       "-log_view :%s: cannot write into the folder '%s' (%s); give a file in a writable folder, "
+                       "e.g. -log_view :log.txt, or -log_view alone for standard output",
+                       file, dir, strerror(errno));
 }
 
 static void set_log_label(int rank, int size) {
@@ -78,8 +106,10 @@ int main(int argc, char **argv) {
   /* ITERIS_FAULT_RESIDUAL="layers.0.self_attn.q_proj": that solve's check must FAIL (exit 3) */
   itr_fault_residual_set(getenv("ITERIS_FAULT_RESIDUAL"));
 
+  itr_err lv_err = check_log_view(rank);
   itr_options *opt = calloc(1, sizeof *opt);
   itr_err err = opt ? itr_options_parse(opt) : itr_error_set(ITR_ERR_INTERNAL, "out of memory for the options");
+  if (err == ITR_OK) err = lv_err;
   err = itr_dist_agree(MPI_COMM_WORLD, err); /* a failure on one rank only stops every rank */
   if (err == ITR_OK) {
     if (opt->m.verbose >= 2) itr_log_set_level(ITR_LOG_DEBUG);

@@ -83,6 +83,33 @@ static const opt_entry table_[] = {
 };
 #define N_OPTS (sizeof table_ / sizeof table_[0])
 
+/* -out names the output folder; OUT.partial/ and OUT.old.PID/ are made beside it from the name, so
+ * "DIR/", "DIR/." and "DIR/./" become "DIR". A name that is no folder of its own ("", ".", "..", "/",
+ * ".../..") is refused. */
+static itr_err normalize_out(char *p) {
+  const char *given = NULL;
+  char orig[ITR_OPT_PATH];
+  snprintf(orig, sizeof orig, "%s", p);
+  given = orig;
+  size_t n = strlen(p);
+  for (;;) {
+    if (n > 1 && p[n - 1] == '/') {
+      p[--n] = 0;
+    } else if (n >= 2 && p[n - 1] == '.' && p[n - 2] == '/') {
+      n -= 2;
+      p[n] = 0;
+    } else {
+      break;
+    }
+  }
+  const int dotdot = (n == 2 && !strcmp(p, "..")) || (n >= 3 && !strcmp(p + n - 3, "/.."));
+  ITR_CHECK(n > 0 && strcmp(p, ".") != 0 && strcmp(p, "/") != 0 && !dotdot, ITR_ERR_INPUT,
+            "-out '%s' does not name a folder of its own (the merge writes OUT.partial/ beside it and renames it to "
+            "OUT): give a new folder name, e.g. -out merged",
+            given);
+  return ITR_OK;
+}
+
 /* Whether option i may be set in this mode with this method. */
 static int option_used(size_t i, itr_mode mode, unsigned use, const itr_method *method) {
   const unsigned u = table_[i].used_by;
@@ -301,6 +328,7 @@ itr_err itr_options_parse(itr_options *opt) {
     ITR_CHECK(opt->m.base[0] || opt->mode == ITR_MODE_FEATURES, ITR_ERR_INPUT, "missing -base DIR (the Hugging Face model folder); see -help");
     ITR_CHECK(opt->m.n_adapters >= 1, ITR_ERR_INPUT, "missing -adapters D1,D2,... (PEFT adapter folders); see -help");
     ITR_CHECK(opt->m.out[0], ITR_ERR_INPUT, "missing -out DIR (where the merged adapter goes); see -help");
+    ITR_TRY(normalize_out(opt->m.out));
     int needs_calib = opt->mode == ITR_MODE_MERGE && (method->flags & ITR_METHOD_STATS) != 0;
     if (needs_calib)
       ITR_CHECK(opt->m.n_calib == opt->m.n_adapters, ITR_ERR_INPUT,

@@ -47,6 +47,14 @@ static itr_err parse_line(const char *line, size_t len, const char *file, long l
     return itr_error_set(ITR_ERR_INPUT, "%s:%ld: not valid JSON (column %zu); each line must be an object like "
                          "{\"input_ids\": [1, 2, 3]}", file, lineno, pos + 1);
   }
+  /* one object per line: anything but blanks after it (text, a second object) is refused */
+  const size_t used = (end && end >= line && end <= line + len) ? (size_t)(end - line) : len;
+  for (size_t q = used; q < len; q++)
+    if (line[q] != ' ' && line[q] != '\t' && line[q] != '\r' && line[q] != '\n') {
+      cJSON_Delete(o);
+      return itr_error_set(ITR_ERR_INPUT, "%s:%ld: text after the JSON object at column %zu; each line must hold "
+                           "exactly one object like {\"input_ids\": [1, 2, 3]}", file, lineno, q + 1);
+    }
   itr_err e = ITR_OK;
   const cJSON *ids = cJSON_IsObject(o) ? cJSON_GetObjectItemCaseSensitive(o, "input_ids") : NULL;
   const cJSON *mask = cJSON_IsObject(o) ? cJSON_GetObjectItemCaseSensitive(o, "attention_mask") : NULL;

@@ -38,6 +38,21 @@ c = json.load(open(sys.argv[1])); c["hidden_size"] = 96; c["head_dim"] = 16
 json.dump(c, open(sys.argv[1], "w"))
 PY
 expect 2 "adapter" -base "$W/other/base" -adapters "$D/adapter_0" -calib "$D/calib_0.jsonl" -out "$W/out"
+# -out with a trailing "/" or "/." names the same folder (issue 13, defect 1: the adapter was left hidden in
+# DIR/.partial/ and the run failed at its end); "." and ".." are no folder of their own
+expect 2 "does not name a folder of its own" "${base[@]}" -method task_arithmetic -out .
+expect 2 "does not name a folder of its own" "${base[@]}" -method task_arithmetic -out "$W/demo/.."
+for o in "$W/o/" "$W/o/." "$W/o/./"; do
+  out=$(timeout -k 5 120 mpirun -np 2 "$BIN" "${base[@]}" -method task_arithmetic -out "$o" 2>&1); rc=$?
+  if [ $rc -eq 0 ] && [ -f "$W/o/adapter_model.safetensors" ] && [ ! -e "$W/o/.partial" ] && [ ! -e "$W/o.partial" ]; then
+    ok=$((ok + 1))
+  else
+    bad=$((bad + 1)); echo "FAILED: -out '$o' -> exit $rc:"; echo "$out" | tail -n 5; ls -a "$W/o" 2>&1 | head
+  fi
+done
+rm -rf "$W/o"
+# -log_view into a folder that cannot be written: refused before the merge (it used to spin in PetscFinalize)
+expect 2 "-log_view :/proc/nonexistent/log.txt: cannot write into the folder" "${base[@]}" -log_view :/proc/nonexistent/log.txt
 # a help that lists the options, exit 0
 out=$("$BIN" -help); if grep -q -- "-alpha_2" <<<"$out" && grep -q "exit codes" <<<"$out"; then ok=$((ok + 1)); else bad=$((bad + 1)); echo "FAILED: -help"; fi
 echo "cli_errors: $ok ok, $bad failed"

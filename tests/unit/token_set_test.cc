@@ -71,6 +71,8 @@ TEST(TokenSet, RefusesHostileFilesNamingFileAndLine) {
       {"padded sequence", "{\"input_ids\": [1, 2, 0], \"attention_mask\": [1, 1, 0]}\n", {":1: attention_mask has zeros"}},
       {"empty file", "", {"holds no sequences"}},
       {"only blank lines", "\n\n  \n", {"holds no sequences"}},
+      {"text after the object", ok + "{\"input_ids\": [1, 2]} xyz\n", {":2: text after the JSON object at column 23"}},
+      {"two objects on a line", "{\"input_ids\": [1]}{\"input_ids\": [2]}\n", {":1: text after the JSON object"}},
       {"NUL byte", std::string("{\"input_ids\": [1]}\n{\"input_ids\"\0: [1]}\n", 39), {":2: contains a NUL byte"}},
   };
   for (const auto &bc : cases) {
