@@ -25,6 +25,17 @@ expect 2 "missing -base" -adapters "$D/adapter_0" -calib "$D/calib_0.jsonl" -out
 expect 2 "option -max_iter: 'ten' is not an integer" "${base[@]}" -max_iter ten
 expect 2 "unknown method 'magic'" "${base[@]}" -method magic
 expect 2 "cannot read the job file" -options_file "$W/nope.yaml"
+# job files PETSc cannot read (issue 13, defect 3: banner and a hang, or "exiting improperly"): exit 2 naming file and line
+mkdir -p "$W/jobdir.yaml"
+expect 2 "the job file '$W/jobdir.yaml' is not a regular file" -options_file "$W/jobdir.yaml"
+printf 'base demo/base\n-adapters a\n' > "$W/notopt.opts"
+expect 2 "job file '$W/notopt.opts', line 1: 'base demo/base' is not an option" -options_file "$W/notopt.opts"
+printf '# job\nbase: %s\nadapters: [a, b\n' "$D/base" > "$W/unclosed.yaml"
+expect 2 "job file '$W/unclosed.yaml', line 3: the value of 'adapters' is not closed" -options_file "$W/unclosed.yaml"
+printf 'base: x\nout: \001\002\n' > "$W/binary.yaml"
+expect 2 "job file '$W/binary.yaml', line 2, column 6: byte 0x01 is not text" -options_file "$W/binary.yaml"
+printf 'base: x\n\tout: y\n' > "$W/tab.yaml"
+expect 2 "job file '$W/tab.yaml', line 2: indented with a tab" -options_file "$W/tab.yaml"
 expect 2 "$W/missing" -base "$D/base" -adapters "$W/missing,$D/adapter_1" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out"
 # token id past the vocabulary: the message names the file and the line
 printf '{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 99999]}\n' > "$W/bad.jsonl"
