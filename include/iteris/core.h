@@ -138,6 +138,8 @@ double itr_rng_uniform(itr_rng *g);       /* [0, 1), 53 random bits */
 uint64_t itr_rng_below(itr_rng *g, uint64_t n); /* uniform in [0, n), unbiased; n >= 1 */
 double itr_rng_normal(itr_rng *g);        /* standard normal */
 uint64_t itr_hash64(const char *s);       /* FNV-1a 64 of a string (NULL: the empty string) */
+/* FNV-1a 64 of n bytes, continuing from h (start with itr_hash64(NULL)). */
+uint64_t itr_hash64_bytes(uint64_t h, const void *p, size_t n);
 
 /* ---- timers ------------------------------------------------------------------------------- */
 

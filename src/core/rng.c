@@ -26,6 +26,15 @@ void itr_rng_init_stream(itr_rng *g, uint64_t seed, uint64_t stream) {
   g->spare = 0.0;
 }
 
+uint64_t itr_hash64_bytes(uint64_t h, const void *p, size_t n) {
+  const unsigned char *b = p;
+  for (size_t i = 0; i < n; i++) {
+    h ^= b[i];
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+
 uint64_t itr_hash64(const char *s) {
   uint64_t h = 0xcbf29ce484222325ULL;
   for (; s && *s; s++) {

@@ -28,6 +28,10 @@ static void fingerprint(const merge_ctx *c, char *buf, size_t len) {
   for (int i = 0; i < c->N && n > 0 && (size_t)n < len; i++)
     n += snprintf(buf + n, len - (size_t)n, " [%s %s w=%.17g]", o->adapters[i], o->n_calib > i ? o->calib[i] : "-",
                   o->manual_coef[i]);
+  /* what the inputs hold (a file changed in place under its name is another input) */
+  if (n > 0 && (size_t)n < len)
+    snprintf(buf + n, len - (size_t)n, " max_tokens=%d contents=%016llx", o->max_tokens,
+             (unsigned long long)c->input_digest);
 }
 
 static itr_err write_update(itr_h5 *h, const char *prefix, size_t q, const itr_update *u) {
@@ -146,6 +150,13 @@ itr_err checkpoint_read(merge_ctx *c, int *found) {
   int k, l;
   if (sscanf(resume, "%d %d", &k, &l) != 2 || k < 1 || l < 0 || l >= L) {
     e = itr_error_set(ITR_ERR_INPUT, "checkpoint '%s': bad resume point '%s'", path, resume);
+    goto done;
+  }
+  if (k > c->opt->max_iter + 1) { /* iterations 1..k-1 are done: more than this run asks for */
+    e = itr_error_set(ITR_ERR_INPUT,
+                      "-restart: the checkpoint '%s' has finished %d iterations, more than this run's -max_iter %d: "
+                      "give -max_iter %d or more, or run without -restart to start over",
+                      path, k - 1, c->opt->max_iter, k - 1);
     goto done;
   }
   int64_t dc = (int64_t)nslots * c->N;

@@ -52,6 +52,7 @@ typedef struct {
   int N; /* adapters */
   itr_model_config cfg;
   itr_arch_desc arch; /* modules, input sites, shapes: the layout of every per-module array below */
+  uint64_t input_digest; /* the inputs' contents (checkpoint fingerprint): see run.c, inputs_digest */
   itr_tensor_store *store;
   itr_model *model;      /* the embedding (and the head with -heldout): no decoder layer */
   itr_model *layer;      /* the one decoder layer this rank holds now (see load_layer) */

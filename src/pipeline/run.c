@@ -22,6 +22,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <stdint.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -64,6 +66,74 @@ static itr_err open_inputs(merge_ctx *c) {
   c->module_mask = 0;
   for (int i = 0; i < c->N; i++) c->module_mask |= c->ad[i]->target_mask;
   return ITR_OK;
+}
+
+/* FNV-1a of a whole file into h (size first); *h unchanged when it cannot be read (a missing file is
+ * reported elsewhere). head > 0: only a safetensors header (8-byte length + JSON), not the data. */
+static void digest_file(uint64_t *h, const char *path, int head) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return;
+  struct stat sb;
+  uint64_t x = *h;
+  if (fstat(fileno(f), &sb) == 0) x = itr_hash64_bytes(x, &sb.st_size, sizeof sb.st_size);
+  unsigned char buf[1 << 16];
+  uint64_t want = UINT64_MAX;
+  if (head) {
+    unsigned char len8[8];
+    if (fread(len8, 1, 8, f) == 8) {
+      want = 0;
+      for (int b = 7; b >= 0; b--) want = want << 8 | len8[b];
+      x = itr_hash64_bytes(x, len8, 8);
+    } else {
+      want = 0;
+    }
+  }
+  size_t got;
+  while (want > 0 && (got = fread(buf, 1, want < sizeof buf ? (size_t)want : sizeof buf, f)) > 0) {
+    x = itr_hash64_bytes(x, buf, got);
+    if (want != UINT64_MAX) want -= got;
+  }
+  fclose(f);
+  *h = x;
+}
+
+/* The contents of what decides the merge, for the checkpoint's fingerprint: the base model's
+ * config.json, index and safetensors headers (names, shapes, offsets; its data is too large to read
+ * twice), every adapter's files whole, and the calibration tokens as read (after -max_tokens). */
+static uint64_t inputs_digest(const merge_ctx *c) {
+  const itr_merge_opts *o = c->opt;
+  uint64_t h = itr_hash64(NULL);
+  char path[ITR_PATH_MAX + 64];
+  snprintf(path, sizeof path, "%s/config.json", o->base);
+  digest_file(&h, path, 0);
+  snprintf(path, sizeof path, "%s/model.safetensors.index.json", o->base);
+  digest_file(&h, path, 0);
+  DIR *dir = opendir(o->base);
+  if (dir) { /* readdir's order is the file system's: combine the files' digests order-free */
+    uint64_t sum = 0;
+    for (struct dirent *de; (de = readdir(dir)) != NULL;) {
+      const size_t n = strlen(de->d_name);
+      if (n < 12 || strcmp(de->d_name + n - 12, ".safetensors") != 0) continue;
+      uint64_t fh = itr_hash64(de->d_name);
+      snprintf(path, sizeof path, "%s/%s", o->base, de->d_name);
+      digest_file(&fh, path, 1);
+      sum += fh;
+    }
+    closedir(dir);
+    h = itr_hash64_bytes(h, &sum, sizeof sum);
+  }
+  for (int i = 0; i < c->N; i++) {
+    snprintf(path, sizeof path, "%s/adapter_config.json", o->adapters[i]);
+    digest_file(&h, path, 0);
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", o->adapters[i]);
+    digest_file(&h, path, 0);
+  }
+  for (int i = 0; i < o->n_calib; i++) {
+    const itr_token_set *ts = &c->calib[i];
+    h = itr_hash64_bytes(h, ts->offsets, (size_t)(ts->n_seqs + 1) * sizeof(int64_t));
+    h = itr_hash64_bytes(h, ts->ids, (size_t)ts->n_tokens * sizeof(int32_t));
+  }
+  return h;
 }
 
 static itr_err check_out_dir(const itr_merge_opts *o) {
@@ -169,6 +239,11 @@ static itr_err setup(merge_ctx *c) {
   if (e == ITR_OK && c->wrank == 0) e = check_out_dir(o);
   ITR_TRY(itr_dist_agree(c->world, e));
   ITR_TRY(itr_dist_agree(c->world, c->wrank != 0 ? open_inputs(c) : ITR_OK));
+  if (c->method->flags & ITR_METHOD_ITERATES) { /* checkpoints carry it: rank 0 reads the files once */
+    c->input_digest = c->wrank == 0 ? inputs_digest(c) : 0;
+    ITR_CHECK(MPI_Bcast(&c->input_digest, 1, MPI_UINT64_T, 0, c->world) == MPI_SUCCESS, ITR_ERR_INTERNAL,
+              "MPI_Bcast of the inputs' digest failed");
+  }
   ITR_TRY(merge_stages_setup(c));
 
   PetscLogStagePush(c->stage_load);
