@@ -103,7 +103,17 @@ test: tests
 	BUILD=$(BUILD) bash tests/run.sh
 
 test-unit: $(UNIT_BIN)
-	$(UNIT_BIN) --gtest_color=no
+	ONLY=unit BUILD=$(BUILD) bash tests/run.sh
+
+test-asan:
+	$(MAKE) --no-print-directory BUILD=$(BUILD)/asan SAN=1 OPT="-O1 -g" $(BUILD)/asan/tests/unit_tests
+	ONLY=asan BUILD=$(BUILD) bash tests/run.sh
+
+test-mpi: $(MPI_BIN)
+	ONLY=mpi BUILD=$(BUILD) bash tests/run.sh
+
+test-e2e: $(BIN)
+	ONLY=e2e BUILD=$(BUILD) bash tests/run.sh
 
 test-slurm: $(BIN)
 	BUILD=$(BUILD) bash tests/slurm/run.sh

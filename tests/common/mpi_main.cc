@@ -1,6 +1,7 @@
 // gtest main for tests/mpi: MPI, then PETSc; every test runs on every rank; rank 0 prints. After all tests, the
 // per-test verdicts are max-reduced so a failure on any rank fails the test everywhere; rank 0
-// prints "GTEST_SUMMARY passed=X failed=Y" for tests/run.sh. Assertion hooks never communicate.
+// prints "GTEST_SUMMARY passed=X failed=Y skipped=Z" for tests/run.sh (a test skipped on any rank is
+// skipped, not passed). Assertion hooks never communicate.
 #include <mpi.h>
 #include <petscsys.h>
 
@@ -47,7 +48,7 @@ int main(int argc, char **argv) {
   (void)gtest_rc;
 
   const auto *u = ::testing::UnitTest::GetInstance();
-  std::vector<int> failed;
+  std::vector<int> failed, skipped;
   std::vector<std::string> names;
   for (int i = 0; i < u->total_test_suite_count(); i++) {
     const auto *s = u->GetTestSuite(i);
@@ -55,21 +56,26 @@ int main(int argc, char **argv) {
       const auto *t = s->GetTestInfo(j);
       if (!t->should_run()) continue;
       failed.push_back(t->result()->Failed() ? 1 : 0);
+      skipped.push_back(t->result()->Skipped() ? 1 : 0);
       names.push_back(std::string(s->name()) + "." + t->name());
     }
   }
-  std::vector<int> any(failed.size());
+  std::vector<int> any(failed.size()), all_skipped(skipped.size());
   MPI_Allreduce(failed.data(), any.data(), (int)failed.size(), MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  int npass = 0, nfail = 0;
+  MPI_Allreduce(skipped.data(), all_skipped.data(), (int)skipped.size(), MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  int npass = 0, nfail = 0, nskip = 0;
   for (size_t k = 0; k < any.size(); k++) {
     if (any[k]) {
       nfail++;
       if (rank == 0) std::printf("FAILED on some rank (np=%d): %s\n", size, names[k].c_str());
+    } else if (all_skipped[k]) {  // skipped on some rank: it did not run everywhere, so it did not pass
+      nskip++;
+      if (rank == 0) std::printf("SKIPPED (np=%d): %s\n", size, names[k].c_str());
     } else {
       npass++;
     }
   }
-  if (rank == 0) std::printf("GTEST_SUMMARY passed=%d failed=%d\n", npass, nfail);
+  if (rank == 0) std::printf("GTEST_SUMMARY passed=%d failed=%d skipped=%d\n", npass, nfail, nskip);
   PetscFinalize();
   MPI_Finalize();
   return nfail ? 1 : 0;

@@ -86,8 +86,10 @@ if [ -f "$S/reference_logits.safetensors" ]; then
     bad=$((bad + 1))
   check stories260K "$S" "$S/prompts.jsonl"
 else
-  echo "stories260K not found at $S: reference self-check skipped"
+  missing=1
 fi
 
-if [ "$bad" -eq 0 ]; then echo "forward_reference: PASSED"; else echo "forward_reference: $bad FAILED"; fi
-[ "$bad" -eq 0 ]
+if [ "$bad" -ne 0 ]; then echo "forward_reference: $bad FAILED"; exit 1; fi
+# the real pretrained model is part of the check: without it the test is skipped (exit 77), never passed
+if [ "${missing:-0}" -eq 1 ]; then echo "forward_reference: generated models PASSED; stories260K not found at $S: SKIPPED"; exit 77; fi
+echo "forward_reference: PASSED"

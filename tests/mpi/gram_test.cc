@@ -50,12 +50,12 @@ struct Rows {
   }
 };
 
-void make_rows(const itr_dist_grid *g, const Rows &R, double a, double b, itr_dist_matrix *Z) {
+// Returns the (agreed) error, so that a caller's ASSERT stops the test on every rank at once (an
+// ASSERT in here would only leave this helper, and the caller would go on into collective calls).
+itr_err make_rows(const itr_dist_grid *g, const Rows &R, double a, double b, itr_dist_matrix *Z) {
   int r0, T;
   R.share(g->rank, g->size, &r0, &T);
-  ASSERT_EQ(itr_dist_rows_create(g, T, R.d, R.x.data() + (size_t)r0 * R.d, a, R.y.data() + (size_t)r0 * R.d, b, Z),
-            ITR_OK)
-      << itr_error_message();
+  return itr_dist_rows_create(g, T, R.d, R.x.data() + (size_t)r0 * R.d, a, R.y.data() + (size_t)r0 * R.d, b, Z);
 }
 
 double max_rel(const std::vector<double> &got, const std::vector<double> &want, int d, bool lower) {
@@ -83,8 +83,8 @@ TEST(DistGram, SyrkAndGemmMatchFloat64Loops) {
     ASSERT_EQ(itr_dist_grid_create(MPI_COMM_WORLD, c.mb, &g), ITR_OK) << itr_error_message();
     Rows R(c.n, c.d, 5 + c.n);
     itr_dist_matrix X, M, G, C;
-    make_rows(g, R, 1.0, 0.0, &X);  // X
-    make_rows(g, R, 0.3, 0.7, &M);  // 0.3 X + 0.7 Y (the mixing of -reg_coef)
+    ASSERT_EQ(make_rows(g, R, 1.0, 0.0, &X), ITR_OK) << itr_error_message();  // X
+    ASSERT_EQ(make_rows(g, R, 0.3, 0.7, &M), ITR_OK) << itr_error_message();  // 0.3 X + 0.7 Y (-reg_coef's mixing)
     ASSERT_EQ(itr_dist_matrix_init(&G, g, c.d, c.d), ITR_OK);
     ASSERT_EQ(itr_dist_matrix_init(&C, g, c.d, c.d), ITR_OK);
     ASSERT_EQ(itr_dist_gram(2.0, &M, &M, 0.0, &G), ITR_OK) << itr_error_message();
@@ -157,7 +157,7 @@ TEST(DistGram, RankCountDoesNotChangeTheGramBeyondRounding) {
     itr_dist_grid *g = nullptr;
     ASSERT_EQ(itr_dist_grid_create(comm, 8, &g), ITR_OK);
     itr_dist_matrix X, G;
-    make_rows(g, R, 1.0, 0.0, &X);
+    ASSERT_EQ(make_rows(g, R, 1.0, 0.0, &X), ITR_OK) << itr_error_message();
     ASSERT_EQ(itr_dist_matrix_init(&G, g, 29, 29), ITR_OK);
     ASSERT_EQ(itr_dist_gram(1.0, &X, &X, 0.0, &G), ITR_OK);
     ASSERT_EQ(itr_dist_matrix_gather(&G, -1, (solo ? one : all).data()), ITR_OK);
