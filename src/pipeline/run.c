@@ -103,7 +103,7 @@ static void digest_file(uint64_t *h, const char *path, int head) {
 static uint64_t inputs_digest(const merge_ctx *c) {
   const itr_merge_opts *o = c->opt;
   uint64_t h = itr_hash64(NULL);
-  char path[ITR_PATH_MAX + 64];
+  char path[ITR_PATH_MAX + 512]; /* a -base or adapter path, '/', a file name of up to 255 bytes */
   snprintf(path, sizeof path, "%s/config.json", o->base);
   digest_file(&h, path, 0);
   snprintf(path, sizeof path, "%s/model.safetensors.index.json", o->base);
