@@ -379,8 +379,21 @@ static itr_err open_tensors(itr_adapter *a, const itr_model_config *base, itr_pe
   for (size_t k = 0; k < (size_t)L * ITR_MODULE_COUNT && e == ITR_OK; k++) {
     const itr_lora_module *mod = &a->modules[k];
     if (!mod->present) continue;
+    double max_a = 0, max_b = 0;
     e = itr_tensor_read_f32(mod->A, scratch);
+    for (int64_t q = 0; e == ITR_OK && q < mod->A->numel; q++) max_a = fmax(max_a, fabs((double)scratch[q]));
     if (e == ITR_OK) e = itr_tensor_read_f32(mod->B, scratch);
+    for (int64_t q = 0; e == ITR_OK && q < mod->B->numel; q++) max_b = fmax(max_b, fabs((double)scratch[q]));
+    /* |dW_ij| <= |s| r max|A| max|B|: an update that large (lora_alpha 1e300, say) overflows the float32
+     * forward and the statistics; name the field, not the calibration data that would show it first */
+    const double bound = fabs(mod->scaling) * (double)mod->r * max_a * max_b;
+    if (e == ITR_OK && !(isfinite(mod->scaling) && bound <= 1e15))
+      e = itr_error_set(ITR_ERR_INPUT,
+                        "%s: lora_alpha %g (scaling %g for r = %d) makes the update of layer %d %s as large as %g "
+                        "(|scaling| r max|A| max|B|; a LoRA update is of the order of the weights, about 1). Check "
+                        "lora_alpha and alpha_pattern in adapter_config.json",
+                        pc->file, mod->alpha, mod->scaling, mod->r, (int)(k / ITR_MODULE_COUNT),
+                        itr_module_name((itr_module)(k % ITR_MODULE_COUNT)), bound);
   }
   free(scratch);
   if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);

@@ -64,6 +64,14 @@ done
 rm -rf "$W/o"
 # -log_view into a folder that cannot be written: refused before the merge (it used to spin in PetscFinalize)
 expect 2 "-log_view :/proc/nonexistent/log.txt: cannot write into the folder" "${base[@]}" -log_view :/proc/nonexistent/log.txt
+# issue 13, defect 7: an absurd lora_alpha (finite) names the adapter's config and the field, not the calibration data
+cp -r "$D/adapter_1" "$W/alpha_big"
+/usr/bin/python3 - "$W/alpha_big/adapter_config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1])); c["lora_alpha"] = 1e300
+json.dump(c, open(sys.argv[1], "w"))
+PY
+expect 2 "alpha_big/adapter_config.json: lora_alpha 1e+300" -base "$D/base" -adapters "$D/adapter_0,$W/alpha_big" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out"
 # a help that lists the options, exit 0
 out=$("$BIN" -help); if grep -q -- "-alpha_2" <<<"$out" && grep -q "exit codes" <<<"$out"; then ok=$((ok + 1)); else bad=$((bad + 1)); echo "FAILED: -help"; fi
 echo "cli_errors: $ok ok, $bad failed"
