@@ -22,8 +22,50 @@ void itr_peft_config_fini(itr_peft_config *c) {
   for (int i = 0; i < c->n_alpha; i++) free(c->alpha_pattern[i].key);
   free(c->rank_pattern);
   free(c->alpha_pattern);
+  free(c->layers_tf);
   c->rank_pattern = c->alpha_pattern = NULL;
+  c->layers_tf = NULL;
   c->n_rank = c->n_alpha = 0;
+  c->n_layers_tf = -1;
+}
+
+int itr_peft_config_layer(const itr_peft_config *c, int layer) {
+  if (c->n_layers_tf < 0) return 1;
+  for (int i = 0; i < c->n_layers_tf; i++)
+    if (c->layers_tf[i] == layer) return 1;
+  return 0;
+}
+
+/* layers_to_transform (null, an int or a list of ints: PEFT applies the adapter to those layers
+ * only) and layers_pattern (null, or the name of the model's layer list: "layers" in the Llama
+ * family). */
+static itr_err read_layers(const cJSON *root, const char *file, itr_peft_config *c) {
+  c->n_layers_tf = -1;
+  const cJSON *pat = cJSON_GetObjectItemCaseSensitive(root, "layers_pattern");
+  if (pat && !cJSON_IsNull(pat)) {
+    const cJSON *first = cJSON_IsArray(pat) ? pat->child : pat;
+    const int ok = cJSON_IsString(first) && !strcmp(first->valuestring, "layers") && (!cJSON_IsArray(pat) || !first->next);
+    char got[96];
+    itr_json_describe(pat, got, sizeof got);
+    ITR_CHECK(ok || (cJSON_IsArray(pat) && !pat->child), ITR_ERR_INPUT,
+              "%s: layers_pattern is %s, but this model's decoder layers are 'model.layers' (layers_pattern "
+              "\"layers\" or null)", file, got);
+  }
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, "layers_to_transform");
+  if (!v || cJSON_IsNull(v)) return ITR_OK;
+  const int n = cJSON_IsArray(v) ? cJSON_GetArraySize(v) : 1;
+  ITR_CHECK(cJSON_IsNumber(v) || (cJSON_IsArray(v) && n >= 1), ITR_ERR_INPUT,
+            "%s: layers_to_transform must be a layer index or a non-empty list of them", file);
+  ITR_TRY(itr_calloc((size_t)n, sizeof(int), "layers_to_transform", &c->layers_tf));
+  c->n_layers_tf = n;
+  int k = 0;
+  for (const cJSON *x = cJSON_IsArray(v) ? v->child : v; x && k < n; x = cJSON_IsArray(v) ? x->next : NULL, k++) {
+    ITR_CHECK(cJSON_IsNumber(x) && x->valuedouble == floor(x->valuedouble) && x->valuedouble >= 0 &&
+                  x->valuedouble < 1e6,
+              ITR_ERR_INPUT, "%s: layers_to_transform[%d] is not a layer index (an integer >= 0)", file, k);
+    c->layers_tf[k] = (int)x->valuedouble;
+  }
+  return ITR_OK;
 }
 
 static int has_regex_chars(const char *s) { return strpbrk(s, "^$*+?()[]{}|\\") != NULL; }
@@ -166,12 +208,14 @@ static itr_err parse_peft(const cJSON *root, itr_peft_config *c) {
   ITR_TRY(read_targets(root, file, &c->listed_mask));
   ITR_TRY(read_patterns(root, "rank_pattern", 1, file, &c->rank_pattern, &c->n_rank));
   ITR_TRY(read_patterns(root, "alpha_pattern", 0, file, &c->alpha_pattern, &c->n_alpha));
+  ITR_TRY(read_layers(root, file, c));
   return ITR_OK;
 }
 
 itr_err itr_peft_config_read(const char *file, itr_peft_config *out) {
   itr_peft_config c;
   memset(&c, 0, sizeof c);
+  c.n_layers_tf = -1;
   ITR_CHECK(strlen(file) < sizeof c.file, ITR_ERR_INPUT, "path too long: '%s'", file);
   snprintf(c.file, sizeof c.file, "%s", file);
   cJSON *root = NULL;
@@ -283,6 +327,10 @@ static itr_err check_module(itr_adapter *a, const itr_model_config *base, const 
             "%s: layer %d %s has lora_%c but no lora_%c; both factors are needed (is the file truncated "
             "or edited?)",
             file, l, itr_module_name(m), A ? 'A' : 'B', A ? 'B' : 'A');
+  ITR_CHECK(itr_peft_config_layer(pc, l), ITR_ERR_INPUT,
+            "%s: tensor '%s' is for layer %d, which layers_to_transform in %s excludes; PEFT would not apply it. "
+            "Fix layers_to_transform or remove the layer's tensors",
+            file, A->name, l, pc->file);
   int64_t d_out, d_in;
   itr_module_shape(base, m, &d_out, &d_in);
   const itr_tensor_info *ts[2] = {A, B};

@@ -20,6 +20,8 @@ typedef struct {
   unsigned listed_mask;        /* modules named by target_modules (all seven for "all-linear") */
   int n_rank, n_alpha;
   itr_peft_pattern *rank_pattern, *alpha_pattern;
+  int n_layers_tf;             /* layers_to_transform: -1 when absent (every layer), else its count */
+  int *layers_tf;              /* (n_layers_tf) the layers PEFT applies the adapter to */
 } itr_peft_config;
 
 /* Reads and checks adapter_config.json (refusing DoRA, LoRA biases, modules_to_save,
@@ -32,6 +34,8 @@ void itr_peft_config_fini(itr_peft_config *c); /* accepts a zeroed struct */
 itr_err itr_peft_config_module(itr_peft_config *c, int layer, itr_module m, int *r, double *alpha);
 /* ITR_ERR_INPUT naming the first rank_pattern / alpha_pattern key that matched no module. */
 itr_err itr_peft_config_check_unused(const itr_peft_config *c);
+/* Whether PEFT applies the adapter to layer (layers_to_transform; every layer when absent). */
+int itr_peft_config_layer(const itr_peft_config *c, int layer);
 /* alpha / r, or alpha / sqrt(r) with use_rslora. */
 double itr_peft_scaling(int use_rslora, int r, double alpha);
 

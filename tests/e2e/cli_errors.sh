@@ -72,6 +72,24 @@ c = json.load(open(sys.argv[1])); c["lora_alpha"] = 1e300
 json.dump(c, open(sys.argv[1], "w"))
 PY
 expect 2 "alpha_big/adapter_config.json: lora_alpha 1e+300" -base "$D/base" -adapters "$D/adapter_0,$W/alpha_big" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out"
+# issue 13, defect 8: layers_to_transform is PEFT's: tensors of a layer it excludes are refused (PEFT would
+# not apply them); an adapter listing every layer it has merges; a layers_pattern other than "layers" is refused
+for v in '[0]' '[0, 1, 2, 3]' '"blocks"'; do
+  rm -rf "$W/ltt"; cp -r "$D/adapter_1" "$W/ltt"
+  /usr/bin/python3 - "$W/ltt/adapter_config.json" "$v" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1])); v = json.loads(sys.argv[2])
+if isinstance(v, str): c["layers_pattern"] = v
+else: c["layers_to_transform"] = v
+json.dump(c, open(sys.argv[1], "w"))
+PY
+  case $v in
+    '[0]') expect 2 "is for layer 1, which layers_to_transform in $W/ltt/adapter_config.json excludes" -base "$D/base" -adapters "$D/adapter_0,$W/ltt" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out" ;;
+    '"blocks"') expect 2 "layers_pattern is 'blocks'" -base "$D/base" -adapters "$D/adapter_0,$W/ltt" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out" ;;
+    *) if timeout -k 5 120 mpirun -np 2 "$BIN" -base "$D/base" -adapters "$D/adapter_0,$W/ltt" -method task_arithmetic -out "$W/ltt_out" >/dev/null 2>&1; then ok=$((ok + 1)); else bad=$((bad + 1)); echo "FAILED: layers_to_transform $v refused"; fi
+       rm -rf "$W/ltt_out" ;;
+  esac
+done
 # a help that lists the options, exit 0
 out=$("$BIN" -help); if grep -q -- "-alpha_2" <<<"$out" && grep -q "exit codes" <<<"$out"; then ok=$((ok + 1)); else bad=$((bad + 1)); echo "FAILED: -help"; fi
 echo "cli_errors: $ok ok, $bad failed"
