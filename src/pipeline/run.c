@@ -68,6 +68,51 @@ static itr_err open_inputs(merge_ctx *c) {
   return ITR_OK;
 }
 
+/* This machine's memory in bytes (0: unknown). */
+static double phys_bytes(void) {
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? (double)pages * (double)page : 0.0;
+}
+
+/* Sizes checked against this machine's memory before anything large is allocated, so that an input
+ * too large for the run is an input error naming the file, the field and the option to change (not
+ * "out of memory" after a long wait): the embedding (config.json's vocab_size x hidden_size, f32),
+ * and the forward of the longest calibration and held-out sequence (its attention scores are T^2
+ * floats). Not Collective (rank 0 validates). */
+static itr_err check_sizes(const merge_ctx *c) {
+  const itr_merge_opts *o = c->opt;
+  const double mem = phys_bytes(), gb = 1024.0 * 1024.0 * 1024.0;
+  if (mem <= 0) return ITR_OK;
+  const itr_model_config *cfg = &c->cfg;
+  const double emb = 4.0 * (double)cfg->vocab_size * (double)cfg->hidden_size;
+  ITR_CHECK(emb <= mem / 2, ITR_ERR_INPUT,
+            "%s/config.json: vocab_size %d x hidden_size %d needs %.1f GB for the embedding in float32, more than "
+            "half of this machine's %.1f GB. Is vocab_size right?",
+            o->base, cfg->vocab_size, cfg->hidden_size, emb / gb, mem / gb);
+  const double per_token = 4.0 * (2.0 * cfg->hidden_size + 4.0 * (double)cfg->num_attention_heads *
+                                  (cfg->head_dim ? cfg->head_dim : cfg->hidden_size / cfg->num_attention_heads) +
+                                  2.0 * cfg->intermediate_size);
+  for (int set = 0; set < 2; set++) {
+    const int n = set ? o->n_heldout : o->n_calib;
+    for (int i = 0; i < n; i++) {
+      const itr_token_set *ts = set ? &c->heldout[i] : &c->calib[i];
+      int longest = 0;
+      for (int q = 1; q < ts->n_seqs; q++)
+        if (ts->offsets[q + 1] - ts->offsets[q] > ts->offsets[longest + 1] - ts->offsets[longest]) longest = q;
+      const double T = ts->n_seqs ? (double)(ts->offsets[longest + 1] - ts->offsets[longest]) : 0.0;
+      const double need = 4.0 * T * T + per_token * T;
+      if (need > mem / 2)
+        return itr_error_set(ITR_ERR_INPUT,
+                             "%s: sequence %d (counting non-blank lines) has %.0f tokens: its forward needs %.1f GB (the "
+                             "attention scores alone are T^2 floats), more than half of this machine's %.1f GB. %s",
+                             set ? o->heldout[i] : o->calib[i], longest + 1, T, need / gb, mem / gb,
+                             set ? "Split the sequence or shorten it" : "Give -max_tokens (e.g. -max_tokens 4096) or "
+                                                                         "split the sequence");
+    }
+  }
+  return ITR_OK;
+}
+
 /* FNV-1a of a whole file into h (size first); *h unchanged when it cannot be read (a missing file is
  * reported elsewhere). head > 0: only a safetensors header (8-byte length + JSON), not the data. */
 static void digest_file(uint64_t *h, const char *path, int head) {
@@ -236,6 +281,7 @@ static itr_err setup(merge_ctx *c) {
   const itr_merge_opts *o = c->opt;
   /* validate on rank 0 first, so that an input error is reported once, then everywhere */
   itr_err e = c->wrank == 0 ? open_inputs(c) : ITR_OK;
+  if (e == ITR_OK && c->wrank == 0) e = check_sizes(c);
   if (e == ITR_OK && c->wrank == 0) e = check_out_dir(o);
   ITR_TRY(itr_dist_agree(c->world, e));
   ITR_TRY(itr_dist_agree(c->world, c->wrank != 0 ? open_inputs(c) : ITR_OK));

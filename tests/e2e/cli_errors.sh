@@ -90,6 +90,18 @@ PY
        rm -rf "$W/ltt_out" ;;
   esac
 done
+# issue 13, defect 6: sizes the machine cannot hold are input errors naming the file and field or option
+# (they were "out of memory", exit 4, after the allocation)
+cp -r "$D/base" "$W/bigvocab"
+/usr/bin/python3 - "$W/bigvocab/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1])); c["vocab_size"] = 1073741824
+json.dump(c, open(sys.argv[1], "w"))
+PY
+expect 2 "bigvocab/config.json: vocab_size 1073741824 x hidden_size" -base "$W/bigvocab" -adapters "$D/adapter_0" -calib "$D/calib_0.jsonl" -out "$W/out"
+/usr/bin/python3 -c 'import json; print(json.dumps({"input_ids": [1, 2, 3]})); print(json.dumps({"input_ids": [5] * 400000}))' > "$W/long.jsonl"
+expect 2 "long.jsonl: sequence 2 (counting non-blank lines) has 400000 tokens" -base "$D/base" -adapters "$D/adapter_0" -calib "$W/long.jsonl" -out "$W/out"
+expect 2 "Give -max_tokens" -base "$D/base" -adapters "$D/adapter_0" -calib "$W/long.jsonl" -out "$W/out"
 # a help that lists the options, exit 0
 out=$("$BIN" -help); if grep -q -- "-alpha_2" <<<"$out" && grep -q "exit codes" <<<"$out"; then ok=$((ok + 1)); else bad=$((bad + 1)); echo "FAILED: -help"; fi
 echo "cli_errors: $ok ok, $bad failed"
