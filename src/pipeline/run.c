@@ -52,7 +52,18 @@ static itr_err open_inputs(merge_ctx *c) {
   snprintf(path, sizeof path, "%s/config.json", o->base);
   ITR_TRY(itr_model_config_read(path, &c->cfg));
   ITR_TRY(itr_arch_desc_init(&c->cfg, &c->arch));
-  for (int i = 0; i < c->N; i++) ITR_TRY(itr_adapter_open(o->adapters[i], &c->cfg, &c->ad[i]));
+  for (int i = 0; i < c->N; i++) {
+    itr_err e = itr_adapter_open(o->adapters[i], &c->cfg, &c->ad[i]);
+    if (e == ITR_ERR_INPUT && strstr(itr_error_message(), "the base model's")) { /* name the other side too */
+      char head[2048];
+      itr_error_headline(head, sizeof head);
+      const itr_model_config *b = &c->cfg;
+      return itr_error_set(e, "%s The base model is %s/config.json: hidden_size %d, intermediate_size %d, %d heads of %d, %d "
+                           "key/value heads.", head, o->base, b->hidden_size, b->intermediate_size, b->num_attention_heads,
+                           b->head_dim ? b->head_dim : b->hidden_size / b->num_attention_heads, b->num_key_value_heads);
+    }
+    ITR_TRY(e);
+  }
   for (int i = 0; i < o->n_calib; i++) {
     ITR_TRY(itr_token_set_read(o->calib[i], c->cfg.vocab_size, &c->calib[i]));
     if (o->max_tokens > 0) truncate_sequences(&c->calib[i], o->max_tokens);

@@ -48,7 +48,8 @@ import json, sys
 c = json.load(open(sys.argv[1])); c["hidden_size"] = 96; c["head_dim"] = 16
 json.dump(c, open(sys.argv[1], "w"))
 PY
-expect 2 "adapter" -base "$W/other/base" -adapters "$D/adapter_0" -calib "$D/calib_0.jsonl" -out "$W/out"
+expect 2 "adapter_0/adapter_model.safetensors: tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' has shape (4, 64) but the base model's q_proj takes 96 inputs" -base "$W/other/base" -adapters "$D/adapter_0" -calib "$D/calib_0.jsonl" -out "$W/out"
+expect 2 "The base model is $W/other/base/config.json: hidden_size 96" -base "$W/other/base" -adapters "$D/adapter_0" -calib "$D/calib_0.jsonl" -out "$W/out"
 # -out with a trailing "/" or "/." names the same folder (issue 13, defect 1: the adapter was left hidden in
 # DIR/.partial/ and the run failed at its end); "." and ".." are no folder of their own
 expect 2 "does not name a folder of its own" "${base[@]}" -method task_arithmetic -out .
