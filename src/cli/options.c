@@ -353,6 +353,11 @@ itr_err itr_options_parse(itr_options *opt) {
               ITR_MAX_TASKS, opt->m.stages);
     ITR_CHECK(opt->m.max_iter >= 1, ITR_ERR_INPUT, "-max_iter must be at least 1, got %d", opt->m.max_iter);
     ITR_CHECK(opt->m.alpha_1 >= 0 && opt->m.alpha_2 >= 0, ITR_ERR_INPUT, "-alpha_1 and -alpha_2 must be >= 0");
+    /* relative ridges (times a Frobenius norm): above 1e6 the Gram no longer counts and float64 overflows */
+    ITR_CHECK(opt->m.alpha_1 <= 1e6 && opt->m.alpha_2 <= 1e6, ITR_ERR_INPUT,
+              "-alpha_1 %g / -alpha_2 %g: these are ridges relative to a Gram's Frobenius norm, in [0, 1e6] (the "
+              "default is 1e-7; 1e-3 is already a strong ridge)",
+              opt->m.alpha_1, opt->m.alpha_2);
     ITR_CHECK(opt->m.reg_coef >= 0 && opt->m.reg_coef <= 1, ITR_ERR_INPUT, "-reg_coef must be in [0, 1], got %g",
               opt->m.reg_coef);
     ITR_CHECK(opt->m.density > 0 && opt->m.density <= 1, ITR_ERR_INPUT, "-density must be in (0, 1], got %g", opt->m.density);

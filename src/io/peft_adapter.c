@@ -1,10 +1,12 @@
 /* PEFT LoRA adapters: adapter_config.json (ranks, alphas, rank/alpha patterns, refusals of what
  * cannot be merged exactly) and adapter_model.safetensors (names, shapes against the base model,
  * ranks against the config, pairing of lora_A / lora_B, finite weights). */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "io/iofile.h"
 #include "io/peft_internal.h"
@@ -381,6 +383,13 @@ static itr_err open_tensors(itr_adapter *a, const itr_model_config *base, itr_pe
               "%s: only adapter_model.bin (a pickle) is present; iteris-mpi reads safetensors only. "
               "Re-save with save_pretrained(..., safe_serialization=True)",
               a->dir);
+    struct stat sb;
+    errno = 0;
+    if (lstat(file, &sb) == 0 || errno != ENOENT) { /* there is something by that name: say what */
+      const int loop = stat(file, &sb) != 0 && errno == ELOOP;
+      return itr_error_set(ITR_ERR_INPUT, "%s: is %s, not a safetensors file", file,
+                           loop ? "a symbolic link loop" : S_ISDIR(sb.st_mode) ? "a folder" : "not a regular file");
+    }
     return itr_error_set(ITR_ERR_INPUT, "%s: no adapter_model.safetensors in this folder", a->dir);
   }
   ITR_TRY(itr_safetensors_open(file, &a->file));

@@ -202,6 +202,17 @@ static itr_err check_out_dir(const itr_merge_opts *o) {
               "or remove it",
               o->out);
   }
+  /* OUT.partial/ is made beside OUT: its folder must be writable now, not at the first checkpoint */
+  char parent[ITR_PATH_MAX + 64];
+  snprintf(parent, sizeof parent, "%s", o->out);
+  char *slash = strrchr(parent, '/');
+  if (slash == parent) parent[1] = 0;
+  else if (slash) *slash = 0;
+  else snprintf(parent, sizeof parent, ".");
+  ITR_CHECK(stat(parent, &sb) == 0 && S_ISDIR(sb.st_mode), ITR_ERR_INPUT,
+            "-out '%s': the folder '%s' does not exist; create it first or choose another -out", o->out, parent);
+  ITR_CHECK(access(parent, W_OK | X_OK) == 0, ITR_ERR_INPUT,
+            "-out '%s': the folder '%s' is not writable (%s); choose another -out", o->out, parent, strerror(errno));
   return ITR_OK;
 }
 

@@ -103,6 +103,22 @@ expect 2 "bigvocab/config.json: vocab_size 1073741824 x hidden_size" -base "$W/b
 /usr/bin/python3 -c 'import json; print(json.dumps({"input_ids": [1, 2, 3]})); print(json.dumps({"input_ids": [5] * 400000}))' > "$W/long.jsonl"
 expect 2 "long.jsonl: sequence 2 (counting non-blank lines) has 400000 tokens" -base "$D/base" -adapters "$D/adapter_0" -calib "$W/long.jsonl" -out "$W/out"
 expect 2 "Give -max_tokens" -base "$D/base" -adapters "$D/adapter_0" -calib "$W/long.jsonl" -out "$W/out"
+# issue 13, smaller ones: an absurd relative ridge; a -out whose folder is missing or read-only, refused at the
+# start (it was refused at the first checkpoint, after a whole iteration); a folder in place of
+# adapter_model.safetensors, and a symbolic link loop, are not "missing"
+expect 2 "-alpha_2 1e+308: these are ridges relative to a Gram's Frobenius norm" "${base[@]}" -alpha_2 1e308
+expect 2 "the folder '$W/nodir' does not exist" "${base[@]}" -out "$W/nodir/merged"
+mkdir -p "$W/ro"; chmod 555 "$W/ro"
+if [ "$(id -u)" -eq 0 ] && touch "$W/ro/probe" 2>/dev/null; then
+  rm -f "$W/ro/probe"; echo "(root: a read-only folder is writable here; that check is not run)"
+else
+  expect 2 "the folder '$W/ro' is not writable" "${base[@]}" -out "$W/ro/merged"
+fi
+chmod 755 "$W/ro"
+cp -r "$D/adapter_1" "$W/dir_st" && rm "$W/dir_st/adapter_model.safetensors" && mkdir "$W/dir_st/adapter_model.safetensors"
+expect 2 "dir_st/adapter_model.safetensors: is a folder, not a safetensors file" -base "$D/base" -adapters "$D/adapter_0,$W/dir_st" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out"
+cp -r "$D/adapter_1" "$W/loop_st" && rm "$W/loop_st/adapter_model.safetensors" && ln -s adapter_model.safetensors "$W/loop_st/adapter_model.safetensors"
+expect 2 "loop_st/adapter_model.safetensors: is a symbolic link loop" -base "$D/base" -adapters "$D/adapter_0,$W/loop_st" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out"
 # a help that lists the options, exit 0
 out=$("$BIN" -help); if grep -q -- "-alpha_2" <<<"$out" && grep -q "exit codes" <<<"$out"; then ok=$((ok + 1)); else bad=$((bad + 1)); echo "FAILED: -help"; fi
 echo "cli_errors: $ok ok, $bad failed"
