@@ -1,8 +1,11 @@
-"""Independent TIES-merging (Yadav et al. 2023) in float64 NumPy, checked against a merged adapter.
-usage: ties_ref.py MERGED_DIR DENSITY LAMBDA TOL ADAPTER_DIR...
+"""Independent TIES-merging (Yadav et al. 2023) and KnOTS-TIES (Stoica et al. 2025) in float64 NumPy,
+checked against a merged adapter.
+usage: ties_ref.py [--knots] MERGED_DIR DENSITY LAMBDA TOL ADAPTER_DIR...
 dW_i = s_i B_i A_i per module; per task keep the ceil(density n) largest magnitudes (ties: lower index first);
 elected sign = sign of the sum of the kept entries; merged entry = lambda * mean of the kept entries whose sign
-agrees. The merged adapter must hold the same dW (written with -out_rank >= the rank of the result)."""
+agrees. KnOTS: the dense SVD [dW_1 | ... | dW_N] = U S [V_1^T | ... | V_N^T], TIES on the right factors V_i^T
+(k, d_in), dW = U S (merged V^T). The merged adapter must hold the same dW for exactly the modules some
+adapter targets (written with -out_rank >= the rank of the result for TIES)."""
 import math
 import os
 import sys
@@ -31,16 +34,35 @@ def ties(dws, density, lam):
     return lam * out.reshape(dws[0].shape)
 
 
+def knots(dws, density, lam):
+    d_in = dws[0].shape[1]
+    u, sv, vt = np.linalg.svd(np.concatenate(dws, axis=1), full_matrices=False)
+    k = int((sv > sv[0] * max(dws[0].shape) * 1e-13).sum()) if sv.size and sv[0] > 0 else 0
+    parts = [vt[:k, i * d_in:(i + 1) * d_in] for i in range(len(dws))]
+    return (u[:, :k] * sv[:k]) @ ties(parts, density, lam)
+
+
 def main():
-    merged, density, lam, tol = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-    srcs = [updates(d) for d in sys.argv[5:]]
+    args = sys.argv[1:]
+    method = ties
+    if args and args[0] == "--knots":
+        method, args = knots, args[1:]
+    merged, density, lam, tol = args[0], float(args[1]), float(args[2]), float(args[3])
+    srcs = [updates(d) for d in args[4:]]
     got = updates(merged)
+    # the modules: exactly those some adapter targets (an empty or partial adapter must not pass)
+    want = set().union(*[set(s) for s in srcs])
+    if set(got) != want:
+        print(f"{method.__name__}: the merged adapter has {len(got)} modules, the adapters target {len(want)}; "
+              f"missing {sorted(want - set(got))[:3]}, extra {sorted(set(got) - want)[:3]}")
+        return 1
     worst = 0.0
     for k, dw in got.items():
-        ref = ties([s[k] for s in srcs], density, lam)
+        shape = next(s[k].shape for s in srcs if k in s)
+        ref = method([s[k] if k in s else np.zeros(shape) for s in srcs], density, lam)
         err = np.linalg.norm(dw - ref) / max(np.linalg.norm(ref), 1e-300)
         worst = max(worst, err)
-    print(f"ties: {len(got)} modules, worst relative difference {worst:.3e} (tolerance {tol:g})")
+    print(f"{method.__name__}: {len(got)} modules, worst relative difference {worst:.3e} (tolerance {tol:g})")
     return 0 if worst <= tol else 1
 
 
