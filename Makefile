@@ -97,17 +97,18 @@ $(BUILD)/bench/%: bench/%.c $(LIB)
 
 tests: $(BIN) $(UNIT_BIN) $(MPI_BIN)
 
-# Everything: unit tests, the same unit tests under ASan/UBSan, MPI tests at -np 1..4, end-to-end runs.
+# Everything: unit tests, the same unit tests under ASan/UBSan, MPI tests at -np 1..4, end-to-end runs, and
+# some end-to-end runs again with the binary built with ASan/UBSan.
 test: tests
-	$(MAKE) --no-print-directory BUILD=$(BUILD)/asan SAN=1 OPT="-O1 -g" $(BUILD)/asan/tests/unit_tests
+	$(MAKE) --no-print-directory BUILD=$(BUILD)/asan SAN=1 OPT="-O1 -g" $(BUILD)/asan/tests/unit_tests $(BUILD)/asan/bin/iteris-mpi
 	BUILD=$(BUILD) bash tests/run.sh
 
 test-unit: $(UNIT_BIN)
 	ONLY=unit BUILD=$(BUILD) bash tests/run.sh
 
 test-asan:
-	$(MAKE) --no-print-directory BUILD=$(BUILD)/asan SAN=1 OPT="-O1 -g" $(BUILD)/asan/tests/unit_tests
-	ONLY=asan BUILD=$(BUILD) bash tests/run.sh
+	$(MAKE) --no-print-directory BUILD=$(BUILD)/asan SAN=1 OPT="-O1 -g" $(BUILD)/asan/tests/unit_tests $(BUILD)/asan/bin/iteris-mpi
+	ONLY="asan e2e-san" BUILD=$(BUILD) bash tests/run.sh
 
 test-mpi: $(MPI_BIN)
 	ONLY=mpi BUILD=$(BUILD) bash tests/run.sh

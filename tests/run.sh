@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of iteris-mpi and ends with the line "N passed, N failed".
-#   unit tests (gtest), the same under ASan/UBSan, MPI tests under mpirun -np 1..4, end-to-end scripts.
+#   unit tests (gtest), the same under ASan/UBSan, MPI tests under mpirun -np 1..4, end-to-end scripts,
+#   and some end-to-end scripts again with the binary built with ASan/UBSan.
 # Each run is under a timeout, so a hang is a failure. Logs go to $BUILD/test-logs/.
 # A skipped test is counted as skipped, never as passed: gtest's skips, and an end-to-end script that
 # exits with 77 (what it needs is absent, e.g. ../shared/models). With CI=true a skip is a failure.
@@ -42,7 +43,8 @@ run_gtest() {
   if [ $rc -ne 0 ]; then grep -a -E 'Failure|FAILED|ERROR|error:|Sanitizer|runtime error' "$log" | head -n 40; fi
 }
 
-# ONLY="unit asan mpi e2e" (any of them) runs those parts (make test-unit, test-asan, test-mpi, test-e2e)
+# ONLY="unit asan mpi e2e e2e-san" (any of them) runs those parts (make test-unit, test-asan, test-mpi,
+# test-e2e)
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 want unit && run_gtest unit 1 600 "$BUILD/tests/unit_tests" --gtest_color=no
 if want asan && [ -x "$BUILD/asan/tests/unit_tests" ]; then
@@ -69,6 +71,25 @@ for t in tests/e2e/*.sh; do
     tail -n 30 "$LOGS/e2e-$name.log"
   fi
 done
+# The binary built with AddressSanitizer and UBSan on the end-to-end scripts that exercise the most
+# input handling and recovery (leak checks off: Open MPI's own allocations would trip them).
+SAN_E2E="cli_errors residual_policy merge_restart baselines features"
+if want e2e-san && [ -x "$BUILD/asan/bin/iteris-mpi" ]; then
+  for name in $SAN_E2E; do
+    distinct=$((distinct + 1))
+    ITERIS_BIN=$PWD/$BUILD/asan/bin/iteris-mpi ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+      UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 timeout -k 10 1200 bash "tests/e2e/$name.sh" \
+      >"$LOGS/e2e-san-$name.log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then
+      pass=$((pass + 1)); echo "e2e under ASan/UBSan $name: passed"
+    else
+      fail=$((fail + 1)); echo "e2e under ASan/UBSan $name: FAILED (exit $rc; log $LOGS/e2e-san-$name.log)"
+      grep -a -E 'ERROR: AddressSanitizer|runtime error|SUMMARY' "$LOGS/e2e-san-$name.log" | head -n 10
+      tail -n 20 "$LOGS/e2e-san-$name.log"
+    fi
+  done
+fi
 echo "$skip skipped (not counted as passed); $distinct distinct tests"
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
