@@ -181,6 +181,45 @@ itr_err itr_adapter_open(const char *dir, const itr_model_config *base, itr_adap
 void itr_adapter_destroy(itr_adapter *a); /* accepts NULL */
 const itr_lora_module *itr_adapter_module(const itr_adapter *a, int layer, itr_module m);
 
+/* ---- PEFT LoRA adapters of any architecture ------------------------------------------------ */
+
+/* One module's factors: tensors "base_model.model.<path>.lora_A.weight" / "lora_B.weight". */
+typedef struct {
+  char *path;                   /* module path, e.g. "encoder.block.0.layer.0.SelfAttention.q" */
+  int r;                        /* after rank_pattern */
+  double alpha;                 /* after alpha_pattern */
+  double scaling;               /* alpha / r, or alpha / sqrt(r) with use_rslora */
+  const itr_tensor_info *A;     /* (r, d_in)  */
+  const itr_tensor_info *B;     /* (d_out, r) */
+} itr_lora_pair;
+
+typedef struct {
+  char dir[ITR_PATH_MAX];
+  char base_model[512];         /* base_model_name_or_path ("" when absent) */
+  char task_type[64];           /* task_type ("" when absent) */
+  int n_mod;
+  itr_lora_pair *mods;          /* in the file's order */
+  itr_safetensors *file;        /* adapter_model.safetensors, mapped */
+} itr_lora_file;
+
+/* Opens DIR/adapter_config.json and DIR/adapter_model.safetensors of an adapter of any architecture:
+ * the same config checks as itr_adapter_open (DoRA, biases, modules_to_save, patterns, ...), the
+ * factors paired by module path, 2-D, ranks agreeing with the config, finite. */
+itr_err itr_lora_file_open(const char *dir, itr_lora_file **out);
+void itr_lora_file_destroy(itr_lora_file *a); /* accepts NULL */
+const itr_lora_pair *itr_lora_file_find(const itr_lora_file *a, const char *path); /* NULL: not targeted */
+
+/* Writes such an adapter: every module padded with zeros to the largest rank (one r, lora_alpha = r:
+ * scaling 1, no rank_pattern), target_modules the module paths, in the order added. */
+typedef struct itr_lora_writer itr_lora_writer;
+itr_err itr_lora_writer_create(const char *base_model, const char *task_type, itr_dtype dtype,
+                               itr_lora_writer **out);
+void itr_lora_writer_destroy(itr_lora_writer *w); /* accepts NULL */
+/* Copies A (r, d_in) and B (d_out, r); r = 0 writes a zero update of rank 1. */
+itr_err itr_lora_writer_add_f64(itr_lora_writer *w, const char *path, int64_t d_out, int64_t d_in, int r,
+                                const double *A, const double *B);
+itr_err itr_lora_writer_write(const itr_lora_writer *w, const char *dir);
+
 /* The merged adapter: per (layer, module) factors A (r, d_in) and B (d_out, r), any r >= 1 per
  * module. Written as PEFT expects, with lora_alpha per module equal to r (scaling 1) through
  * rank_pattern / alpha_pattern when the ranks differ. */
@@ -222,6 +261,18 @@ itr_err itr_iofile_mkdirs(const char *dir);
 int itr_iofile_is_dir(const char *path);
 /* Removes a folder and everything under it (no symlinks followed); a missing folder is fine. */
 itr_err itr_iofile_remove_tree(const char *dir);
+/* Makes the finished folder partial the folder out: an existing out is moved aside
+ * (out.old.<pid>), partial renamed to out, the old one removed. */
+itr_err itr_iofile_commit_dir(const char *partial, const char *out);
+/* buf = the folder that holds path ("." for a bare name, "/" for "/x"). */
+void itr_iofile_parent(const char *path, char *buf, size_t len);
+/* FNV-1a 64 (itr_hash64_bytes) of a file's size and contents, continued from *h; with
+ * safetensors_header, of its 8-byte length and JSON header only (not the tensor data). *h is left
+ * as it was when the file cannot be read (a missing file is reported where it is opened). */
+void itr_iofile_digest(const char *path, int safetensors_header, uint64_t *h);
+/* The same over a model folder: config.json, the shard index and every *.safetensors header
+ * (names, shapes, offsets), combined independently of the order the folder lists them in. */
+void itr_iofile_digest_model(const char *dir, uint64_t *h);
 
 /* ---- HDF5 files (checkpoints, statistics) ------------------------------------------------------ */
 
@@ -239,6 +290,9 @@ itr_err itr_h5_write_f64(itr_h5 *h, const char *name, int ndim, const int64_t *d
 itr_err itr_h5_read_f64(itr_h5 *h, const char *name, int ndim, const int64_t *dims, double *data);
 /* Shape of a dataset (ndim <= ITR_MAX_DIMS); ITR_ERR_INPUT when absent. */
 itr_err itr_h5_shape(itr_h5 *h, const char *name, int *ndim, int64_t *dims);
+/* Rows [row0, row0 + nrows) of the 2-D dataset name (ncols columns) as f64 (a hyperslab). */
+itr_err itr_h5_read_rows_f64(itr_h5 *h, const char *name, int64_t row0, int64_t nrows, int64_t ncols,
+                             double *data);
 int itr_h5_has(itr_h5 *h, const char *name);
 itr_err itr_h5_set_attr(itr_h5 *h, const char *key, const char *value);
 itr_err itr_h5_get_attr(itr_h5 *h, const char *key, char *buf, size_t len);

@@ -54,6 +54,12 @@ typedef struct {
  * checkpoint is in OUT.partial/ (rerun with restart = 1). */
 itr_err itr_pipeline_merge(const itr_merge_opts *opt, MPI_Comm comm);
 
+/* Collective on comm. -features (docs/FEATURES.md): merges opt->adapters (PEFT LoRA of any
+ * architecture) from the inputs or statistics in opt->features, one solve per module on all ranks,
+ * into opt->out (adapter, merge_report.json; written to OUT.partial/ and renamed). Same error on
+ * every rank. */
+itr_err itr_pipeline_features(const itr_merge_opts *opt, MPI_Comm comm);
+
 /* ---- graceful stop ------------------------------------------------------------------------------
  * SIGTERM / SIGINT / SIGUSR1: the handlers only record the signal; the merge polls it at a layer
  * boundary, agrees on it across ranks, writes its checkpoint and stops with ITR_ERR_INTERRUPTED

@@ -10,7 +10,5 @@
 itr_err itr_cli_inspect(const itr_options *opt, MPI_Comm comm);
 itr_err itr_cli_make_demo(const itr_options *opt, MPI_Comm comm);
 itr_err itr_cli_logits(const itr_options *opt, MPI_Comm comm);
-/* -features FILE.h5 (features.c): one solve per module from user-supplied inputs or statistics. */
-itr_err itr_cli_features(const itr_merge_opts *opt, MPI_Comm comm);
 
 #endif

@@ -116,11 +116,7 @@ static itr_err check_log_view(int rank) {
   char *colon = strchr(file, ':');
   if (colon) *colon = 0;
   if (!file[0]) return ITR_OK;
-  snprintf(dir, sizeof dir, "%s", file);
-  char *slash = strrchr(dir, '/');
-  if (slash == dir) dir[1] = 0;
-  else if (slash) *slash = 0;
-  else snprintf(dir, sizeof dir, ".");
+  itr_iofile_parent(file, dir, sizeof dir);
   if (access(dir, W_OK | X_OK) == 0) return ITR_OK;
   (void)PetscOptionsClearValue(NULL, "-log_view");
   (void)rank;
@@ -185,7 +181,7 @@ int main(int argc, char **argv) {
       case ITR_MODE_MAKE_DEMO: err = itr_cli_make_demo(opt, MPI_COMM_WORLD); break;
       case ITR_MODE_LOGITS: err = itr_cli_logits(opt, MPI_COMM_WORLD); break;
       case ITR_MODE_MERGE: err = itr_pipeline_merge(&opt->m, MPI_COMM_WORLD); break;
-      case ITR_MODE_FEATURES: err = itr_cli_features(&opt->m, MPI_COMM_WORLD); break;
+      case ITR_MODE_FEATURES: err = itr_pipeline_features(&opt->m, MPI_COMM_WORLD); break;
     }
   }
   /* every mode returns the agreed error on all ranks; rank 0 prints it */

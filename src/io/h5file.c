@@ -128,6 +128,29 @@ itr_err itr_h5_read_f64(itr_h5 *h, const char *name, int ndim, const int64_t *di
   return ITR_OK;
 }
 
+itr_err itr_h5_read_rows_f64(itr_h5 *h, const char *name, int64_t row0, int64_t nrows, int64_t ncols,
+                             double *data) {
+  int n;
+  int64_t got[ITR_MAX_DIMS];
+  ITR_TRY(itr_h5_shape(h, name, &n, got));
+  ITR_CHECK(n == 2 && got[1] == ncols && row0 >= 0 && nrows >= 0 && row0 + nrows <= got[0], ITR_ERR_INPUT,
+            "'%s': dataset '%s' has no rows [%lld, %lld) of %lld columns", h->path, name, (long long)row0,
+            (long long)(row0 + nrows), (long long)ncols);
+  if (nrows == 0) return ITR_OK;
+  hid_t ds = H5Dopen2(h->file, name, H5P_DEFAULT);
+  hid_t fs = ds >= 0 ? H5Dget_space(ds) : -1;
+  hsize_t start[2] = {(hsize_t)row0, 0}, count[2] = {(hsize_t)nrows, (hsize_t)ncols};
+  hid_t ms = H5Screate_simple(2, count, NULL);
+  herr_t st = fs >= 0 ? H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL) : -1;
+  if (st >= 0) st = H5Dread(ds, H5T_NATIVE_DOUBLE, ms, fs, H5P_DEFAULT, data);
+  if (ms >= 0) H5Sclose(ms);
+  if (fs >= 0) H5Sclose(fs);
+  if (ds >= 0) H5Dclose(ds);
+  ITR_CHECK(st >= 0, ITR_ERR_INPUT, "'%s': cannot read rows [%lld, %lld) of dataset '%s'", h->path, (long long)row0,
+            (long long)(row0 + nrows), name);
+  return ITR_OK;
+}
+
 itr_err itr_h5_set_attr(itr_h5 *h, const char *key, const char *value) {
   hid_t type = H5Tcopy(H5T_C_S1);
   H5Tset_size(type, strlen(value) + 1);

@@ -133,7 +133,7 @@ static itr_err summarize_adapter(itr_peft_config *pc, itr_safetensors *st, FILE 
 
 static itr_err inspect_adapter(const char *dir, const char *cfg_file, FILE *f) {
   itr_peft_config pc;
-  ITR_TRY(itr_peft_config_read(cfg_file, &pc));
+  ITR_TRY(itr_peft_config_read(cfg_file, 0, &pc));
   fprintf(f, "adapter folder: %s\n", dir);
   fprintf(f, "  base model: %s\n", pc.base_model[0] ? pc.base_model : "(not given)");
   fprintf(f, "  r %d, lora_alpha %g, use_rslora %s, default scaling %g\n", pc.r, pc.lora_alpha,

@@ -2,9 +2,13 @@
  * fsync, rename), path joins, and typed JSON getters whose messages name file and key. */
 #include "io/iofile.h"
 
+#include "iteris/io.h"
+
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,6 +89,60 @@ int itr_iofile_is_dir(const char *path) {
 int itr_iofile_is_file(const char *path) {
   struct stat sb;
   return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+void itr_iofile_parent(const char *path, char *buf, size_t len) {
+  snprintf(buf, len, "%s", path);
+  char *slash = strrchr(buf, '/');
+  if (slash == buf) buf[1] = 0;
+  else if (slash) *slash = 0;
+  else snprintf(buf, len, ".");
+}
+
+void itr_iofile_digest(const char *path, int safetensors_header, uint64_t *h) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return;
+  struct stat sb;
+  uint64_t x = *h;
+  if (fstat(fileno(f), &sb) == 0) x = itr_hash64_bytes(x, &sb.st_size, sizeof sb.st_size);
+  unsigned char buf[1 << 16];
+  uint64_t want = UINT64_MAX; /* bytes still to hash (all of them unless a header) */
+  if (safetensors_header) {
+    unsigned char len8[8];
+    want = 0;
+    if (fread(len8, 1, 8, f) == 8) {
+      for (int b = 7; b >= 0; b--) want = want << 8 | len8[b];
+      x = itr_hash64_bytes(x, len8, 8);
+    }
+  }
+  size_t got;
+  while (want > 0 && (got = fread(buf, 1, want < sizeof buf ? (size_t)want : sizeof buf, f)) > 0) {
+    x = itr_hash64_bytes(x, buf, got);
+    if (want != UINT64_MAX) want -= got;
+  }
+  fclose(f);
+  *h = x;
+}
+
+void itr_iofile_digest_model(const char *dir, uint64_t *h) {
+  char path[ITR_PATH_MAX + 512]; /* the folder, '/', a file name of up to 255 bytes */
+  snprintf(path, sizeof path, "%s/config.json", dir);
+  itr_iofile_digest(path, 0, h);
+  snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+  itr_iofile_digest(path, 0, h);
+  DIR *d = opendir(dir);
+  if (!d) return;
+  uint64_t sum = 0; /* readdir's order is the file system's: add the files' digests */
+  for (struct dirent *de; (de = readdir(d)) != NULL;) {
+    const size_t n = strlen(de->d_name);
+    if (n < 12 || strcmp(de->d_name + n - 12, ".safetensors") != 0) continue;
+    uint64_t fh = itr_hash64(de->d_name);
+    snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+    itr_iofile_digest(path, 1, &fh);
+    sum += fh;
+  }
+  closedir(d);
+  *h = itr_hash64_bytes(*h, &sum, sizeof sum);
 }
 
 itr_err itr_iofile_join(char *buf, size_t len, const char *dir, const char *name) {

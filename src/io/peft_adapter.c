@@ -157,7 +157,7 @@ static itr_err read_targets(const cJSON *root, const char *file, unsigned *mask)
   return ITR_OK;
 }
 
-static itr_err parse_peft(const cJSON *root, itr_peft_config *c) {
+static itr_err parse_peft(const cJSON *root, int generic, itr_peft_config *c) {
   const char *file = c->file;
   const char *s = NULL;
   ITR_TRY(itr_json_string(root, "peft_type", file, "LORA", &s));
@@ -207,14 +207,17 @@ static itr_err parse_peft(const cJSON *root, itr_peft_config *c) {
   ITR_TRY(itr_json_string(root, "base_model_name_or_path", file, "", &s));
   ITR_CHECK(strlen(s) < sizeof c->base_model, ITR_ERR_INPUT, "%s: base_model_name_or_path is too long", file);
   snprintf(c->base_model, sizeof c->base_model, "%s", s);
-  ITR_TRY(read_targets(root, file, &c->listed_mask));
+  ITR_TRY(itr_json_string(root, "task_type", file, "", &s));
+  snprintf(c->task_type, sizeof c->task_type, "%s", s);
   ITR_TRY(read_patterns(root, "rank_pattern", 1, file, &c->rank_pattern, &c->n_rank));
   ITR_TRY(read_patterns(root, "alpha_pattern", 0, file, &c->alpha_pattern, &c->n_alpha));
+  if (generic) return ITR_OK; /* module paths come from the tensors; no layer list to check */
+  ITR_TRY(read_targets(root, file, &c->listed_mask));
   ITR_TRY(read_layers(root, file, c));
   return ITR_OK;
 }
 
-itr_err itr_peft_config_read(const char *file, itr_peft_config *out) {
+itr_err itr_peft_config_read(const char *file, int generic, itr_peft_config *out) {
   itr_peft_config c;
   memset(&c, 0, sizeof c);
   c.n_layers_tf = -1;
@@ -222,7 +225,7 @@ itr_err itr_peft_config_read(const char *file, itr_peft_config *out) {
   snprintf(c.file, sizeof c.file, "%s", file);
   cJSON *root = NULL;
   ITR_TRY(itr_json_read_object(file, &root));
-  itr_err e = parse_peft(root, &c);
+  itr_err e = parse_peft(root, generic, &c);
   cJSON_Delete(root);
   if (e != ITR_OK) {
     itr_peft_config_fini(&c);
@@ -264,6 +267,10 @@ static itr_err resolve(itr_peft_pattern *p, int n, const char *path, const char 
 itr_err itr_peft_config_module(itr_peft_config *c, int layer, itr_module m, int *r, double *alpha) {
   char path[128];
   snprintf(path, sizeof path, "model.layers.%d.%s.%s", layer, itr_module_block(m), itr_module_name(m));
+  return itr_peft_config_path(c, path, r, alpha);
+}
+
+itr_err itr_peft_config_path(itr_peft_config *c, const char *path, int *r, double *alpha) {
   int found;
   double v = 0;
   ITR_TRY(resolve(c->rank_pattern, c->n_rank, path, "rank_pattern", c->file, &found, &v));
@@ -470,7 +477,7 @@ itr_err itr_adapter_open(const char *dir, const itr_model_config *base, itr_adap
   }
   snprintf(a->dir, sizeof a->dir, "%s", dir);
   ITR_TRY_GOTO(itr_iofile_join(file, sizeof file, dir, "adapter_config.json"), e, fail);
-  ITR_TRY_GOTO(itr_peft_config_read(file, &pc), e, fail);
+  ITR_TRY_GOTO(itr_peft_config_read(file, 0, &pc), e, fail);
   a->r = pc.r;
   a->lora_alpha = pc.lora_alpha;
   a->use_rslora = pc.use_rslora;

@@ -10,6 +10,7 @@
  *   driver_data.c    the data-parallel iterations
  *   driver_direct.c  the methods without calibration data
  *   driver_stages.c  -stages: the pipeline-parallel iterations
+ *   driver_features.c -features: one solve per named module from external inputs (itr_pipeline_features)
  *   run.c            setup, the driver's choice, evaluation, the atomic write (itr_pipeline_merge) */
 #ifndef ITERIS_PIPELINE_INTERNAL_H
 #define ITERIS_PIPELINE_INTERNAL_H
@@ -160,6 +161,11 @@ itr_err merge_evaluate(merge_ctx *c);
  * (itr_residual_passed) stops the run with ITR_ERR_NUMERIC (itr_residual_error) on every rank.
  * Collective on c->comm. */
 itr_err merge_solve_layer(merge_ctx *c, int k, int l, double *max_resid);
+/* Solves one assembled system on grid with ScaLAPACK (itr_dist_solve_spd): T2 distributed, the
+ * right-hand sides sys->rhs (replicated) in; sys->rhs receives Y on every rank of the grid, with
+ * solved, residual and passed. ev: the -log_view event. Collective on the grid's comm. */
+itr_err site_solve_system(const itr_dist_grid *grid, const itr_dist_matrix *T2, itr_system *sys,
+                          itr_dist_solve_report *rep, PetscLogEvent ev);
 /* Factors of adapter a for (l, m) in f64 (allocated in *A, *B; r = 0 and NULL when the adapter
  * does not target the module); fills t->r, t->scale, t->A, t->B. Not Collective. */
 itr_err merge_task_factors(const itr_adapter *a, int l, itr_module m, int64_t d_out, int64_t d_in, itr_merge_task *t,
@@ -195,6 +201,16 @@ itr_err stats_write(const merge_ctx *c, const char *dir);
 /* Writes DIR/merge_report.json (options, per-iteration residuals, weights, fidelity, timings).
  * Not Collective (rank 0). */
 itr_err merge_report_write(const merge_ctx *c, const char *dir);
+/* The same report for a merge of named modules without layers or calibration data (-features): one
+ * solve per module, its scaled residual, adaptive weights and energy kept. Not Collective. */
+typedef struct {
+  const char *name;
+  int64_t d_out, d_in, rank;
+  double residual, energy_kept;
+  const double *coef; /* (N) adaptive weights c_i */
+} report_module;
+itr_err merge_report_write_modules(const itr_merge_opts *o, const itr_method *method, int ranks, double seconds,
+                                  double energy_kept_min, int n, const report_module *mods, const char *dir);
 /* Prints the fidelity table (when evaluated) and a one-line summary. Not Collective. */
 void merge_report_print(const merge_ctx *c, FILE *f);
 

@@ -11,6 +11,7 @@ static cJSON *num_or_null(double v) { return isfinite(v) ? cJSON_CreateNumber(v)
 static cJSON *options_json(const itr_merge_opts *o) {
   cJSON *j = cJSON_CreateObject();
   cJSON_AddStringToObject(j, "base", o->base);
+  if (o->features[0]) cJSON_AddStringToObject(j, "features", o->features);
   cJSON *ad = cJSON_AddArrayToObject(j, "adapters"), *ca = cJSON_AddArrayToObject(j, "calib"),
         *ho = cJSON_AddArrayToObject(j, "heldout"), *mc = cJSON_AddArrayToObject(j, "manual_coef");
   for (int i = 0; i < o->n_adapters; i++) {
@@ -110,6 +111,56 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
       }
       cJSON_AddItemToArray(mods, j);
     }
+  char *text = cJSON_Print(root);
+  cJSON_Delete(root);
+  ITR_CHECK(text, ITR_ERR_INTERNAL, "out of memory printing the merge report");
+  char path[ITR_PATH_MAX + 32];
+  snprintf(path, sizeof path, "%s/merge_report.json", dir);
+  itr_err e = itr_iofile_write_atomic(path, text, strlen(text));
+  free(text);
+  return e;
+}
+
+itr_err merge_report_write_modules(const itr_merge_opts *o, const itr_method *method, int ranks, double seconds,
+                                  double energy_kept_min, int n, const report_module *mods, const char *dir) {
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddStringToObject(root, "tool", "iteris-mpi");
+  cJSON_AddStringToObject(root, "mode", "features");
+  cJSON_AddItemToObject(root, "options", options_json(o));
+  cJSON_AddNumberToObject(root, "ranks", ranks);
+  cJSON_AddNumberToObject(root, "stages", 1);
+  cJSON_AddNumberToObject(root, "iterations", 1);
+  cJSON_AddNumberToObject(root, "seconds_merge", seconds);
+  cJSON_AddNumberToObject(root, "residual_threshold", ITR_RESIDUAL_THRESHOLD);
+  if (o->out_rank > 0) cJSON_AddNumberToObject(root, "energy_kept_min", energy_kept_min);
+  cJSON *tasks = cJSON_AddArrayToObject(root, "tasks");
+  for (int i = 0; i < o->n_adapters; i++) {
+    cJSON *t = cJSON_CreateObject();
+    cJSON_AddStringToObject(t, "adapter", o->adapters[i]);
+    cJSON_AddItemToArray(tasks, t);
+  }
+  cJSON *ma = cJSON_AddArrayToObject(root, "modules");
+  for (int q = 0; q < n; q++) {
+    const report_module *m = &mods[q];
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "module", m->name);
+    cJSON_AddNumberToObject(j, "d_out", (double)m->d_out);
+    cJSON_AddNumberToObject(j, "d_in", (double)m->d_in);
+    cJSON_AddNumberToObject(j, "rank", (double)m->rank);
+    if (o->out_rank > 0) {
+      cJSON_AddNumberToObject(j, "out_rank", o->out_rank);
+      cJSON_AddItemToObject(j, "energy_kept", num_or_null(m->energy_kept));
+    }
+    if (method->flags & ITR_METHOD_ADAPTIVE) {
+      cJSON *w = cJSON_AddArrayToObject(j, "adaptive_weight");
+      for (int i = 0; i < o->n_adapters; i++) cJSON_AddItemToArray(w, num_or_null(m->coef[i]));
+    }
+    if (method->flags & ITR_METHOD_STATS) {
+      cJSON *r = cJSON_AddArrayToObject(j, "scaled_residual");
+      cJSON_AddItemToArray(r, num_or_null(m->residual));
+    }
+    cJSON_AddItemToArray(ma, j);
+  }
   char *text = cJSON_Print(root);
   cJSON_Delete(root);
   ITR_CHECK(text, ITR_ERR_INTERNAL, "out of memory printing the merge report");

@@ -22,7 +22,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <dirent.h>
 #include <stdint.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -124,65 +123,19 @@ static itr_err check_sizes(const merge_ctx *c) {
   return ITR_OK;
 }
 
-/* FNV-1a of a whole file into h (size first); *h unchanged when it cannot be read (a missing file is
- * reported elsewhere). head > 0: only a safetensors header (8-byte length + JSON), not the data. */
-static void digest_file(uint64_t *h, const char *path, int head) {
-  FILE *f = fopen(path, "rb");
-  if (!f) return;
-  struct stat sb;
-  uint64_t x = *h;
-  if (fstat(fileno(f), &sb) == 0) x = itr_hash64_bytes(x, &sb.st_size, sizeof sb.st_size);
-  unsigned char buf[1 << 16];
-  uint64_t want = UINT64_MAX;
-  if (head) {
-    unsigned char len8[8];
-    if (fread(len8, 1, 8, f) == 8) {
-      want = 0;
-      for (int b = 7; b >= 0; b--) want = want << 8 | len8[b];
-      x = itr_hash64_bytes(x, len8, 8);
-    } else {
-      want = 0;
-    }
-  }
-  size_t got;
-  while (want > 0 && (got = fread(buf, 1, want < sizeof buf ? (size_t)want : sizeof buf, f)) > 0) {
-    x = itr_hash64_bytes(x, buf, got);
-    if (want != UINT64_MAX) want -= got;
-  }
-  fclose(f);
-  *h = x;
-}
-
 /* The contents of what decides the merge, for the checkpoint's fingerprint: the base model's
- * config.json, index and safetensors headers (names, shapes, offsets; its data is too large to read
- * twice), every adapter's files whole, and the calibration tokens as read (after -max_tokens). */
+ * config.json, index and safetensors headers (its data is too large to read twice), every adapter's
+ * files whole, and the calibration tokens as read (after -max_tokens). */
 static uint64_t inputs_digest(const merge_ctx *c) {
   const itr_merge_opts *o = c->opt;
   uint64_t h = itr_hash64(NULL);
-  char path[ITR_PATH_MAX + 512]; /* a -base or adapter path, '/', a file name of up to 255 bytes */
-  snprintf(path, sizeof path, "%s/config.json", o->base);
-  digest_file(&h, path, 0);
-  snprintf(path, sizeof path, "%s/model.safetensors.index.json", o->base);
-  digest_file(&h, path, 0);
-  DIR *dir = opendir(o->base);
-  if (dir) { /* readdir's order is the file system's: combine the files' digests order-free */
-    uint64_t sum = 0;
-    for (struct dirent *de; (de = readdir(dir)) != NULL;) {
-      const size_t n = strlen(de->d_name);
-      if (n < 12 || strcmp(de->d_name + n - 12, ".safetensors") != 0) continue;
-      uint64_t fh = itr_hash64(de->d_name);
-      snprintf(path, sizeof path, "%s/%s", o->base, de->d_name);
-      digest_file(&fh, path, 1);
-      sum += fh;
-    }
-    closedir(dir);
-    h = itr_hash64_bytes(h, &sum, sizeof sum);
-  }
+  char path[ITR_PATH_MAX + 64];
+  itr_iofile_digest_model(o->base, &h);
   for (int i = 0; i < c->N; i++) {
     snprintf(path, sizeof path, "%s/adapter_config.json", o->adapters[i]);
-    digest_file(&h, path, 0);
+    itr_iofile_digest(path, 0, &h);
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", o->adapters[i]);
-    digest_file(&h, path, 0);
+    itr_iofile_digest(path, 0, &h);
   }
   for (int i = 0; i < o->n_calib; i++) {
     const itr_token_set *ts = &c->calib[i];
@@ -203,12 +156,8 @@ static itr_err check_out_dir(const itr_merge_opts *o) {
               o->out);
   }
   /* OUT.partial/ is made beside OUT: its folder must be writable now, not at the first checkpoint */
-  char parent[ITR_PATH_MAX + 64];
-  snprintf(parent, sizeof parent, "%s", o->out);
-  char *slash = strrchr(parent, '/');
-  if (slash == parent) parent[1] = 0;
-  else if (slash) *slash = 0;
-  else snprintf(parent, sizeof parent, ".");
+  char parent[ITR_PATH_MAX];
+  itr_iofile_parent(o->out, parent, sizeof parent);
   ITR_CHECK(stat(parent, &sb) == 0 && S_ISDIR(sb.st_mode), ITR_ERR_INPUT,
             "-out '%s': the folder '%s' does not exist; create it first or choose another -out", o->out, parent);
   ITR_CHECK(access(parent, W_OK | X_OK) == 0, ITR_ERR_INPUT,
@@ -247,21 +196,15 @@ static itr_err write_adapter(merge_ctx *c, const char *dir) {
 
 static itr_err write_outputs(merge_ctx *c) {
   const itr_merge_opts *o = c->opt;
-  char partial[ITR_PATH_MAX + 16], old[ITR_PATH_MAX + 32];
+  char partial[ITR_PATH_MAX + 16];
   snprintf(partial, sizeof partial, "%s.partial", o->out);
-  snprintf(old, sizeof old, "%s.old.%ld", o->out, (long)getpid());
   ITR_TRY(itr_iofile_mkdirs(partial));
   /* each file is written atomically; OUT appears only when all are there */
   ITR_TRY(write_adapter(c, partial));
   ITR_TRY(merge_report_write(c, partial));
   ITR_TRY(stats_write(c, partial));
   checkpoint_remove(c, partial);
-  int had_old = access(o->out, F_OK) == 0;
-  if (had_old) ITR_CHECK(rename(o->out, old) == 0, ITR_ERR_INTERNAL, "cannot move the old '%s' aside: %s", o->out, strerror(errno));
-  ITR_CHECK(rename(partial, o->out) == 0, ITR_ERR_INTERNAL, "cannot rename '%s' to '%s': %s", partial, o->out,
-            strerror(errno));
-  if (had_old) ITR_TRY(itr_iofile_remove_tree(old));
-  return ITR_OK;
+  return itr_iofile_commit_dir(partial, o->out);
 }
 
 /* ---- entry ------------------------------------------------------------------------------------- */

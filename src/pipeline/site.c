@@ -233,11 +233,9 @@ static itr_err adaptive_weight(const module_job *j, int i, double ww, double xw,
   return ITR_OK;
 }
 
-/* Solves module j on grid (Collective on the grid's comm): T2 and the rhs (replicated) go in,
- * sys.rhs receives Y on every rank of the grid. */
-static itr_err solve_on(const itr_dist_grid *grid, const itr_dist_matrix *T2, module_job *j,
-                        itr_dist_solve_report *rep, PetscLogEvent ev) {
-  const int64_t d = j->sys.d_in, R = j->sys.nrhs;
+itr_err site_solve_system(const itr_dist_grid *grid, const itr_dist_matrix *T2, itr_system *sys,
+                          itr_dist_solve_report *rep, PetscLogEvent ev) {
+  const int64_t d = sys->d_in, R = sys->nrhs;
   (void)PetscLogEventBegin(ev, 0, 0, 0, 0);
   itr_dist_matrix B = {0}, Y = {0};
   double *tmp = NULL;
@@ -246,16 +244,16 @@ static itr_err solve_on(const itr_dist_grid *grid, const itr_dist_matrix *T2, mo
   if (e == ITR_OK) e = itr_calloc((size_t)d * (size_t)R, sizeof(double), "right-hand sides (d_in, R)", &tmp);
   e = itr_dist_agree(grid->comm, e);
   if (e == ITR_OK) {
-    itr_system_transpose(R, d, j->sys.rhs, tmp);
+    itr_system_transpose(R, d, sys->rhs, tmp);
     itr_dist_matrix_scatter(&B, tmp);
-    e = itr_dist_solve_spd(j->label, T2, &B, &Y, rep);
+    e = itr_dist_solve_spd(sys->label, T2, &B, &Y, rep);
   }
   if (e == ITR_OK) e = itr_dist_matrix_gather(&Y, -1, tmp);
   if (e == ITR_OK) {
-    itr_system_transpose(d, R, tmp, j->sys.rhs);
-    j->sys.solved = 1;
-    j->sys.residual = rep->residual;
-    j->sys.passed = rep->passed;
+    itr_system_transpose(d, R, tmp, sys->rhs);
+    sys->solved = 1;
+    sys->residual = rep->residual;
+    sys->passed = rep->passed;
   }
   free(tmp);
   itr_dist_matrix_fini(&B);
@@ -412,7 +410,7 @@ static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj,
       itr_dist_matrix_fini(&jobs[q].T2); /* one d_in^2 / P less while the groups solve */
     }
     for (int q = 0; q < nj && e == ITR_OK; q++)
-      if (group_of[q] == c->group) e = solve_on(c->group_grid, &T2g[q], &jobs[q], &reps[q], c->ev_solve);
+      if (group_of[q] == c->group) e = site_solve_system(c->group_grid, &T2g[q], &jobs[q].sys, &reps[q], c->ev_solve);
     for (int q = 0; q < nj; q++) itr_dist_matrix_fini(&T2g[q]);
     e = itr_dist_agree(c->comm, e);
     for (int q = 0; q < nj && e == ITR_OK; q++) {
@@ -430,7 +428,7 @@ static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj,
     module_job *j = &jobs[q];
     itr_update upd = {0};
     itr_dist_solve_report rep = reps[q];
-    if (!grouped) e = solve_on(c->grid, &j->T2, j, &rep, c->ev_solve);
+    if (!grouped) e = site_solve_system(c->grid, &j->T2, &j->sys, &rep, c->ev_solve);
     itr_dist_matrix_fini(&j->T2);
     if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_update_from_system(&j->sys, N, j->tasks, j->d_out, j->W0, &upd));
     if (e != ITR_OK) break;

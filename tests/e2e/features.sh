@@ -4,9 +4,10 @@
 # one module that adapter 0 does not target; X/Xt rows per task and module, and the same data reduced to
 # statistics). Every module's dW = B A of the output must match an independent dense float64 NumPy
 # computation of ALGORITHM.md's formulas within TOL (relative Frobenius), the adaptive weights c_i of
-# features_report.json within 1e-10; the statistics-only file must give the same adapter as the rows file;
+# merge_report.json within 1e-10; the statistics-only file must give the same adapter as the rows file;
 # every bad file must fail with exit code 2, a message naming the file and the dataset, and no OUT left.
 #
+# Runs at np 1, 2, 3 and 4 (each rank reduces its share of the rows; ScaLAPACK solves on all ranks).
 # Measured (F64 output): worst relative error of dW 2e-16 .. 3e-15 for iteris / regmean / task arithmetic;
 # rows vs statistics 9e-16. A wrong setting on this case moves dW by 1e-2 .. 1 (see the sensitivity lines
 # printed at the end), so TOL = 1e-9 separates them by many orders of magnitude. F32 output: 3e-8 (TOL32).
@@ -41,6 +42,8 @@ check() {
 check iteris 1 rows.h5 "-out_dtype F64" ""
 check iteris_np2 2 rows.h5 "-out_dtype F64" ""
 check iteris_stats 1 stats.h5 "-out_dtype F64" ""
+check iteris_np3 3 rows.h5 "-out_dtype F64" ""
+check regmean_stats_np4 4 stats.h5 "-out_dtype F64 -method regmean" "--method regmean"
 check iteris_ridge_reg_manual 1 rows.h5 "-out_dtype F64 -alpha_1 1e-2 -alpha_2 3e-2 -reg_coef 0.3 -manual_coef 1,2,0.5" \
   "--alpha_1 1e-2 --alpha_2 3e-2 --reg_coef 0.3 --manual_coef 1,2,0.5"
 check iteris_ridge_reg_manual_stats 1 stats.h5 "-out_dtype F64 -alpha_1 1e-2 -alpha_2 3e-2 -reg_coef 0.3 -manual_coef 1,2,0.5" \

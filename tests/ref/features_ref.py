@@ -13,7 +13,7 @@
                         --ta_lambda --out_rank --tol]
       recomputes every module's merged update dW* with ALGORITHM.md's dense formulas (IterIS: one solve
       with the given X, Xt; RegMean; task arithmetic), compares with OUT's B A (scaling lora_alpha / r) in
-      relative Frobenius norm, and the adaptive weights c_i with OUT/features_report.json. Exit 1 on failure.
+      relative Frobenius norm, and the adaptive weights c_i with OUT/merge_report.json. Exit 1 on failure.
 """
 import argparse
 import json
@@ -220,7 +220,7 @@ def check(d, od, a):
     ref, coefs = reference(d, a)
     cfg = json.load(open(os.path.join(od, "adapter_config.json")))
     t = safetensors_np.load(os.path.join(od, "adapter_model.safetensors"))
-    rep = json.load(open(os.path.join(od, "features_report.json")))
+    rep = json.load(open(os.path.join(od, "merge_report.json")))
     bad, worst, worst_c = 0, 0.0, 0.0
     r = cfg["r"]
     if cfg.get("lora_alpha") != r or cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("use_rslora"):
@@ -233,7 +233,7 @@ def check(d, od, a):
     if set(t) != names:
         print(f"{a.label}: FAILED: tensors {sorted(set(t) ^ names)}")
         bad += 1
-    rmods = {j["name"]: j for j in rep["modules"]}
+    rmods = {j["module"]: j for j in rep["modules"]}
     for m, dref in ref.items():
         if a.out_rank > 0:
             U, s, Vt = np.linalg.svd(dref, full_matrices=False)
@@ -252,9 +252,10 @@ def check(d, od, a):
         if not err <= a.tol:
             print(f"{a.label}: FAILED: {m}: relative error {err:.3e} > {a.tol:g}")
             bad += 1
-        if m in coefs:
-            cg = np.array(rmods[m]["coef"])
-            ce = np.max(np.abs(cg - np.array(coefs[m])) / np.abs(np.array(coefs[m])))
+        if a.method == "iteris" and m in coefs:
+            cg = np.array(rmods[m].get("adaptive_weight", []), dtype=float)
+            ce = (np.max(np.abs(cg - np.array(coefs[m])) / np.abs(np.array(coefs[m])))
+                  if cg.shape == np.shape(coefs[m]) else np.inf)
             worst_c = max(worst_c, ce)
             if not ce <= 1e-10:
                 print(f"{a.label}: FAILED: {m}: coef {cg} vs reference {coefs[m]}")
