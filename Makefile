@@ -1,7 +1,8 @@
 # iteris-mpi build. `make deps` installs the Debian packages, `make` builds the library and the
 # binary, `make test` builds and runs every test and ends with "N passed, N failed".
 # Variables: BUILD (output folder, default build), WERROR=1 (warnings are errors; CI sets it),
-# SAN=1 (AddressSanitizer + UndefinedBehaviorSanitizer build), OPT (optimisation flags).
+# SAN=1 (AddressSanitizer + UndefinedBehaviorSanitizer build), OPT (optimisation flags),
+# FUZZ_SECONDS (how long `make fuzz` runs each libFuzzer target; default 60).
 
 BUILD  ?= build
 OPT    ?= -O2 -g
@@ -29,6 +30,13 @@ SANFLAGS :=
 ifeq ($(SAN),1)
 SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 endif
+# FUZZ=1 (set by `make fuzz` for its own BUILD folder): clang through mpicc, libFuzzer's coverage
+# instrumentation with ASan/UBSan
+FUZZ ?= 0
+ifeq ($(FUZZ),1)
+export OMPI_CC := clang
+SANFLAGS := -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+endif
 
 CPPFLAGS := -Iinclude -Isrc $(PKG_CFLAGS) -D_POSIX_C_SOURCE=200809L -DOMPI_SKIP_MPICXX=1
 CFLAGS   := -std=c11 $(OPT) $(WARN) $(SANFLAGS) -fPIC
@@ -51,8 +59,12 @@ MPI_OBJ  := $(MPI_SRC:%.cc=$(BUILD)/obj/%.o)
 UNIT_BIN := $(BUILD)/tests/unit_tests
 MPI_BIN  := $(BUILD)/tests/mpi_tests
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=$(BUILD)/fuzz/%)
+FUZZ_CLI := $(BUILD)/obj/src/cli/options.o $(BUILD)/obj/src/cli/job_file.o
+FUZZ_SECONDS ?= 60
 
-.PHONY: all deps test test-unit test-mpi test-e2e test-asan test-slurm bench demo clean format help
+.PHONY: all deps test test-unit test-mpi test-e2e test-asan test-slurm fuzz fuzz-bins bench demo clean format help
 all: $(BIN)
 
 help:
@@ -97,6 +109,13 @@ $(BUILD)/bench/%: bench/%.c $(LIB)
 
 tests: $(BIN) $(UNIT_BIN) $(MPI_BIN)
 
+$(BUILD)/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz_common.h $(LIB) $(FUZZ_CLI)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  LD    $@")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_CLI) $(LIB) $(PKG_LIBS)
+
+fuzz-bins: $(FUZZ_BIN)
+
 # Everything: unit tests, the same unit tests under ASan/UBSan, MPI tests at -np 1..4, end-to-end runs, and
 # some end-to-end runs again with the binary built with ASan/UBSan.
 test: tests
@@ -118,6 +137,12 @@ test-e2e: $(BIN)
 
 test-slurm: $(BIN)
 	BUILD=$(BUILD) bash tests/slurm/run.sh
+
+# libFuzzer targets (tests/fuzz/) built with clang in BUILD/fuzz, each run over its seed corpus and
+# then for FUZZ_SECONDS; ends with "N passed, N failed"
+fuzz:
+	$(MAKE) --no-print-directory BUILD=$(BUILD)/fuzz FUZZ=1 OPT="-O1 -g" fuzz-bins
+	BUILD=$(BUILD)/fuzz FUZZ_SECONDS=$(FUZZ_SECONDS) bash tests/fuzz/run.sh
 
 bench: $(BIN) $(BENCH_BIN)
 	BUILD=$(BUILD) bash bench/run.sh

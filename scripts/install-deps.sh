@@ -7,7 +7,8 @@ set -euo pipefail
 
 pkgs=(openmpi-bin libopenmpi-dev libscalapack-openmpi-dev libopenblas-dev liblapacke-dev
       petsc-dev libhdf5-openmpi-dev hdf5-tools libgtest-dev libcjson-dev pkg-config
-      gcc g++ gfortran make gnuplot-nox python3-numpy time)
+      gcc g++ gfortran make gnuplot-nox python3-numpy time
+      clang libclang-rt-14-dev)  # clang + libFuzzer: make fuzz
 for a in "$@"; do
   case "$a" in
     --slurm) pkgs+=(slurm-wlm munge) ;;

@@ -16,70 +16,6 @@
 #include "iteris/io.h"
 #include "iteris/pipeline.h"
 
-/* A job file checked line by line before PETSc reads it (PETSc's own errors in an options file end in
- * a 3 KB banner and a hang or an improper exit, without the file's name). Job files are flat: in
- * YAML (.yaml, .yml) one "key: value" per line (a value may be a [list] on that line), otherwise
- * PETSc's "-key value" lines; '#' starts a comment. Prints "error: ..." on rank 0; 1 when bad. */
-static int job_file_bad(const char *path, int rank) {
-  struct stat sb;
-  char msg[512] = "";
-  FILE *f = NULL;
-  if (stat(path, &sb) != 0 || access(path, R_OK) != 0)
-    snprintf(msg, sizeof msg, "cannot read the job file '%s'. Check the path (jobs/ holds examples)", path);
-  else if (!S_ISREG(sb.st_mode))
-    snprintf(msg, sizeof msg, "the job file '%s' is not a regular file (a folder?): give a .yaml job file", path);
-  else if (!(f = fopen(path, "rb")))
-    snprintf(msg, sizeof msg, "cannot open the job file '%s': %s", path, strerror(errno));
-  const size_t n = strlen(path);
-  const int yaml = (n > 5 && !strcmp(path + n - 5, ".yaml")) || (n > 4 && !strcmp(path + n - 4, ".yml"));
-  char line[8192];
-  for (long lineno = 1; f && !msg[0] && fgets(line, sizeof line, f); lineno++) {
-    size_t len = strlen(line);
-    if (len == sizeof line - 1 && line[len - 1] != '\n') {
-      snprintf(msg, sizeof msg, "job file '%s', line %ld: longer than %zu bytes", path, lineno, sizeof line - 2);
-      break;
-    }
-    for (size_t q = 0; q < len && !msg[0]; q++) {
-      const unsigned char ch = (unsigned char)line[q];
-      if (ch < 0x20 && ch != '\t' && ch != '\n' && ch != '\r')
-        snprintf(msg, sizeof msg, "job file '%s', line %ld, column %zu: byte 0x%02x is not text", path, lineno, q + 1, ch);
-    }
-    if (msg[0]) break;
-    char *hash = strchr(line, '#');
-    if (hash && (hash == line || hash[-1] == ' ' || hash[-1] == '\t')) *hash = 0;
-    len = strlen(line);
-    while (len && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ' || line[len - 1] == '\t'))
-      line[--len] = 0;
-    size_t lead = strspn(line, " \t");
-    if (lead == len) continue; /* blank or comment */
-    if (!yaml) {
-      if (line[lead] != '-')
-        snprintf(msg, sizeof msg, "job file '%s', line %ld: '%.60s' is not an option (PETSc job files hold "
-                 "'-key value' lines; YAML job files end in .yaml)", path, lineno, line + lead);
-      continue;
-    }
-    if (lead > 0) {
-      snprintf(msg, sizeof msg, "job file '%s', line %ld: indented with %s; job files are flat 'key: value' lines",
-               path, lineno, strchr(line, '\t') && (size_t)(strchr(line, '\t') - line) < lead ? "a tab" : "spaces");
-      continue;
-    }
-    size_t key = strspn(line, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_");
-    if (key == 0 || line[key] != ':' || (line[key + 1] && line[key + 1] != ' ' && line[key + 1] != '\t')) {
-      snprintf(msg, sizeof msg, "job file '%s', line %ld: '%.60s' is not a 'key: value' line", path, lineno, line);
-      continue;
-    }
-    const char *v = line + key + 1 + strspn(line + key + 1, " \t");
-    const size_t vl = strlen(v);
-    if ((v[0] == '[') != (vl > 0 && v[vl - 1] == ']') || (v[0] == '{') != (vl > 0 && v[vl - 1] == '}') ||
-        ((v[0] == '"' || v[0] == '\'') && (vl < 2 || v[vl - 1] != v[0])))
-      snprintf(msg, sizeof msg, "job file '%s', line %ld: the value of '%.*s' is not closed ('%.40s')", path, lineno,
-               (int)key, line, v);
-  }
-  if (f) fclose(f);
-  if (msg[0] && rank == 0) fprintf(stderr, "error: %s\n(exit code 2: input error)\n", msg);
-  return msg[0] != 0;
-}
-
 /* Before PETSc starts: -help (ours, not PETSc's 300 lines) and job files PETSc could not read,
  * which it would report with a 3 KB banner on every rank, or hang on. */
 static int prescan_args(int argc, char **argv, int rank, int *exit_code) {
@@ -95,7 +31,9 @@ static int prescan_args(int argc, char **argv, int rank, int *exit_code) {
         *exit_code = 2;
         return 1;
       }
-      if (job_file_bad(argv[i + 1], rank)) {
+      char msg[512];
+      if (itr_job_file_check(argv[i + 1], msg, sizeof msg)) {
+        if (rank == 0) fprintf(stderr, "error: %s\n(exit code 2: input error)\n", msg);
         *exit_code = 2;
         return 1;
       }

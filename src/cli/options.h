@@ -26,6 +26,9 @@ typedef struct {
  * Fills opt from the database (command line, -options_file, PETSC_OPTIONS); an unknown or
  * unused option, a malformed value or a missing required option is ITR_ERR_INPUT. */
 itr_err itr_options_parse(itr_options *opt);
+/* Checks the job file path (job_file.c); 0 when PETSc may read it, else 1 with msg (naming the file,
+ * the line and the column where it applies). Not Collective. */
+int itr_job_file_check(const char *path, char *msg, size_t len);
 /* Prints the option table with defaults and the exit codes. */
 void itr_options_print_help(FILE *f);
 /* Writes the options as a JSON object body (for the merge report). */

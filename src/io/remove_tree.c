@@ -28,10 +28,15 @@ itr_err itr_iofile_commit_dir(const char *partial, const char *out) {
   char old[ITR_PATH_MAX + 32];
   snprintf(old, sizeof old, "%s.old.%ld", out, (long)getpid());
   struct stat sb;
+  ITR_CHECK(stat(partial, &sb) == 0 && S_ISDIR(sb.st_mode), ITR_ERR_INTERNAL,
+            "cannot publish '%s': the finished folder '%s' is not there", out, partial);
   const int had_old = lstat(out, &sb) == 0;
   if (had_old) ITR_CHECK(rename(out, old) == 0, ITR_ERR_INTERNAL, "cannot move the old '%s' aside: %s", out, strerror(errno));
-  ITR_CHECK(rename(partial, out) == 0, ITR_ERR_INTERNAL, "cannot rename '%s' to '%s': %s", partial, out,
-            strerror(errno));
+  if (rename(partial, out) != 0) {
+    const int err = errno;
+    if (had_old) (void)rename(old, out); /* put the old one back: OUT is either old or new, never missing */
+    return itr_error_set(ITR_ERR_INTERNAL, "cannot rename '%s' to '%s': %s", partial, out, strerror(err));
+  }
   if (had_old) ITR_TRY(itr_iofile_remove_tree(old));
   return ITR_OK;
 }
