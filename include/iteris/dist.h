@@ -104,6 +104,9 @@ itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, co
  * whole of C (pdgemm). Collective on the grid. */
 itr_err itr_dist_gram(double alpha, const itr_dist_matrix *A, const itr_dist_matrix *B, double beta,
                       itr_dist_matrix *C);
+/* C (n, n) = alpha A A^T + beta C for tall A (n, d) on C's grid: the kernel of A's rows (pdsyrk),
+ * lower triangle only (the strict upper triangle of C is left as it was). Collective on the grid. */
+itr_err itr_dist_kernel(double alpha, const itr_dist_matrix *A, double beta, itr_dist_matrix *C);
 /* *out = ||A||_F^2. lower: A holds the lower triangle of a symmetric matrix (entries below the
  * diagonal count twice, those above not at all). Collective on the grid. */
 itr_err itr_dist_frob2(const itr_dist_matrix *A, int lower, double *out);

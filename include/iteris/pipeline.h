@@ -43,6 +43,8 @@ typedef struct {
   /* how the run is laid out */
   int restart;
   int max_tokens;   /* cap on tokens per calibration sequence (0: none) */
+  char system[16];  /* -system: auto | inputs | tokens: the d_in x d_in system or the n x n one in token space
+                       (docs/ALGORITHM.md), per input site; auto chooses by cost */
   int solve_groups; /* process groups solving different modules at once */
   int stages;       /* pipeline stages: process groups holding contiguous ranges of layers */
   int verbose;

@@ -69,6 +69,9 @@ static const opt_entry table_[] = {
     {"stages", T_INT, OFF(m.stages), 0, 0, "1", U_METHOD,
      "pipeline stages: split the ranks into N groups, each holding a contiguous range of layers and its own grid; "
      "activations pass from stage to stage, and a stage starts its next iteration as soon as its layers are solved"},
+    {"system", T_STR, OFF(m.system), 0, sizeof(((itr_options *)0)->m.system), "auto", U_METHOD,
+     "auto | inputs | tokens: solve each input site's systems over the d_in inputs, or in token space (n x n, n = "
+     "the site's calibration rows: cheaper when n < d_in; docs/ALGORITHM.md); auto chooses per site by cost"},
     {"max_tokens", T_INT, OFF(m.max_tokens), 0, 0, "0", U_METHOD, "keep the first N tokens of every calibration sequence (0: all)"},
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
     {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,
@@ -347,6 +350,14 @@ itr_err itr_options_parse(itr_options *opt) {
                 opt->m.manual_coef[i]);
     if (opt->m.n_manual_coef == 0)
       for (int i = 0; i < opt->m.n_adapters; i++) opt->m.manual_coef[i] = 1.0;
+    const char *sy = opt->m.system;
+    ITR_CHECK(!strcmp(sy, "auto") || !strcmp(sy, "inputs") || !strcmp(sy, "tokens"), ITR_ERR_INPUT,
+              "-system must be auto, inputs or tokens, got '%s'", sy);
+    ITR_CHECK(strcmp(sy, "tokens") || (!opt->m.with_pretrain && opt->m.solve_groups == 1 && opt->m.alpha_2 > 0 &&
+                                       (strcmp(opt->m.method, "regmean") || opt->m.regmean_alpha == 1.0)),
+              ITR_ERR_INPUT,
+              "-system tokens needs a system that is a Gram of rows plus a ridge: -alpha_2 > 0, no -with_pretrain, "
+              "-solve_groups 1 and (RegMean) -regmean_alpha 1; use -system auto or inputs");
     ITR_CHECK(opt->m.solve_groups >= 1 && opt->m.solve_groups <= ITR_MAX_TASKS, ITR_ERR_INPUT,
               "-solve_groups must be in 1..%d, got %d", ITR_MAX_TASKS, opt->m.solve_groups);
     ITR_CHECK(opt->m.stages >= 1 && opt->m.stages <= ITR_MAX_TASKS, ITR_ERR_INPUT, "-stages must be in 1..%d, got %d",

@@ -164,6 +164,14 @@ itr_err itr_dist_gram(double alpha, const itr_dist_matrix *A, const itr_dist_mat
 
 /* First local row of A whose global row is >= gj (m_loc if none): local rows map to increasing
  * global rows, so a binary search finds it. */
+itr_err itr_dist_kernel(double alpha, const itr_dist_matrix *A, double beta, itr_dist_matrix *C) {
+  ITR_CHECK(C->m == A->m && C->n == A->m && C->grid == A->grid, ITR_ERR_INTERNAL,
+            "kernel: C is %d x %d for A %d x %d (C must be %d x %d on A's grid)", C->m, C->n, A->m, A->n, A->m, A->m);
+  const int one = 1, n = A->m, d = A->n;
+  pdsyrk_("L", "N", &n, &d, &alpha, A->a, &one, &one, A->desc, &beta, C->a, &one, &one, C->desc);
+  return ITR_OK;
+}
+
 static int first_row_at_or_below(const itr_dist_matrix *A, int gj) {
   const itr_dist_grid *g = A->grid;
   int lo = 0, hi = A->m_loc;
@@ -227,7 +235,7 @@ itr_err itr_dist_cross_norm2(const itr_dist_matrix *A, const itr_dist_matrix *B,
     s = local_dot(&K1, &K2, 1);
   } else if (e == ITR_OK) {
     e = itr_dist_gram(1.0, A, B, 0.0, &K1);
-    s = local_dot(&K1, NULL, 0);
+    s = local_dot(&K1, NULL, A == B); /* A == B: pdsyrk formed the lower triangle only */
   }
   if (e == ITR_OK) e = sum_over(g->comm, &s);
   itr_dist_matrix_fini(&K1);

@@ -11,7 +11,11 @@
  * (R x d_in): the merged LoRA that the next iteration's forward pass applies.
  *
  * Memory per rank: about (1 + modules at the site + 1 during the solve) d_in^2 / P doubles, plus
- * this rank's rows, plus the (n_i, n_i) / P kernels of the cross norm when n_i < d_in. */
+ * this rank's rows, plus the (n_i, n_i) / P kernels of the cross norm when n_i < d_in.
+ *
+ * A site whose calibration rows n are fewer than its inputs d_in is solved in token space instead
+ * when that is cheaper (-system, docs/ALGORITHM.md): the n x n kernel of the stacked rows once,
+ * then one n x n solve per module; no d_in x d_in matrix is formed. */
 #include <cblas.h>
 #include <math.h>
 #include <petscsys.h>
@@ -98,8 +102,11 @@ typedef struct {
   double *W0;                                  /* (d_out, d_in) f64 (with_pretrain only) */
   double *W;                                   /* (d_out, d_in) f64 W0 + dW_i (with_pretrain, one task) */
   double *piece;                               /* (nrhs, d_in) f64: this task's rhs term, summed over ranks */
-  itr_dist_matrix T2;
+  itr_dist_matrix T2;                          /* d_in space only */
   itr_system sys;
+  int tokens;                                  /* solved in token space (token_solve): no T2, no piece */
+  itr_task_terms tt[ITR_MAX_TASKS];            /* each task's coefficients (token space) */
+  itr_dist_solve_report rep;                   /* the token-space solve's report */
 } module_job;
 
 static void module_job_fini(module_job *j) {
@@ -114,7 +121,7 @@ static void module_job_fini(module_job *j) {
   itr_system_fini(&j->sys);
 }
 
-static itr_err module_job_init(merge_ctx *c, int l, int q, int64_t d_in, module_job *j) {
+static itr_err module_job_init(merge_ctx *c, int l, int q, int64_t d_in, int tokens, module_job *j) {
   const itr_merge_opts *o = c->opt;
   const itr_arch_module *am = &c->arch.module[q];
   const itr_module m = am->id;
@@ -137,8 +144,11 @@ static itr_err module_job_init(merge_ctx *c, int l, int q, int64_t d_in, module_
   const int64_t nrhs = dense ? j->d_out : R;
   ITR_CHECK(nrhs >= 1, ITR_ERR_INTERNAL, "module %s: no adapter targets it", j->label);
   if (dense) ITR_TRY(itr_calloc((size_t)j->d_out * (size_t)d_in, sizeof(double), "W0 + dW f64", &j->W));
-  ITR_TRY(itr_calloc((size_t)nrhs * (size_t)d_in, sizeof(double), "right-hand side term", &j->piece));
-  ITR_TRY(itr_dist_matrix_init(&j->T2, c->grid, (int)d_in, (int)d_in));
+  j->tokens = tokens;
+  if (!tokens) {
+    ITR_TRY(itr_calloc((size_t)nrhs * (size_t)d_in, sizeof(double), "right-hand side term", &j->piece));
+    ITR_TRY(itr_dist_matrix_init(&j->T2, c->grid, (int)d_in, (int)d_in));
+  }
   j->sys.d_in = d_in;
   j->sys.nrhs = nrhs;
   j->sys.dense = dense;
@@ -206,6 +216,13 @@ static itr_err assemble_task(merge_ctx *c, module_job *j, int i, int64_t row, do
   ITR_CHECK(tt.diag == 0.0 || diag, ITR_ERR_INTERNAL, "method '%s' reads diag(G) but has no ITR_METHOD_GRAM_DIAG",
             c->method->name);
   j->sys.coef[i] = tt.weight;
+  j->tt[i] = tt;
+  if (j->tokens) { /* the system is formed in token space from the rows (token_solve) */
+    ITR_CHECK(tt.offdiag == 1.0 && tt.diag == 0.0 && tt.gram > 0 && tt.shift >= 0, ITR_ERR_INTERNAL,
+              "module %s, task %d: the system is not a Gram of rows plus a ridge; it cannot be solved in token space",
+              j->label, i);
+    return ITR_OK;
+  }
   itr_dist_matrix_add(&j->T2, tt.gram, G, tt.offdiag, tt.shift, 1);
   /* F: the task's factor A_i (r_i rows from row) or W0 + dW_i (d_out rows, dense, summed over tasks) */
   const int64_t rows = j->sys.dense ? j->d_out : t->r;
@@ -264,6 +281,206 @@ itr_err site_solve_system(const itr_dist_grid *grid, const itr_dist_matrix *T2, 
   return e;
 }
 
+/* ---- systems in token space (docs/ALGORITHM.md, "Systems in token space") --------------------------
+ * T2 = Z^T Z + lambda I with Z the site's rows of every task stacked, task i's scaled by sqrt(gamma_i)
+ * (gamma_i = the terms' gram coefficient, lambda = the sum of their shifts), and RHS = P Xt' + Q (P the
+ * cross terms, Q the alpha_1 ridge). Then Y = RHS T2^-1 = W Z + Q / lambda with W = L S^-1, where
+ * S = lambda I + Z Z^T (n x n) and L = P Gamma^-1/2 - Q Z^T / lambda (R x n): the push-through identity
+ * for P (no cancellation), Woodbury for Q. The kernel K0 = Xt' Xt'^T of the unscaled rows is formed once
+ * per site (pdsyrk over all ranks); each module scales it by its gamma_i and factors its own S. */
+
+/* Whether site s of iteration k is solved in token space: -system tokens, or auto when the method's
+ * system is a Gram plus a ridge and the token-space work (the kernel n^2 d, the norms, an n x n
+ * factorisation per module) is below the d_in-space work (the Grams d^2 n, a d x d factorisation per
+ * module). The same answer on every rank (global token counts). */
+static int site_uses_tokens(const merge_ctx *c, int s, int n_jobs) {
+  const itr_merge_opts *o = c->opt;
+  if (!strcmp(o->system, "tokens")) return 1;
+  if (strcmp(o->system, "auto") || o->with_pretrain || c->n_groups > 1 || !(o->alpha_2 > 0) ||
+      (itr_method_reads(c->method, "regmean_alpha") && o->regmean_alpha != 1.0))
+    return 0;
+  double n = 0, R = 0;
+  for (int i = 0; i < c->N; i++) n += (double)c->calib[i].n_tokens, R += c->ad[i]->r;
+  const double d = (double)c->arch.site[s].d_in, J = n_jobs;
+  const double inputs = d * d * n + J * (d * d * d / 3.0 + 4.0 * d * d * R);
+  const double tokens = 3.0 * n * n * d + J * (n * n * n / 3.0 + 4.0 * n * n * R + 4.0 * n * d * R);
+  return tokens < inputs;
+}
+
+typedef struct {
+  int64_t d, T, T_max, n_pad;        /* inputs; this rank's rows (all tasks); rows per rank in the layout */
+  int64_t off[ITR_MAX_TASKS + 1];    /* task i's rows among this rank's: [off[i], off[i + 1]) */
+  int *task_of;                      /* [n_pad] the task of each global row, -1 for padding */
+  double *zm;                        /* (T, d) f64: this rank's mixed rows Xt', task by task */
+  double *x;                         /* (T, d) f64: this rank's source rows X, task by task */
+  itr_dist_matrix K0;                /* (n_pad, n_pad) lower: Xt' Xt'^T */
+} token_site;
+
+static void token_site_fini(token_site *ts) {
+  free(ts->task_of);
+  free(ts->zm);
+  free(ts->x);
+  itr_dist_matrix_fini(&ts->K0);
+  memset(ts, 0, sizeof *ts);
+}
+
+/* Stacks this rank's rows of every task, lays them out over the grid and forms K0. Collective on
+ * c->comm. */
+static itr_err token_site_init(merge_ctx *c, int k, int s, double rho, token_site *ts) {
+  const int N = c->N, P = c->size;
+  const int64_t d = c->arch.site[s].d_in;
+  ts->d = d;
+  for (int i = 0; i < N; i++) ts->off[i + 1] = ts->off[i] + c->calib_sh[i].T;
+  ts->T = ts->off[N];
+  int64_t *counts = NULL; /* [P][N] every rank's rows per task */
+  float *xc = NULL, *xtc = NULL;
+  itr_dist_matrix Z = {0};
+  itr_err e = itr_calloc((size_t)P * (size_t)N, sizeof(int64_t), "row counts", &counts);
+  if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(double), "token-space rows", &ts->zm);
+  if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(double), "token-space source rows", &ts->x);
+  if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(float), "stacked rows", &xc);
+  if (e == ITR_OK && k >= 2) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(float), "stacked rows", &xtc);
+  ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
+  for (int i = 0; i < N; i++) {
+    const size_t n = (size_t)c->calib_sh[i].T * (size_t)d, at = (size_t)ts->off[i] * (size_t)d;
+    if (n == 0) continue;
+    memcpy(xc + at, c->X[i][s], n * sizeof(float));
+    if (xtc) memcpy(xtc + at, c->Xt[i][s], n * sizeof(float));
+  }
+  /* the same arithmetic as the block-cyclic rows: (1 - rho) xt + rho x in float64 */
+  for (size_t q = 0; q < (size_t)(ts->T * d); q++) {
+    ts->x[q] = (double)xc[q];
+    ts->zm[q] = xtc ? (1.0 - rho) * (double)xtc[q] + rho * (double)xc[q] : (double)xc[q];
+  }
+  int64_t mine[ITR_MAX_TASKS];
+  for (int i = 0; i < N; i++) mine[i] = c->calib_sh[i].T;
+  if (MPI_Allgather(mine, N, MPI_INT64_T, counts, N, MPI_INT64_T, c->comm) != MPI_SUCCESS) {
+    e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allgather of the row counts failed");
+    goto done;
+  }
+  ts->T_max = 1;
+  for (int p = 0; p < P; p++) {
+    int64_t t = 0;
+    for (int i = 0; i < N; i++) t += counts[(size_t)p * N + i];
+    if (t > ts->T_max) ts->T_max = t;
+  }
+  ts->n_pad = (int64_t)P * ts->T_max;
+  e = itr_calloc((size_t)ts->n_pad, sizeof(int), "task of each row", &ts->task_of);
+  if (e == ITR_OK)
+    for (int p = 0; p < P; p++) {
+      int64_t g = (int64_t)p * ts->T_max;
+      for (int64_t q = 0; q < ts->T_max; q++) ts->task_of[g + q] = -1;
+      for (int i = 0; i < N; i++)
+        for (int64_t t = 0; t < counts[(size_t)p * N + i]; t++) ts->task_of[g++] = i;
+    }
+  ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
+  e = xtc ? itr_dist_rows_create(c->grid, ts->T, d, xtc, 1.0 - rho, xc, rho, &Z)
+          : itr_dist_rows_create(c->grid, ts->T, d, xc, 1.0, NULL, 0.0, &Z);
+  ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
+  if (Z.m != ts->n_pad) {
+    e = itr_error_set(ITR_ERR_INTERNAL, "token-space rows: %d rows laid out, %lld expected", Z.m, (long long)ts->n_pad);
+    goto done;
+  }
+  e = itr_dist_agree(c->comm, itr_dist_matrix_init(&ts->K0, c->grid, (int)ts->n_pad, (int)ts->n_pad));
+  if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_dist_kernel(1.0, &Z, 0.0, &ts->K0));
+  /* this rank's share of pdsyrk: n^2 d */
+  (void)PetscLogFlops((double)ts->n_pad * (double)ts->n_pad * (double)d / c->grid->size);
+done:
+  itr_dist_matrix_fini(&Z);
+  free(counts);
+  free(xc);
+  free(xtc);
+  return e;
+}
+
+/* Solves module j at the site in token space: sys.rhs receives Y (R x d_in) on every rank, rep the
+ * scaled residual of the n x n solve. Collective on c->comm. */
+static itr_err token_solve(merge_ctx *c, const token_site *ts, module_job *j) {
+  const int N = c->N;
+  const int64_t d = ts->d, R = j->sys.nrhs, n = ts->n_pad, Tm = ts->T_max;
+  double lambda = 0.0, g[ITR_MAX_TASKS];
+  for (int i = 0; i < N; i++) lambda += j->tt[i].shift, g[i] = sqrt(j->tt[i].gram);
+  itr_err e = ITR_OK;
+  ITR_CHECK(lambda > 0 && isfinite(lambda), ITR_ERR_NUMERIC,
+            "module %s: the ridge lambda = %g of the token-space system must be positive: raise -alpha_2", j->label,
+            lambda);
+  double *Q = NULL, *Lt = NULL, *Lfull = NULL, *Wt = NULL, *Zl = NULL;
+  itr_dist_matrix S = {0}, B = {0}, Yd = {0};
+  e = itr_calloc((size_t)(R * d), sizeof(double), "Q", &Q);
+  if (e == ITR_OK) e = itr_calloc((size_t)(Tm * R), sizeof(double), "L^T (this rank's rows)", &Lt);
+  if (e == ITR_OK) e = itr_calloc((size_t)(n * R), sizeof(double), "L^T", &Lfull);
+  if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(double), "scaled rows", &Zl);
+  if (e == ITR_OK) e = itr_dist_matrix_init(&S, c->grid, (int)n, (int)n);
+  if (e == ITR_OK) e = itr_dist_matrix_init(&B, c->grid, (int)n, (int)R);
+  if (e == ITR_OK) e = itr_dist_matrix_init(&Yd, c->grid, (int)n, (int)R);
+  ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
+  /* Q = stack_i(rhs_i ridge_i A_i); Z = Gamma^1/2 Xt' (this rank's rows) */
+  int64_t row = 0;
+  for (int i = 0; i < N; i++) {
+    const itr_merge_task *t = &j->tasks[i];
+    for (int64_t q = 0; q < (int64_t)t->r * d; q++) Q[row * d + q] = j->tt[i].rhs * j->tt[i].ridge * t->A[q];
+    for (int64_t q = ts->off[i] * d; q < ts->off[i + 1] * d; q++) Zl[q] = g[i] * ts->zm[q];
+    row += t->r;
+  }
+  /* L^T (this rank's rows) = -Z Q^T / lambda, then task i's rows += rhs_i cross_i / g_i X_i A_i^T */
+  if (ts->T > 0)
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)ts->T, (int)R, (int)d, -1.0 / lambda, Zl, (int)d, Q,
+                (int)d, 0.0, Lt, (int)R);
+  row = 0;
+  for (int i = 0; i < N; i++) {
+    const itr_merge_task *t = &j->tasks[i];
+    const int64_t Ti = ts->off[i + 1] - ts->off[i];
+    if (t->r > 0 && Ti > 0)
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)Ti, t->r, (int)d, j->tt[i].rhs * j->tt[i].cross / g[i],
+                  ts->x + ts->off[i] * d, (int)d, t->A, (int)d, 1.0, Lt + ts->off[i] * R + row, (int)R);
+    row += t->r;
+  }
+  if (MPI_Allgather(Lt, (int)(Tm * R), MPI_DOUBLE, Lfull, (int)(Tm * R), MPI_DOUBLE, c->comm) != MPI_SUCCESS) {
+    e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allgather of the token-space right-hand sides failed");
+    goto done;
+  }
+  /* S = lambda I + Gamma^1/2 K0 Gamma^1/2 (lower triangle) */
+  for (int lc = 0; lc < S.n_loc; lc++) {
+    const int gc = itr_dist_global_col(&S, lc), tc = ts->task_of[gc];
+    for (int li = 0; li < S.m_loc; li++) {
+      const int gr = itr_dist_global_row(&S, li), tr = ts->task_of[gr];
+      const size_t at = (size_t)lc * (size_t)S.lld + (size_t)li;
+      S.a[at] = tr >= 0 && tc >= 0 ? g[tr] * g[tc] * ts->K0.a[at] : 0.0;
+      if (gr == gc) S.a[at] += lambda;
+    }
+  }
+  itr_dist_matrix_scatter(&B, Lfull);
+  (void)PetscLogEventBegin(c->ev_solve, 0, 0, 0, 0);
+  e = itr_dist_solve_spd(j->label, &S, &B, &Yd, &j->rep);
+  (void)PetscLogFlops(((double)n * n * n / 3.0 + 4.0 * (double)n * n * (double)R) / c->grid->size);
+  (void)PetscLogEventEnd(c->ev_solve, 0, 0, 0, 0);
+  Wt = Lfull; /* reused: (n, R) W^T on every rank */
+  if (e == ITR_OK) e = itr_dist_matrix_gather(&Yd, -1, Wt);
+  ITR_TRY_GOTO(e, e, done);
+  /* Y = W Z + Q / lambda: this rank's rows' part, summed over the ranks */
+  memset(j->sys.rhs, 0, (size_t)(R * d) * sizeof(double));
+  if (ts->T > 0)
+    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)R, (int)d, (int)ts->T, 1.0,
+                Wt + (int64_t)c->rank * Tm * R, (int)R, Zl, (int)d, 0.0, j->sys.rhs, (int)d);
+  e = itr_dist_agree(c->comm, allreduce_sum(j->sys.rhs, R * d, c->comm));
+  if (e == ITR_OK)
+    for (int64_t q = 0; q < R * d; q++) j->sys.rhs[q] += Q[q] / lambda;
+  if (e == ITR_OK) {
+    j->sys.solved = 1;
+    j->sys.residual = j->rep.residual;
+    j->sys.passed = j->rep.passed;
+  }
+done:
+  free(Q);
+  free(Lt);
+  free(Lfull);
+  free(Zl);
+  itr_dist_matrix_fini(&S);
+  itr_dist_matrix_fini(&B);
+  itr_dist_matrix_fini(&Yd);
+  return e;
+}
+
 /* Assembles every targeted module at site s of layer l (iteration k) into jobs[*nj...]: the
  * statistics of one task at a time, formed in the block-cyclic layout and freed before the next. */
 static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs, int *nj_total) {
@@ -273,11 +490,13 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
   const int64_t d_in = site->d_in;
   const double rho = itr_method_reads(c->method, "reg_coef") ? o->reg_coef : 0.0;
   module_job *site_jobs = jobs + *nj_total;
-  int nj = 0;
+  int nj = 0, n_targeted = 0;
   itr_err e = ITR_OK;
+  for (int a = 0; a < site->n_modules; a++) n_targeted += TARGETED(c, site->modules[a]);
+  const int tokens = n_targeted > 0 && site_uses_tokens(c, s, n_targeted);
   for (int a = 0; a < site->n_modules && e == ITR_OK; a++) {
     const int q = site->modules[a];
-    if (TARGETED(c, q)) e = module_job_init(c, l, q, d_in, &site_jobs[nj++]);
+    if (TARGETED(c, q)) e = module_job_init(c, l, q, d_in, tokens, &site_jobs[nj++]);
   }
   *nj_total += nj;
   e = itr_dist_agree(c->comm, e);
@@ -294,9 +513,11 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     (void)PetscLogEventBegin(c->ev_gram, 0, 0, 0, 0);
     e = itr_dist_rows_create(c->grid, T, d_in, x, 1.0, NULL, 0.0, &Xd);
     if (e == ITR_OK && xt) e = itr_dist_rows_create(c->grid, T, d_in, xt, 1.0 - rho, x, rho, &Xm);
-    if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_dist_matrix_init(&G, c->grid, (int)d_in, (int)d_in));
-    if (e == ITR_OK) e = itr_dist_gram(1.0, xt ? &Xm : &Xd, xt ? &Xm : &Xd, 0.0, &G);
-    if (e == ITR_OK) e = itr_dist_frob2(&G, 1, &n2);
+    if (e == ITR_OK && tokens) /* no Gram: its norm through the (n_i, n_i) kernels */
+      e = itr_dist_cross_norm2(xt ? &Xm : &Xd, xt ? &Xm : &Xd, &n2);
+    if (e == ITR_OK && !tokens) e = itr_dist_agree(c->comm, itr_dist_matrix_init(&G, c->grid, (int)d_in, (int)d_in));
+    if (e == ITR_OK && !tokens) e = itr_dist_gram(1.0, xt ? &Xm : &Xd, xt ? &Xm : &Xd, 0.0, &G);
+    if (e == ITR_OK && !tokens) e = itr_dist_frob2(&G, 1, &n2);
     n2 = sqrt(n2);
     n1 = n2; /* iteration 1: Xt' = X */
     if (e == ITR_OK && xt) e = itr_dist_cross_norm2(&Xd, &Xm, &n1);
@@ -304,9 +525,9 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     itr_dist_matrix_fini(&Xd);
     itr_dist_matrix_fini(&Xm);
     /* this rank's share of pdsyrk over all the task's rows: n d (d + 1) */
-    (void)PetscLogFlops((double)c->calib[i].n_tokens * (double)d_in * (double)(d_in + 1) / c->grid->size);
+    if (!tokens) (void)PetscLogFlops((double)c->calib[i].n_tokens * (double)d_in * (double)(d_in + 1) / c->grid->size);
     (void)PetscLogEventEnd(c->ev_gram, 0, 0, 0, 0);
-    if (e == ITR_OK && (c->method->flags & ITR_METHOD_GRAM_DIAG)) {
+    if (e == ITR_OK && !tokens && (c->method->flags & ITR_METHOD_GRAM_DIAG)) {
       e = itr_dist_agree(c->comm, itr_calloc((size_t)d_in, sizeof(double), "diagonal of X^T X", &diag));
       if (e == ITR_OK) e = itr_dist_matrix_diag(&G, diag);
     }
@@ -330,7 +551,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
       (void)PetscLogEventBegin(c->ev_assemble, 0, 0, 0, 0);
       if ((c->method->flags & ITR_METHOD_ADAPTIVE) && k == 1) e = adaptive_weight(j, i, ww[q], xw[q], &coef[i]);
       if (e == ITR_OK && j->sys.dense) full_weight(j, t, d_in, j->W);
-      if (e == ITR_OK) e = rhs_piece_local(j, t, d_in, T, x, xt, rho, k);
+      if (e == ITR_OK && !tokens) e = rhs_piece_local(j, t, d_in, T, x, xt, rho, k);
       /* F X^T Xt' for F (m, d_in): 4 T d_in m, twice when mixed */
       const double m_rows = (double)(j->sys.dense ? j->d_out : t->r);
       (void)PetscLogFlops(4.0 * (double)T * (double)d_in * m_rows * (k >= 2 && rho > 0 && rho < 1 ? 2 : 1));
@@ -338,7 +559,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
       e = itr_dist_agree(c->comm, e);
       PetscLogStagePop();
       PetscLogStagePush(c->stage_reduce);
-      if (e == ITR_OK) e = itr_dist_agree(c->comm, allreduce_sum(j->piece, j->sys.nrhs * d_in, c->comm));
+      if (e == ITR_OK && !tokens) e = itr_dist_agree(c->comm, allreduce_sum(j->piece, j->sys.nrhs * d_in, c->comm));
       PetscLogStagePop();
       PetscLogStagePush(c->stage_assemble);
       (void)PetscLogEventBegin(c->ev_assemble, 0, 0, 0, 0);
@@ -349,6 +570,20 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     }
     free(diag);
     itr_dist_matrix_fini(&G);
+  }
+  /* token space: the kernel of the site's rows, then each module's n x n solve (Y in sys.rhs) */
+  if (tokens && e == ITR_OK) {
+    token_site ts;
+    memset(&ts, 0, sizeof ts);
+    PetscLogStagePush(c->stage_stats);
+    (void)PetscLogEventBegin(c->ev_gram, 0, 0, 0, 0);
+    e = token_site_init(c, k, s, k >= 2 ? rho : 0.0, &ts);
+    (void)PetscLogEventEnd(c->ev_gram, 0, 0, 0, 0);
+    PetscLogStagePop();
+    PetscLogStagePush(c->stage_solve);
+    for (int q = 0; q < nj && e == ITR_OK; q++) e = token_solve(c, &ts, &site_jobs[q]);
+    PetscLogStagePop();
+    token_site_fini(&ts);
   }
   /* assembled: only T2, the rhs and (with_pretrain) W0 are needed from here on */
   for (int q = 0; q < nj; q++) {
@@ -427,8 +662,8 @@ static itr_err solve_layer(merge_ctx *c, int k, int l, module_job *jobs, int nj,
   for (int q = 0; q < nj && e == ITR_OK; q++) {
     module_job *j = &jobs[q];
     itr_update upd = {0};
-    itr_dist_solve_report rep = reps[q];
-    if (!grouped) e = site_solve_system(c->grid, &j->T2, &j->sys, &rep, c->ev_solve);
+    itr_dist_solve_report rep = j->tokens ? j->rep : reps[q];
+    if (!grouped && !j->tokens) e = site_solve_system(c->grid, &j->T2, &j->sys, &rep, c->ev_solve);
     itr_dist_matrix_fini(&j->T2);
     if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_update_from_system(&j->sys, N, j->tasks, j->d_out, j->W0, &upd));
     if (e != ITR_OK) break;

@@ -24,6 +24,8 @@ expect 2 "-calib has 1 file(s) but -adapters has 2" -base "$D/base" -adapters "$
 expect 2 "missing -base" -adapters "$D/adapter_0" -calib "$D/calib_0.jsonl" -out "$W/out"
 expect 2 "option -max_iter: 'ten' is not an integer" "${base[@]}" -max_iter ten
 expect 2 "unknown method 'magic'" "${base[@]}" -method magic
+expect 2 "-system must be auto, inputs or tokens, got 'bogus'" "${base[@]}" -system bogus
+expect 2 "-system tokens needs a system that is a Gram of rows plus a ridge" "${base[@]}" -system tokens -alpha_2 0
 expect 2 "cannot read the job file" -options_file "$W/nope.yaml"
 # job files PETSc cannot read (issue 13, defect 3: banner and a hang, or "exiting improperly"): exit 2 naming file and line
 mkdir -p "$W/jobdir.yaml"

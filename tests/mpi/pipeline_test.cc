@@ -13,6 +13,7 @@
 // no c_i, at 1e-10 (measured: 1e-14).
 #include <mpi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +35,10 @@ namespace {
 
 const int kTasks = 3;
 const double kAlpha1 = 1e-3, kAlpha2 = 2e-3;
+// The first kMaxTokens tokens of each calibration sequence (-max_tokens; the model is causal, so the
+// reference forwards exactly those): 3 x 32 x 6 = 576 rows per site keep the token-space tests' n x n
+// factorisations small.
+const int kMaxTokens = 6;
 
 using Mat = std::vector<double>;  // row-major
 
@@ -122,7 +127,7 @@ Case *make_case() {
       }
     CaptureCtx cc{&c->arch, &c->rows[i], &c->nrows[i]};
     for (int s = 0; s < ts.n_seqs; s++) {
-      const int64_t T = ts.offsets[s + 1] - ts.offsets[s];
+      const int64_t T = std::min<int64_t>(ts.offsets[s + 1] - ts.offsets[s], kMaxTokens);
       std::vector<float> h((size_t)T * D);
       if (itr_model_embed(model, ts.ids + ts.offsets[s], T, h.data()) != ITR_OK ||
           itr_model_run_layers(model, 0, L, h.data(), T, nullptr, lora, capture, &cc) != ITR_OK)
@@ -254,6 +259,8 @@ void set_defaults(itr_merge_opts *o, const Case &c, const std::string &out) {
   o->dare_p = 0.5;
   o->solve_groups = 1;
   o->stages = 1;
+  o->max_tokens = kMaxTokens;
+  std::snprintf(o->system, sizeof o->system, "auto");
 }
 
 class PipelineMerge : public ::testing::Test {
@@ -271,12 +278,14 @@ class PipelineMerge : public ::testing::Test {
     case_ = nullptr;
   }
   // Runs the pipeline with the given layout and checks every module of the written adapter.
-  void check(const char *method, int stages, int groups, double tol) {
+  void check(const char *method, int stages, int groups, double tol, const char *system = "auto") {
     ASSERT_NE(case_, nullptr) << "the demo case or the reference could not be made";
     const Case &c = *case_;
-    std::string out = c.dir + "/out_" + method + "_s" + std::to_string(stages) + "_g" + std::to_string(groups);
+    std::string out = c.dir + "/out_" + method + "_s" + std::to_string(stages) + "_g" + std::to_string(groups) + "_" +
+                      system;
     itr_merge_opts o;
     set_defaults(&o, c, out);
+    std::snprintf(o.system, sizeof o.system, "%s", system);
     std::snprintf(o.method, sizeof o.method, "%s", method);
     if (std::strcmp(method, "iteris") != 0) o.max_iter = 1, o.alpha_1 = 1e-7;
     o.stages = stages;
@@ -309,8 +318,9 @@ class PipelineMerge : public ::testing::Test {
     int rank;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     if (rank == 0)
-      std::printf("  %s, -stages %d, -solve_groups %d: %d modules, worst relative difference %.2e (tolerance %.0e)\n",
-                  method, stages, groups, checked, worst, tol);
+      std::printf("  %s, -stages %d, -solve_groups %d, -system %s: %d modules, worst relative difference %.2e "
+                  "(tolerance %.0e)\n",
+                  method, stages, groups, system, checked, worst, tol);
   }
   static Case *case_;
 };
@@ -336,3 +346,55 @@ TEST_F(PipelineMerge, IterisSolveGroupsMatchesFloat64Reference) {
 TEST_F(PipelineMerge, RegmeanMatchesFloat64Reference) { check("regmean", 1, 1, 1e-10); }
 
 TEST_F(PipelineMerge, RegmeanStagesMatchesFloat64Reference) { check("regmean", world_size() >= 2 ? 2 : 1, 1, 1e-10); }
+
+// Systems in token space (docs/ALGORITHM.md): the n x n solve through the push-through identity and
+// Woodbury, forced on every site (n > d_in here, where auto would not choose it), against the same
+// float64 reference, through both drivers.
+TEST_F(PipelineMerge, IterisTokenSpaceMatchesFloat64Reference) { check("iteris", 1, 1, 1e-7, "tokens"); }
+
+TEST_F(PipelineMerge, IterisTokenSpaceStagesMatchesFloat64Reference) {
+  check("iteris", world_size() >= 2 ? 2 : 1, 1, 1e-7, "tokens");
+}
+
+TEST_F(PipelineMerge, RegmeanTokenSpaceMatchesFloat64Reference) { check("regmean", 1, 1, 1e-10, "tokens"); }
+
+// The two systems chosen by force on the same case give the same adapter (two iterations, so the
+// merged model's rows and -reg_coef's mixing enter too): within 1e-9 relative per module.
+TEST_F(PipelineMerge, TokenAndInputSpaceAgree) {
+  ASSERT_NE(case_, nullptr);
+  const Case &c = *case_;
+  Mat got[2];
+  std::vector<Mat> mods[2];
+  const char *sys[2] = {"inputs", "tokens"};
+  for (int v = 0; v < 2; v++) {
+    const std::string out = c.dir + "/agree_" + sys[v];
+    itr_merge_opts o;
+    set_defaults(&o, c, out);
+    std::snprintf(o.system, sizeof o.system, "%s", sys[v]);
+    o.max_iter = 2;
+    o.reg_coef = 0.25;
+    ASSERT_EQ(itr_pipeline_merge(&o, MPI_COMM_WORLD), ITR_OK) << itr_error_message();
+    itr_adapter *a = nullptr;
+    ASSERT_EQ(itr_adapter_open(out.c_str(), &c.cfg, &a), ITR_OK) << itr_error_message();
+    for (int l = 0; l < c.arch.n_layers; l++)
+      for (int q = 0; q < c.arch.n_modules; q++) {
+        const itr_lora_module *lm = itr_adapter_module(a, l, c.arch.module[q].id);
+        if (lm && lm->present) mods[v].push_back(factor_dense(lm, c.arch.module[q].d_out, c.arch.module[q].d_in));
+      }
+    itr_adapter_destroy(a);
+  }
+  ASSERT_EQ(mods[0].size(), mods[1].size());
+  ASSERT_GT(mods[0].size(), 0u);
+  double worst = 0;
+  for (size_t m = 0; m < mods[0].size(); m++) {
+    Mat diff(mods[0][m].size());
+    for (size_t k = 0; k < diff.size(); k++) diff[k] = mods[0][m][k] - mods[1][m][k];
+    worst = std::max(worst, frob(diff) / frob(mods[0][m]));
+  }
+  EXPECT_LT(worst, 1e-9);
+  int rank;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  if (rank == 0)
+    std::printf("  -system tokens vs inputs (2 iterations, -reg_coef 0.25): %zu modules, worst relative difference "
+                "%.2e (tolerance 1e-09)\n", mods[0].size(), worst);
+}
