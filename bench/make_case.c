@@ -1,6 +1,7 @@
 /* Writes a generated merge case with real model shapes, for benchmarks:
  *   make_case DIR SHAPE LAYERS N_ADAPTERS RANK SEQS_PER_TASK SEQ_LEN
- * SHAPE: llama3-8b (D 4096, F 14336, 32 heads, 8 key/value heads), llama2-7b (D 4096, F 11008, 32 heads),
+ * SHAPE: llama3-8b (D 4096, F 14336, 32 heads, 8 key/value heads), llama3-70b (D 8192, F 28672, 64 heads, 8
+ * key/value heads), llama2-7b (D 4096, F 11008, 32 heads),
  * tiny (D 256, F 688, 8 heads, 4 key/value heads). Vocabulary 1024 (the embedding does not matter here).
  * Writes DIR/base (BF16), DIR/adapter_i (BF16, all seven modules), DIR/calib_i.jsonl. */
 #include <stdio.h>
@@ -24,6 +25,9 @@ int main(int argc, char **argv) {
   if (!strcmp(shape, "llama3-8b")) {
     cfg.hidden_size = 4096, cfg.intermediate_size = 14336, cfg.num_attention_heads = 32, cfg.num_key_value_heads = 8;
     cfg.rope_theta = 500000;
+  } else if (!strcmp(shape, "llama3-70b")) {
+    cfg.hidden_size = 8192, cfg.intermediate_size = 28672, cfg.num_attention_heads = 64, cfg.num_key_value_heads = 8;
+    cfg.rope_theta = 500000;
   } else if (!strcmp(shape, "llama2-7b")) {
     cfg.hidden_size = 4096, cfg.intermediate_size = 11008, cfg.num_attention_heads = 32, cfg.num_key_value_heads = 32;
     cfg.rope_theta = 10000;
@@ -31,7 +35,7 @@ int main(int argc, char **argv) {
     cfg.hidden_size = 256, cfg.intermediate_size = 688, cfg.num_attention_heads = 8, cfg.num_key_value_heads = 4;
     cfg.rope_theta = 10000;
   } else {
-    fprintf(stderr, "unknown shape '%s' (llama3-8b, llama2-7b, tiny)\n", shape);
+    fprintf(stderr, "unknown shape '%s' (llama3-8b, llama3-70b, llama2-7b, tiny)\n", shape);
     return 2;
   }
   cfg.head_dim = cfg.hidden_size / cfg.num_attention_heads;

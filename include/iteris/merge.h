@@ -263,6 +263,11 @@ itr_err itr_update_to_dense(const itr_update *u, double **dense);
  * product (dgeqrf/dorgqr/dgesvd); dense through dgesvd. The result is factored, split as
  * B = U sqrt(S), A = sqrt(S) V^T; out->energy_kept = sum_{j<k} s_j^2 / sum_j s_j^2. */
 itr_err itr_update_truncate(const itr_update *in, int64_t k, itr_update *out);
+/* *rel = ||now - before||_F / ||now||_F (the change of a module's merged update between two IterIS
+ * iterations), NaN when before is empty or now is zero. Factored updates with the same B (IterIS's
+ * B* = [B_1 | ... | B_N]) are compared through (A_now - A_before), exactly; others through R x R
+ * products (absolute rounding about eps ||now||^2 on the square). Not Collective. */
+itr_err itr_update_change(const itr_update *now, const itr_update *before, double *rel);
 /* dW_i = s B A as a dense (d_out, d_in) f64 matrix written to out. */
 void itr_lora_dense(int64_t d_out, int64_t d_in, int r, double s, const double *B,
                     const double *A, double *out);

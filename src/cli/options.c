@@ -72,6 +72,8 @@ static const opt_entry table_[] = {
     {"system", T_STR, OFF(m.system), 0, sizeof(((itr_options *)0)->m.system), "auto", U_METHOD,
      "auto | inputs | tokens: solve each input site's systems over the d_in inputs, or in token space (n x n, n = "
      "the site's calibration rows: cheaper when n < d_in; docs/ALGORITHM.md); auto chooses per site by cost"},
+    {"plots", T_BOOL, OFF(m.plots), 0, 0, "1", U_MERGE,
+     "write OUT/convergence.png (gnuplot): the solves' scaled residuals per iteration and module (0: no plot)"},
     {"max_tokens", T_INT, OFF(m.max_tokens), 0, 0, "0", U_METHOD, "keep the first N tokens of every calibration sequence (0: all)"},
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
     {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,

@@ -240,3 +240,51 @@ done:
   free(qat);
   return e;
 }
+
+/* ||B D||_F^2 for B (m, r), D (r, n): tr(D^T (B^T B) D), no cancellation. */
+static itr_err frob2_product(int64_t m, int64_t r, int64_t n, const double *B, const double *D, double *out) {
+  double *G = NULL, *M = NULL;
+  itr_err e = itr_calloc((size_t)(r * r) + 1, sizeof(double), "B^T B", &G);
+  if (e == ITR_OK) e = itr_calloc((size_t)(r * n) + 1, sizeof(double), "B^T B D", &M);
+  if (e == ITR_OK) {
+    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)r, (int)r, (int)m, 1.0, B, (int)r, B, (int)r, 0.0, G,
+                (int)r);
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)r, (int)n, (int)r, 1.0, G, (int)r, D, (int)n, 0.0, M,
+                (int)n);
+    double s = 0;
+    for (int64_t q = 0; q < r * n; q++) s += D[q] * M[q];
+    *out = s > 0 ? s : 0;
+  }
+  free(G);
+  free(M);
+  return e;
+}
+
+itr_err itr_update_change(const itr_update *now, const itr_update *before, double *rel) {
+  *rel = NAN;
+  const int empty = !before || (!before->dense && (before->rank == 0 || !before->A));
+  if (empty || !now || (!now->dense && (now->rank == 0 || !now->A))) return ITR_OK;
+  const int64_t dout = now->d_out, din = now->d_in;
+  ITR_CHECK(before->d_out == dout && before->d_in == din, ITR_ERR_INTERNAL, "update change: shapes differ");
+  double num = 0, den = 0;
+  if (!now->dense && !before->dense && now->rank == before->rank &&
+      !memcmp(now->B, before->B, (size_t)(dout * now->rank) * sizeof(double))) {
+    double *D = NULL;
+    ITR_TRY(itr_calloc((size_t)(now->rank * din), sizeof(double), "A change", &D));
+    for (int64_t q = 0; q < now->rank * din; q++) D[q] = now->A[q] - before->A[q];
+    itr_err e = frob2_product(dout, now->rank, din, now->B, D, &num);
+    if (e == ITR_OK) e = frob2_product(dout, now->rank, din, now->B, now->A, &den);
+    free(D);
+    ITR_TRY(e);
+  } else { /* dense, or different factors: through the dense difference */
+    double *a = NULL, *b = NULL;
+    itr_err e = itr_update_to_dense(now, &a);
+    if (e == ITR_OK) e = itr_update_to_dense(before, &b);
+    for (int64_t q = 0; e == ITR_OK && q < dout * din; q++) num += (a[q] - b[q]) * (a[q] - b[q]), den += a[q] * a[q];
+    free(a);
+    free(b);
+    ITR_TRY(e);
+  }
+  if (den > 0) *rel = sqrt(num / den);
+  return ITR_OK;
+}

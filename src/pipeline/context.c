@@ -2,7 +2,9 @@
  * the progress line with its ETA. */
 #include <petscsys.h>
 #include <stdio.h>
+#include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "pipeline/pipeline_internal.h"
 
@@ -55,3 +57,13 @@ void merge_progress(merge_ctx *c, int k, int l, double t_layer, double max_resid
   if (speak) itr_log_set_quiet(1);
 }
 
+
+itr_err merge_commit_update(merge_ctx *c, int k, size_t q) {
+  double rel = NAN;
+  itr_err e = k >= 2 ? itr_update_change(&c->next[q], &c->cur[q], &rel) : ITR_OK;
+  c->change[(size_t)(k - 1) * NSLOTS(c) + q] = rel;
+  itr_update_fini(&c->cur[q]);
+  c->cur[q] = c->next[q];
+  memset(&c->next[q], 0, sizeof c->next[q]);
+  return e;
+}

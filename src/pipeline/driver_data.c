@@ -42,11 +42,9 @@ itr_err merge_run_data_parallel(merge_ctx *c) {
       if (l + 1 < L) ITR_TRY(maybe_stop(c, k, l + 1));
     }
     /* the new updates become the merged model of the next iteration */
-    for (size_t q = 0; q < NSLOTS(c); q++) {
-      itr_update_fini(&c->cur[q]);
-      c->cur[q] = c->next[q];
-      memset(&c->next[q], 0, sizeof c->next[q]);
-    }
+    e = ITR_OK;
+    for (size_t q = 0; q < NSLOTS(c) && e == ITR_OK; q++) e = merge_commit_update(c, k, q);
+    ITR_TRY(itr_dist_agree(c->comm, e));
     ITR_TRY(itr_dist_agree(c->comm, merge_rebuild_lora(c)));
     c->iters_done = k;
     if (k < K && (c->method->flags & ITR_METHOD_ITERATES)) {

@@ -433,12 +433,10 @@ static itr_err stage_loop(merge_ctx *c) {
       merge_progress(c, k, l, itr_wtime() - tl, max_resid, ++done, total, t0);
       if (l + 1 < hi) ITR_TRY(stage_check(c, k, l + 1));
     }
+    itr_err ec = ITR_OK;
     for (int l = lo; l < hi; l++)
-      for (int m = 0; m < c->arch.n_modules; m++) {
-        itr_update_fini(&c->cur[SLOT(l, m)]);
-        c->cur[SLOT(l, m)] = c->next[SLOT(l, m)];
-        memset(&c->next[SLOT(l, m)], 0, sizeof c->next[SLOT(l, m)]);
-      }
+      for (int m = 0; m < c->arch.n_modules && ec == ITR_OK; m++) ec = merge_commit_update(c, k, SLOT(l, m));
+    ITR_TRY(itr_dist_agree(c->comm, ec));
     ITR_TRY(itr_dist_agree(c->comm, merge_rebuild_lora(c)));
     c->iters_done = k;
     if (c->method->flags & ITR_METHOD_ITERATES) {
@@ -535,12 +533,13 @@ static itr_err gather(merge_ctx *c) {
     const int l = (int)(q / (size_t)c->arch.n_modules), mine = contributes && l >= c->layer_lo && l < c->layer_hi;
     if (mine) continue;
     for (int i = 0; i < N; i++) c->coef[q * (size_t)N + (size_t)i] = 0;
-    for (int k = 0; k < K; k++) c->resid[(size_t)k * nslots + q] = 0;
+    for (int k = 0; k < K; k++) c->resid[(size_t)k * nslots + q] = c->change[(size_t)k * nslots + q] = 0;
   }
   for (int h = 0; h < S; h++)
     if (h != c->stage || !contributes) c->stage_secs[h][0] = c->stage_secs[h][1] = 0.0;
   if (MPI_Allreduce(MPI_IN_PLACE, c->coef, (int)(nslots * (size_t)N), MPI_DOUBLE, MPI_SUM, c->world) != 0 ||
       MPI_Allreduce(MPI_IN_PLACE, c->resid, (int)(nslots * (size_t)K), MPI_DOUBLE, MPI_SUM, c->world) != 0 ||
+      MPI_Allreduce(MPI_IN_PLACE, c->change, (int)(nslots * (size_t)K), MPI_DOUBLE, MPI_SUM, c->world) != 0 ||
       MPI_Allreduce(MPI_IN_PLACE, c->stage_secs, 2 * S, MPI_DOUBLE, MPI_SUM, c->world) != 0)
     return itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the weights and residuals failed");
   c->iters_done = K;

@@ -71,6 +71,8 @@ typedef struct {
   itr_update *cur, *next; /* [L * n_modules]: merged updates of the last / current iteration */
   double *coef;           /* [L * n_modules * N] adaptive weights c_i (iteration 1) */
   double *resid;          /* [K * L * n_modules] scaled residual of each solve */
+  double *change;         /* [K * L * n_modules] ||dW_k - dW_k-1||_F / ||dW_k||_F (NaN: iteration 1, or before a
+                             restart) */
   itr_dist_grid *grid;       /* all ranks */
   int n_groups, group;       /* -solve_groups: how many groups, and this rank's */
   int group_root[ITR_MAX_TASKS]; /* first rank (in comm) of each group */
@@ -117,6 +119,9 @@ void merge_log_register(merge_ctx *c);
 /* Flops of the held layer's forward over one sequence of T tokens: the seven projections
  * (2 T d_out d_in each) and attention (4 T^2 D: Q K^T and S V); LoRA terms (r << d) not counted. */
 double merge_forward_flops(const merge_ctx *c, int64_t T);
+/* Makes slot q's update of iteration k (c->next) the current one (c->cur), recording how much it
+ * changed (c->change). Not Collective. */
+itr_err merge_commit_update(merge_ctx *c, int k, size_t q);
 /* Iterations of the run: max_iter for IterIS, one for every other method. */
 int merge_n_iters(const merge_ctx *c);
 /* The signal (or ITERIS_FAULT_STOP_AT="k l" injection) that asks to stop before layer l of
@@ -211,6 +216,10 @@ typedef struct {
 } report_module;
 itr_err merge_report_write_modules(const itr_merge_opts *o, const itr_method *method, int ranks, double seconds,
                                   double energy_kept_min, int n, const report_module *mods, const char *dir);
+/* DIR/convergence.dat and, through gnuplot, DIR/convergence.png: the scaled residuals per iteration
+ * (per layer for one iteration), one line per module, largest over the layers; -plots 0 or a method
+ * without solves writes none. A missing or failing gnuplot is a warning. Not Collective (rank 0). */
+void merge_report_plot(const merge_ctx *c, const char *dir);
 /* Prints the fidelity table (when evaluated) and a one-line summary. Not Collective. */
 void merge_report_print(const merge_ctx *c, FILE *f);
 

@@ -109,6 +109,11 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
         for (int k = 0; k < c->iters_done && k < K; k++)
           cJSON_AddItemToArray(r, num_or_null(c->resid[(size_t)k * NSLOTS(c) + slot]));
       }
+      if (c->method->flags & ITR_METHOD_ITERATES) { /* ||dW_k - dW_k-1|| / ||dW_k||: null for k = 1 */
+        cJSON *r = cJSON_AddArrayToObject(j, "update_change");
+        for (int k = 0; k < c->iters_done && k < K; k++)
+          cJSON_AddItemToArray(r, num_or_null(c->change[(size_t)k * NSLOTS(c) + slot]));
+      }
       cJSON_AddItemToArray(mods, j);
     }
   char *text = cJSON_Print(root);
@@ -169,6 +174,81 @@ itr_err merge_report_write_modules(const itr_merge_opts *o, const itr_method *me
   itr_err e = itr_iofile_write_atomic(path, text, strlen(text));
   free(text);
   return e;
+}
+
+/* Writes one table of the plot's data: x = iteration (per_iter) or layer, a column per targeted
+ * module: the largest value of v (K x L x modules) over the other axis (from iteration k0 on). */
+static void plot_table(const merge_ctx *c, FILE *f, const char *title, const double *v, int K, int k0, int per_iter) {
+  const int L = c->arch.n_layers;
+  fprintf(f, "# %s\n%s", title, per_iter ? "iteration" : "layer");
+  for (int m = 0; m < c->arch.n_modules; m++)
+    if (TARGETED(c, m)) fprintf(f, " %s", c->arch.module[m].name);
+  fprintf(f, "\n");
+  for (int x = per_iter ? k0 : 0; x < (per_iter ? K : L); x++) {
+    fprintf(f, "%d", x + 1);
+    for (int m = 0; m < c->arch.n_modules; m++) {
+      if (!TARGETED(c, m)) continue;
+      double w = NAN;
+      for (int k = per_iter ? x : k0; k < (per_iter ? x + 1 : K); k++)
+        for (int l = per_iter ? 0 : x; l < (per_iter ? L : x + 1); l++) {
+          const double y = v[(size_t)k * NSLOTS(c) + SLOT(l, m)];
+          if (!isnan(y) && !(y <= w)) w = y;
+        }
+      if (isnan(w)) fprintf(f, " NaN");
+      else fprintf(f, " %.6e", w);
+    }
+    fprintf(f, "\n");
+  }
+  fprintf(f, "\n\n");
+}
+
+void merge_report_plot(const merge_ctx *c, const char *dir) {
+  const int K = c->iters_done < merge_n_iters(c) ? c->iters_done : merge_n_iters(c), L = c->arch.n_layers;
+  if (!c->opt->plots || !(c->method->flags & ITR_METHOD_STATS) || K < 1) return;
+  /* with iterations: the update's change per iteration (convergence) above the residuals per iteration;
+   * one iteration: the residuals per layer. One line per module, its largest value over the layers. */
+  const int per_iter = K >= 2;
+  char dat[ITR_PATH_MAX + 32], png[ITR_PATH_MAX + 32];
+  snprintf(dat, sizeof dat, "%s/convergence.dat", dir);
+  snprintf(png, sizeof png, "%s/convergence.png", dir);
+  FILE *f = fopen(dat, "w");
+  if (!f) {
+    itr_log(ITR_LOG_WARN, "cannot write %s: no convergence plot", dat);
+    return;
+  }
+  if (per_iter) plot_table(c, f, "||dW_k - dW_k-1||_F / ||dW_k||_F, largest over the layers", c->change, K, 1, 1);
+  plot_table(c, f, per_iter ? "scaled residual (HPL) of the solves, largest over the layers"
+                            : "scaled residual (HPL) of the solves",
+             c->resid, K, 0, per_iter);
+  const int ok = fclose(f) == 0;
+  FILE *g = ok ? popen("gnuplot 2>/dev/null", "w") : NULL;
+  if (!g) {
+    itr_log(ITR_LOG_WARN, "gnuplot did not start: %s has the numbers, no convergence.png", dat);
+    return;
+  }
+  fprintf(g,
+          "set terminal pngcairo size 900,%d font ',11' noenhanced\nset output '%s'\n"
+          "set logscale y\nset format y '%%.0e'\nset grid\nset key outside right autotitle columnheader\n"
+          "set xtics 1\nset datafile missing 'NaN'\n",
+          per_iter ? 820 : 480, png);
+  if (per_iter)
+    fprintf(g,
+            "set multiplot layout 2,1 title 'iteris-mpi -method %s: %d adapters, %d layers, %d iterations'\n"
+            "set ylabel 'relative change of dW'\nset xlabel 'iteration'\n"
+            "plot for [col=2:*] '%s' index 0 using 1:col with linespoints lw 2 pt 7\n"
+            "set ylabel 'scaled residual (PASSED < 16)'\n"
+            "plot for [col=2:*] '%s' index 1 using 1:col with linespoints lw 2 pt 7\nunset multiplot\n",
+            c->opt->method, c->N, L, K, dat, dat);
+  else
+    fprintf(g,
+            "set title 'iteris-mpi -method %s: %d adapters, %d layers: scaled residual of each solve (PASSED < 16)'\n"
+            "set xlabel 'layer'\nset ylabel 'scaled residual'\n"
+            "plot for [col=2:*] '%s' index 0 using 1:col with linespoints lw 2 pt 7\n",
+            c->opt->method, c->N, L, dat);
+  if (pclose(g) != 0) {
+    remove(png);
+    itr_log(ITR_LOG_WARN, "gnuplot failed: %s has the numbers, no convergence.png", dat);
+  }
 }
 
 void merge_report_print(const merge_ctx *c, FILE *f) {

@@ -202,6 +202,7 @@ static itr_err write_outputs(merge_ctx *c) {
   /* each file is written atomically; OUT appears only when all are there */
   ITR_TRY(write_adapter(c, partial));
   ITR_TRY(merge_report_write(c, partial));
+  merge_report_plot(c, partial);
   ITR_TRY(stats_write(c, partial));
   checkpoint_remove(c, partial);
   return itr_iofile_commit_dir(partial, o->out);
@@ -219,6 +220,7 @@ static void ctx_fini(merge_ctx *c) {
   free(c->next);
   free(c->coef);
   free(c->resid);
+  free(c->change);
   free(c->energy_kept);
   for (int i = 0; i < ITR_MAX_TASKS; i++) {
     itr_adapter_destroy(c->ad[i]);
@@ -273,6 +275,8 @@ static itr_err setup(merge_ctx *c) {
   if (e == ITR_OK) e = itr_calloc(nslots, sizeof(itr_update), "updates", &c->next);
   if (e == ITR_OK) e = itr_calloc(nslots * (size_t)N, sizeof(double), "adaptive weights", &c->coef);
   if (e == ITR_OK) e = itr_calloc(nslots * (size_t)K, sizeof(double), "residuals", &c->resid);
+  if (e == ITR_OK) e = itr_calloc(nslots * (size_t)K, sizeof(double), "update changes", &c->change);
+  for (size_t q = 0; e == ITR_OK && q < nslots * (size_t)K; q++) c->change[q] = NAN;
   if (e == ITR_OK) e = itr_calloc(nslots, sizeof(double), "kept energy", &c->energy_kept);
   for (size_t q = 0; e == ITR_OK && q < nslots; q++) c->energy_kept[q] = 1.0;
   if (e == ITR_OK) e = itr_lora_set_create(&c->cfg, &c->lora_merged);

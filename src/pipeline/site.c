@@ -494,6 +494,12 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
   itr_err e = ITR_OK;
   for (int a = 0; a < site->n_modules; a++) n_targeted += TARGETED(c, site->modules[a]);
   const int tokens = n_targeted > 0 && site_uses_tokens(c, s, n_targeted);
+  if (k == 1 && l == c->layer_lo && n_targeted > 0) { /* the choice is the same for every layer and iteration */
+    int64_t n = 0;
+    for (int i = 0; i < N; i++) n += c->calib[i].n_tokens;
+    itr_log(ITR_LOG_INFO, "site %s (d_in %lld, %lld calibration rows): systems in %s space", site->name,
+            (long long)d_in, (long long)n, tokens ? "token" : "input");
+  }
   for (int a = 0; a < site->n_modules && e == ITR_OK; a++) {
     const int q = site->modules[a];
     if (TARGETED(c, q)) e = module_job_init(c, l, q, d_in, tokens, &site_jobs[nj++]);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's demo path: generate the demo case, merge it with jobs/demo.yaml on 2 ranks, check the
-# PEFT output loads (-inspect) and the report holds the fidelity of every task.
+# PEFT output loads (-inspect) and the report holds the fidelity of every task; the convergence plot is a PNG and
+# its numbers are the report's (the update's change shrinks over the 5 iterations); -plots 0 writes none.
 set -euo pipefail
 BIN=${ITERIS_BIN:-build/bin/iteris-mpi}
 W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
@@ -19,4 +20,22 @@ for t in r["tasks"]:
     assert 0 <= t["kl_ratio"] < 1, t
     assert 0 <= t["top1"] <= 1, t
 print("report ok:", r["fidelity_mean"])
+# convergence.dat's first table: per iteration 2..5 and module, the largest update_change over the layers
+d = sys.argv[1].rsplit("/", 1)[0]
+assert open(d + "/convergence.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n", "convergence.png is not a PNG"
+rows = [l.split() for l in open(d + "/convergence.dat").read().split("\n\n\n")[0].splitlines() if l and l[0] != "#"]
+names = rows[0][1:]
+for row in rows[1:]:
+    k = int(row[0])
+    for name, v in zip(names, row[1:]):
+        want = max(m["update_change"][k - 1] for m in r["modules"] if m["module"].endswith("." + name))
+        assert abs(float(v) - want) <= 1e-6 * want, (k, name, v, want)
+first, last = max(map(float, rows[1][1:])), max(map(float, rows[-1][1:]))
+assert last < 0.1 * first, ("IterIS did not converge on the demo", first, last)
+print("convergence plot ok: largest change %.2e at iteration 2, %.2e at iteration 5" % (first, last))
 PY
+mpirun -np 1 "$BIN" -base "$W/demo/base" -adapters "$W/demo/adapter_0,$W/demo/adapter_1" \
+  -calib "$W/demo/calib_0.jsonl,$W/demo/calib_1.jsonl" -max_iter 2 -max_tokens 4 -plots 0 -out "$W/noplot" >/dev/null
+[ -f "$W/noplot/merge_report.json" ] && [ ! -e "$W/noplot/convergence.png" ] || { echo "-plots 0 wrote a plot"; exit 1; }
+echo "-plots 0: no plot"
+

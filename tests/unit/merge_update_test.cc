@@ -102,3 +102,41 @@ TEST(MergeSystem, LocalSolveRestoresT2AndChecksResidual) {
   EXPECT_EQ(itr_system_solve_local(&s), ITR_ERR_INPUT);  // already solved
   itr_system_fini(&s);
 }
+
+// The change between two iterations' updates, ||now - before|| / ||now||, against the dense matrices
+// formed here: with the same B (IterIS's B* = [B_1 | ... | B_N], through A_now - A_before), with different
+// factors, and dense; an empty earlier update gives NaN.
+TEST(MergeUpdate, ChangeBetweenIterationsMatchesDenseDifference) {
+  std::mt19937_64 g(11);
+  const int m = 7, n = 9, r = 3;
+  Mat B = randn(g, (size_t)m * r), A1 = randn(g, (size_t)r * n), A2 = A1, B2 = randn(g, (size_t)m * r);
+  for (size_t q = 0; q < A2.size(); q++) A2[q] += 1e-6 * (double)((q * 7) % 5);  // a small change
+  auto fac = [&](Mat &b, Mat &a) {
+    itr_update u{};
+    u.d_out = m, u.d_in = n, u.rank = r, u.B = b.data(), u.A = a.data();
+    return u;
+  };
+  auto want = [&](const Mat &Dn, const Mat &Db) {
+    Mat d(Dn.size());
+    for (size_t q = 0; q < d.size(); q++) d[q] = Dn[q] - Db[q];
+    return fro(d) / fro(Dn);
+  };
+  itr_update now = fac(B, A2), same_b = fac(B, A1), other_b = fac(B2, A1);
+  double rel = 0;
+  ASSERT_EQ(itr_update_change(&now, &same_b, &rel), ITR_OK);
+  const double w1 = want(mul(B, A2, m, r, n), mul(B, A1, m, r, n));
+  EXPECT_GT(w1, 1e-8);
+  EXPECT_NEAR(rel, w1, 1e-9 * w1) << "same B: exact through A_now - A_before";
+  ASSERT_EQ(itr_update_change(&now, &other_b, &rel), ITR_OK);
+  const double w2 = want(mul(B, A2, m, r, n), mul(B2, A1, m, r, n));
+  EXPECT_NEAR(rel, w2, 1e-12 * w2);
+  Mat D1 = mul(B, A2, m, r, n), D2 = mul(B2, A1, m, r, n);
+  itr_update dn{}, db{};
+  dn.d_out = db.d_out = m, dn.d_in = db.d_in = n, dn.dense = D1.data(), db.dense = D2.data();
+  ASSERT_EQ(itr_update_change(&dn, &db, &rel), ITR_OK);
+  EXPECT_NEAR(rel, w2, 1e-12 * w2) << "dense";
+  itr_update empty{};
+  empty.d_out = m, empty.d_in = n;
+  ASSERT_EQ(itr_update_change(&now, &empty, &rel), ITR_OK);
+  EXPECT_TRUE(std::isnan(rel));
+}
