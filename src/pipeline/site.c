@@ -452,7 +452,9 @@ static itr_err token_solve(merge_ctx *c, const token_site *ts, module_job *j) {
   itr_dist_matrix_scatter(&B, Lfull);
   (void)PetscLogEventBegin(c->ev_solve, 0, 0, 0, 0);
   e = itr_dist_solve_spd(j->label, &S, &B, &Yd, &j->rep);
-  (void)PetscLogFlops(((double)n * n * n / 3.0 + 4.0 * (double)n * n * (double)R) / c->grid->size);
+  /* pdpotrf, pdpotrs and the residual; and this rank's L (Z Q^T, X A^T) and W Z: 4 T d R + 2 T d r */
+  (void)PetscLogFlops(((double)n * n * n / 3.0 + 4.0 * (double)n * n * (double)R) / c->grid->size +
+                      4.0 * (double)ts->T * (double)d * (double)R + 2.0 * (double)ts->T * (double)d * (double)R / N);
   (void)PetscLogEventEnd(c->ev_solve, 0, 0, 0, 0);
   Wt = Lfull; /* reused: (n, R) W^T on every rank */
   if (e == ITR_OK) e = itr_dist_matrix_gather(&Yd, -1, Wt);
@@ -560,7 +562,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
       if (e == ITR_OK && !tokens) e = rhs_piece_local(j, t, d_in, T, x, xt, rho, k);
       /* F X^T Xt' for F (m, d_in): 4 T d_in m, twice when mixed */
       const double m_rows = (double)(j->sys.dense ? j->d_out : t->r);
-      (void)PetscLogFlops(4.0 * (double)T * (double)d_in * m_rows * (k >= 2 && rho > 0 && rho < 1 ? 2 : 1));
+      if (!tokens) (void)PetscLogFlops(4.0 * (double)T * (double)d_in * m_rows * (k >= 2 && rho > 0 && rho < 1 ? 2 : 1));
       (void)PetscLogEventEnd(c->ev_assemble, 0, 0, 0, 0);
       e = itr_dist_agree(c->comm, e);
       PetscLogStagePop();
