@@ -79,9 +79,12 @@ def layer_cost(a, k, system="auto"):
             for _ in mods:
                 f["solve"] += d ** 3 / 3 + 4 * d * d * R
                 f["assemble"] += 4 * n * d * r
-            mem_site = 8.0 * (1 + J + 1) * d * d / P
+            mem_site = 8.0 * (1 + J) * d * d / P  # the Gram and each module's T2 (solved per site)
         mem = max(mem, 4.0 * layer_params(D, F, heads, kv) + mem_site)
-    return f, mem + rows, sent, space
+    # beside them: the BF16 layer file's mapped pages, the hidden states (source, merged, one more) and the
+    # runtime (MPI, PETSc, BLAS buffers): about 0.25 GiB measured on the demo
+    other = 2.0 * layer_params(D, F, heads, kv) + 3 * 4.0 * (n / P) * D + 0.25 * 2 ** 30
+    return f, mem + rows + other, sent, space
 
 
 def cmd_case(a):
