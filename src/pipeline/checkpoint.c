@@ -80,18 +80,26 @@ static itr_err read_update(itr_h5 *h, const char *prefix, size_t q, int64_t d_ou
   return ITR_OK;
 }
 
-/* The residuals so far; a run restarted with another -max_iter keeps what fits. */
-static itr_err read_resid(itr_h5 *h, merge_ctx *c, size_t nslots) {
+/* A per-iteration array so far (the residuals, or the updates' changes) into dst; a run restarted with
+ * another -max_iter keeps what fits. */
+static itr_err read_per_iter(itr_h5 *h, const char *name, merge_ctx *c, size_t nslots, double *dst) {
   int nd;
   int64_t dims[ITR_MAX_DIMS];
-  ITR_TRY(itr_h5_shape(h, "resid", &nd, dims));
+  ITR_TRY(itr_h5_shape(h, name, &nd, dims));
   double *r = NULL;
-  ITR_TRY(itr_calloc((size_t)dims[0], sizeof(double), "checkpoint residuals", &r));
-  itr_err e = itr_h5_read_f64(h, "resid", 1, dims, r);
+  ITR_TRY(itr_calloc((size_t)dims[0], sizeof(double), "checkpoint per-iteration values", &r));
+  itr_err e = itr_h5_read_f64(h, name, 1, dims, r);
   int64_t keep = (int64_t)nslots * c->opt->max_iter;
-  if (e == ITR_OK) memcpy(c->resid, r, (size_t)(dims[0] < keep ? dims[0] : keep) * sizeof(double));
+  if (e == ITR_OK) memcpy(dst, r, (size_t)(dims[0] < keep ? dims[0] : keep) * sizeof(double));
   free(r);
   return e;
+}
+
+/* The residuals so far and, when the checkpoint has them, the updates' changes. */
+static itr_err read_resid(itr_h5 *h, merge_ctx *c, size_t nslots) {
+  ITR_TRY(read_per_iter(h, "resid", c, nslots, c->resid));
+  if (itr_h5_has(h, "change")) ITR_TRY(read_per_iter(h, "change", c, nslots, c->change));
+  return ITR_OK;
 }
 
 static void ckpt_path(const merge_ctx *c, char *buf, size_t len) {
@@ -115,6 +123,7 @@ itr_err checkpoint_write(const merge_ctx *c, int k_next, int l_next) {
   int64_t dc = (int64_t)nslots * c->N, dr = (int64_t)nslots * K;
   ITR_TRY_GOTO(itr_h5_write_f64(h, "coef", 1, &dc, c->coef), e, fail);
   ITR_TRY_GOTO(itr_h5_write_f64(h, "resid", 1, &dr, c->resid), e, fail);
+  ITR_TRY_GOTO(itr_h5_write_f64(h, "change", 1, &dr, c->change), e, fail);
   for (size_t q = 0; q < nslots; q++) {
     ITR_TRY_GOTO(write_update(h, "cur", q, &c->cur[q]), e, fail);
     if ((int)(q / (size_t)c->arch.n_modules) < l_next) ITR_TRY_GOTO(write_update(h, "next", q, &c->next[q]), e, fail);
@@ -200,6 +209,7 @@ itr_err checkpoint_write_stage(const merge_ctx *c, int k) {
   ITR_TRY_GOTO(itr_h5_set_attr(h, "stage", st), e, fail);
   ITR_TRY_GOTO(itr_h5_write_f64(h, "coef", 1, &dc, c->coef), e, fail);
   ITR_TRY_GOTO(itr_h5_write_f64(h, "resid", 1, &dr, c->resid), e, fail);
+  ITR_TRY_GOTO(itr_h5_write_f64(h, "change", 1, &dr, c->change), e, fail);
   for (int l = c->layer_lo; l < c->layer_hi; l++)
     for (int m = 0; m < c->arch.n_modules; m++) ITR_TRY_GOTO(write_update(h, "cur", SLOT(l, m), &c->cur[SLOT(l, m)]), e, fail);
   return itr_h5_close(h, 1);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A merge stopped mid-iteration (as by SIGTERM; injected with ITERIS_FAULT_STOP_AT) exits with code 5,
 # leaves a checkpoint and no OUT; -restart 1 resumes and gives the same adapter as an uninterrupted run,
-# bit for bit at the same rank count. Also: stopping at an iteration boundary, resuming on another
+# bit for bit at the same rank count, with the report's residuals and update changes. Also: stopping at an iteration boundary, resuming on another
 # rank count (equal within float32 output rounding), a resume point past -max_iter, a calibration
 # file changed in place.
 set -euo pipefail
@@ -26,6 +26,18 @@ for at in "3 2" "3 0"; do
   grep -q "resuming at iteration 3" "$W/log2"
   cmp "$W/full/adapter_model.safetensors" "$W/int/adapter_model.safetensors"
   test ! -e "$W/int.partial"
+  # the report's per-iteration numbers survive the restart (residuals and the updates' changes, from the checkpoint)
+  /usr/bin/python3 - "$W/full/merge_report.json" "$W/int/merge_report.json" <<'PY'
+import json, sys
+a, b = (json.load(open(f))["modules"] for f in sys.argv[1:3])
+for x, y in zip(a, b):
+    for key in ("scaled_residual", "update_change"):
+        assert x[key] == y[key], (x["module"], key, x[key], y[key])
+# none at iteration 1; from 2 on a number (0 exactly where a layer's inputs no longer change: layer 0's q/k/v
+# read the embeddings, which the merge does not touch), positive somewhere
+assert all(m["update_change"][0] is None and m["update_change"][1] >= 0 for m in b)
+assert any(m["update_change"][1] > 0 for m in b)
+PY
 done
 # resume on another rank count, and refuse a checkpoint made with other options
 rm -rf "$W/int"
