@@ -47,6 +47,7 @@ typedef struct {
                        (docs/ALGORITHM.md), per input site; auto chooses by cost */
   int solve_groups; /* process groups solving different modules at once */
   int stages;       /* pipeline stages: process groups holding contiguous ranges of layers */
+  int block_size;   /* -block_size: ScaLAPACK's block size mb (0: ITR_DIST_MB_DEFAULT) */
   int plots;        /* -plots: write convergence.png (gnuplot) beside merge_report.json */
   int verbose;
 } itr_merge_opts;

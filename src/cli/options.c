@@ -72,6 +72,8 @@ static const opt_entry table_[] = {
     {"system", T_STR, OFF(m.system), 0, sizeof(((itr_options *)0)->m.system), "auto", U_METHOD,
      "auto | inputs | tokens: solve each input site's systems over the d_in inputs, or in token space (n x n, n = "
      "the site's calibration rows: cheaper when n < d_in; docs/ALGORITHM.md); auto chooses per site by cost"},
+    {"block_size", T_INT, OFF(m.block_size), 0, 0, "64", U_MERGE | U_FEATURES,
+     "ScaLAPACK block size of the distributed statistics and solves (16 .. 1024)"},
     {"plots", T_BOOL, OFF(m.plots), 0, 0, "1", U_MERGE,
      "write OUT/convergence.png (gnuplot): the solves' scaled residuals per iteration and module (0: no plot)"},
     {"max_tokens", T_INT, OFF(m.max_tokens), 0, 0, "0", U_METHOD, "keep the first N tokens of every calibration sequence (0: all)"},
@@ -352,6 +354,8 @@ itr_err itr_options_parse(itr_options *opt) {
                 opt->m.manual_coef[i]);
     if (opt->m.n_manual_coef == 0)
       for (int i = 0; i < opt->m.n_adapters; i++) opt->m.manual_coef[i] = 1.0;
+    ITR_CHECK(opt->m.block_size >= 16 && opt->m.block_size <= 1024, ITR_ERR_INPUT,
+              "-block_size must be in 16..1024, got %d", opt->m.block_size);
     const char *sy = opt->m.system;
     ITR_CHECK(!strcmp(sy, "auto") || !strcmp(sy, "inputs") || !strcmp(sy, "tokens"), ITR_ERR_INPUT,
               "-system must be auto, inputs or tokens, got '%s'", sy);
