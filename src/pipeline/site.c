@@ -312,7 +312,7 @@ typedef struct {
   int64_t off[ITR_MAX_TASKS + 1];    /* task i's rows among this rank's: [off[i], off[i + 1]) */
   int *task_of;                      /* [n_pad] the task of each global row, -1 for padding */
   double *zm;                        /* (T, d) f64: this rank's mixed rows Xt', task by task */
-  double *x;                         /* (T, d) f64: this rank's source rows X, task by task */
+  float *x;                          /* (T, d) f32: this rank's source rows X, task by task */
   itr_dist_matrix K0;                /* (n_pad, n_pad) lower: Xt' Xt'^T */
 } token_site;
 
@@ -337,7 +337,6 @@ static itr_err token_site_init(merge_ctx *c, int k, int s, double rho, token_sit
   itr_dist_matrix Z = {0};
   itr_err e = itr_calloc((size_t)P * (size_t)N, sizeof(int64_t), "row counts", &counts);
   if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(double), "token-space rows", &ts->zm);
-  if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(double), "token-space source rows", &ts->x);
   if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(float), "stacked rows", &xc);
   if (e == ITR_OK && k >= 2) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(float), "stacked rows", &xtc);
   ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
@@ -349,7 +348,6 @@ static itr_err token_site_init(merge_ctx *c, int k, int s, double rho, token_sit
   }
   /* the same arithmetic as the block-cyclic rows: (1 - rho) xt + rho x in float64 */
   for (size_t q = 0; q < (size_t)(ts->T * d); q++) {
-    ts->x[q] = (double)xc[q];
     ts->zm[q] = xtc ? (1.0 - rho) * (double)xtc[q] + rho * (double)xc[q] : (double)xc[q];
   }
   int64_t mine[ITR_MAX_TASKS];
@@ -388,7 +386,7 @@ static itr_err token_site_init(merge_ctx *c, int k, int s, double rho, token_sit
 done:
   itr_dist_matrix_fini(&Z);
   free(counts);
-  free(xc);
+  ts->x = xc; /* kept: the source rows (float32) of the P terms */
   free(xtc);
   return e;
 }
@@ -404,35 +402,40 @@ static itr_err token_solve(merge_ctx *c, const token_site *ts, module_job *j) {
   ITR_CHECK(lambda > 0 && isfinite(lambda), ITR_ERR_NUMERIC,
             "module %s: the ridge lambda = %g of the token-space system must be positive: raise -alpha_2", j->label,
             lambda);
-  double *Q = NULL, *Lt = NULL, *Lfull = NULL, *Wt = NULL, *Zl = NULL;
+  double *Q = NULL, *Lt = NULL, *Lfull = NULL, *Wt = NULL, *Xi = NULL;
+  int64_t Tmax_task = 0;
+  for (int i = 0; i < N; i++)
+    if (ts->off[i + 1] - ts->off[i] > Tmax_task) Tmax_task = ts->off[i + 1] - ts->off[i];
   itr_dist_matrix S = {0}, B = {0}, Yd = {0};
   e = itr_calloc((size_t)(R * d), sizeof(double), "Q", &Q);
   if (e == ITR_OK) e = itr_calloc((size_t)(Tm * R), sizeof(double), "L^T (this rank's rows)", &Lt);
   if (e == ITR_OK) e = itr_calloc((size_t)(n * R), sizeof(double), "L^T", &Lfull);
-  if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(double), "scaled rows", &Zl);
+  if (e == ITR_OK) e = itr_calloc((size_t)(Tmax_task * d) + 1, sizeof(double), "one task's source rows", &Xi);
   if (e == ITR_OK) e = itr_dist_matrix_init(&S, c->grid, (int)n, (int)n);
   if (e == ITR_OK) e = itr_dist_matrix_init(&B, c->grid, (int)n, (int)R);
   if (e == ITR_OK) e = itr_dist_matrix_init(&Yd, c->grid, (int)n, (int)R);
   ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
-  /* Q = stack_i(rhs_i ridge_i A_i); Z = Gamma^1/2 Xt' (this rank's rows) */
+  /* Q = stack_i(rhs_i ridge_i A_i) */
   int64_t row = 0;
   for (int i = 0; i < N; i++) {
     const itr_merge_task *t = &j->tasks[i];
     for (int64_t q = 0; q < (int64_t)t->r * d; q++) Q[row * d + q] = j->tt[i].rhs * j->tt[i].ridge * t->A[q];
-    for (int64_t q = ts->off[i] * d; q < ts->off[i + 1] * d; q++) Zl[q] = g[i] * ts->zm[q];
     row += t->r;
   }
-  /* L^T (this rank's rows) = -Z Q^T / lambda, then task i's rows += rhs_i cross_i / g_i X_i A_i^T */
-  if (ts->T > 0)
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)ts->T, (int)R, (int)d, -1.0 / lambda, Zl, (int)d, Q,
-                (int)d, 0.0, Lt, (int)R);
+  /* L^T (this rank's rows), task by task (Z's rows are g_i Xt_i'): -g_i Xt_i' Q^T / lambda, and in task i's
+   * columns + rhs_i cross_i / g_i X_i A_i^T */
   row = 0;
   for (int i = 0; i < N; i++) {
     const itr_merge_task *t = &j->tasks[i];
     const int64_t Ti = ts->off[i + 1] - ts->off[i];
-    if (t->r > 0 && Ti > 0)
+    if (Ti > 0)
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)Ti, (int)R, (int)d, -g[i] / lambda,
+                  ts->zm + ts->off[i] * d, (int)d, Q, (int)d, 0.0, Lt + ts->off[i] * R, (int)R);
+    if (t->r > 0 && Ti > 0) {
+      for (int64_t q = 0; q < Ti * d; q++) Xi[q] = (double)ts->x[ts->off[i] * d + q];
       cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)Ti, t->r, (int)d, j->tt[i].rhs * j->tt[i].cross / g[i],
-                  ts->x + ts->off[i] * d, (int)d, t->A, (int)d, 1.0, Lt + ts->off[i] * R + row, (int)R);
+                  Xi, (int)d, t->A, (int)d, 1.0, Lt + ts->off[i] * R + row, (int)R);
+    }
     row += t->r;
   }
   if (MPI_Allgather(Lt, (int)(Tm * R), MPI_DOUBLE, Lfull, (int)(Tm * R), MPI_DOUBLE, c->comm) != MPI_SUCCESS) {
@@ -461,9 +464,13 @@ static itr_err token_solve(merge_ctx *c, const token_site *ts, module_job *j) {
   ITR_TRY_GOTO(e, e, done);
   /* Y = W Z + Q / lambda: this rank's rows' part, summed over the ranks */
   memset(j->sys.rhs, 0, (size_t)(R * d) * sizeof(double));
-  if (ts->T > 0)
-    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)R, (int)d, (int)ts->T, 1.0,
-                Wt + (int64_t)c->rank * Tm * R, (int)R, Zl, (int)d, 0.0, j->sys.rhs, (int)d);
+  for (int i = 0; i < N; i++) { /* sum_i g_i W_i^T Xt_i' over this rank's rows of task i */
+    const int64_t Ti = ts->off[i + 1] - ts->off[i];
+    if (Ti > 0)
+      cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)R, (int)d, (int)Ti, g[i],
+                  Wt + ((int64_t)c->rank * Tm + ts->off[i]) * R, (int)R, ts->zm + ts->off[i] * d, (int)d, 1.0,
+                  j->sys.rhs, (int)d);
+  }
   e = itr_dist_agree(c->comm, allreduce_sum(j->sys.rhs, R * d, c->comm));
   if (e == ITR_OK)
     for (int64_t q = 0; q < R * d; q++) j->sys.rhs[q] += Q[q] / lambda;
@@ -476,7 +483,7 @@ done:
   free(Q);
   free(Lt);
   free(Lfull);
-  free(Zl);
+  free(Xi);
   itr_dist_matrix_fini(&S);
   itr_dist_matrix_fini(&B);
   itr_dist_matrix_fini(&Yd);
