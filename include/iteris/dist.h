@@ -104,6 +104,9 @@ itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, co
  * whole of C (pdgemm). Collective on the grid. */
 itr_err itr_dist_gram(double alpha, const itr_dist_matrix *A, const itr_dist_matrix *B, double beta,
                       itr_dist_matrix *C);
+/* buf (n doubles, replicated layout) = its sum over comm's ranks, in place, in chunks of 2^26 (MPI's int
+ * counts); what names it in the error message. Collective on comm. */
+itr_err itr_dist_allreduce_sum(double *buf, int64_t n, MPI_Comm comm, const char *what);
 /* C (n, n) = alpha A A^T + beta C for tall A (n, d) on C's grid: the kernel of A's rows (pdsyrk),
  * lower triangle only (the strict upper triangle of C is left as it was). Collective on the grid. */
 itr_err itr_dist_kernel(double alpha, const itr_dist_matrix *A, double beta, itr_dist_matrix *C);

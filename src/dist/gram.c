@@ -164,6 +164,16 @@ itr_err itr_dist_gram(double alpha, const itr_dist_matrix *A, const itr_dist_mat
 
 /* First local row of A whose global row is >= gj (m_loc if none): local rows map to increasing
  * global rows, so a binary search finds it. */
+itr_err itr_dist_allreduce_sum(double *buf, int64_t n, MPI_Comm comm, const char *what) {
+  const int64_t chunk = (int64_t)1 << 26;
+  for (int64_t off = 0; off < n; off += chunk) {
+    const int cnt = (int)(n - off < chunk ? n - off : chunk);
+    ITR_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf + off, cnt, MPI_DOUBLE, MPI_SUM, comm) == MPI_SUCCESS, ITR_ERR_INTERNAL,
+              "MPI_Allreduce of %s failed", what);
+  }
+  return ITR_OK;
+}
+
 itr_err itr_dist_kernel(double alpha, const itr_dist_matrix *A, double beta, itr_dist_matrix *C) {
   ITR_CHECK(C->m == A->m && C->n == A->m && C->grid == A->grid, ITR_ERR_INTERNAL,
             "kernel: C is %d x %d for A %d x %d (C must be %d x %d on A's grid)", C->m, C->n, A->m, A->n, A->m, A->m);

@@ -176,12 +176,7 @@ static itr_err rows_stats(feat_ctx *c, const char *nx, const char *nt, int64_t n
   ITR_TRY(itr_dist_agree(c->comm, e));
   double *bufs[3] = {st->gram_x, need_t ? st->gram_t : NULL, need_t ? st->cross : NULL};
   for (int b = 0; b < 3; b++)
-    if (bufs[b])
-      for (int64_t off = 0; off < d * d; off += (int64_t)1 << 26) {
-        const int cnt = (int)(d * d - off < ((int64_t)1 << 26) ? d * d - off : ((int64_t)1 << 26));
-        ITR_CHECK(MPI_Allreduce(MPI_IN_PLACE, bufs[b] + off, cnt, MPI_DOUBLE, MPI_SUM, c->comm) == MPI_SUCCESS,
-                  ITR_ERR_INTERNAL, "MPI_Allreduce of the statistics of '%s' failed", nx);
-      }
+    if (bufs[b]) ITR_TRY(itr_dist_allreduce_sum(bufs[b], d * d, c->comm, "the statistics of a task"));
   st->n_x = n;
   if (need_t) st->n_t = n;
   itr_stats_finalize(st); /* mirror the upper triangles */

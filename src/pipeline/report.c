@@ -8,6 +8,18 @@
 
 static cJSON *num_or_null(double v) { return isfinite(v) ? cJSON_CreateNumber(v) : cJSON_CreateNull(); }
 
+/* DIR/merge_report.json from root (deleted here), atomically. */
+static itr_err write_report(cJSON *root, const char *dir) {
+  char *text = cJSON_Print(root);
+  cJSON_Delete(root);
+  ITR_CHECK(text, ITR_ERR_INTERNAL, "out of memory printing the merge report");
+  char path[ITR_PATH_MAX + 32];
+  snprintf(path, sizeof path, "%s/merge_report.json", dir);
+  itr_err e = itr_iofile_write_atomic(path, text, strlen(text));
+  free(text);
+  return e;
+}
+
 static cJSON *options_json(const itr_merge_opts *o) {
   cJSON *j = cJSON_CreateObject();
   cJSON_AddStringToObject(j, "base", o->base);
@@ -116,14 +128,7 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
       }
       cJSON_AddItemToArray(mods, j);
     }
-  char *text = cJSON_Print(root);
-  cJSON_Delete(root);
-  ITR_CHECK(text, ITR_ERR_INTERNAL, "out of memory printing the merge report");
-  char path[ITR_PATH_MAX + 32];
-  snprintf(path, sizeof path, "%s/merge_report.json", dir);
-  itr_err e = itr_iofile_write_atomic(path, text, strlen(text));
-  free(text);
-  return e;
+  return write_report(root, dir);
 }
 
 itr_err merge_report_write_modules(const itr_merge_opts *o, const itr_method *method, int ranks, double seconds,
@@ -166,14 +171,7 @@ itr_err merge_report_write_modules(const itr_merge_opts *o, const itr_method *me
     }
     cJSON_AddItemToArray(ma, j);
   }
-  char *text = cJSON_Print(root);
-  cJSON_Delete(root);
-  ITR_CHECK(text, ITR_ERR_INTERNAL, "out of memory printing the merge report");
-  char path[ITR_PATH_MAX + 32];
-  snprintf(path, sizeof path, "%s/merge_report.json", dir);
-  itr_err e = itr_iofile_write_atomic(path, text, strlen(text));
-  free(text);
-  return e;
+  return write_report(root, dir);
 }
 
 /* Writes one table of the plot's data: x = iteration (per_iter) or layer, a column per targeted

@@ -159,16 +159,6 @@ static itr_err module_job_init(merge_ctx *c, int l, int q, int64_t d_in, int tok
   return itr_calloc((size_t)c->N, sizeof(double), "merge coefficients", &j->sys.coef);
 }
 
-static itr_err allreduce_sum(double *buf, int64_t n, MPI_Comm comm) {
-  const int64_t chunk = (int64_t)1 << 26;
-  for (int64_t off = 0; off < n; off += chunk) {
-    int cnt = (int)(n - off < chunk ? n - off : chunk);
-    ITR_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf + off, cnt, MPI_DOUBLE, MPI_SUM, comm) == MPI_SUCCESS,
-              ITR_ERR_INTERNAL, "MPI_Allreduce of a right-hand side term failed");
-  }
-  return ITR_OK;
-}
-
 /* W = W0 + s B A (d_out, d_in) */
 static void full_weight(const module_job *j, const itr_merge_task *t, int64_t d_in, double *W) {
   memcpy(W, j->W0, (size_t)j->d_out * (size_t)d_in * sizeof(double));
@@ -471,7 +461,7 @@ static itr_err token_solve(merge_ctx *c, const token_site *ts, module_job *j) {
                   Wt + ((int64_t)c->rank * Tm + ts->off[i]) * R, (int)R, ts->zm + ts->off[i] * d, (int)d, 1.0,
                   j->sys.rhs, (int)d);
   }
-  e = itr_dist_agree(c->comm, allreduce_sum(j->sys.rhs, R * d, c->comm));
+  e = itr_dist_agree(c->comm, itr_dist_allreduce_sum(j->sys.rhs, R * d, c->comm, "the token-space solution"));
   if (e == ITR_OK)
     for (int64_t q = 0; q < R * d; q++) j->sys.rhs[q] += Q[q] / lambda;
   if (e == ITR_OK) {
@@ -574,7 +564,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
       e = itr_dist_agree(c->comm, e);
       PetscLogStagePop();
       PetscLogStagePush(c->stage_reduce);
-      if (e == ITR_OK && !tokens) e = itr_dist_agree(c->comm, allreduce_sum(j->piece, j->sys.nrhs * d_in, c->comm));
+      if (e == ITR_OK && !tokens) e = itr_dist_agree(c->comm, itr_dist_allreduce_sum(j->piece, j->sys.nrhs * d_in, c->comm, "a right-hand side term"));
       PetscLogStagePop();
       PetscLogStagePush(c->stage_assemble);
       (void)PetscLogEventBegin(c->ev_assemble, 0, 0, 0, 0);
