@@ -43,7 +43,7 @@ CFLAGS   := -std=c11 $(OPT) $(WARN) $(SANFLAGS) -fPIC
 CXXFLAGS := -std=c++17 $(OPT) $(WARN) $(SANFLAGS) $(shell pkg-config --cflags gtest)
 LDFLAGS  := $(SANFLAGS)
 
-LAYERS   := core io model dist merge eval synth pipeline
+LAYERS   := core io model dist merge eval synth pipeline train
 LIB_SRC  := $(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c))
 CLI_SRC  := $(wildcard src/cli/*.c)
 LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)

@@ -73,7 +73,7 @@ for t in tests/e2e/*.sh; do
 done
 # The binary built with AddressSanitizer and UBSan on the end-to-end scripts that exercise the most
 # input handling and recovery (leak checks off: Open MPI's own allocations would trip them).
-SAN_E2E="cli_errors residual_policy merge_restart baselines features"
+SAN_E2E="cli_errors residual_policy merge_restart baselines features train_reference"
 if want e2e-san && [ -x "$BUILD/asan/bin/iteris-mpi" ]; then
   for name in $SAN_E2E; do
     distinct=$((distinct + 1))

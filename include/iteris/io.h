@@ -227,7 +227,12 @@ typedef struct itr_adapter_writer itr_adapter_writer;
 itr_err itr_adapter_writer_create(const itr_model_config *base, const char *base_model_name,
                                   itr_dtype dtype, itr_adapter_writer **out);
 void itr_adapter_writer_destroy(itr_adapter_writer *w);
-/* Copies (and converts to the writer's dtype) the factors; dW = B A with scaling 1. */
+/* Writes one lora_alpha for every module instead of scaling 1 (then dW = s B A with s = lora_alpha / r,
+ * or lora_alpha / sqrt(r) with use_rslora), and lora_dropout, as a trained adapter carries them. */
+itr_err itr_adapter_writer_set_scaling(itr_adapter_writer *w, double lora_alpha, int use_rslora,
+                                       double lora_dropout);
+/* Copies (and converts to the writer's dtype) the factors; dW = B A with scaling 1 (see
+ * itr_adapter_writer_set_scaling). */
 itr_err itr_adapter_writer_add(itr_adapter_writer *w, int layer, itr_module m, int r,
                                const float *A, const float *B);
 /* Same from f64 factors (kept exactly when the writer's dtype is F64). */

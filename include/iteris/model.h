@@ -115,6 +115,16 @@ itr_err itr_lora_set_add_adapter(itr_lora_set *s, const itr_adapter *a, int laye
                                  int layer_end, double weight);
 /* Removes every term and dense update (keeps the allocation of the slot table). */
 void itr_lora_set_clear(itr_lora_set *s);
+/* A set with the same terms (layer, module, rank, scaling) as s, every factor zero, no dense
+ * updates: the shape of a gradient or an optimizer moment. Not Collective. */
+itr_err itr_lora_set_create_like(const itr_lora_set *s, itr_lora_set **out);
+/* Number of floats in all factors of s (sum over terms of r (d_in + d_out)). */
+size_t itr_lora_set_n_params(const itr_lora_set *s);
+/* Copies every factor to flat (n_params) / from flat, in the order layer, module, term, A, B. */
+void itr_lora_set_pack(const itr_lora_set *s, float *flat);
+void itr_lora_set_unpack(itr_lora_set *s, const float *flat);
+/* Sets every factor to zero. */
+void itr_lora_set_zero(itr_lora_set *s);
 const itr_lora_slot *itr_lora_set_slot(const itr_lora_set *s, int layer, itr_module m);
 
 /* ---- the model --------------------------------------------------------------------------------- */
@@ -181,6 +191,32 @@ itr_err itr_model_logits(const itr_model *m, const float *hidden, int64_t T, flo
 itr_err itr_model_forward(const itr_model *m, const int32_t *ids, int64_t T,
                           const itr_seq_layout *seqs, const itr_lora_set *lora,
                           itr_capture_fn sink, void *ctx, float *logits);
+
+/* ---- training: the loss and its gradient with respect to the LoRA factors (backward.c) ------- */
+
+/* LoRA dropout with PEFT's semantics: each LoRA term's input is x * keep / (1 - p), keep ~
+ * Bernoulli(1 - p), a separate mask per (layer, module); the base product sees x unchanged. The
+ * mask of an entry is a hash of (seed, step, layer, module, the sequence's global index, the
+ * position in it, the column), so it does not depend on how sequences are spread over ranks. */
+typedef struct {
+  double p;               /* dropout probability in [0, 1); 0: none */
+  uint64_t seed, step;
+  const int64_t *seq_ids; /* (n_seqs) global index of each sequence of the block; NULL: 0, 1, ... */
+} itr_lora_dropout;
+
+/* Next-token cross-entropy of a block and its gradient with respect to every LoRA factor of lora.
+ * ids (T) are the inputs; labels (T) the target of each position (the next token id), or a
+ * negative value where no loss is taken (the last token of a sequence, a prompt). *loss_sum gets
+ * sum over targeted positions of -log softmax(logits_t)[labels_t] (float64), *n_targets their
+ * count. grad must have the same terms as lora (itr_lora_set_create_like); the gradient of
+ * *loss_sum is ADDED to its factors (term k of a slot to term k). Base weights, norms, biases and
+ * dense updates are frozen. drop NULL: no dropout. Needs every layer, the embedding and the head.
+ * Activations of the whole block are kept during the call: about T (4D + 2(qd + kvd) + 3F) floats
+ * per layer, plus the logits of 256 positions at a time. Not Collective. */
+itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
+                            const itr_seq_layout *seqs, const itr_lora_set *lora,
+                            const itr_lora_dropout *drop, itr_lora_set *grad, double *loss_sum,
+                            int64_t *n_targets);
 
 /* For the CLI (`-logits FILE.jsonl -logits_out OUT.safetensors`): loads the model in base_dir and
  * the adapters (summed, each with its own scaling), runs every line of tokens_jsonl

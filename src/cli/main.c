@@ -120,6 +120,7 @@ int main(int argc, char **argv) {
       case ITR_MODE_LOGITS: err = itr_cli_logits(opt, MPI_COMM_WORLD); break;
       case ITR_MODE_MERGE: err = itr_pipeline_merge(&opt->m, MPI_COMM_WORLD); break;
       case ITR_MODE_FEATURES: err = itr_pipeline_features(&opt->m, MPI_COMM_WORLD); break;
+      case ITR_MODE_TRAIN: err = itr_train_run(&opt->t, MPI_COMM_WORLD); break;
     }
   }
   /* every mode returns the agreed error on all ranks; rank 0 prints it */

@@ -21,7 +21,8 @@ enum {
   U_METHOD = 1 << 1, /* merges whose -method reads it (the method table's options, include/iteris/merge.h) */
   U_INSPECT = 1 << 6, U_LOGITS = 1 << 7, U_DEMO = 1 << 8,
   U_FEATURES = 1 << 9, /* also allowed with -features (with U_METHOD: only where the method reads it) */
-  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO | U_FEATURES,
+  U_TRAIN = 1 << 10,   /* -train */
+  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO | U_FEATURES | U_TRAIN,
 };
 
 typedef struct {
@@ -37,13 +38,13 @@ typedef struct {
 
 #define OFF(f) offsetof(itr_options, f)
 static const opt_entry table_[] = {
-    {"base", T_STR, OFF(m.base), 0, sizeof(((itr_options *)0)->m.base), "", U_MERGE | U_LOGITS, "Hugging Face model folder (config.json + safetensors)"},
+    {"base", T_STR, OFF(m.base), 0, sizeof(((itr_options *)0)->m.base), "", U_MERGE | U_LOGITS | U_TRAIN, "Hugging Face model folder (config.json + safetensors)"},
     {"adapters", T_STRLIST, OFF(m.adapters), OFF(m.n_adapters), 0, "", U_MERGE | U_FEATURES, "PEFT LoRA adapter folders, comma-separated"},
     {"calib", T_STRLIST, OFF(m.calib), OFF(m.n_calib), 0, "", U_MERGE,
      "calibration JSONL files, one per adapter, same order ({\"input_ids\": [...]} per line)"},
     {"heldout", T_STRLIST, OFF(m.heldout), OFF(m.n_heldout), 0, "", U_MERGE,
      "held-out JSONL files, one per adapter: the report gives kl_ratio and top1 per task"},
-    {"out", T_STR, OFF(m.out), 0, sizeof(((itr_options *)0)->m.out), "", U_MERGE | U_FEATURES, "output folder for the merged PEFT adapter and the report"},
+    {"out", T_STR, OFF(m.out), 0, sizeof(((itr_options *)0)->m.out), "", U_MERGE | U_FEATURES | U_TRAIN, "output folder for the merged (or trained) PEFT adapter and the report"},
     {"method", T_STR, OFF(m.method), 0, sizeof(((itr_options *)0)->m.method), "iteris", U_MERGE | U_FEATURES,
      "iteris | task_arithmetic | regmean | ties | dare | knots"},
     {"max_iter", T_INT, OFF(m.max_iter), 0, 0, "10", U_METHOD, "IterIS iterations (solves)"},
@@ -62,7 +63,7 @@ static const opt_entry table_[] = {
     {"density", T_REAL, OFF(m.density), 0, 0, "0.2", U_METHOD, "TIES, KnOTS-TIES, -dare_ties 1: fraction of entries kept per task"},
     {"dare_p", T_REAL, OFF(m.dare_p), 0, 0, "0.5", U_METHOD, "DARE: drop probability"},
     {"dare_ties", T_BOOL, OFF(m.dare_ties), 0, 0, "0", U_METHOD, "DARE: combine with TIES instead of a sum"},
-    {"seed", T_INT, OFF(m.seed), 0, 0, "0", U_METHOD, "random seed (DARE)"},
+    {"seed", T_INT, OFF(m.seed), 0, 0, "0", U_METHOD | U_TRAIN, "random seed (DARE; -train: initialisation, data order, dropout)"},
     {"restart", T_BOOL, OFF(m.restart), 0, 0, "0", U_METHOD, "resume from the checkpoint in OUT.partial/ (written after every iteration and on SIGTERM)"},
     {"solve_groups", T_INT, OFF(m.solve_groups), 0, 0, "1", U_METHOD,
      "split the ranks into N groups with their own grids; rank 0 assigns each layer's solves to them by cost, and they solve at the same time"},
@@ -86,6 +87,31 @@ static const opt_entry table_[] = {
     {"logits_out", T_STR, OFF(logits_out), 0, sizeof(((itr_options *)0)->logits_out), "", U_LOGITS, "safetensors file for -logits (logits.0, logits.1, ...)"},
     {"adapter", T_STRLIST, OFF(adapter), OFF(n_adapter_logits), 0, "", U_LOGITS,
      "adapter folder(s) applied on top of -base for -logits"},
+    {"train", T_BOOL, OFF(train), 0, 0, "0", U_TRAIN, "train a LoRA adapter on -data (data parallel over the ranks)"},
+    {"data", T_STR, OFF(t.data), 0, sizeof(((itr_options *)0)->t.data), "", U_TRAIN,
+     "-train: JSONL, one {\"input_ids\": [...]} per line: next-token loss over each sequence"},
+    {"init_adapter", T_STR, OFF(t.init_adapter), 0, sizeof(((itr_options *)0)->t.init_adapter), "", U_TRAIN,
+     "-train: start from this PEFT adapter (its modules, ranks and scalings) instead of PEFT's initialisation"},
+    {"grad_out", T_STR, OFF(t.grad_out), 0, sizeof(((itr_options *)0)->t.grad_out), "", U_TRAIN,
+     "-train: write the gradient of the mean loss over all of -data at the start (F64 safetensors) and stop"},
+    {"r", T_INT, OFF(t.r), 0, 0, "8", U_TRAIN, "-train: LoRA rank"},
+    {"lora_alpha", T_REAL, OFF(t.lora_alpha), 0, 0, "16", U_TRAIN, "-train: LoRA alpha (scaling alpha / r)"},
+    {"rslora", T_BOOL, OFF(t.rslora), 0, 0, "0", U_TRAIN, "-train: rank-stabilised scaling alpha / sqrt(r)"},
+    {"targets", T_STR, OFF(targets), 0, sizeof(((itr_options *)0)->targets), "q_proj,v_proj", U_TRAIN,
+     "-train: modules to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or all)"},
+    {"lora_dropout", T_REAL, OFF(t.dropout), 0, 0, "0", U_TRAIN, "-train: LoRA dropout probability (PEFT's)"},
+    {"steps", T_INT, OFF(t.steps), 0, 0, "100", U_TRAIN, "-train: optimizer steps"},
+    {"batch", T_INT, OFF(t.batch), 0, 0, "8", U_TRAIN, "-train: sequences per step, over all ranks"},
+    {"grad_accum", T_INT, OFF(t.grad_accum), 0, 0, "1", U_TRAIN, "-train: micro-batches per rank per step (less memory, same result)"},
+    {"lr", T_REAL, OFF(t.lr), 0, 0, "2e-4", U_TRAIN, "-train: peak learning rate (AdamW)"},
+    {"warmup", T_INT, OFF(t.warmup), 0, 0, "0", U_TRAIN, "-train: linear warmup steps, then cosine decay"},
+    {"min_lr_ratio", T_REAL, OFF(t.min_lr_ratio), 0, 0, "0", U_TRAIN, "-train: the cosine decays to this fraction of -lr"},
+    {"adam_beta1", T_REAL, OFF(t.beta1), 0, 0, "0.9", U_TRAIN, "-train: AdamW beta1"},
+    {"adam_beta2", T_REAL, OFF(t.beta2), 0, 0, "0.999", U_TRAIN, "-train: AdamW beta2"},
+    {"adam_eps", T_REAL, OFF(t.eps), 0, 0, "1e-8", U_TRAIN, "-train: AdamW epsilon"},
+    {"weight_decay", T_REAL, OFF(t.weight_decay), 0, 0, "0", U_TRAIN, "-train: AdamW decoupled weight decay"},
+    {"max_grad_norm", T_REAL, OFF(t.max_grad_norm), 0, 0, "1", U_TRAIN, "-train: clip the gradient's 2-norm to this (0: no clipping)"},
+    {"log_every", T_INT, OFF(t.log_every), 0, 0, "10", U_TRAIN, "-train: print loss, tokens/s and ETA every N steps"},
     {"verbose", T_INT, OFF(m.verbose), 0, 0, "0", U_ALL, "0: progress, 1: details, 2: debug"},
 };
 #define N_OPTS (sizeof table_ / sizeof table_[0])
@@ -147,6 +173,8 @@ void itr_options_print_help(FILE *f) {
           "  iteris-mpi -inspect DIR                              (summary of a model or adapter folder)\n"
           "  iteris-mpi -base DIR [-adapter DIR] -logits IN.jsonl -logits_out OUT.safetensors\n"
           "  iteris-mpi -make_demo DIR                            (write the bundled demo case)\n"
+          "  mpirun -np P iteris-mpi -train 1 -base DIR -data TRAIN.jsonl -out ADAPTER [-r 8 -lora_alpha 16\n"
+          "      -targets q_proj,v_proj -steps 100 -batch 8 -lr 2e-4 ...]    (train a LoRA adapter)\n"
           "  iteris-mpi -features F.h5 -adapters D1,D2,... -out OUT [-method iteris|regmean|task_arithmetic]\n"
           "                                                       (merge from external features: docs/FEATURES.md)\n\n"
           "options (default in brackets):\n");
@@ -254,6 +282,35 @@ void itr_options_defaults(itr_options *opt) {
     if (table_[i].def[0]) (void)set_value(opt, &table_[i], table_[i].def);
 }
 
+/* -train: the shared options copied in, -targets parsed; the trainer checks the rest. */
+static itr_err train_opts(itr_options *opt) {
+  itr_train_opts *t = &opt->t;
+  snprintf(t->base, sizeof t->base, "%s", opt->m.base);
+  snprintf(t->out, sizeof t->out, "%s", opt->m.out);
+  t->seed = opt->m.seed;
+  t->verbose = opt->m.verbose;
+  ITR_CHECK(t->base[0], ITR_ERR_INPUT, "-train needs -base DIR (the Hugging Face model folder); see -help");
+  ITR_CHECK(t->data[0], ITR_ERR_INPUT, "-train needs -data FILE.jsonl; see -help");
+  ITR_CHECK(t->out[0] || t->grad_out[0], ITR_ERR_INPUT, "-train needs -out DIR (where the adapter goes); see -help");
+  if (t->out[0]) ITR_TRY(normalize_out(t->out));
+  t->targets = 0;
+  char list[256];
+  snprintf(list, sizeof list, "%s", opt->targets);
+  for (char *save = NULL, *w = strtok_r(list, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
+    if (!strcmp(w, "all")) {
+      t->targets = (1u << ITR_MODULE_COUNT) - 1;
+      continue;
+    }
+    int m = 0;
+    while (m < ITR_MODULE_COUNT && strcmp(itr_module_name((itr_module)m), w) != 0) m++;
+    ITR_CHECK(m < ITR_MODULE_COUNT, ITR_ERR_INPUT,
+              "-targets: unknown module '%s' (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, all)", w);
+    t->targets |= 1u << m;
+  }
+  ITR_CHECK(t->targets != 0, ITR_ERR_INPUT, "-targets names no module");
+  return ITR_OK;
+}
+
 static int is_petsc_option(const char *name) {
   /* options PETSc itself reads; they never count as unknown */
   static const char *const ok[] = {"options_file", "options_file_yaml", "log_view", "help", "skip_petscrc",
@@ -303,13 +360,14 @@ itr_err itr_options_parse(itr_options *opt) {
   ITR_TRY(err);
 
   /* mode, then method, then options that the mode/method does not use */
-  int nmodes = (opt->inspect[0] != 0) + (opt->make_demo[0] != 0) + (opt->logits[0] != 0);
-  ITR_CHECK(nmodes <= 1, ITR_ERR_INPUT, "-inspect, -make_demo and -logits are separate modes: give one");
+  int nmodes = (opt->inspect[0] != 0) + (opt->make_demo[0] != 0) + (opt->logits[0] != 0) + (opt->train != 0);
+  ITR_CHECK(nmodes <= 1, ITR_ERR_INPUT, "-inspect, -make_demo, -logits and -train are separate modes: give one");
   unsigned use = 0;
   const itr_method *method = NULL;
   if (opt->inspect[0]) opt->mode = ITR_MODE_INSPECT, use = U_INSPECT;
   else if (opt->make_demo[0]) opt->mode = ITR_MODE_MAKE_DEMO, use = U_DEMO;
   else if (opt->logits[0]) opt->mode = ITR_MODE_LOGITS, use = U_LOGITS;
+  else if (opt->train) opt->mode = ITR_MODE_TRAIN, use = U_TRAIN;
   else {
     opt->mode = opt->m.features[0] ? ITR_MODE_FEATURES : ITR_MODE_MERGE;
     method = itr_method_find(opt->m.method);
@@ -331,6 +389,7 @@ itr_err itr_options_parse(itr_options *opt) {
     ITR_CHECK(opt->m.base[0], ITR_ERR_INPUT, "-logits needs -base DIR");
     ITR_CHECK(opt->logits_out[0], ITR_ERR_INPUT, "-logits needs -logits_out OUT.safetensors");
   }
+  if (opt->mode == ITR_MODE_TRAIN) ITR_TRY(train_opts(opt));
   if (opt->mode == ITR_MODE_MERGE || opt->mode == ITR_MODE_FEATURES) {
     ITR_CHECK(opt->m.base[0] || opt->mode == ITR_MODE_FEATURES, ITR_ERR_INPUT, "missing -base DIR (the Hugging Face model folder); see -help");
     ITR_CHECK(opt->m.n_adapters >= 1, ITR_ERR_INPUT, "missing -adapters D1,D2,... (PEFT adapter folders); see -help");

@@ -6,8 +6,9 @@
 
 #include "iteris/core.h"
 #include "iteris/pipeline.h"
+#include "iteris/train.h"
 
-typedef enum { ITR_MODE_MERGE, ITR_MODE_INSPECT, ITR_MODE_LOGITS, ITR_MODE_MAKE_DEMO, ITR_MODE_FEATURES } itr_mode;
+typedef enum { ITR_MODE_MERGE, ITR_MODE_INSPECT, ITR_MODE_LOGITS, ITR_MODE_MAKE_DEMO, ITR_MODE_FEATURES, ITR_MODE_TRAIN } itr_mode;
 
 /* The program's options: a mode, the merge's parameters (include/iteris/pipeline.h) and those of
  * the small modes. */
@@ -20,6 +21,9 @@ typedef struct {
   char logits_out[ITR_OPT_PATH];
   int n_adapter_logits;
   char adapter[ITR_MAX_TASKS][ITR_OPT_PATH];
+  int train;          /* -train 1: the training mode */
+  itr_train_opts t;   /* its parameters (-base, -out, -seed and -verbose are copied from m) */
+  char targets[256];  /* -targets q_proj,v_proj,... */
 } itr_options;
 
 /* Not Collective (reads PETSc's options database, identical on every rank).

@@ -22,7 +22,21 @@ struct itr_adapter_writer {
   char base_model[512];
   itr_dtype dtype;
   writer_module *mods; /* [L * ITR_MODULE_COUNT] */
+  double alpha;        /* > 0: one lora_alpha for every module (itr_adapter_writer_set_scaling) */
+  int rslora;
+  double dropout;
 };
+
+itr_err itr_adapter_writer_set_scaling(itr_adapter_writer *w, double lora_alpha, int use_rslora, double lora_dropout) {
+  ITR_CHECK(lora_alpha > 0 && isfinite(lora_alpha), ITR_ERR_INPUT, "adapter writer: lora_alpha %g must be > 0",
+            lora_alpha);
+  ITR_CHECK(lora_dropout >= 0 && lora_dropout < 1, ITR_ERR_INPUT, "adapter writer: lora_dropout %g must be in [0, 1)",
+            lora_dropout);
+  w->alpha = lora_alpha;
+  w->rslora = use_rslora != 0;
+  w->dropout = lora_dropout;
+  return ITR_OK;
+}
 
 itr_err itr_adapter_writer_create(const itr_model_config *base, const char *base_model_name, itr_dtype dtype,
                                   itr_adapter_writer **out) {
@@ -173,7 +187,7 @@ static itr_err build_config(const itr_adapter_writer *w, cJSON *o) {
       snprintf(key, sizeof key, "layers.%d.%s.%s", l, itr_module_block((itr_module)m),
                itr_module_name((itr_module)m));
       ok &= cJSON_AddNumberToObject(rp, key, r) != NULL;
-      ok &= cJSON_AddNumberToObject(ap, key, r) != NULL;
+      if (w->alpha <= 0) ok &= cJSON_AddNumberToObject(ap, key, r) != NULL;
     }
   if (!ok) {
     cJSON_Delete(rp);
@@ -189,8 +203,8 @@ static itr_err build_config(const itr_adapter_writer *w, cJSON *o) {
   ok &= cJSON_AddTrueToObject(o, "init_lora_weights") != NULL;
   ok &= cJSON_AddNullToObject(o, "layers_pattern") != NULL;
   ok &= cJSON_AddNullToObject(o, "layers_to_transform") != NULL;
-  ok &= cJSON_AddNumberToObject(o, "lora_alpha", r0) != NULL;
-  ok &= cJSON_AddNumberToObject(o, "lora_dropout", 0.0) != NULL;
+  ok &= cJSON_AddNumberToObject(o, "lora_alpha", w->alpha > 0 ? w->alpha : r0) != NULL;
+  ok &= cJSON_AddNumberToObject(o, "lora_dropout", w->dropout) != NULL;
   ok &= cJSON_AddNullToObject(o, "modules_to_save") != NULL;
   ok &= cJSON_AddStringToObject(o, "peft_type", "LORA") != NULL;
   ok &= cJSON_AddNumberToObject(o, "r", r0) != NULL;
@@ -202,7 +216,7 @@ static itr_err build_config(const itr_adapter_writer *w, cJSON *o) {
     if (mask & (1u << m)) ok &= cJSON_AddItemToArray(tm, cJSON_CreateString(itr_module_name((itr_module)m)));
   ok &= cJSON_AddStringToObject(o, "task_type", "CAUSAL_LM") != NULL;
   ok &= cJSON_AddFalseToObject(o, "use_dora") != NULL;
-  ok &= cJSON_AddFalseToObject(o, "use_rslora") != NULL;
+  ok &= cJSON_AddBoolToObject(o, "use_rslora", w->rslora) != NULL;
   ITR_CHECK(ok, ITR_ERR_INTERNAL, "out of memory building adapter_config.json");
   return ITR_OK;
 }

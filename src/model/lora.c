@@ -111,3 +111,87 @@ itr_err itr_lora_set_set_dense(itr_lora_set *s, int layer, itr_module m, const f
   sl->dW_scale = scale;
   return ITR_OK;
 }
+
+/* ---- sets of the same shape, flat views (the trainer's gradients and moments) ---------------- */
+
+static void term_dims(const itr_lora_set *s, int layer_slot, int64_t *d_out, int64_t *d_in) {
+  itr_model_dims d;
+  (void)itr_model_dims_from_config(&s->cfg, &d); /* s was created from a valid configuration */
+  itr_model_dims_module(&d, (itr_module)(layer_slot % ITR_MODULE_COUNT), d_out, d_in);
+}
+
+itr_err itr_lora_set_create_like(const itr_lora_set *s, itr_lora_set **out) {
+  itr_lora_set *g = NULL;
+  ITR_TRY(itr_lora_set_create(&s->cfg, &g));
+  for (int i = 0; i < s->num_layers * ITR_MODULE_COUNT; i++) {
+    const itr_lora_slot *sl = &s->slots[i];
+    if (sl->n_terms == 0) continue;
+    int64_t d_out, d_in;
+    term_dims(s, i, &d_out, &d_in);
+    int max_r = 0;
+    for (int k = 0; k < sl->n_terms; k++) max_r = sl->terms[k].r > max_r ? sl->terms[k].r : max_r;
+    float *zero = NULL;
+    size_t n = (size_t)max_r * (size_t)(d_in > d_out ? d_in : d_out);
+    itr_err err = itr_calloc(n, sizeof(float), "zero factors", &zero);
+    for (int k = 0; err == ITR_OK && k < sl->n_terms; k++)
+      err = itr_lora_set_add(g, i / ITR_MODULE_COUNT, (itr_module)(i % ITR_MODULE_COUNT), sl->terms[k].r,
+                             sl->terms[k].scaling, zero, zero);
+    free(zero);
+    if (err != ITR_OK) {
+      itr_lora_set_destroy(g);
+      return itr_error_frame(err, __func__, __FILE__, __LINE__);
+    }
+  }
+  *out = g;
+  return ITR_OK;
+}
+
+size_t itr_lora_set_n_params(const itr_lora_set *s) {
+  size_t n = 0;
+  for (int i = 0; i < s->num_layers * ITR_MODULE_COUNT; i++) {
+    const itr_lora_slot *sl = &s->slots[i];
+    if (sl->n_terms == 0) continue;
+    int64_t d_out, d_in;
+    term_dims(s, i, &d_out, &d_in);
+    for (int k = 0; k < sl->n_terms; k++) n += (size_t)sl->terms[k].r * (size_t)(d_in + d_out);
+  }
+  return n;
+}
+
+/* dir = 0: factors -> flat; dir = 1: flat -> factors. */
+static void lora_set_copy_flat(itr_lora_set *s, float *flat, int dir) {
+  size_t off = 0;
+  for (int i = 0; i < s->num_layers * ITR_MODULE_COUNT; i++) {
+    itr_lora_slot *sl = &s->slots[i];
+    if (sl->n_terms == 0) continue;
+    int64_t d_out, d_in;
+    term_dims(s, i, &d_out, &d_in);
+    for (int k = 0; k < sl->n_terms; k++) {
+      size_t na = (size_t)sl->terms[k].r * (size_t)d_in, nb = (size_t)sl->terms[k].r * (size_t)d_out;
+      if (dir == 0) {
+        memcpy(flat + off, sl->terms[k].A, na * sizeof(float));
+        memcpy(flat + off + na, sl->terms[k].B, nb * sizeof(float));
+      } else {
+        memcpy(sl->terms[k].A, flat + off, na * sizeof(float));
+        memcpy(sl->terms[k].B, flat + off + na, nb * sizeof(float));
+      }
+      off += na + nb;
+    }
+  }
+}
+
+void itr_lora_set_pack(const itr_lora_set *s, float *flat) { lora_set_copy_flat((itr_lora_set *)s, flat, 0); }
+void itr_lora_set_unpack(itr_lora_set *s, const float *flat) { lora_set_copy_flat(s, (float *)flat, 1); }
+
+void itr_lora_set_zero(itr_lora_set *s) {
+  for (int i = 0; i < s->num_layers * ITR_MODULE_COUNT; i++) {
+    itr_lora_slot *sl = &s->slots[i];
+    if (sl->n_terms == 0) continue;
+    int64_t d_out, d_in;
+    term_dims(s, i, &d_out, &d_in);
+    for (int k = 0; k < sl->n_terms; k++) {
+      memset(sl->terms[k].A, 0, (size_t)sl->terms[k].r * (size_t)d_in * sizeof(float));
+      memset(sl->terms[k].B, 0, (size_t)sl->terms[k].r * (size_t)d_out * sizeof(float));
+    }
+  }
+}

@@ -188,32 +188,30 @@ float *itr_model_lm_head(itr_model *m) { return m->lm_head; }
 
 /* ---- steps of the forward pass ------------------------------------------------------------- */
 
-/* out (T, D) = x (T, D) / sqrt(mean(x^2) + eps) * w (D); x and out may alias. */
-static void rmsnorm_forward(float *out, const float *x, const float *w, int64_t T, int D, double eps) {
+void model_rmsnorm_forward(float *out, float *inv_out, const float *x, const float *w, int64_t T, int D,
+                           double eps) {
   for (int64_t t = 0; t < T; t++) {
     const float *xr = x + t * D;
     float *o = out + t * D;
     double ss = 0;
     for (int i = 0; i < D; i++) ss += (double)xr[i] * xr[i];
     float inv = (float)(1.0 / sqrt(ss / D + eps));
+    if (inv_out) inv_out[t] = inv;
     for (int i = 0; i < D; i++) o[i] = w[i] * (xr[i] * inv);
   }
 }
 
-/* out (T, d_out) (+)= x (T, d_in) W^T + sum_terms s (x A^T) B^T + dW_scale x dW^T + b.
- * accumulate = 1 adds into out (the residual stream): the product is formed in prod (T, d_out)
- * first, then added. sumsq (may be NULL) gets ||product||_F^2 in float64, before the bias. tmp
- * holds T * (largest r). */
-static void linear_forward(float *out, const float *x, const float *W, const float *b,
-                           const itr_lora_slot *slot, float *tmp, int T, int d_out, int d_in,
-                           int accumulate, float *prod, double *sumsq) {
+void model_linear_forward(float *out, const float *x, const float *x_lora, const float *W, const float *b,
+                          const itr_lora_slot *slot, float *tmp, int T, int d_out, int d_in,
+                          int accumulate, float *prod, double *sumsq) {
+  if (!x_lora) x_lora = x;
   float *y = accumulate ? prod : out;
   const size_t n = (size_t)T * (size_t)d_out;
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, d_out, d_in, 1.0f, x, d_in, W, d_in, 0.0f, y, d_out);
   for (int k = 0; slot && k < slot->n_terms; k++) {
     const itr_lora_term *tm = &slot->terms[k];
     /* tmp (T, r) = x A^T;  y += s tmp B^T */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, tm->r, d_in, 1.0f, x, d_in, tm->A, d_in,
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, tm->r, d_in, 1.0f, x_lora, d_in, tm->A, d_in,
                 0.0f, tmp, tm->r);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, d_out, tm->r, tm->scaling, tmp, tm->r,
                 tm->B, tm->r, 1.0f, y, d_out);
@@ -233,9 +231,7 @@ static void linear_forward(float *out, const float *x, const float *W, const flo
     for (size_t i = 0; i < n; i++) out[i] += prod[i];
 }
 
-/* Rotate-half rotary embedding in place on x (n, nh heads of hd) with row stride ld, positions
- * 0..n-1; cosv/sinv (n, hd/2). */
-static void rope_forward(float *x, int n, int nh, int hd, int ld, const float *cosv, const float *sinv) {
+void model_rope_forward(float *x, int n, int nh, int hd, int ld, const float *cosv, const float *sinv) {
   int half = hd / 2;
   for (int t = 0; t < n; t++)
     for (int h = 0; h < nh; h++) {
@@ -249,41 +245,53 @@ static void rope_forward(float *x, int n, int nh, int hd, int ld, const float *c
     }
 }
 
-/* Causal attention of one sequence: att (n, H*hd) from q (n, H*hd), k, v (n, Hkv*hd); S (n, n). */
-static void attention_forward(float *att, const float *q, const float *k, const float *v, float *S,
-                              int n, const itr_model_dims *d) {
+void model_attention_probs(float *S, const float *qh, int ldq, const float *kh, int ldk, int n, int hd) {
+  float scale = (float)(1.0 / sqrt((double)hd));
+  /* S (n, n) = scale * Q_h K_kh^T */
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, hd, scale, qh, ldq, kh, ldk, 0.0f, S, n);
+  for (int i = 0; i < n; i++) {
+    float *row = S + (int64_t)i * n, mx = row[0];
+    for (int j = 1; j <= i; j++) mx = row[j] > mx ? row[j] : mx;
+    double sum = 0;
+    for (int j = 0; j <= i; j++) {
+      row[j] = expf(row[j] - mx);
+      sum += row[j];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int j = 0; j <= i; j++) row[j] *= inv;
+    for (int j = i + 1; j < n; j++) row[j] = 0.0f;
+  }
+}
+
+void model_attention_forward(float *att, const float *q, const float *k, const float *v, float *S, int n,
+                             const itr_model_dims *d) {
   int qd = d->H * d->hd, kvd = d->Hkv * d->hd, group = d->H / d->Hkv;
-  float scale = (float)(1.0 / sqrt((double)d->hd));
   for (int h = 0; h < d->H; h++) {
     int kh = h / group;
-    /* S (n, n) = scale * Q_h K_kh^T */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, d->hd, scale, q + h * d->hd, qd,
-                k + kh * d->hd, kvd, 0.0f, S, n);
-    for (int i = 0; i < n; i++) {
-      float *row = S + (int64_t)i * n, mx = row[0];
-      for (int j = 1; j <= i; j++) mx = row[j] > mx ? row[j] : mx;
-      double sum = 0;
-      for (int j = 0; j <= i; j++) {
-        row[j] = expf(row[j] - mx);
-        sum += row[j];
-      }
-      float inv = (float)(1.0 / sum);
-      for (int j = 0; j <= i; j++) row[j] *= inv;
-      for (int j = i + 1; j < n; j++) row[j] = 0.0f;
-    }
+    model_attention_probs(S, q + h * d->hd, qd, k + kh * d->hd, kvd, n, d->hd);
     /* att_h (n, hd) = S V_kh */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d->hd, n, 1.0f, S, n, v + kh * d->hd,
                 kvd, 0.0f, att + h * d->hd, qd);
   }
 }
 
-static const itr_lora_slot *slot_of(const itr_lora_set *s, int layer, itr_module m) {
+void model_rope_table(float *cosv, float *sinv, int64_t max_len, const itr_model_dims *d) {
+  int half = d->hd / 2;
+  for (int64_t t = 0; t < max_len; t++)
+    for (int i = 0; i < half; i++) {
+      double ang = (double)t * pow(d->theta, -2.0 * i / d->hd);
+      cosv[t * half + i] = (float)cos(ang);
+      sinv[t * half + i] = (float)sin(ang);
+    }
+}
+
+const itr_lora_slot *model_lora_slot(const itr_lora_set *s, int layer, itr_module m) {
   if (!s || layer < 0 || layer >= s->num_layers) return NULL;
   const itr_lora_slot *sl = &s->slots[layer * ITR_MODULE_COUNT + m];
   return (sl->n_terms > 0 || sl->dW) ? sl : NULL;
 }
 
-static itr_err check_layout(const itr_seq_layout *seqs, int64_t T, int64_t *max_len) {
+itr_err model_check_layout(const itr_seq_layout *seqs, int64_t T, int64_t *max_len) {
   ITR_CHECK(seqs->n_seqs >= 1 && seqs->offsets, ITR_ERR_INPUT,
             "forward: sequence layout has %d sequences (need >= 1 and offsets)", seqs->n_seqs);
   ITR_CHECK(seqs->offsets[0] == 0 && seqs->offsets[seqs->n_seqs] == T, ITR_ERR_INPUT,
@@ -330,14 +338,14 @@ itr_err itr_model_run_layers_ex(const itr_model *m, int a, int b, float *hidden,
   itr_seq_layout whole = {1, one};
   if (!seqs) seqs = &whole;
   int64_t max_len = 0;
-  ITR_TRY(check_layout(seqs, T, &max_len));
+  ITR_TRY(model_check_layout(seqs, T, &max_len));
   if (a == b) return ITR_OK;
 
   int max_r = 1;
   if (lora)
     for (int l = a; l < b; l++)
       for (int k = 0; k < ITR_MODULE_COUNT; k++) {
-        const itr_lora_slot *sl = slot_of(lora, l, (itr_module)k);
+        const itr_lora_slot *sl = model_lora_slot(lora, l, (itr_module)k);
         for (int j = 0; sl && j < sl->n_terms; j++)
           if (sl->terms[j].r > max_r) max_r = sl->terms[j].r;
       }
@@ -356,40 +364,35 @@ itr_err itr_model_run_layers_ex(const itr_model *m, int a, int b, float *hidden,
   double ss[ITR_MODULE_COUNT];
   double *want = out_norm ? ss : NULL;
 #define SS(mod) (want ? &ss[mod] : NULL)
-  for (int64_t t = 0; t < max_len; t++)
-    for (int i = 0; i < half; i++) {
-      double ang = (double)t * pow(d->theta, -2.0 * i / d->hd);
-      cosv[t * half + i] = (float)cos(ang);
-      sinv[t * half + i] = (float)sin(ang);
-    }
+  model_rope_table(cosv, sinv, max_len, d);
 
   itr_err err = ITR_OK;
   int Ti = (int)T;
   for (int l = a; l < b; l++) {
     const layer_params *lp = &m->layers[l - m->layer_begin];
     /* attention block */
-    rmsnorm_forward(xn, hidden, lp->norm_in, T, D, d->eps);
+    model_rmsnorm_forward(xn, NULL, hidden, lp->norm_in, T, D, d->eps);
     if (sink) ITR_TRY_GOTO(sink(l, ITR_SITE_ATTN_IN, xn, T, D, ctx), err, done);
-    linear_forward(q, xn, lp->w[ITR_Q_PROJ], lp->b[ITR_Q_PROJ], slot_of(lora, l, ITR_Q_PROJ), tmp, Ti, qd, D, 0, prod, SS(ITR_Q_PROJ));
-    linear_forward(k, xn, lp->w[ITR_K_PROJ], lp->b[ITR_K_PROJ], slot_of(lora, l, ITR_K_PROJ), tmp, Ti, kvd, D, 0, prod, SS(ITR_K_PROJ));
-    linear_forward(v, xn, lp->w[ITR_V_PROJ], lp->b[ITR_V_PROJ], slot_of(lora, l, ITR_V_PROJ), tmp, Ti, kvd, D, 0, prod, SS(ITR_V_PROJ));
+    model_linear_forward(q, xn, NULL, lp->w[ITR_Q_PROJ], lp->b[ITR_Q_PROJ], model_lora_slot(lora, l, ITR_Q_PROJ), tmp, Ti, qd, D, 0, prod, SS(ITR_Q_PROJ));
+    model_linear_forward(k, xn, NULL, lp->w[ITR_K_PROJ], lp->b[ITR_K_PROJ], model_lora_slot(lora, l, ITR_K_PROJ), tmp, Ti, kvd, D, 0, prod, SS(ITR_K_PROJ));
+    model_linear_forward(v, xn, NULL, lp->w[ITR_V_PROJ], lp->b[ITR_V_PROJ], model_lora_slot(lora, l, ITR_V_PROJ), tmp, Ti, kvd, D, 0, prod, SS(ITR_V_PROJ));
     for (int s = 0; s < seqs->n_seqs; s++) {
       int64_t t0 = seqs->offsets[s];
       int n = (int)(seqs->offsets[s + 1] - t0);
-      rope_forward(q + t0 * qd, n, d->H, d->hd, qd, cosv, sinv);
-      rope_forward(k + t0 * kvd, n, d->Hkv, d->hd, kvd, cosv, sinv);
-      attention_forward(att + t0 * qd, q + t0 * qd, k + t0 * kvd, v + t0 * kvd, S, n, d);
+      model_rope_forward(q + t0 * qd, n, d->H, d->hd, qd, cosv, sinv);
+      model_rope_forward(k + t0 * kvd, n, d->Hkv, d->hd, kvd, cosv, sinv);
+      model_attention_forward(att + t0 * qd, q + t0 * qd, k + t0 * kvd, v + t0 * kvd, S, n, d);
     }
     if (sink) ITR_TRY_GOTO(sink(l, ITR_SITE_ATTN_OUT, att, T, qd, ctx), err, done);
-    linear_forward(hidden, att, lp->w[ITR_O_PROJ], lp->b[ITR_O_PROJ], slot_of(lora, l, ITR_O_PROJ), tmp, Ti, D, qd, 1, prod, SS(ITR_O_PROJ));
+    model_linear_forward(hidden, att, NULL, lp->w[ITR_O_PROJ], lp->b[ITR_O_PROJ], model_lora_slot(lora, l, ITR_O_PROJ), tmp, Ti, D, qd, 1, prod, SS(ITR_O_PROJ));
     /* MLP block */
-    rmsnorm_forward(xn, hidden, lp->norm_post, T, D, d->eps);
+    model_rmsnorm_forward(xn, NULL, hidden, lp->norm_post, T, D, d->eps);
     if (sink) ITR_TRY_GOTO(sink(l, ITR_SITE_MLP_IN, xn, T, D, ctx), err, done);
-    linear_forward(g, xn, lp->w[ITR_GATE_PROJ], lp->b[ITR_GATE_PROJ], slot_of(lora, l, ITR_GATE_PROJ), tmp, Ti, F, D, 0, prod, SS(ITR_GATE_PROJ));
-    linear_forward(u, xn, lp->w[ITR_UP_PROJ], lp->b[ITR_UP_PROJ], slot_of(lora, l, ITR_UP_PROJ), tmp, Ti, F, D, 0, prod, SS(ITR_UP_PROJ));
+    model_linear_forward(g, xn, NULL, lp->w[ITR_GATE_PROJ], lp->b[ITR_GATE_PROJ], model_lora_slot(lora, l, ITR_GATE_PROJ), tmp, Ti, F, D, 0, prod, SS(ITR_GATE_PROJ));
+    model_linear_forward(u, xn, NULL, lp->w[ITR_UP_PROJ], lp->b[ITR_UP_PROJ], model_lora_slot(lora, l, ITR_UP_PROJ), tmp, Ti, F, D, 0, prod, SS(ITR_UP_PROJ));
     for (size_t i = 0; i < n_f; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     if (sink) ITR_TRY_GOTO(sink(l, ITR_SITE_MLP_OUT, g, T, F, ctx), err, done);
-    linear_forward(hidden, g, lp->w[ITR_DOWN_PROJ], lp->b[ITR_DOWN_PROJ], slot_of(lora, l, ITR_DOWN_PROJ), tmp, Ti, D, F, 1, prod, SS(ITR_DOWN_PROJ));
+    model_linear_forward(hidden, g, NULL, lp->w[ITR_DOWN_PROJ], lp->b[ITR_DOWN_PROJ], model_lora_slot(lora, l, ITR_DOWN_PROJ), tmp, Ti, D, F, 1, prod, SS(ITR_DOWN_PROJ));
     if (out_norm)
       for (int mm = 0; mm < ITR_MODULE_COUNT; mm++) out_norm(l, (itr_module)mm, ss[mm], ctx);
   }
@@ -417,7 +420,7 @@ itr_err itr_model_logits(const itr_model *m, const float *hidden, int64_t T, flo
   int D = m->dims.D, V = m->dims.V;
   float *xn = NULL;
   ITR_TRY(itr_calloc((size_t)T * D, sizeof(float), "logits workspace", &xn));
-  rmsnorm_forward(xn, hidden, m->final_norm, T, D, m->dims.eps);
+  model_rmsnorm_forward(xn, NULL, hidden, m->final_norm, T, D, m->dims.eps);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, V, D, 1.0f, xn, D, m->lm_head, D, 0.0f,
               logits, V);
   free(xn);

@@ -21,4 +21,34 @@ const itr_model_dims *itr_model_dims_of(const itr_model *m);
 /* 1 when lm_head is the embedding (tied and with_embed). */
 int itr_model_head_is_embed(const itr_model *m);
 
+
+/* ---- steps of the forward pass (model.c), shared with the backward pass (backward.c) ---------- */
+
+/* out (T, D) = x (T, D) / sqrt(mean(x^2) + eps) * w (D); x and out may alias. inv_out (T) (may
+ * be NULL) gets each row's 1 / sqrt(mean(x^2) + eps). */
+void model_rmsnorm_forward(float *out, float *inv_out, const float *x, const float *w, int64_t T, int D,
+                           double eps);
+/* out (T, d_out) (+)= x (T, d_in) W^T + sum_terms s (x_lora A^T) B^T + dW_scale x dW^T + b.
+ * x_lora: the LoRA terms' input (x after LoRA dropout), NULL: x. accumulate = 1 adds into out
+ * (the residual stream): the product is formed in prod (T, d_out) first, then added. sumsq (may be
+ * NULL) gets ||product||_F^2 in float64, before the bias. tmp holds T * (largest r). */
+void model_linear_forward(float *out, const float *x, const float *x_lora, const float *W, const float *b,
+                          const itr_lora_slot *slot, float *tmp, int T, int d_out, int d_in,
+                          int accumulate, float *prod, double *sumsq);
+/* Rotate-half rotary embedding in place on x (n, nh heads of hd) with row stride ld, positions
+ * 0..n-1; cosv/sinv (n, hd/2) from model_rope_table. */
+void model_rope_forward(float *x, int n, int nh, int hd, int ld, const float *cosv, const float *sinv);
+/* cosv, sinv (max_len, hd/2): cos and sin of position t times theta^(-2i/hd). */
+void model_rope_table(float *cosv, float *sinv, int64_t max_len, const itr_model_dims *d);
+/* S (n, n) = causal softmax(q_h k_h^T / sqrt(hd)) of one head of one sequence; q_h (n, hd) with row
+ * stride ldq, k_h (n, hd) with row stride ldk; entries above the diagonal are 0. */
+void model_attention_probs(float *S, const float *qh, int ldq, const float *kh, int ldk, int n, int hd);
+/* Causal attention of one sequence: att (n, H*hd) from q (n, H*hd), k, v (n, Hkv*hd); S (n, n). */
+void model_attention_forward(float *att, const float *q, const float *k, const float *v, float *S, int n,
+                             const itr_model_dims *d);
+/* The slot of (layer, m) when it adds anything, else NULL (also for s NULL). */
+const itr_lora_slot *model_lora_slot(const itr_lora_set *s, int layer, itr_module m);
+/* Checks a sequence layout against T; *max_len = its longest sequence. */
+itr_err model_check_layout(const itr_seq_layout *seqs, int64_t T, int64_t *max_len);
+
 #endif

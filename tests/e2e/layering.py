@@ -27,7 +27,8 @@ ALLOWED = {
     "eval": {"core"},
     "synth": {"core", "io"},
     "pipeline": {"core", "io", "model", "dist", "merge", "eval"},
-    "cli": {"core", "io", "model", "dist", "merge", "eval", "synth", "pipeline"},
+    "train": {"core", "io", "model", "dist"},
+    "cli": {"core", "io", "model", "dist", "merge", "eval", "synth", "pipeline", "train"},
 }
 
 
@@ -35,6 +36,7 @@ ALLOWED = {
 ORDER = {
     "pipeline": [["signals"], ["schedule"], ["context"], ["forward"], ["site"], ["checkpoint"], ["report"],
                  ["driver_data", "driver_direct", "driver_stages", "driver_features"], ["run"]],
+    "train": [["optim"], ["trainer"]],
 }
 
 

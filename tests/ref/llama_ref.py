@@ -193,14 +193,17 @@ def rope(x, theta):
     return x * cos + rot * sin
 
 
-def forward(cfg, W, ids):
-    """ids: list of ints (one sequence) -> logits (n, V) float64."""
+def forward(cfg, W, ids, extra=None):
+    """ids: list of ints (one sequence) -> logits (n, V) float64. extra (optional): a function
+    (module key "model.layers.L.block.mod", its input x) -> a term added to that module's product."""
     n = len(ids)
     h = W["model.embed_tokens.weight"][np.asarray(ids)]
     mask = np.triu(np.full((n, n), -np.inf), 1)
 
     def lin(x, key, bias):
         y = x @ W[key + ".weight"].T
+        if extra is not None:
+            y = y + extra(key, x)
         return y + W[key + ".bias"] if bias else y
 
     for l in range(cfg.L):

@@ -1,0 +1,85 @@
+/* iteris-mpi train: LoRA training of a Llama-family model, data parallel over MPI ranks.
+ *
+ * Every rank holds the whole (frozen) model and the LoRA factors; a step takes the next `batch`
+ * sequences of a seeded shuffle of the data (epoch after epoch), rank p works on the sequences
+ * j = p, p + P, ... of the batch (in `grad_accum` micro-batches), and one MPI_Allreduce sums the
+ * factors' gradients, the loss and the number of target tokens. The step's gradient is the
+ * gradient of (sum of the batch's token losses) / (its target tokens), so it does not depend on
+ * the number of ranks or micro-batches beyond float reassociation. Then, the same on every rank:
+ * clipping of the global gradient norm, AdamW (PyTorch's: decoupled weight decay, bias-corrected
+ * moments), learning rate with linear warmup and cosine decay (Hugging Face's
+ * get_cosine_schedule_with_warmup). Rank 0 writes the adapter (PEFT, r, lora_alpha, use_rslora)
+ * and train_report.json, atomically (OUT.partial/ renamed to OUT).
+ *
+ * Data: JSONL, one {"input_ids": [...]} per line, optionally "prompt_len": k (the first k tokens
+ * are a prompt: no loss on predicting them). The loss of a sequence is next-token cross-entropy
+ * over positions t whose target ids[t+1] has index >= max(k, 1). */
+#ifndef ITERIS_TRAIN_H
+#define ITERIS_TRAIN_H
+
+#include <mpi.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "iteris/core.h"
+#include "iteris/model.h"
+
+#define ITR_TRAIN_PATH 4096
+
+typedef struct {
+  char base[ITR_TRAIN_PATH];         /* Hugging Face model folder */
+  char data[ITR_TRAIN_PATH];         /* training JSONL */
+  char out[ITR_TRAIN_PATH];          /* output adapter folder */
+  char init_adapter[ITR_TRAIN_PATH]; /* start from this PEFT adapter ("" : PEFT's initialisation) */
+  char grad_out[ITR_TRAIN_PATH];     /* "" or: write the gradient at the start to this safetensors
+                                        file (names of the adapter's tensors, F64) and stop */
+  int r;                             /* rank of every target module */
+  double lora_alpha;                 /* scaling lora_alpha / r (or / sqrt(r) with rslora) */
+  int rslora;
+  unsigned targets;                  /* bit m: module m (itr_module) is trained */
+  double dropout;                    /* LoRA dropout p */
+  int steps;                         /* optimizer steps */
+  int batch;                         /* sequences per step (global) */
+  int grad_accum;                    /* micro-batches per rank per step */
+  double lr, min_lr_ratio;           /* peak learning rate; cosine decays to min_lr_ratio * lr */
+  int warmup;                        /* warmup steps */
+  double beta1, beta2, eps, weight_decay;
+  double max_grad_norm;              /* 0: no clipping */
+  long seed;                         /* initialisation, data order, dropout */
+  int log_every;                     /* rank 0 prints loss, tokens/s and ETA every N steps */
+  int verbose;
+} itr_train_opts;
+
+/* Fills o with the defaults (r 8, alpha 16, q/v targets, lr 2e-4, batch 8, ...). */
+void itr_train_opts_defaults(itr_train_opts *o);
+
+/* ---- the optimizer (optim.c): pure functions, the same on every rank ------------------------ */
+
+/* The learning-rate multiplier of step s (0-based) of `steps`: s / warmup during the warmup, then
+ * min_ratio + (1 - min_ratio) * 0.5 (1 + cos(pi (s - warmup) / (steps - warmup))). */
+double itr_train_lr_factor(int s, int steps, int warmup, double min_ratio);
+
+typedef struct {
+  size_t n;
+  long t;          /* steps taken */
+  double *m, *v;   /* first and second moments (n), float64 */
+} itr_adamw;
+
+itr_err itr_adamw_init(itr_adamw *o, size_t n);
+void itr_adamw_fini(itr_adamw *o);
+/* One AdamW step on params (n) f32 with gradient g (n) f64, as torch.optim.AdamW:
+ * p *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+ * p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps). */
+void itr_adamw_step(itr_adamw *o, float *params, const double *g, double lr, double beta1, double beta2,
+                    double eps, double weight_decay);
+/* Scales g (n) so that its 2-norm is at most max_norm (torch's clip_grad_norm_: factor
+ * max_norm / (norm + 1e-6) when below 1). Returns the norm before clipping. */
+double itr_clip_grad_norm(double *g, size_t n, double max_norm);
+
+/* ---- the run (trainer.c) ------------------------------------------------------------------------ */
+
+/* Collective on comm: trains as described above and writes opt->out (or opt->grad_out). The same
+ * error on every rank. */
+itr_err itr_train_run(const itr_train_opts *opt, MPI_Comm comm);
+
+#endif

@@ -1,0 +1,436 @@
+/* The training pass of a Llama-family decoder: the forward of model.c with its activations kept
+ * (a tape), next-token cross-entropy, and the backward pass down to every LoRA factor. Base
+ * weights are frozen, so the backward forms the input gradients (dy W) and the factors' gradients
+ * only. One function per step, outputs first, shapes in comments; the forward steps are model.c's.
+ *
+ * Backward of each step (dy: gradient of the output; everything float32, row sums in double):
+ *   linear   y = x W^T + s (xd A^T) B^T      dx = dy W + s ((dy B) A) .* keep/(1-p)
+ *                                            dB += s dy^T (xd A^T),  dA += s (dy B)^T xd
+ *   rmsnorm  y = w .* x inv                   dx = inv (g - x inv^2 mean(g .* x)),  g = dy .* w
+ *   rotary   y1 = x1 c - x2 s, y2 = x2 c + x1 s   dx1 = dy1 c + dy2 s,  dx2 = dy2 c - dy1 s
+ *   attention P = softmax(Q K^T / sqrt(hd)), O = P V
+ *            dP = dO V^T, dV += P^T dO, dS = P .* (dP - rowsum(dP .* P)),
+ *            dQ = dS K / sqrt(hd), dK += dS^T Q / sqrt(hd)   (K, V shared by a group of heads)
+ *   SwiGLU   m = silu(g) u                    dg = dm u sig(g) (1 + g (1 - sig(g))),  du = dm silu(g)
+ *   loss     l = logsumexp(z) - z_y           dz = softmax(z) - onehot(y) */
+#include <cblas.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "iteris/model.h"
+#include "model/model_internal.h"
+
+enum { LOGIT_CHUNK = 256 };
+
+/* One layer's tape: what the backward needs, in the shapes of the forward. */
+typedef struct {
+  float *h_in;   /* (T, D) the layer's input (residual stream) */
+  float *xn1;    /* (T, D) rmsnorm(h_in) * w_in: the input of q, k, v */
+  float *inv1;   /* (T) */
+  float *q, *k;  /* (T, qd), (T, kvd) after the rotary embedding */
+  float *v;      /* (T, kvd) */
+  float *att;    /* (T, qd) attention output: the input of o */
+  float *h_mid;  /* (T, D) residual stream after attention */
+  float *xn2;    /* (T, D) the input of gate and up */
+  float *inv2;   /* (T) */
+  float *g, *u;  /* (T, F) gate and up products (before the activation) */
+  float *mlp;    /* (T, F) silu(g) * u: the input of down */
+} layer_tape;
+
+static size_t tape_floats(int64_t T, const itr_model_dims *d) {
+  size_t qd = (size_t)d->H * d->hd, kvd = (size_t)d->Hkv * d->hd;
+  return (size_t)T * (4 * (size_t)d->D + 2 + 2 * qd + 2 * kvd + 3 * (size_t)d->F);
+}
+
+static void tape_carve(layer_tape *t, float *p, int64_t T, const itr_model_dims *d) {
+  size_t TD = (size_t)T * d->D, Tq = (size_t)T * d->H * d->hd, Tkv = (size_t)T * d->Hkv * d->hd,
+         TF = (size_t)T * d->F;
+  t->h_in = p, p += TD;
+  t->xn1 = p, p += TD;
+  t->inv1 = p, p += T;
+  t->q = p, p += Tq;
+  t->k = p, p += Tkv;
+  t->v = p, p += Tkv;
+  t->att = p, p += Tq;
+  t->h_mid = p, p += TD;
+  t->xn2 = p, p += TD;
+  t->inv2 = p, p += T;
+  t->g = p, p += TF;
+  t->u = p, p += TF;
+  t->mlp = p;
+}
+
+/* ---- LoRA dropout ------------------------------------------------------------------------------ */
+
+static uint64_t mix64(uint64_t x) { /* splitmix64's finaliser */
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+/* keep (T, d_in) = 1/(1-p) where the entry is kept, 0 where dropped, for (layer, module). */
+static void dropout_mask(float *keep, const itr_lora_dropout *dr, const itr_seq_layout *seqs, int layer,
+                         itr_module mod, int d_in) {
+  float kept = (float)(1.0 / (1.0 - dr->p));
+  uint64_t thresh = (uint64_t)(dr->p * 18446744073709551616.0); /* p 2^64 */
+  uint64_t base = mix64(mix64(mix64(dr->seed) ^ dr->step) ^ (uint64_t)(layer * ITR_MODULE_COUNT + (int)mod));
+  for (int s = 0; s < seqs->n_seqs; s++) {
+    uint64_t sid = dr->seq_ids ? (uint64_t)dr->seq_ids[s] : (uint64_t)s;
+    uint64_t bs = mix64(base ^ mix64(sid));
+    for (int64_t t = seqs->offsets[s]; t < seqs->offsets[s + 1]; t++) {
+      uint64_t bt = mix64(bs ^ (uint64_t)(t - seqs->offsets[s]));
+      float *row = keep + t * d_in;
+      for (int i = 0; i < d_in; i++) row[i] = mix64(bt + (uint64_t)i) >= thresh ? kept : 0.0f;
+    }
+  }
+}
+
+/* The LoRA input of (layer, mod): x itself without dropout or LoRA terms, else xd (T, d_in) =
+ * x .* keep (keep (T, d_in) filled). */
+static const float *lora_input(float *xd, float *keep, const float *x, const itr_lora_slot *sl,
+                               const itr_lora_dropout *dr, const itr_seq_layout *seqs, int layer,
+                               itr_module mod, int64_t T, int d_in) {
+  if (!dr || dr->p <= 0 || !sl || sl->n_terms == 0) return x;
+  dropout_mask(keep, dr, seqs, layer, mod, d_in);
+  for (size_t i = 0; i < (size_t)T * d_in; i++) xd[i] = x[i] * keep[i];
+  return xd;
+}
+
+/* ---- backward steps ---------------------------------------------------------------------------- */
+
+/* dx (T, d_in) (+)= dy (T, d_out) W (d_out, d_in) + the LoRA terms' input gradient; every term's
+ * dA, dB of gsl += as in the header. x (T, d_in) is the module's input, xd its LoRA input (x
+ * after dropout, == x without), keep (T, d_in) the dropout scale or NULL. t1, t2: (T, max r);
+ * dxl (T, d_in) scratch. accumulate = 0 overwrites dx. */
+static void linear_backward(float *dx, const float *dy, const float *xd, const float *keep,
+                            const float *W, const itr_lora_slot *sl, itr_lora_slot *gsl, float *t1,
+                            float *t2, float *dxl, int T, int d_out, int d_in, int accumulate) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d_in, d_out, 1.0f, dy, d_out, W, d_in,
+              accumulate ? 1.0f : 0.0f, dx, d_in);
+  if (sl && sl->dW)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d_in, d_out, sl->dW_scale, dy, d_out,
+                sl->dW, d_in, 1.0f, dx, d_in);
+  if (!sl || sl->n_terms == 0) return;
+  float *dlora = keep ? dxl : dx; /* the LoRA input's gradient, before the dropout scale */
+  if (keep) memset(dxl, 0, (size_t)T * d_in * sizeof(float));
+  for (int k = 0; k < sl->n_terms; k++) {
+    const itr_lora_term *tm = &sl->terms[k];
+    itr_lora_term *gt = &gsl->terms[k];
+    int r = tm->r;
+    float s = tm->scaling;
+    /* t1 (T, r) = xd A^T;  t2 (T, r) = dy B */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, r, d_in, 1.0f, xd, d_in, tm->A, d_in, 0.0f, t1, r);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, r, d_out, 1.0f, dy, d_out, tm->B, r, 0.0f, t2, r);
+    /* dB (d_out, r) += s dy^T t1;  dA (r, d_in) += s t2^T xd */
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d_out, r, T, s, dy, d_out, t1, r, 1.0f, gt->B, r);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, d_in, T, s, t2, r, xd, d_in, 1.0f, gt->A, d_in);
+    /* d(xd) (T, d_in) += s t2 A */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d_in, r, s, t2, r, tm->A, d_in, 1.0f, dlora, d_in);
+  }
+  if (keep)
+    for (size_t i = 0; i < (size_t)T * d_in; i++) dx[i] += dxl[i] * keep[i];
+}
+
+/* dx (T, D) (+)= the gradient through y = w .* x inv for dy (T, D); inv (T) from the forward. */
+static void rmsnorm_backward(float *dx, const float *dy, const float *x, const float *inv, const float *w,
+                             int64_t T, int D, int accumulate) {
+  for (int64_t t = 0; t < T; t++) {
+    const float *xr = x + t * D, *gr = dy + t * D;
+    float *o = dx + t * D;
+    double gx = 0;
+    for (int i = 0; i < D; i++) gx += (double)gr[i] * w[i] * xr[i];
+    double iv = inv[t];
+    float a = (float)iv, b = (float)(iv * iv * iv * gx / D);
+    for (int i = 0; i < D; i++) {
+      float v = a * gr[i] * w[i] - b * xr[i];
+      o[i] = accumulate ? o[i] + v : v;
+    }
+  }
+}
+
+/* In place on dx (n, nh heads of hd, row stride ld): the transpose of the rotation. */
+static void rope_backward(float *dx, int n, int nh, int hd, int ld, const float *cosv, const float *sinv) {
+  int half = hd / 2;
+  for (int t = 0; t < n; t++)
+    for (int h = 0; h < nh; h++) {
+      float *v = dx + (int64_t)t * ld + (int64_t)h * hd;
+      const float *c = cosv + (int64_t)t * half, *s = sinv + (int64_t)t * half;
+      for (int i = 0; i < half; i++) {
+        float d1 = v[i], d2 = v[i + half];
+        v[i] = d1 * c[i] + d2 * s[i];
+        v[i + half] = d2 * c[i] - d1 * s[i];
+      }
+    }
+}
+
+/* One sequence: dq (n, qd) = , dk, dv (n, kvd) += the gradients through attention for datt (n, qd);
+ * q, k (after the rotary embedding), v from the forward. S, dP (n, n) scratch. */
+static void attention_backward(float *dq, float *dk, float *dv, const float *datt, const float *q,
+                               const float *k, const float *v, float *S, float *dP, int n,
+                               const itr_model_dims *d) {
+  int qd = d->H * d->hd, kvd = d->Hkv * d->hd, group = d->H / d->Hkv, hd = d->hd;
+  float scale = (float)(1.0 / sqrt((double)hd));
+  for (int h = 0; h < d->H; h++) {
+    int kh = h / group;
+    const float *qh = q + h * hd, *kk = k + kh * hd, *vv = v + kh * hd, *dO = datt + h * hd;
+    model_attention_probs(S, qh, qd, kk, kvd, n, hd); /* P */
+    /* dP (n, n) = dO V^T;  dV (n, hd) += P^T dO */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, hd, 1.0f, dO, qd, vv, kvd, 0.0f, dP, n);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, hd, n, 1.0f, S, n, dO, qd, 1.0f, dv + kh * hd, kvd);
+    /* dS = P .* (dP - rowsum(dP .* P)), in dP */
+    for (int i = 0; i < n; i++) {
+      float *pr = S + (int64_t)i * n, *dr = dP + (int64_t)i * n;
+      double dot = 0;
+      for (int j = 0; j <= i; j++) dot += (double)dr[j] * pr[j];
+      for (int j = 0; j <= i; j++) dr[j] = pr[j] * (dr[j] - (float)dot);
+      for (int j = i + 1; j < n; j++) dr[j] = 0.0f;
+    }
+    /* dQ_h (n, hd) = scale dS K;  dK (n, hd) += scale dS^T Q_h */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, n, scale, dP, n, kk, kvd, 0.0f, dq + h * hd, qd);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, hd, n, scale, dP, n, qh, qd, 1.0f, dk + kh * hd, kvd);
+  }
+}
+
+/* ---- the pass ------------------------------------------------------------------------------------ */
+
+static itr_err check_grad_set(const itr_lora_set *lora, const itr_lora_set *grad, const itr_model_dims *d) {
+  ITR_CHECK(lora && grad, ITR_ERR_INPUT, "loss_grad: the LoRA set and its gradient set are required");
+  ITR_CHECK(lora->num_layers == d->L && grad->num_layers == d->L && lora->cfg.hidden_size == d->D &&
+                lora->cfg.intermediate_size == d->F,
+            ITR_ERR_INPUT, "loss_grad: the LoRA set was made for another model (L %d, D %d; model L %d, D %d)",
+            lora->num_layers, lora->cfg.hidden_size, d->L, d->D);
+  for (int i = 0; i < d->L * ITR_MODULE_COUNT; i++) {
+    const itr_lora_slot *a = &lora->slots[i], *g = &grad->slots[i];
+    ITR_CHECK(a->n_terms == g->n_terms, ITR_ERR_INPUT,
+              "loss_grad: layer %d module %d has %d LoRA terms but its gradient %d (use itr_lora_set_create_like)",
+              i / ITR_MODULE_COUNT, i % ITR_MODULE_COUNT, a->n_terms, g->n_terms);
+    for (int k = 0; k < a->n_terms; k++)
+      ITR_CHECK(a->terms[k].r == g->terms[k].r, ITR_ERR_INPUT,
+                "loss_grad: layer %d module %d term %d has rank %d but its gradient %d", i / ITR_MODULE_COUNT,
+                i % ITR_MODULE_COUNT, k, a->terms[k].r, g->terms[k].r);
+  }
+  return ITR_OK;
+}
+
+/* Cross-entropy of rows [t0, t0 + c) of xn (the final norm's output); dxn (c, D) = its gradient
+ * (rows without a target are zero). logits (c, V) scratch. */
+static void loss_chunk(float *dxn, float *logits, const float *xn, const float *head, const int32_t *labels,
+                       int c, int D, int V, double *loss, int64_t *count) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c, V, D, 1.0f, xn, D, head, D, 0.0f, logits, V);
+  for (int t = 0; t < c; t++) {
+    float *z = logits + (int64_t)t * V;
+    if (labels[t] < 0) {
+      memset(z, 0, (size_t)V * sizeof(float));
+      continue;
+    }
+    float mx = z[0];
+    for (int j = 1; j < V; j++) mx = z[j] > mx ? z[j] : mx;
+    double sum = 0;
+    for (int j = 0; j < V; j++) sum += exp((double)z[j] - mx);
+    double lse = mx + log(sum);
+    *loss += lse - z[labels[t]];
+    (*count)++;
+    for (int j = 0; j < V; j++) z[j] = (float)exp((double)z[j] - lse);
+    z[labels[t]] -= 1.0f;
+  }
+  /* dxn (c, D) = dz (c, V) head (V, D) */
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, c, D, V, 1.0f, logits, V, head, D, 0.0f, dxn, D);
+}
+
+itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
+                            const itr_seq_layout *seqs, const itr_lora_set *lora,
+                            const itr_lora_dropout *drop, itr_lora_set *grad, double *loss_sum,
+                            int64_t *n_targets) {
+  const itr_model_dims *d = itr_model_dims_of(m);
+  int lb, le;
+  itr_model_layers(m, &lb, &le);
+  itr_model *mm = (itr_model *)m; /* the accessors hand out writable pointers; nothing is written */
+  ITR_CHECK(lb == 0 && le == d->L && itr_model_embed_weight(mm) && itr_model_lm_head(mm), ITR_ERR_INPUT,
+            "loss_grad: needs every layer, the embedding and the head (this part has layers [%d, %d) of %d)",
+            lb, le, d->L);
+  ITR_CHECK(T >= 1 && T <= INT_MAX / 2, ITR_ERR_INPUT, "loss_grad: block of %lld tokens (need 1..%d)",
+            (long long)T, INT_MAX / 2);
+  ITR_CHECK(!drop || (drop->p >= 0 && drop->p < 1), ITR_ERR_INPUT,
+            "loss_grad: LoRA dropout %g must be in [0, 1)", drop ? drop->p : 0.0);
+  ITR_TRY(check_grad_set(lora, grad, d));
+  for (int64_t t = 0; t < T; t++)
+    ITR_CHECK(labels[t] < d->V, ITR_ERR_INPUT, "loss_grad: label %d at position %lld is outside the vocabulary [0, %d)",
+              (int)labels[t], (long long)t, d->V);
+  int64_t one[2] = {0, T};
+  itr_seq_layout whole = {1, one};
+  if (!seqs) seqs = &whole;
+  int64_t max_len = 0;
+  ITR_TRY(model_check_layout(seqs, T, &max_len));
+
+  int max_r = 1;
+  for (int i = 0; i < d->L * ITR_MODULE_COUNT; i++)
+    for (int k = 0; k < lora->slots[i].n_terms; k++)
+      if (lora->slots[i].terms[k].r > max_r) max_r = lora->slots[i].terms[k].r;
+
+  const int L = d->L, D = d->D, F = d->F, V = d->V, qd = d->H * d->hd, kvd = d->Hkv * d->hd,
+            half = d->hd / 2, Ti = (int)T;
+  const int64_t wide = F > qd ? (F > D ? F : D) : (qd > D ? qd : D); /* widest module input */
+  const int chunk = T < LOGIT_CHUNK ? (int)T : LOGIT_CHUNK;
+  /* one allocation: the tapes, the final state, and the scratch of both passes */
+  size_t per_layer = tape_floats(T, d), TD = (size_t)T * D, TW = (size_t)T * wide, TF = (size_t)T * F,
+         Tq = (size_t)T * qd, Tkv = (size_t)T * kvd, nS = (size_t)max_len * (size_t)max_len,
+         nrope = (size_t)max_len * half, Tr = (size_t)T * max_r;
+  size_t scratch = 5 * TD + T + 3 * TW + 2 * TF + 2 * Tq + 2 * Tkv + 2 * nS + 2 * nrope + 2 * Tr +
+                   (size_t)chunk * V + TD;
+  size_t total;
+  if (!itr_mul_size(per_layer, (size_t)(L > 0 ? L : 1), &total) || total + scratch < total)
+    return itr_error_set(ITR_ERR_INPUT, "loss_grad: the activations of %lld tokens overflow", (long long)T);
+  float *mem = NULL;
+  ITR_TRY(itr_calloc(total + scratch, sizeof(float), "training activations", &mem));
+  layer_tape *tape = NULL;
+  itr_err err = itr_calloc((size_t)(L > 0 ? L : 1), sizeof *tape, "training tape", &tape);
+  if (err != ITR_OK) {
+    free(mem);
+    return itr_error_frame(err, __func__, __FILE__, __LINE__);
+  }
+  float *p = mem;
+  for (int l = 0; l < L; l++, p += per_layer) tape_carve(&tape[l], p, T, d);
+  float *h = p;                 /* (T, D) residual stream; after the layers, their output */
+  float *xnf = h + TD;          /* (T, D) final norm */
+  float *invf = xnf + TD;       /* (T) */
+  float *dh = invf + T;         /* (T, D) gradient of the residual stream */
+  float *dx = dh + TD;          /* (T, D) gradient of a norm's output (q/k/v or gate/up input) */
+  float *prod = dx + TD;        /* (T, D) forward: o and down products before the residual add */
+  float *xd = prod + TD;        /* (T, wide) LoRA input after dropout */
+  float *keep = xd + TW;        /* (T, wide) dropout scale */
+  float *dxl = keep + TW;       /* (T, wide) gradient of the LoRA input under dropout */
+  float *dmlp = dxl + TW;       /* (T, F) */
+  float *dgu = dmlp + TF;       /* (T, F) */
+  float *datt = dgu + TF;       /* (T, qd) */
+  float *dq = datt + Tq;        /* (T, qd) */
+  float *dk = dq + Tq;          /* (T, kvd) */
+  float *dv = dk + Tkv;         /* (T, kvd) */
+  float *S = dv + Tkv;          /* (max_len, max_len) */
+  float *dP = S + nS;           /* (max_len, max_len) */
+  float *cosv = dP + nS, *sinv = cosv + nrope;
+  float *t1 = sinv + nrope, *t2 = t1 + Tr; /* (T, max r) */
+  float *logits = t2 + Tr;      /* (chunk, V) */
+  float *dxn = logits + (size_t)chunk * V; /* (T, D) gradient of the final norm's output */
+  model_rope_table(cosv, sinv, max_len, d);
+  double loss = 0;
+  int64_t count = 0;
+
+  /* ---- forward, keeping the tape ---- */
+  ITR_TRY_GOTO(itr_model_embed(m, ids, T, h), err, done);
+  for (int l = 0; l < L; l++) {
+    layer_tape *tp = &tape[l];
+    const itr_lora_slot *sl;
+    memcpy(tp->h_in, h, TD * sizeof(float));
+    model_rmsnorm_forward(tp->xn1, tp->inv1, h, itr_model_norm(mm, l, 0), T, D, d->eps);
+    sl = model_lora_slot(lora, l, ITR_Q_PROJ);
+    model_linear_forward(tp->q, tp->xn1, lora_input(xd, keep, tp->xn1, sl, drop, seqs, l, ITR_Q_PROJ, T, D),
+                         itr_model_weight(mm, l, ITR_Q_PROJ), itr_model_bias(mm, l, ITR_Q_PROJ), sl, t1, Ti, qd, D, 0, NULL, NULL);
+    sl = model_lora_slot(lora, l, ITR_K_PROJ);
+    model_linear_forward(tp->k, tp->xn1, lora_input(xd, keep, tp->xn1, sl, drop, seqs, l, ITR_K_PROJ, T, D),
+                         itr_model_weight(mm, l, ITR_K_PROJ), itr_model_bias(mm, l, ITR_K_PROJ), sl, t1, Ti, kvd, D, 0, NULL, NULL);
+    sl = model_lora_slot(lora, l, ITR_V_PROJ);
+    model_linear_forward(tp->v, tp->xn1, lora_input(xd, keep, tp->xn1, sl, drop, seqs, l, ITR_V_PROJ, T, D),
+                         itr_model_weight(mm, l, ITR_V_PROJ), itr_model_bias(mm, l, ITR_V_PROJ), sl, t1, Ti, kvd, D, 0, NULL, NULL);
+    for (int s = 0; s < seqs->n_seqs; s++) {
+      int64_t t0 = seqs->offsets[s];
+      int n = (int)(seqs->offsets[s + 1] - t0);
+      model_rope_forward(tp->q + t0 * qd, n, d->H, d->hd, qd, cosv, sinv);
+      model_rope_forward(tp->k + t0 * kvd, n, d->Hkv, d->hd, kvd, cosv, sinv);
+      model_attention_forward(tp->att + t0 * qd, tp->q + t0 * qd, tp->k + t0 * kvd, tp->v + t0 * kvd, S, n, d);
+    }
+    sl = model_lora_slot(lora, l, ITR_O_PROJ);
+    model_linear_forward(h, tp->att, lora_input(xd, keep, tp->att, sl, drop, seqs, l, ITR_O_PROJ, T, qd),
+                         itr_model_weight(mm, l, ITR_O_PROJ), itr_model_bias(mm, l, ITR_O_PROJ), sl, t1, Ti, D, qd, 1, prod, NULL);
+    memcpy(tp->h_mid, h, TD * sizeof(float));
+    model_rmsnorm_forward(tp->xn2, tp->inv2, h, itr_model_norm(mm, l, 1), T, D, d->eps);
+    sl = model_lora_slot(lora, l, ITR_GATE_PROJ);
+    model_linear_forward(tp->g, tp->xn2, lora_input(xd, keep, tp->xn2, sl, drop, seqs, l, ITR_GATE_PROJ, T, D),
+                         itr_model_weight(mm, l, ITR_GATE_PROJ), itr_model_bias(mm, l, ITR_GATE_PROJ), sl, t1, Ti, F, D, 0, NULL, NULL);
+    sl = model_lora_slot(lora, l, ITR_UP_PROJ);
+    model_linear_forward(tp->u, tp->xn2, lora_input(xd, keep, tp->xn2, sl, drop, seqs, l, ITR_UP_PROJ, T, D),
+                         itr_model_weight(mm, l, ITR_UP_PROJ), itr_model_bias(mm, l, ITR_UP_PROJ), sl, t1, Ti, F, D, 0, NULL, NULL);
+    for (size_t i = 0; i < TF; i++) tp->mlp[i] = tp->g[i] / (1.0f + expf(-tp->g[i])) * tp->u[i];
+    sl = model_lora_slot(lora, l, ITR_DOWN_PROJ);
+    model_linear_forward(h, tp->mlp, lora_input(xd, keep, tp->mlp, sl, drop, seqs, l, ITR_DOWN_PROJ, T, F),
+                         itr_model_weight(mm, l, ITR_DOWN_PROJ), itr_model_bias(mm, l, ITR_DOWN_PROJ), sl, t1, Ti, D, F, 1, prod, NULL);
+  }
+
+  /* ---- loss and its gradient at the final norm, LOGIT_CHUNK positions at a time ---- */
+  const float *wf = itr_model_final_norm(mm), *head = itr_model_lm_head(mm);
+  model_rmsnorm_forward(xnf, invf, h, wf, T, D, d->eps);
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    int c = (int)(T - t0 < chunk ? T - t0 : chunk);
+    loss_chunk(dxn + t0 * D, logits, xnf + t0 * D, head, labels + t0, c, D, V, &loss, &count);
+  }
+  rmsnorm_backward(dh, dxn, h, invf, wf, T, D, 0);
+
+  /* ---- backward through the layers; dh is the gradient of each layer's output ---- */
+  for (int l = L - 1; l >= 0; l--) {
+    layer_tape *tp = &tape[l];
+    const itr_lora_slot *sl;
+    itr_lora_slot *gs = grad->slots + (size_t)l * ITR_MODULE_COUNT;
+    const float *xl;
+    /* down: dmlp = dh Wd (+ LoRA) */
+    sl = model_lora_slot(lora, l, ITR_DOWN_PROJ);
+    xl = lora_input(xd, keep, tp->mlp, sl, drop, seqs, l, ITR_DOWN_PROJ, T, F);
+    linear_backward(dmlp, dh, xl, xl == tp->mlp ? NULL : keep, itr_model_weight(mm, l, ITR_DOWN_PROJ), sl,
+                    &gs[ITR_DOWN_PROJ], t1, t2, dxl, Ti, D, F, 0);
+    /* SwiGLU: dgu holds dg, dmlp becomes du */
+    for (size_t i = 0; i < TF; i++) {
+      float g = tp->g[i], sg = 1.0f / (1.0f + expf(-g)), dm = dmlp[i];
+      dgu[i] = dm * tp->u[i] * sg * (1.0f + g * (1.0f - sg));
+      dmlp[i] = dm * g * sg;
+    }
+    /* gate, up: dx (T, D) = dg Wg + du Wu (+ LoRA) */
+    sl = model_lora_slot(lora, l, ITR_GATE_PROJ);
+    xl = lora_input(xd, keep, tp->xn2, sl, drop, seqs, l, ITR_GATE_PROJ, T, D);
+    linear_backward(dx, dgu, xl, xl == tp->xn2 ? NULL : keep, itr_model_weight(mm, l, ITR_GATE_PROJ), sl,
+                    &gs[ITR_GATE_PROJ], t1, t2, dxl, Ti, F, D, 0);
+    sl = model_lora_slot(lora, l, ITR_UP_PROJ);
+    xl = lora_input(xd, keep, tp->xn2, sl, drop, seqs, l, ITR_UP_PROJ, T, D);
+    linear_backward(dx, dmlp, xl, xl == tp->xn2 ? NULL : keep, itr_model_weight(mm, l, ITR_UP_PROJ), sl,
+                    &gs[ITR_UP_PROJ], t1, t2, dxl, Ti, F, D, 1);
+    /* dh (now the gradient of h_mid) += through the post-attention norm */
+    rmsnorm_backward(dh, dx, tp->h_mid, tp->inv2, itr_model_norm(mm, l, 1), T, D, 1);
+    /* o: datt (T, qd) = dh Wo (+ LoRA) */
+    sl = model_lora_slot(lora, l, ITR_O_PROJ);
+    xl = lora_input(xd, keep, tp->att, sl, drop, seqs, l, ITR_O_PROJ, T, qd);
+    linear_backward(datt, dh, xl, xl == tp->att ? NULL : keep, itr_model_weight(mm, l, ITR_O_PROJ), sl,
+                    &gs[ITR_O_PROJ], t1, t2, dxl, Ti, D, qd, 0);
+    /* attention, per sequence: dq = , dk, dv += */
+    memset(dk, 0, Tkv * sizeof(float));
+    memset(dv, 0, Tkv * sizeof(float));
+    for (int s = 0; s < seqs->n_seqs; s++) {
+      int64_t t0 = seqs->offsets[s];
+      int n = (int)(seqs->offsets[s + 1] - t0);
+      attention_backward(dq + t0 * qd, dk + t0 * kvd, dv + t0 * kvd, datt + t0 * qd, tp->q + t0 * qd,
+                         tp->k + t0 * kvd, tp->v + t0 * kvd, S, dP, n, d);
+      rope_backward(dq + t0 * qd, n, d->H, d->hd, qd, cosv, sinv);
+      rope_backward(dk + t0 * kvd, n, d->Hkv, d->hd, kvd, cosv, sinv);
+    }
+    /* q, k, v: dx (T, D) = dq Wq + dk Wk + dv Wv (+ LoRA) */
+    sl = model_lora_slot(lora, l, ITR_Q_PROJ);
+    xl = lora_input(xd, keep, tp->xn1, sl, drop, seqs, l, ITR_Q_PROJ, T, D);
+    linear_backward(dx, dq, xl, xl == tp->xn1 ? NULL : keep, itr_model_weight(mm, l, ITR_Q_PROJ), sl,
+                    &gs[ITR_Q_PROJ], t1, t2, dxl, Ti, qd, D, 0);
+    sl = model_lora_slot(lora, l, ITR_K_PROJ);
+    xl = lora_input(xd, keep, tp->xn1, sl, drop, seqs, l, ITR_K_PROJ, T, D);
+    linear_backward(dx, dk, xl, xl == tp->xn1 ? NULL : keep, itr_model_weight(mm, l, ITR_K_PROJ), sl,
+                    &gs[ITR_K_PROJ], t1, t2, dxl, Ti, kvd, D, 1);
+    sl = model_lora_slot(lora, l, ITR_V_PROJ);
+    xl = lora_input(xd, keep, tp->xn1, sl, drop, seqs, l, ITR_V_PROJ, T, D);
+    linear_backward(dx, dv, xl, xl == tp->xn1 ? NULL : keep, itr_model_weight(mm, l, ITR_V_PROJ), sl,
+                    &gs[ITR_V_PROJ], t1, t2, dxl, Ti, kvd, D, 1);
+    /* dh (gradient of h_in) += through the input norm */
+    rmsnorm_backward(dh, dx, tp->h_in, tp->inv1, itr_model_norm(mm, l, 0), T, D, 1);
+  }
+  *loss_sum = loss;
+  *n_targets = count;
+done:
+  free(tape);
+  free(mem);
+  return err;
+}

@@ -1,0 +1,419 @@
+/* The training run (include/iteris/train.h): setup on every rank, the step loop (local gradients of
+ * this rank's share of the batch, one sum over ranks, the optimizer), and rank 0's atomic write of
+ * the adapter and train_report.json. Every phase ends at an agreement point, so all ranks return
+ * the same error. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "iteris/dist.h"
+#include "iteris/io.h"
+#include "iteris/train.h"
+
+void itr_train_opts_defaults(itr_train_opts *o) {
+  memset(o, 0, sizeof *o);
+  o->r = 8;
+  o->lora_alpha = 16;
+  o->targets = (1u << ITR_Q_PROJ) | (1u << ITR_V_PROJ);
+  o->steps = 100;
+  o->batch = 8;
+  o->grad_accum = 1;
+  o->lr = 2e-4;
+  o->min_lr_ratio = 0;
+  o->warmup = 0;
+  o->beta1 = 0.9;
+  o->beta2 = 0.999;
+  o->eps = 1e-8;
+  o->weight_decay = 0;
+  o->max_grad_norm = 1.0;
+  o->seed = 0;
+  o->log_every = 10;
+}
+
+typedef struct {
+  MPI_Comm comm;
+  int rank, size;
+  const itr_train_opts *o;
+  itr_model_config cfg;
+  itr_model *model;
+  itr_token_set data;
+  int have_data;
+  itr_lora_set *lora, *grad;
+  size_t n;          /* trainable floats */
+  float *params;     /* (n) f32, packed from lora */
+  double *gbuf;      /* (n + 2): gradient, loss sum, target count */
+  float *gflat;      /* (n) f32 staging of the packed gradient */
+  itr_adamw opt;
+  int fold_scaling;  /* started from an adapter: write with scaling 1 */
+  double *loss_curve; /* (steps) mean loss of each step */
+  double tokens_per_s, wall_s;
+} trainer;
+
+/* ---- setup ----------------------------------------------------------------------------------------- */
+
+static itr_err check_opts(const itr_train_opts *o) {
+  ITR_CHECK(o->base[0], ITR_ERR_INPUT, "-train needs -base DIR (the Hugging Face model folder)");
+  ITR_CHECK(o->data[0], ITR_ERR_INPUT, "-train needs -data FILE.jsonl (one {\"input_ids\": [...]} per line)");
+  ITR_CHECK(o->out[0] || o->grad_out[0], ITR_ERR_INPUT, "-train needs -out DIR (the adapter to write)");
+  ITR_CHECK(o->init_adapter[0] || (o->r >= 1 && o->r <= 4096), ITR_ERR_INPUT, "-r %d must be in 1..4096", o->r);
+  ITR_CHECK(o->lora_alpha > 0 && isfinite(o->lora_alpha), ITR_ERR_INPUT, "-lora_alpha %g must be > 0", o->lora_alpha);
+  ITR_CHECK(o->init_adapter[0] || o->targets != 0, ITR_ERR_INPUT, "-targets names no module");
+  ITR_CHECK(o->dropout >= 0 && o->dropout < 1, ITR_ERR_INPUT, "-lora_dropout %g must be in [0, 1)", o->dropout);
+  ITR_CHECK(o->steps >= 0, ITR_ERR_INPUT, "-steps %d must be >= 0", o->steps);
+  ITR_CHECK(o->batch >= 1, ITR_ERR_INPUT, "-batch %d must be >= 1", o->batch);
+  ITR_CHECK(o->grad_accum >= 1, ITR_ERR_INPUT, "-grad_accum %d must be >= 1", o->grad_accum);
+  ITR_CHECK(o->lr >= 0 && isfinite(o->lr), ITR_ERR_INPUT, "-lr %g must be >= 0", o->lr);
+  ITR_CHECK(o->min_lr_ratio >= 0 && o->min_lr_ratio <= 1, ITR_ERR_INPUT, "-min_lr_ratio %g must be in [0, 1]",
+            o->min_lr_ratio);
+  ITR_CHECK(o->warmup >= 0, ITR_ERR_INPUT, "-warmup %d must be >= 0", o->warmup);
+  ITR_CHECK(o->beta1 >= 0 && o->beta1 < 1 && o->beta2 >= 0 && o->beta2 < 1, ITR_ERR_INPUT,
+            "-adam_beta1 %g and -adam_beta2 %g must be in [0, 1)", o->beta1, o->beta2);
+  ITR_CHECK(o->eps > 0, ITR_ERR_INPUT, "-adam_eps %g must be > 0", o->eps);
+  ITR_CHECK(o->weight_decay >= 0, ITR_ERR_INPUT, "-weight_decay %g must be >= 0", o->weight_decay);
+  ITR_CHECK(o->max_grad_norm >= 0, ITR_ERR_INPUT, "-max_grad_norm %g must be >= 0 (0: no clipping)", o->max_grad_norm);
+  return ITR_OK;
+}
+
+/* PEFT's initialisation: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0;
+ * each (layer, module) draws from its own stream of the seed, so every rank makes the same A. */
+static itr_err init_fresh(trainer *t) {
+  const itr_train_opts *o = t->o;
+  double scaling = o->rslora ? o->lora_alpha / sqrt((double)o->r) : o->lora_alpha / o->r;
+  int64_t max_in = 0, max_out = 0;
+  for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+    int64_t d_out, d_in;
+    itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
+    if (d_in > max_in) max_in = d_in;
+    if (d_out > max_out) max_out = d_out;
+  }
+  float *A = NULL, *B = NULL;
+  ITR_TRY(itr_calloc((size_t)o->r * (size_t)max_in, sizeof(float), "LoRA A init", &A));
+  itr_err err = itr_calloc((size_t)o->r * (size_t)max_out, sizeof(float), "LoRA B init", &B);
+  for (int l = 0; err == ITR_OK && l < t->cfg.num_hidden_layers; l++)
+    for (int m = 0; err == ITR_OK && m < ITR_MODULE_COUNT; m++) {
+      if (!(o->targets & (1u << m))) continue;
+      int64_t d_out, d_in;
+      itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
+      itr_rng g;
+      itr_rng_init_stream(&g, (uint64_t)o->seed, (uint64_t)(l * ITR_MODULE_COUNT + m));
+      double bound = 1.0 / sqrt((double)d_in);
+      for (int64_t i = 0; i < (int64_t)o->r * d_in; i++) A[i] = (float)((2 * itr_rng_uniform(&g) - 1) * bound);
+      err = itr_lora_set_add(t->lora, l, (itr_module)m, o->r, (float)scaling, A, B);
+    }
+  free(A);
+  free(B);
+  return err;
+}
+
+static itr_err setup_local(trainer *t) {
+  const itr_train_opts *o = t->o;
+  itr_tensor_store *store = NULL;
+  itr_adapter *ad = NULL;
+  itr_err err;
+  ITR_TRY(itr_model_config_read(o->base, &t->cfg));
+  ITR_TRY(itr_tensor_store_open(o->base, &store));
+  err = itr_model_load(&t->cfg, store, 0, t->cfg.num_hidden_layers, 1, 1, &t->model);
+  itr_tensor_store_destroy(store);
+  if (err != ITR_OK) return itr_error_frame(err, __func__, __FILE__, __LINE__);
+  ITR_TRY(itr_token_set_read(o->data, t->cfg.vocab_size, &t->data));
+  t->have_data = 1;
+  ITR_CHECK(t->data.n_seqs >= 1, ITR_ERR_INPUT, "%s: no sequences to train on", o->data);
+  ITR_TRY(itr_lora_set_create(&t->cfg, &t->lora));
+  if (o->init_adapter[0]) {
+    ITR_TRY(itr_adapter_open(o->init_adapter, &t->cfg, &ad));
+    err = itr_lora_set_add_adapter(t->lora, ad, 0, t->cfg.num_hidden_layers, 1.0);
+    itr_adapter_destroy(ad);
+    if (err != ITR_OK) return itr_error_frame(err, __func__, __FILE__, __LINE__);
+    t->fold_scaling = 1;
+  } else {
+    ITR_TRY(init_fresh(t));
+  }
+  ITR_TRY(itr_lora_set_create_like(t->lora, &t->grad));
+  t->n = itr_lora_set_n_params(t->lora);
+  ITR_CHECK(t->n > 0, ITR_ERR_INPUT, "-train: nothing to train (no LoRA module)");
+  ITR_TRY(itr_calloc(t->n, sizeof(float), "LoRA parameters", &t->params));
+  ITR_TRY(itr_calloc(t->n, sizeof(float), "LoRA gradient (f32)", &t->gflat));
+  ITR_TRY(itr_calloc(t->n + 2, sizeof(double), "LoRA gradient", &t->gbuf));
+  ITR_TRY(itr_calloc((size_t)(o->steps > 0 ? o->steps : 1), sizeof(double), "loss curve", &t->loss_curve));
+  ITR_TRY(itr_adamw_init(&t->opt, t->n));
+  itr_lora_set_pack(t->lora, t->params);
+  return ITR_OK;
+}
+
+static void trainer_fini(trainer *t) {
+  itr_model_destroy(t->model);
+  if (t->have_data) itr_token_set_fini(&t->data);
+  itr_lora_set_destroy(t->lora);
+  itr_lora_set_destroy(t->grad);
+  free(t->params);
+  free(t->gflat);
+  free(t->gbuf);
+  free(t->loss_curve);
+  itr_adamw_fini(&t->opt);
+}
+
+/* ---- data order ------------------------------------------------------------------------------------ */
+
+/* The global index of the k-th sequence of training (k = step * batch + j): epoch e = k / n is a
+ * Fisher-Yates shuffle of 0..n-1 seeded by (seed, e). perm (n) caches the current epoch's. */
+static int64_t seq_at(int64_t k, const trainer *t, int64_t *perm, int64_t *perm_epoch) {
+  int64_t n = t->data.n_seqs, e = k / n;
+  if (*perm_epoch != e) {
+    itr_rng g;
+    itr_rng_init_stream(&g, (uint64_t)t->o->seed, 0x7261696eull + (uint64_t)e);
+    for (int64_t i = 0; i < n; i++) perm[i] = i;
+    for (int64_t i = n - 1; i > 0; i--) {
+      int64_t j = (int64_t)itr_rng_below(&g, (uint64_t)(i + 1)), tmp = perm[i];
+      perm[i] = perm[j];
+      perm[j] = tmp;
+    }
+    *perm_epoch = e;
+  }
+  return perm[k % n];
+}
+
+/* ---- one micro-batch: pack sequences, labels, run the training pass -------------------------------- */
+
+typedef struct {
+  int32_t *ids, *labels; /* (T) */
+  int64_t *offsets;      /* (n_seqs + 1) */
+  int64_t *seq_ids;      /* (n_seqs) */
+} micro_buf;
+
+static itr_err micro_batch(trainer *t, const int64_t *seqs, int n_seqs, long step, micro_buf *mb, double *loss,
+                           int64_t *count, int64_t *tokens) {
+  const itr_token_set *d = &t->data;
+  int64_t T = 0;
+  mb->offsets[0] = 0;
+  for (int s = 0; s < n_seqs; s++) {
+    int64_t b = d->offsets[seqs[s]], n = d->offsets[seqs[s] + 1] - b;
+    memcpy(mb->ids + T, d->ids + b, (size_t)n * sizeof(int32_t));
+    for (int64_t i = 0; i < n; i++) mb->labels[T + i] = i + 1 < n ? d->ids[b + i + 1] : -1;
+    T += n;
+    mb->offsets[s + 1] = T;
+    mb->seq_ids[s] = seqs[s];
+  }
+  itr_seq_layout lay = {n_seqs, mb->offsets};
+  itr_lora_dropout dr = {t->o->dropout, (uint64_t)t->o->seed, (uint64_t)step, mb->seq_ids};
+  double l = 0;
+  int64_t c = 0;
+  ITR_TRY(itr_model_loss_grad(t->model, mb->ids, mb->labels, T, &lay, t->lora, t->o->dropout > 0 ? &dr : NULL,
+                              t->grad, &l, &c));
+  *loss += l;
+  *count += c;
+  *tokens += T;
+  return ITR_OK;
+}
+
+/* Gradient of this rank's sequences (a list of global indices) into t->gbuf, summed over ranks:
+ * gbuf[0..n) the gradient of the summed loss, gbuf[n] the loss sum, gbuf[n+1] the target count.
+ * Collective on t->comm. */
+static itr_err gradient(trainer *t, const int64_t *mine, int n_mine, long step, int64_t *tokens) {
+  micro_buf mb = {0};
+  int64_t max_T = 0;
+  for (int s = 0; s < n_mine; s++) max_T += t->data.offsets[mine[s] + 1] - t->data.offsets[mine[s]];
+  double loss = 0;
+  int64_t count = 0;
+  itr_lora_set_zero(t->grad);
+  itr_err err = itr_calloc((size_t)(max_T > 0 ? max_T : 1), sizeof(int32_t), "batch ids", &mb.ids);
+  if (err == ITR_OK) err = itr_calloc((size_t)(max_T > 0 ? max_T : 1), sizeof(int32_t), "batch labels", &mb.labels);
+  if (err == ITR_OK) err = itr_calloc((size_t)n_mine + 1, sizeof(int64_t), "batch offsets", &mb.offsets);
+  if (err == ITR_OK) err = itr_calloc((size_t)n_mine + 1, sizeof(int64_t), "batch sequence ids", &mb.seq_ids);
+  int K = t->o->grad_accum;
+  for (int a = 0; err == ITR_OK && a < K; a++) {
+    int lo = (int)((int64_t)n_mine * a / K), hi = (int)((int64_t)n_mine * (a + 1) / K);
+    if (hi > lo) err = micro_batch(t, mine + lo, hi - lo, step, &mb, &loss, &count, tokens);
+  }
+  free(mb.ids);
+  free(mb.labels);
+  free(mb.offsets);
+  free(mb.seq_ids);
+  ITR_TRY(itr_dist_agree(t->comm, err));
+  itr_lora_set_pack(t->grad, t->gflat);
+  for (size_t i = 0; i < t->n; i++) t->gbuf[i] = t->gflat[i];
+  t->gbuf[t->n] = loss;
+  t->gbuf[t->n + 1] = (double)count;
+  ITR_TRY(itr_dist_allreduce_sum(t->gbuf, (int64_t)t->n + 2, t->comm, "LoRA gradient"));
+  return ITR_OK;
+}
+
+/* ---- output ---------------------------------------------------------------------------------------- */
+
+static itr_err write_gradient(const trainer *t, const char *path) {
+  /* the gradient of the mean loss, in the adapter's tensor names, F64 */
+  itr_st_writer *w = NULL;
+  ITR_TRY(itr_st_writer_create(&w));
+  itr_err err = ITR_OK;
+  double count = t->gbuf[t->n + 1];
+  size_t off = 0;
+  for (int l = 0; err == ITR_OK && l < t->cfg.num_hidden_layers; l++)
+    for (int m = 0; err == ITR_OK && m < ITR_MODULE_COUNT; m++) {
+      const itr_lora_slot *sl = itr_lora_set_slot(t->lora, l, (itr_module)m);
+      if (!sl || sl->n_terms == 0) continue;
+      int64_t d_out, d_in;
+      itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
+      int r = sl->terms[0].r;
+      for (int which = 0; err == ITR_OK && which < 2; which++) {
+        int64_t shape[2] = {which ? d_out : r, which ? r : d_in};
+        size_t cnt = (size_t)shape[0] * (size_t)shape[1];
+        for (size_t i = 0; i < cnt; i++) t->gbuf[off + i] /= count;
+        char name[160];
+        itr_name_lora(l, (itr_module)m, which ? 'B' : 'A', name, sizeof name);
+        err = itr_st_writer_add(w, name, ITR_F64, 2, shape, t->gbuf + off);
+        off += cnt;
+      }
+    }
+  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "format", "iteris-mpi LoRA gradient of the mean loss");
+  if (err == ITR_OK) err = itr_st_writer_write(w, path);
+  itr_st_writer_destroy(w);
+  return err;
+}
+
+static itr_err write_report(const trainer *t, const char *dir) {
+  const itr_train_opts *o = t->o;
+  char path[ITR_PATH_MAX + 64];
+  snprintf(path, sizeof path, "%s/train_report.json", dir);
+  size_t cap = 4096 + (size_t)(o->steps > 0 ? o->steps : 1) * 32, len = 0;
+  char *buf = NULL;
+  ITR_TRY(itr_calloc(cap, 1, "train report", &buf));
+#define PUT(...) len += (size_t)snprintf(buf + len, cap - len, __VA_ARGS__)
+  PUT("{\n\t\"base\":\t\"%s\",\n\t\"data\":\t\"%s\",\n\t\"sequences\":\t%d,\n\t\"ranks\":\t%d,\n", o->base, o->data,
+      t->data.n_seqs, t->size);
+  PUT("\t\"r\":\t%d,\n\t\"lora_alpha\":\t%g,\n\t\"use_rslora\":\t%s,\n\t\"lora_dropout\":\t%g,\n", o->r,
+      o->lora_alpha, o->rslora ? "true" : "false", o->dropout);
+  PUT("\t\"steps\":\t%d,\n\t\"batch\":\t%d,\n\t\"grad_accum\":\t%d,\n\t\"lr\":\t%g,\n\t\"warmup\":\t%d,\n", o->steps,
+      o->batch, o->grad_accum, o->lr, o->warmup);
+  PUT("\t\"min_lr_ratio\":\t%g,\n\t\"weight_decay\":\t%g,\n\t\"max_grad_norm\":\t%g,\n\t\"seed\":\t%ld,\n",
+      o->min_lr_ratio, o->weight_decay, o->max_grad_norm, o->seed);
+  PUT("\t\"trainable_parameters\":\t%zu,\n\t\"tokens_per_second\":\t%.1f,\n\t\"wall_seconds\":\t%.3f,\n", t->n,
+      t->tokens_per_s, t->wall_s);
+  PUT("\t\"loss\":\t[");
+  for (int s = 0; s < o->steps; s++) PUT("%s%.9g", s ? ", " : "", t->loss_curve[s]);
+  PUT("]\n}\n");
+#undef PUT
+  itr_err err = len < cap ? itr_iofile_write_atomic(path, buf, len)
+                          : itr_error_set(ITR_ERR_INTERNAL, "train report longer than its buffer");
+  free(buf);
+  return err;
+}
+
+static itr_err write_adapter(const trainer *t, const char *dir) {
+  const itr_train_opts *o = t->o;
+  itr_adapter_writer *w = NULL;
+  ITR_TRY(itr_adapter_writer_create(&t->cfg, o->base, ITR_F32, &w));
+  itr_err err = ITR_OK;
+  if (!t->fold_scaling) err = itr_adapter_writer_set_scaling(w, o->lora_alpha, o->rslora, o->dropout);
+  float *B = NULL;
+  for (int l = 0; err == ITR_OK && l < t->cfg.num_hidden_layers; l++)
+    for (int m = 0; err == ITR_OK && m < ITR_MODULE_COUNT; m++) {
+      const itr_lora_slot *sl = itr_lora_set_slot(t->lora, l, (itr_module)m);
+      if (!sl || sl->n_terms == 0) continue;
+      const itr_lora_term *tm = &sl->terms[0];
+      if (!t->fold_scaling) {
+        err = itr_adapter_writer_add(w, l, (itr_module)m, tm->r, tm->A, tm->B);
+        continue;
+      }
+      int64_t d_out, d_in;
+      itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
+      free(B);
+      B = NULL;
+      err = itr_calloc((size_t)d_out * (size_t)tm->r, sizeof(float), "scaled B", &B);
+      for (int64_t i = 0; err == ITR_OK && i < d_out * tm->r; i++) B[i] = tm->B[i] * tm->scaling;
+      if (err == ITR_OK) err = itr_adapter_writer_add(w, l, (itr_module)m, tm->r, tm->A, B);
+    }
+  free(B);
+  if (err == ITR_OK) err = itr_adapter_writer_write(w, dir);
+  itr_adapter_writer_destroy(w);
+  return err;
+}
+
+static itr_err write_out(const trainer *t) {
+  char partial[ITR_PATH_MAX + 16];
+  snprintf(partial, sizeof partial, "%s.partial", t->o->out);
+  ITR_TRY(itr_iofile_remove_tree(partial));
+  ITR_TRY(itr_iofile_mkdirs(partial));
+  ITR_TRY(write_adapter(t, partial));
+  ITR_TRY(write_report(t, partial));
+  return itr_iofile_commit_dir(partial, t->o->out);
+}
+
+/* ---- the run ----------------------------------------------------------------------------------------- */
+
+static itr_err train_loop(trainer *t) {
+  const itr_train_opts *o = t->o;
+  int64_t n = t->data.n_seqs, perm_epoch = -1;
+  int64_t *perm = NULL, *mine = NULL;
+  itr_err err = itr_calloc((size_t)n, sizeof(int64_t), "data order", &perm);
+  if (err == ITR_OK) err = itr_calloc((size_t)o->batch, sizeof(int64_t), "this rank's sequences", &mine);
+  err = itr_dist_agree(t->comm, err);
+  double t0 = itr_wtime(), tokens_total = 0;
+  for (int s = 0; err == ITR_OK && s < o->steps; s++) {
+    int n_mine = 0;
+    for (int j = t->rank; j < o->batch; j += t->size)
+      mine[n_mine++] = seq_at((int64_t)s * o->batch + j, t, perm, &perm_epoch);
+    int64_t tokens = 0;
+    err = gradient(t, mine, n_mine, s, &tokens);
+    if (err != ITR_OK) break;
+    double count = t->gbuf[t->n + 1];
+    for (size_t i = 0; i < t->n; i++) t->gbuf[i] /= count > 0 ? count : 1;
+    double loss = count > 0 ? t->gbuf[t->n] / count : 0;
+    double gnorm = itr_clip_grad_norm(t->gbuf, t->n, o->max_grad_norm);
+    double lr = o->lr * itr_train_lr_factor(s, o->steps, o->warmup, o->min_lr_ratio);
+    itr_adamw_step(&t->opt, t->params, t->gbuf, lr, o->beta1, o->beta2, o->eps, o->weight_decay);
+    itr_lora_set_unpack(t->lora, t->params);
+    t->loss_curve[s] = loss;
+    double all_tokens = (double)tokens;
+    MPI_Allreduce(MPI_IN_PLACE, &all_tokens, 1, MPI_DOUBLE, MPI_SUM, t->comm);
+    tokens_total += all_tokens;
+    if (t->rank == 0 && o->log_every > 0 && ((s + 1) % o->log_every == 0 || s + 1 == o->steps || s == 0)) {
+      double el = itr_wtime() - t0, per = el / (s + 1);
+      itr_log(ITR_LOG_INFO, "step %d/%d  loss %.4f  grad norm %.3g  lr %.3g  %.0f tokens/s  ETA %.0f s", s + 1,
+              o->steps, loss, gnorm, lr, tokens_total / (el > 0 ? el : 1e-9), per * (o->steps - s - 1));
+    }
+  }
+  t->wall_s = itr_wtime() - t0;
+  t->tokens_per_s = t->wall_s > 0 ? tokens_total / t->wall_s : 0;
+  free(perm);
+  free(mine);
+  return err;
+}
+
+itr_err itr_train_run(const itr_train_opts *o, MPI_Comm comm) {
+  trainer t;
+  memset(&t, 0, sizeof t);
+  t.o = o;
+  t.comm = comm;
+  MPI_Comm_rank(comm, &t.rank);
+  MPI_Comm_size(comm, &t.size);
+  itr_err err = itr_dist_agree(comm, check_opts(o));
+  if (err == ITR_OK) err = itr_dist_agree(comm, setup_local(&t));
+  if (err == ITR_OK && o->grad_out[0]) {
+    /* the gradient of the mean loss over all the data at the starting point, then stop */
+    int64_t *all = NULL;
+    err = itr_dist_agree(comm, itr_calloc((size_t)t.data.n_seqs, sizeof(int64_t), "sequence list", &all));
+    int n_mine = 0;
+    for (int64_t s = t.rank; err == ITR_OK && s < t.data.n_seqs; s += t.size) all[n_mine++] = s;
+    int64_t tokens = 0;
+    if (err == ITR_OK) err = gradient(&t, all, n_mine, 0, &tokens);
+    free(all);
+    if (err == ITR_OK) {
+      if (t.rank == 0)
+        itr_log(ITR_LOG_INFO, "mean loss %.9g over %.0f targets; gradient written to %s",
+                t.gbuf[t.n] / t.gbuf[t.n + 1], t.gbuf[t.n + 1], o->grad_out);
+      err = itr_dist_agree(comm, t.rank == 0 ? write_gradient(&t, o->grad_out) : ITR_OK);
+    }
+    trainer_fini(&t);
+    return err;
+  }
+  if (err == ITR_OK) {
+    if (t.rank == 0)
+      itr_log(ITR_LOG_INFO, "training %zu LoRA parameters on %d sequences (%lld tokens), %d ranks, %d steps of %d",
+              t.n, t.data.n_seqs, (long long)t.data.n_tokens, t.size, o->steps, o->batch);
+    err = train_loop(&t);
+  }
+  if (err == ITR_OK) err = itr_dist_agree(comm, t.rank == 0 ? write_out(&t) : ITR_OK);
+  if (err == ITR_OK && t.rank == 0) itr_log(ITR_LOG_INFO, "adapter written to %s", o->out);
+  trainer_fini(&t);
+  return err;
+}

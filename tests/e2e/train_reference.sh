@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# LoRA training against independent float64 NumPy (tests/ref/train_ref.py on llama_ref.py's forward):
+#  1. gradients: `iteris-mpi -train 1 -init_adapter AD -grad_out G` (the gradient of the mean
+#     next-token loss over the data) against central differences, for every module and factor,
+#     on Llama (untied, GQA), Llama bf16 tied and sharded, Qwen2 (q/k/v biases), Mistral
+#     (head_dim != D/H, one kv head), with rsLoRA, rank_pattern and alpha_pattern, with LoRA dropout
+#     (masks rebuilt by the reference); at np 1, 2 and 3;
+#  2. AdamW: three full-batch steps (warmup, cosine, clipping, weight decay) against NumPy AdamW
+#     on central-difference gradients;
+#  3. rank-count independence: the same global batch at np 1, 2 and 4 (with micro-batches and LoRA
+#     dropout) gives the same adapter within 1e-5;
+#  4. bad input: exit 2 with the file named, nothing written.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${ITERIS_BIN:-build/bin/iteris-mpi}
+PY=/usr/bin/python3
+REF=tests/ref/llama_ref.py
+TREF=tests/ref/train_ref.py
+W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 OPENBLAS_NUM_THREADS=1
+ok=0; bad=0
+pass() { ok=$((ok + 1)); echo "ok: $*"; }
+fail() { bad=$((bad + 1)); echo "FAILED: $*"; }
+gen() { $PY $REF "$@" >/dev/null || { echo "generator failed: $*"; exit 1; }; }
+
+gen synth "$W/llama" --arch llama --dtype F32 --layers 2 --hidden 32 --inter 48 --heads 4 --kv-heads 2 --vocab 40 --seed 1
+gen synth "$W/llama_tied" --arch llama --dtype BF16 --layers 3 --hidden 32 --inter 40 --heads 4 --kv-heads 2 --vocab 50 --tied --shards 3 --seed 2 --theta 500000
+gen synth "$W/qwen2" --arch qwen2 --dtype F16 --layers 2 --hidden 24 --inter 40 --heads 6 --kv-heads 2 --vocab 30 --seed 3 --theta 1000000
+gen synth "$W/mistral" --arch mistral --dtype BF16 --layers 2 --hidden 32 --inter 48 --heads 4 --kv-heads 1 --head-dim 16 --vocab 36 --seed 4
+gen adapter "$W/ad_llama" --model "$W/llama" --rank 3 --alpha 6 --seed 11
+gen adapter "$W/ad_tied" --model "$W/llama_tied" --rank 2 --alpha 16 --targets q_proj,v_proj,down_proj --rslora \
+  --rank-pattern model.layers.1.self_attn.v_proj=5 --alpha-pattern down_proj=3 --seed 12
+gen adapter "$W/ad_qwen2" --model "$W/qwen2" --rank 3 --alpha 6 --targets q_proj,k_proj,o_proj,gate_proj,up_proj --seed 13
+gen adapter "$W/ad_mistral" --model "$W/mistral" --rank 4 --alpha 4 --seed 14
+gen tokens "$W/tok30.jsonl" --vocab 30 --lengths 7,1,12,3,9 --seed 21
+
+# 1. gradients
+grad_check() { # LABEL MODEL ADAPTER NP [DROPOUT SEED]
+  local label=$1 model=$2 ad=$3 np=$4 g=$W/$1.np$4.safetensors c=() r=()
+  [ $# -ge 6 ] && c=(-lora_dropout "$5" -seed "$6") && r=(--dropout "$5" --seed "$6")
+  if ! mpirun -np "$np" "$BIN" -train 1 -base "$model" -data "$W/tok30.jsonl" -init_adapter "$ad" -grad_out "$g" \
+      "${c[@]}" >"$W/$label.log" 2>&1; then
+    fail "$label np $np: iteris-mpi -grad_out failed:"; head -n 20 "$W/$label.log"; return
+  fi
+  if $PY $TREF grad "$model" "$W/tok30.jsonl" "$g" --adapter "$ad" --samples 3 --tol 1e-4 "${r[@]}" >"$W/$label.cmp" 2>&1; then
+    pass "$label np $np: gradient of every factor within 1e-4 of central differences ($(sort -k6 -g "$W/$label.cmp" | tail -n 1 | awk '{print $2, $NF}'))"
+  else
+    fail "$label np $np:"; cat "$W/$label.cmp"
+  fi
+}
+grad_check llama "$W/llama" "$W/ad_llama" 1
+grad_check llama "$W/llama" "$W/ad_llama" 3
+grad_check llama_tied_bf16_rslora "$W/llama_tied" "$W/ad_tied" 1
+grad_check qwen2_bias "$W/qwen2" "$W/ad_qwen2" 2
+grad_check mistral_headdim "$W/mistral" "$W/ad_mistral" 1
+# LoRA dropout: the reference rebuilds the masks from their definition (train.h) and differentiates
+# the dropped-out forward; at np 2 the masks must follow the sequences, not the ranks
+grad_check llama_dropout "$W/llama" "$W/ad_llama" 2 0.3 5
+grad_check qwen2_dropout "$W/qwen2" "$W/ad_qwen2" 1 0.5 9
+
+# 2. AdamW, three full-batch steps (batch = the 5 sequences), from an adapter with B != 0
+gen synth "$W/tiny" --arch llama --dtype F32 --layers 1 --hidden 16 --inter 24 --heads 2 --kv-heads 1 --vocab 20 --seed 5
+gen adapter "$W/ad_tiny" --model "$W/tiny" --rank 2 --alpha 4 --targets q_proj,v_proj,down_proj --seed 15
+gen tokens "$W/tok20.jsonl" --vocab 20 --lengths 6,4,9,3,5 --seed 22
+hp=(-steps 3 -lr 0.02 -warmup 1 -min_lr_ratio 0.1 -weight_decay 0.1 -max_grad_norm 0.05 -adam_eps 1e-3)
+if mpirun -np 2 "$BIN" -train 1 -base "$W/tiny" -data "$W/tok20.jsonl" -init_adapter "$W/ad_tiny" -batch 5 "${hp[@]}" \
+    -log_every 1 -out "$W/adamw" >"$W/adamw.log" 2>&1; then
+  if $PY $TREF adamw "$W/tiny" "$W/tok20.jsonl" "$W/adamw" --adapter "$W/ad_tiny" --steps 3 --lr 0.02 --warmup 1 \
+      --min-lr-ratio 0.1 --weight-decay 0.1 --max-grad-norm 0.05 --eps 1e-3 --tol 1e-4 >"$W/adamw.cmp" 2>&1; then
+    pass "AdamW: $(tail -n 1 "$W/adamw.cmp")"
+  else
+    fail "AdamW:"; cat "$W/adamw.cmp"
+  fi
+else
+  fail "AdamW run:"; head -n 20 "$W/adamw.log"
+fi
+
+# 3. the same global batch on 1, 2 and 4 ranks, micro-batches, dropout, fresh PEFT initialisation
+gen tokens "$W/tok40.jsonl" --vocab 40 --lengths 9,4,12,7,3,10,8,5,6,11,2,9 --seed 23
+tr=(-train 1 -base "$W/llama" -data "$W/tok40.jsonl" -targets all -r 4 -lora_alpha 8 -steps 6 -batch 8 -lr 0.01
+    -warmup 2 -lora_dropout 0.1 -seed 7 -log_every 0)
+for np in 1 2 4; do
+  extra=(); [ "$np" -eq 2 ] && extra=(-grad_accum 3)
+  mpirun -np "$np" "$BIN" "${tr[@]}" "${extra[@]}" -out "$W/np$np" >"$W/np$np.log" 2>&1 || { fail "train np $np:"; head -n 20 "$W/np$np.log"; }
+done
+for np in 2 4; do
+  if $PY - "$W/np1" "$W/np$np" <<'PY'
+import sys, numpy as np
+sys.path.insert(0, "tests/ref")
+import train_ref as T
+a, b = T.read_adapter(sys.argv[1]), T.read_adapter(sys.argv[2])
+assert a.keys() == b.keys() and len(a) == 14, (len(a), len(b))
+worst = 0.0
+for k in a:
+    for i in (0, 1):
+        d = np.max(np.abs(a[k][i] - b[k][i])) / max(np.max(np.abs(a[k][i])), 1e-30)
+        worst = max(worst, d)
+print("worst relative difference %.2e" % worst)
+sys.exit(0 if worst <= 1e-5 else 1)
+PY
+  then pass "np 1 vs np $np: same adapter within 1e-5"; else fail "np 1 vs np $np differ"; fi
+done
+# the loss went down, and the report is there
+if $PY - "$W/np1/train_report.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+l = r["loss"]
+assert len(l) == 6 and l[-1] < l[0], l
+PY
+then pass "train_report.json: loss per step, decreasing ($(tr -d '\n\t' < "$W/np1/train_report.json" | sed 's/.*"loss":\[\(.*\)\].*/\1/'))"
+else fail "train_report.json"; fi
+# the written config carries r, alpha and dropout
+grep -Eq '"lora_dropout":[[:space:]]*0.1,' "$W/np1/adapter_config.json" && grep -Eq '"lora_alpha":[[:space:]]*8,' "$W/np1/adapter_config.json" \
+  && pass "adapter_config.json: r 4, lora_alpha 8, lora_dropout 0.1" || { fail "adapter_config.json"; cat "$W/np1/adapter_config.json"; }
+# the trained adapter is one the merge reads
+if "$BIN" -base "$W/llama" -adapter "$W/np1" -logits "$W/tok40.jsonl" -logits_out "$W/l.safetensors" >/dev/null 2>&1 &&
+   $PY $REF compare "$W/llama" "$W/tok40.jsonl" "$W/l.safetensors" --adapter "$W/np1" --tol 1e-4 >/dev/null; then
+  pass "the trained adapter loads (-logits agrees with the NumPy forward of base + adapter)"
+else fail "the trained adapter does not load or gives other logits"; fi
+
+# 4. bad input
+expect2() { # SUBSTRING ARGS...
+  local want=$1; shift
+  local out rc
+  out=$(timeout -k 5 120 mpirun -np 2 "$BIN" "$@" 2>&1); rc=$?
+  if [ $rc -eq 2 ] && grep -qF -- "$want" <<<"$out" && [ ! -e "$W/bad_out" ] && [ ! -e "$W/bad_out.partial" ]; then
+    pass "exit 2: $want"
+  else fail "want exit 2 with '$want', got $rc:"; echo "$out" | head -n 5; fi
+}
+printf '{"input_ids": [1, 2]}\n{"input_ids": [1, 77]}\n' > "$W/bad.jsonl"
+expect2 "bad.jsonl:2" -train 1 -base "$W/llama" -data "$W/bad.jsonl" -out "$W/bad_out"
+expect2 "-targets: unknown module 'qq_proj'" -train 1 -base "$W/llama" -data "$W/tok40.jsonl" -targets qq_proj -out "$W/bad_out"
+expect2 "-lora_dropout 1 must be in [0, 1)" -train 1 -base "$W/llama" -data "$W/tok40.jsonl" -lora_dropout 1 -out "$W/bad_out"
+expect2 "-train needs -data" -train 1 -base "$W/llama" -out "$W/bad_out"
+expect2 "option -max_iter is not used in this mode" -train 1 -base "$W/llama" -data "$W/tok40.jsonl" -max_iter 3 -out "$W/bad_out"
+
+echo "train_reference: $ok passed, $bad failed"
+[ "$bad" -eq 0 ]

@@ -1,0 +1,238 @@
+#!/usr/bin/python3
+"""Independent float64 NumPy reference for LoRA training: the loss as iteris-mpi -train defines it
+(next-token cross-entropy, mean over every target token of the data), its gradient with respect
+to each LoRA factor by central finite differences, and AdamW steps on those gradients. It shares
+no code with iteris-mpi; the forward pass is llama_ref.py's (float64, Hugging Face semantics).
+
+Commands:
+  grad  MODEL_DIR DATA.jsonl CANDIDATE.safetensors --adapter DIR [--samples K] [--tol X]
+        [--dropout P --seed S]  (LoRA dropout as -lora_dropout P -seed S, step 0)
+        compares the candidate gradient (tensors named as the adapter's, F64) with central
+        differences at K random entries of every tensor plus its largest entry; prints the worst
+        relative error per tensor kind (module, A or B); exit 1 when one exceeds tol
+  adamw MODEL_DIR DATA.jsonl CANDIDATE_DIR --adapter DIR --steps S --lr X [--warmup W]
+        [--min-lr-ratio R] [--beta1 B1] [--beta2 B2] [--eps E] [--weight-decay WD] [--max-grad-norm C]
+        [--tol X]   full-batch training from the adapter (every entry's gradient by central
+        differences; the tiny models only), compared with the candidate adapter's B A products
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llama_ref as R  # noqa: E402
+
+
+def read_adapter(adir):
+    """{module key: [A, B, scaling]} with key "model.layers.L.block.mod" and the tensor names."""
+    with open(os.path.join(adir, "adapter_config.json")) as f:
+        ac = json.load(f)
+    t = R.st_read(os.path.join(adir, "adapter_model.safetensors"))
+    out = {}
+    for name, A in t.items():
+        if not name.endswith(".lora_A.weight"):
+            continue
+        path = name[len("base_model.model."):-len(".lora_A.weight")]
+        B = t[name.replace("lora_A", "lora_B")]
+        r = int(R._pattern(ac.get("rank_pattern"), path, ac["r"]))
+        alpha = float(R._pattern(ac.get("alpha_pattern"), path, ac["lora_alpha"]))
+        s = alpha / math.sqrt(r) if ac.get("use_rslora") else alpha / r
+        out[path] = [A.copy(), B.copy(), s, name, name.replace("lora_A", "lora_B")]
+    return out
+
+
+M64 = (1 << 64) - 1
+MODULE_INDEX = {m: i for i, (_, m) in enumerate(R.MODULES)}
+
+
+def mix64(x):
+    """splitmix64's finaliser (the hash behind LoRA dropout's masks)."""
+    x = (x + 0x9e3779b97f4a7c15) & M64
+    x = ((x ^ (x >> 30)) * 0xbf58476d1ce4e5b9) & M64
+    x = ((x ^ (x >> 27)) * 0x94d049bb133111eb) & M64
+    return x ^ (x >> 31)
+
+
+def dropout_keep(p, seed, step, layer, mod, seq_id, n, d_in):
+    """keep (n, d_in): 1/(1-p) where the LoRA input entry is kept, 0 where dropped: entry (t, i)
+    of sequence seq_id in (layer, module) is kept when mix64(h_t + i) >= p 2^64, h_t a hash chain
+    of (seed, step, layer * 7 + module, seq_id, t), as train.h specifies."""
+    thresh = int(p * 2.0 ** 64)
+    base = mix64(mix64(mix64(seed & M64) ^ step) ^ (layer * 7 + MODULE_INDEX[mod]))
+    bs = mix64(base ^ mix64(seq_id))
+    keep = np.zeros((n, d_in))
+    for t in range(n):
+        bt = mix64(bs ^ t)
+        for i in range(d_in):
+            keep[t, i] = 1.0 / (1.0 - p) if mix64((bt + i) & M64) >= thresh else 0.0
+    return keep
+
+
+def mean_loss(cfg, W0, lora, seqs, drop=None):
+    """drop: None, or (p, seed, step): LoRA dropout; the sequences' global indices are 0, 1, ..."""
+    W = dict(W0)
+    if drop is None:
+        for path, (A, B, s, _, _) in lora.items():
+            W[path + ".weight"] = W0[path + ".weight"] + s * (B @ A)
+    total, count = 0.0, 0
+    for si, ids in enumerate(seqs):
+        if len(ids) < 2:
+            continue
+        extra = None
+        if drop is not None:
+            keeps = drop[3].setdefault(si, {})
+
+            def extra(key, x, keeps=keeps, si=si):
+                if key not in lora:
+                    return 0.0
+                A, B, s = lora[key][:3]
+                if key not in keeps:
+                    layer, mod = int(key.split(".")[2]), key.split(".")[-1]
+                    keeps[key] = dropout_keep(drop[0], drop[1], drop[2], layer, mod, si, x.shape[0], x.shape[1])
+                return s * ((x * keeps[key]) @ A.T) @ B.T
+        z = R.forward(cfg, W, ids, extra)[:-1]
+        mx = z.max(axis=1, keepdims=True)
+        lse = (mx[:, 0] + np.log(np.exp(z - mx).sum(axis=1)))
+        total += float(np.sum(lse - z[np.arange(len(ids) - 1), np.asarray(ids[1:])]))
+        count += len(ids) - 1
+    return total / count
+
+
+def fd(cfg, W0, lora, seqs, path, which, idx, h=1e-6, drop=None):
+    arr = lora[path][which]
+    old = arr[idx]
+    arr[idx] = old + h
+    up = mean_loss(cfg, W0, lora, seqs, drop)
+    arr[idx] = old - h
+    dn = mean_loss(cfg, W0, lora, seqs, drop)
+    arr[idx] = old
+    return (up - dn) / (2 * h)
+
+
+def cmd_grad(a):
+    cfg, W0 = R.Cfg(a.model), R.load_model_tensors(a.model)
+    seqs = R.read_tokens(a.data)
+    lora = read_adapter(a.adapter)
+    cand = R.st_read(a.candidate)
+    rng = np.random.RandomState(0)
+    drop = (a.dropout, a.seed, 0, {}) if a.dropout > 0 else None
+    worst = {}
+    bad = 0
+    for path in sorted(lora):
+        for which in (0, 1):
+            name = lora[path][3 + which]
+            if name not in cand:
+                print("grad: %s missing from %s" % (name, a.candidate))
+                bad += 1
+                continue
+            g = cand[name]
+            if g.shape != lora[path][which].shape:
+                print("grad: %s has shape %s, the adapter %s" % (name, g.shape, lora[path][which].shape))
+                bad += 1
+                continue
+            picks = [np.unravel_index(int(np.argmax(np.abs(g))), g.shape)]
+            picks += [tuple(rng.randint(0, n) for n in g.shape) for _ in range(a.samples)]
+            ref = np.array([fd(cfg, W0, lora, seqs, path, which, ix, drop=drop) for ix in picks])
+            got = np.array([g[ix] for ix in picks])
+            scale = max(np.max(np.abs(ref)), 1e-12)
+            err = float(np.max(np.abs(got - ref)) / scale)
+            kind = "%s.%s" % (path.split(".")[-1], "AB"[which])
+            worst[kind] = max(worst.get(kind, 0.0), err)
+    for kind in sorted(worst):
+        flag = "FAIL" if worst[kind] > a.tol else "ok"
+        print("%-10s %-14s worst relative error %.3e" % (flag, kind, worst[kind]))
+        bad += worst[kind] > a.tol
+    return 1 if bad else 0
+
+
+def lr_factor(s, steps, warmup, min_ratio):
+    if warmup > 0 and s < warmup:
+        return s / warmup
+    span = steps - warmup
+    p = min((s - warmup) / span, 1.0) if span > 0 else 0.0
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def cmd_adamw(a):
+    cfg, W0 = R.Cfg(a.model), R.load_model_tensors(a.model)
+    seqs = R.read_tokens(a.data)
+    lora = read_adapter(a.adapter)
+    keys = [(p, w) for p in sorted(lora) for w in (0, 1)]
+    m = {k: np.zeros_like(lora[k[0]][k[1]]) for k in keys}
+    v = {k: np.zeros_like(lora[k[0]][k[1]]) for k in keys}
+    for t in range(1, a.steps + 1):
+        g = {}
+        for k in keys:
+            arr = lora[k[0]][k[1]]
+            g[k] = np.zeros_like(arr)
+            for ix in np.ndindex(arr.shape):
+                g[k][ix] = fd(cfg, W0, lora, seqs, k[0], k[1], ix)
+        norm = math.sqrt(sum(float(np.sum(x * x)) for x in g.values()))
+        if a.max_grad_norm > 0 and a.max_grad_norm / (norm + 1e-6) < 1:
+            for k in keys:
+                g[k] *= a.max_grad_norm / (norm + 1e-6)
+        lr = a.lr * lr_factor(t - 1, a.steps, a.warmup, a.min_lr_ratio)
+        for k in keys:
+            p = lora[k[0]][k[1]]
+            p *= 1 - lr * a.weight_decay
+            m[k] = a.beta1 * m[k] + (1 - a.beta1) * g[k]
+            v[k] = a.beta2 * v[k] + (1 - a.beta2) * g[k] ** 2
+            p -= lr * (m[k] / (1 - a.beta1 ** t)) / (np.sqrt(v[k] / (1 - a.beta2 ** t)) + a.eps)
+        print("step %d: grad norm %.6g, lr %.6g" % (t, norm, lr))
+    cand = read_adapter(a.candidate)
+    bad = 0
+    worst = 0.0
+    for path in sorted(lora):
+        A, B, s = lora[path][:3]
+        if path not in cand:
+            print("adamw: %s missing from the candidate" % path)
+            bad += 1
+            continue
+        ref = s * (B @ A)
+        got = cand[path][2] * (cand[path][1] @ cand[path][0])
+        err = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12))
+        worst = max(worst, err)
+        if err > a.tol:
+            print("FAIL %s: relative error of s B A %.3e" % (path, err))
+            bad += 1
+    print("adamw: %d modules after %d steps, worst relative error of s B A %.3e (tol %g)" % (len(lora), a.steps, worst, a.tol))
+    return 1 if bad else 0
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("grad")
+    g.add_argument("model")
+    g.add_argument("data")
+    g.add_argument("candidate")
+    g.add_argument("--adapter", required=True)
+    g.add_argument("--samples", type=int, default=3)
+    g.add_argument("--tol", type=float, default=1e-3)
+    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p of the candidate's run")
+    g.add_argument("--seed", type=int, default=0, help="-seed of the candidate's run (dropout masks)")
+    w = sub.add_parser("adamw")
+    w.add_argument("model")
+    w.add_argument("data")
+    w.add_argument("candidate")
+    w.add_argument("--adapter", required=True)
+    w.add_argument("--steps", type=int, required=True)
+    w.add_argument("--lr", type=float, required=True)
+    w.add_argument("--warmup", type=int, default=0)
+    w.add_argument("--min-lr-ratio", type=float, default=0.0)
+    w.add_argument("--beta1", type=float, default=0.9)
+    w.add_argument("--beta2", type=float, default=0.999)
+    w.add_argument("--eps", type=float, default=1e-8)
+    w.add_argument("--weight-decay", type=float, default=0.0)
+    w.add_argument("--max-grad-norm", type=float, default=1.0)
+    w.add_argument("--tol", type=float, default=1e-3)
+    a = ap.parse_args(argv)
+    return cmd_grad(a) if a.cmd == "grad" else cmd_adamw(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
