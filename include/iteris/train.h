@@ -47,6 +47,9 @@ typedef struct {
   double max_grad_norm;              /* 0: no clipping */
   long seed;                         /* initialisation, data order, dropout */
   int log_every;                     /* rank 0 prints loss, tokens/s and ETA every N steps */
+  int checkpoint_every;              /* write OUT.partial/train_checkpoint.safetensors every N steps (0: only
+                                        when stopped by a signal) */
+  int restart;                       /* continue from that checkpoint */
   int verbose;
 } itr_train_opts;
 
@@ -79,7 +82,11 @@ double itr_clip_grad_norm(double *g, size_t n, double max_norm);
 /* ---- the run (trainer.c) ------------------------------------------------------------------------ */
 
 /* Collective on comm: trains as described above and writes opt->out (or opt->grad_out). The same
- * error on every rank. */
+ * error on every rank. A stop signal (itr_signals_*, or ITERIS_FAULT_TRAIN_STOP_AT=k in the tests:
+ * before step k) is agreed at a step boundary: rank 0 writes OUT.partial/train_checkpoint.safetensors
+ * (parameters, AdamW moments and step, loss so far, and the options it belongs to) and every rank
+ * returns ITR_ERR_INTERRUPTED; opt->restart = 1 continues from it and gives the adapter the
+ * uninterrupted run would have given (bit for bit with the same ranks and micro-batches). */
 itr_err itr_train_run(const itr_train_opts *opt, MPI_Comm comm);
 
 #endif

@@ -64,7 +64,7 @@ static const opt_entry table_[] = {
     {"dare_p", T_REAL, OFF(m.dare_p), 0, 0, "0.5", U_METHOD, "DARE: drop probability"},
     {"dare_ties", T_BOOL, OFF(m.dare_ties), 0, 0, "0", U_METHOD, "DARE: combine with TIES instead of a sum"},
     {"seed", T_INT, OFF(m.seed), 0, 0, "0", U_METHOD | U_TRAIN, "random seed (DARE; -train: initialisation, data order, dropout)"},
-    {"restart", T_BOOL, OFF(m.restart), 0, 0, "0", U_METHOD, "resume from the checkpoint in OUT.partial/ (written after every iteration and on SIGTERM)"},
+    {"restart", T_BOOL, OFF(m.restart), 0, 0, "0", U_METHOD | U_TRAIN, "resume from the checkpoint in OUT.partial/ (written after every iteration and on SIGTERM)"},
     {"solve_groups", T_INT, OFF(m.solve_groups), 0, 0, "1", U_METHOD,
      "split the ranks into N groups with their own grids; rank 0 assigns each layer's solves to them by cost, and they solve at the same time"},
     {"stages", T_INT, OFF(m.stages), 0, 0, "1", U_METHOD,
@@ -111,6 +111,8 @@ static const opt_entry table_[] = {
     {"adam_eps", T_REAL, OFF(t.eps), 0, 0, "1e-8", U_TRAIN, "-train: AdamW epsilon"},
     {"weight_decay", T_REAL, OFF(t.weight_decay), 0, 0, "0", U_TRAIN, "-train: AdamW decoupled weight decay"},
     {"max_grad_norm", T_REAL, OFF(t.max_grad_norm), 0, 0, "1", U_TRAIN, "-train: clip the gradient's 2-norm to this (0: no clipping)"},
+    {"checkpoint_every", T_INT, OFF(t.checkpoint_every), 0, 0, "0", U_TRAIN,
+     "-train: also write the checkpoint every N steps (it is always written when a signal stops the run)"},
     {"log_every", T_INT, OFF(t.log_every), 0, 0, "10", U_TRAIN, "-train: print loss, tokens/s and ETA every N steps"},
     {"verbose", T_INT, OFF(m.verbose), 0, 0, "0", U_ALL, "0: progress, 1: details, 2: debug"},
 };
@@ -289,6 +291,7 @@ static itr_err train_opts(itr_options *opt) {
   snprintf(t->out, sizeof t->out, "%s", opt->m.out);
   t->seed = opt->m.seed;
   t->verbose = opt->m.verbose;
+  t->restart = opt->m.restart;
   ITR_CHECK(t->base[0], ITR_ERR_INPUT, "-train needs -base DIR (the Hugging Face model folder); see -help");
   ITR_CHECK(t->data[0], ITR_ERR_INPUT, "-train needs -data FILE.jsonl; see -help");
   ITR_CHECK(t->out[0] || t->grad_out[0], ITR_ERR_INPUT, "-train needs -out DIR (where the adapter goes); see -help");

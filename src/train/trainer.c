@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "iteris/dist.h"
 #include "iteris/io.h"
@@ -47,6 +48,7 @@ typedef struct {
   itr_adamw opt;
   int fold_scaling;  /* started from an adapter: write with scaling 1 */
   double *loss_curve; /* (steps) mean loss of each step */
+  int step0;          /* first step of this run (> 0 after -restart) */
   double tokens_per_s, wall_s;
 } trainer;
 
@@ -328,14 +330,136 @@ static itr_err write_adapter(const trainer *t, const char *dir) {
   return err;
 }
 
-static itr_err write_out(const trainer *t) {
+static void checkpoint_path(const trainer *t, char *buf, size_t len) {
+  snprintf(buf, len, "%s.partial/train_checkpoint.safetensors", t->o->out);
+}
+
+static itr_err remove_partial(const trainer *t) {
   char partial[ITR_PATH_MAX + 16];
   snprintf(partial, sizeof partial, "%s.partial", t->o->out);
-  ITR_TRY(itr_iofile_remove_tree(partial));
+  return itr_iofile_remove_tree(partial);
+}
+
+static itr_err write_out(const trainer *t) {
+  char partial[ITR_PATH_MAX + 16], ck[ITR_PATH_MAX + 64];
+  snprintf(partial, sizeof partial, "%s.partial", t->o->out);
+  checkpoint_path(t, ck, sizeof ck);
   ITR_TRY(itr_iofile_mkdirs(partial));
+  (void)unlink(ck); /* the finished adapter carries no checkpoint */
   ITR_TRY(write_adapter(t, partial));
   ITR_TRY(write_report(t, partial));
   return itr_iofile_commit_dir(partial, t->o->out);
+}
+
+/* ---- checkpoint --------------------------------------------------------------------------------------- */
+
+/* The options a checkpoint belongs to: a restart with others is refused (ranks and micro-batches may change). */
+static void checkpoint_key(const trainer *t, char *buf, size_t len) {
+  const itr_train_opts *o = t->o;
+  snprintf(buf, len,
+           "base=%s data=%s init=%s r=%d alpha=%.17g rslora=%d targets=%u dropout=%.17g steps=%d batch=%d lr=%.17g "
+           "warmup=%d min_lr_ratio=%.17g betas=%.17g,%.17g eps=%.17g wd=%.17g clip=%.17g seed=%ld n=%zu",
+           o->base, o->data, o->init_adapter, o->r, o->lora_alpha, o->rslora, o->targets, o->dropout, o->steps,
+           o->batch, o->lr, o->warmup, o->min_lr_ratio, o->beta1, o->beta2, o->eps, o->weight_decay,
+           o->max_grad_norm, o->seed, t->n);
+}
+
+/* Rank 0: the state after `done` steps. */
+static itr_err checkpoint_write(const trainer *t, int done) {
+  char path[ITR_PATH_MAX + 64], dir[ITR_PATH_MAX + 16], key[ITR_PATH_MAX * 3 + 512], num[64];
+  snprintf(dir, sizeof dir, "%s.partial", t->o->out);
+  checkpoint_path(t, path, sizeof path);
+  checkpoint_key(t, key, sizeof key);
+  ITR_TRY(itr_iofile_mkdirs(dir));
+  itr_st_writer *w = NULL;
+  ITR_TRY(itr_st_writer_create(&w));
+  int64_t n = (int64_t)t->n, nl = done > 0 ? done : 1;
+  double zero = 0;
+  itr_err err = itr_st_writer_add(w, "params", ITR_F32, 1, &n, t->params);
+  if (err == ITR_OK) err = itr_st_writer_add(w, "adam_m", ITR_F64, 1, &n, t->opt.m);
+  if (err == ITR_OK) err = itr_st_writer_add(w, "adam_v", ITR_F64, 1, &n, t->opt.v);
+  if (err == ITR_OK) err = itr_st_writer_add(w, "loss", ITR_F64, 1, &nl, done > 0 ? t->loss_curve : &zero);
+  snprintf(num, sizeof num, "%d", done);
+  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "step", num);
+  snprintf(num, sizeof num, "%ld", t->opt.t);
+  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "adam_t", num);
+  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "options", key);
+  if (err == ITR_OK) err = itr_st_writer_write(w, path);
+  itr_st_writer_destroy(w);
+  return err;
+}
+
+/* Rank 0 reads the checkpoint (*found = 0 when there is none), then every rank receives it. */
+static itr_err checkpoint_read_local(trainer *t, int *found) {
+  char path[ITR_PATH_MAX + 64], key[ITR_PATH_MAX * 3 + 512];
+  checkpoint_path(t, path, sizeof path);
+  *found = 0;
+  if (access(path, F_OK) != 0) return ITR_OK;
+  itr_safetensors *st = NULL;
+  ITR_TRY(itr_safetensors_open(path, &st));
+  itr_err err = ITR_OK;
+  const char *step = itr_safetensors_metadata(st, "step"), *at = itr_safetensors_metadata(st, "adam_t"),
+             *saved = itr_safetensors_metadata(st, "options");
+  const itr_tensor_info *p = itr_safetensors_find(st, "params"), *m = itr_safetensors_find(st, "adam_m"),
+                        *v = itr_safetensors_find(st, "adam_v"), *l = itr_safetensors_find(st, "loss");
+  checkpoint_key(t, key, sizeof key);
+  int done = step ? atoi(step) : -1;
+  if (!step || !at || !saved || !p || !m || !v || !l)
+    err = itr_error_set(ITR_ERR_INPUT, "%s: not a training checkpoint (step, adam_t, options, params, adam_m, adam_v, "
+                        "loss); remove it or run without -restart", path);
+  else if (strcmp(saved, key) != 0)
+    err = itr_error_set(ITR_ERR_INPUT, "%s was written by a run with other options:\n  saved: %s\n  now:   %s\n"
+                        "rerun with the saved options, or without -restart to start again", path, saved, key);
+  else if (done < 0 || done > t->o->steps || p->numel != (int64_t)t->n || m->numel != (int64_t)t->n ||
+           v->numel != (int64_t)t->n || l->numel != (done > 0 ? done : 1))
+    err = itr_error_set(ITR_ERR_INPUT, "%s: step %d or tensor sizes do not fit this run (%zu parameters)", path, done, t->n);
+  if (err == ITR_OK) err = itr_tensor_read_f32(p, t->params);
+  if (err == ITR_OK) err = itr_tensor_read_f64(m, t->opt.m);
+  if (err == ITR_OK) err = itr_tensor_read_f64(v, t->opt.v);
+  if (err == ITR_OK && done > 0) err = itr_tensor_read_f64(l, t->loss_curve);
+  if (err == ITR_OK) {
+    t->opt.t = atol(at);
+    t->step0 = done;
+    *found = 1;
+  }
+  itr_safetensors_destroy(st);
+  return err;
+}
+
+static itr_err checkpoint_restore(trainer *t) {
+  int found = 0;
+  ITR_TRY(itr_dist_agree(t->comm, t->rank == 0 ? checkpoint_read_local(t, &found) : ITR_OK));
+  MPI_Bcast(&found, 1, MPI_INT, 0, t->comm);
+  if (!found) {
+    if (t->rank == 0) itr_log(ITR_LOG_WARN, "-restart: no checkpoint in %s.partial/: starting from the beginning", t->o->out);
+    return ITR_OK;
+  }
+  long at = t->opt.t;
+  MPI_Bcast(&t->step0, 1, MPI_INT, 0, t->comm);
+  MPI_Bcast(&at, 1, MPI_LONG, 0, t->comm);
+  t->opt.t = at;
+  /* in chunks: MPI counts are int */
+  const size_t chunk = (size_t)1 << 26;
+  for (size_t off = 0; off < t->n; off += chunk) {
+    int c = (int)(t->n - off < chunk ? t->n - off : chunk);
+    MPI_Bcast(t->params + off, c, MPI_FLOAT, 0, t->comm);
+    MPI_Bcast(t->opt.m + off, c, MPI_DOUBLE, 0, t->comm);
+    MPI_Bcast(t->opt.v + off, c, MPI_DOUBLE, 0, t->comm);
+  }
+  if (t->step0 > 0) MPI_Bcast(t->loss_curve, t->step0, MPI_DOUBLE, 0, t->comm);
+  itr_lora_set_unpack(t->lora, t->params);
+  if (t->rank == 0) itr_log(ITR_LOG_INFO, "-restart: continuing after step %d of %d", t->step0, t->o->steps);
+  return ITR_OK;
+}
+
+/* The signal to stop on before step s, agreed by every rank (0: go on). */
+static int stop_agreed(const trainer *t, int s) {
+  int sig = itr_signals_requested();
+  const char *at = getenv("ITERIS_FAULT_TRAIN_STOP_AT"); /* the restart tests: a signal before that step */
+  if (!sig && at && atoi(at) == s) sig = 10;
+  int all = 0;
+  MPI_Allreduce(&sig, &all, 1, MPI_INT, MPI_MAX, t->comm);
+  return all;
 }
 
 /* ---- the run ----------------------------------------------------------------------------------------- */
@@ -348,7 +472,17 @@ static itr_err train_loop(trainer *t) {
   if (err == ITR_OK) err = itr_calloc((size_t)o->batch, sizeof(int64_t), "this rank's sequences", &mine);
   err = itr_dist_agree(t->comm, err);
   double t0 = itr_wtime(), tokens_total = 0;
-  for (int s = 0; err == ITR_OK && s < o->steps; s++) {
+  for (int s = t->step0; err == ITR_OK && s < o->steps; s++) {
+    int sig = stop_agreed(t, s);
+    if (sig) {
+      err = itr_dist_agree(t->comm, t->rank == 0 ? checkpoint_write(t, s) : ITR_OK);
+      if (err == ITR_OK)
+        err = itr_error_set(ITR_ERR_INTERRUPTED,
+                            "stopped by signal %d before step %d of %d: the state is in %s.partial/; rerun the same "
+                            "command with -restart 1 to continue",
+                            sig, s + 1, o->steps, o->out);
+      break;
+    }
     int n_mine = 0;
     for (int j = t->rank; j < o->batch; j += t->size)
       mine[n_mine++] = seq_at((int64_t)s * o->batch + j, t, perm, &perm_epoch);
@@ -363,11 +497,15 @@ static itr_err train_loop(trainer *t) {
     itr_adamw_step(&t->opt, t->params, t->gbuf, lr, o->beta1, o->beta2, o->eps, o->weight_decay);
     itr_lora_set_unpack(t->lora, t->params);
     t->loss_curve[s] = loss;
+    if (o->checkpoint_every > 0 && (s + 1) % o->checkpoint_every == 0 && s + 1 < o->steps) {
+      err = itr_dist_agree(t->comm, t->rank == 0 ? checkpoint_write(t, s + 1) : ITR_OK);
+      if (err != ITR_OK) break;
+    }
     double all_tokens = (double)tokens;
     MPI_Allreduce(MPI_IN_PLACE, &all_tokens, 1, MPI_DOUBLE, MPI_SUM, t->comm);
     tokens_total += all_tokens;
     if (t->rank == 0 && o->log_every > 0 && ((s + 1) % o->log_every == 0 || s + 1 == o->steps || s == 0)) {
-      double el = itr_wtime() - t0, per = el / (s + 1);
+      double el = itr_wtime() - t0, per = el / (s + 1 - t->step0);
       itr_log(ITR_LOG_INFO, "step %d/%d  loss %.4f  grad norm %.3g  lr %.3g  %.0f tokens/s  ETA %.0f s", s + 1,
               o->steps, loss, gnorm, lr, tokens_total / (el > 0 ? el : 1e-9), per * (o->steps - s - 1));
     }
@@ -410,7 +548,9 @@ itr_err itr_train_run(const itr_train_opts *o, MPI_Comm comm) {
     if (t.rank == 0)
       itr_log(ITR_LOG_INFO, "training %zu LoRA parameters on %d sequences (%lld tokens), %d ranks, %d steps of %d",
               t.n, t.data.n_seqs, (long long)t.data.n_tokens, t.size, o->steps, o->batch);
-    err = train_loop(&t);
+    if (o->restart) err = checkpoint_restore(&t);
+    else err = itr_dist_agree(comm, t.rank == 0 ? remove_partial(&t) : ITR_OK);
+    if (err == ITR_OK) err = train_loop(&t);
   }
   if (err == ITR_OK) err = itr_dist_agree(comm, t.rank == 0 ? write_out(&t) : ITR_OK);
   if (err == ITR_OK && t.rank == 0) itr_log(ITR_LOG_INFO, "adapter written to %s", o->out);

@@ -34,7 +34,7 @@ ALLOWED = {
 
 # inside a layer: files that may call only files listed before them (the drivers never call each other)
 ORDER = {
-    "pipeline": [["signals"], ["schedule"], ["context"], ["forward"], ["site"], ["checkpoint"], ["report"],
+    "pipeline": [["schedule"], ["context"], ["forward"], ["site"], ["checkpoint"], ["report"],
                  ["driver_data", "driver_direct", "driver_stages", "driver_features"], ["run"]],
     "train": [["optim"], ["trainer"]],
 }

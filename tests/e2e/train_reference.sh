@@ -9,7 +9,8 @@
 #     on central-difference gradients;
 #  3. rank-count independence: the same global batch at np 1, 2 and 4 (with micro-batches and LoRA
 #     dropout) gives the same adapter within 1e-5;
-#  4. bad input: exit 2 with the file named, nothing written.
+#  4. stop (as by SIGTERM) and -restart 1: the uninterrupted run's adapter bit for bit;
+#  5. bad input: exit 2 with the file named, nothing written.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${ITERIS_BIN:-build/bin/iteris-mpi}
@@ -118,7 +119,32 @@ if "$BIN" -base "$W/llama" -adapter "$W/np1" -logits "$W/tok40.jsonl" -logits_ou
   pass "the trained adapter loads (-logits agrees with the NumPy forward of base + adapter)"
 else fail "the trained adapter does not load or gives other logits"; fi
 
-# 4. bad input
+# 4. stop and restart: a stop before step 4 (as by SIGTERM) exits 5 with the checkpoint in OUT.partial/ and no
+#    OUT; -restart 1 then gives the adapter of the uninterrupted run bit for bit (same ranks); a restart with
+#    other options is refused
+ITERIS_FAULT_TRAIN_STOP_AT=3 mpirun -np 2 "$BIN" "${tr[@]}" -out "$W/stop" >"$W/stop.log" 2>&1; rc=$?
+if [ $rc -eq 5 ] && [ -f "$W/stop.partial/train_checkpoint.safetensors" ] && [ ! -e "$W/stop" ] && grep -q "restart 1" "$W/stop.log"; then
+  pass "a stop before step 4: exit 5, checkpoint in OUT.partial/, no OUT"
+else fail "stop: exit $rc"; tail -n 5 "$W/stop.log"; fi
+mpirun -np 2 "$BIN" "${tr[@]}" -lr 0.02 -restart 1 -out "$W/stop" >"$W/other.log" 2>&1; rc=$?
+[ $rc -eq 2 ] && grep -q "written by a run with other options" "$W/other.log" && pass "a restart with another -lr: exit 2" \
+  || { fail "restart with other options: exit $rc"; tail -n 5 "$W/other.log"; }
+mpirun -np 2 "$BIN" "${tr[@]}" -restart 1 -out "$W/stop" >"$W/restart.log" 2>&1 || { fail "restart:"; tail -n 5 "$W/restart.log"; }
+mpirun -np 2 "$BIN" "${tr[@]}" -out "$W/straight" >/dev/null 2>&1
+if cmp -s "$W/stop/adapter_model.safetensors" "$W/straight/adapter_model.safetensors" && [ ! -e "$W/stop.partial" ] &&
+   [ ! -e "$W/stop/train_checkpoint.safetensors" ] && $PY - "$W/stop/train_report.json" "$W/straight/train_report.json" <<'PY'
+import json, sys
+a, b = (json.load(open(p))["loss"] for p in sys.argv[1:3])
+sys.exit(0 if a == b else 1)
+PY
+then pass "-restart 1 after the stop: the same adapter bytes and loss curve as the uninterrupted run"
+else fail "restart differs from the uninterrupted run"; fi
+# a periodic checkpoint is written and removed at the end
+mpirun -np 2 "$BIN" "${tr[@]}" -checkpoint_every 2 -out "$W/periodic" >/dev/null 2>&1 && cmp -s "$W/periodic/adapter_model.safetensors" \
+  "$W/straight/adapter_model.safetensors" && [ ! -e "$W/periodic.partial" ] && pass "-checkpoint_every 2: same adapter, no checkpoint left" \
+  || fail "-checkpoint_every"
+
+# 5. bad input
 expect2() { # SUBSTRING ARGS...
   local want=$1; shift
   local out rc

@@ -1,5 +1,5 @@
-/* Graceful stop: signal handlers that only record the signal (include/iteris/pipeline.h). */
-#include "iteris/pipeline.h"
+/* Graceful stop: signal handlers that only record the signal (include/iteris/dist.h). */
+#include "iteris/dist.h"
 
 #include <signal.h>
 #include <string.h>
