@@ -6,6 +6,7 @@
 #   pipeline       the whole merge on a Llama-3-8B-shaped 2-layer case, time, peak memory per rank,
 #                  -log_view                                         -> results/pipeline_llama3_8b.md
 #   memory         peak memory per rank vs rank count, one such layer -> results/memory_scaling_llama3_8b.md
+#   train          a LoRA training step against the forward (tokens/s, ratio, peak RSS) -> results/train_bench.md
 # BENCH=forward|merge|pipeline|memory runs one; NP (default 2) ranks for the pipeline (EXTRA: more options, e.g.
 # "-stages 2"), NPS (default "1 2 4")
 # rank counts for memory.
@@ -18,6 +19,16 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 if [ "$which" = all ] || [ "$which" = forward ]; then
   echo "== OPENBLAS_NUM_THREADS=1 $B/forward_bench"
   OPENBLAS_NUM_THREADS=1 "$B/forward_bench"
+fi
+if [ "$which" = all ] || [ "$which" = train ]; then
+  for a in "-T 512 -seq 128 -r 16 -targets all" "-T 512 -seq 128 -r 16 -targets qv"; do
+    echo "== OPENBLAS_NUM_THREADS=1 $B/train_bench $a"
+    OPENBLAS_NUM_THREADS=1 "$B/train_bench" $a
+  done
+  if [ -f ../shared/models/stories260K/config.json ]; then
+    echo "== OPENBLAS_NUM_THREADS=1 $B/train_bench -base ../shared/models/stories260K -T 256 -seq 64 -r 8"
+    OPENBLAS_NUM_THREADS=1 "$B/train_bench" -base ../shared/models/stories260K -T 256 -seq 64 -r 8
+  fi
 fi
 if [ "$which" = all ] || [ "$which" = merge ]; then
   NPM=${NP:-2} DS=${DS:-4096,8192,14336}
