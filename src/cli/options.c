@@ -341,6 +341,7 @@ itr_err itr_options_parse(itr_options *opt) {
     }
     if (!has) continue;
     set[i] = 1;
+    if (val[0] == '\0' && table_[i].type == T_BOOL) snprintf(val, 2, "1"); /* "-train" alone: as PETSc's flags */
     if (val[0] == '\0') {
       err = itr_error_set(ITR_ERR_INPUT, "option %s needs a value (see -help)", key);
       break;
