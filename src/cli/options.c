@@ -21,7 +21,8 @@ enum {
   U_METHOD = 1 << 1, /* merges whose -method reads it (the method table's options, include/iteris/merge.h) */
   U_INSPECT = 1 << 6, U_LOGITS = 1 << 7, U_DEMO = 1 << 8,
   U_FEATURES = 1 << 9, /* also allowed with -features (with U_METHOD: only where the method reads it) */
-  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO | U_FEATURES,
+  U_TOKENIZE = 1 << 10,
+  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO | U_FEATURES | U_TOKENIZE,
 };
 
 typedef struct {
@@ -37,10 +38,11 @@ typedef struct {
 
 #define OFF(f) offsetof(itr_options, f)
 static const opt_entry table_[] = {
-    {"base", T_STR, OFF(m.base), 0, sizeof(((itr_options *)0)->m.base), "", U_MERGE | U_LOGITS, "Hugging Face model folder (config.json + safetensors)"},
+    {"base", T_STR, OFF(m.base), 0, sizeof(((itr_options *)0)->m.base), "", U_MERGE | U_LOGITS | U_TOKENIZE,
+     "Hugging Face model folder (config.json + safetensors; llama2.c's tokenizer.bin for text lines)"},
     {"adapters", T_STRLIST, OFF(m.adapters), OFF(m.n_adapters), 0, "", U_MERGE | U_FEATURES, "PEFT LoRA adapter folders, comma-separated"},
     {"calib", T_STRLIST, OFF(m.calib), OFF(m.n_calib), 0, "", U_MERGE,
-     "calibration JSONL files, one per adapter, same order ({\"input_ids\": [...]} per line)"},
+     "calibration JSONL files, one per adapter, same order ({\"input_ids\": [...]} or {\"text\": \"...\"} per line)"},
     {"heldout", T_STRLIST, OFF(m.heldout), OFF(m.n_heldout), 0, "", U_MERGE,
      "held-out JSONL files, one per adapter: the report gives kl_ratio and top1 per task"},
     {"out", T_STR, OFF(m.out), 0, sizeof(((itr_options *)0)->m.out), "", U_MERGE | U_FEATURES, "output folder for the merged PEFT adapter and the report"},
@@ -86,6 +88,10 @@ static const opt_entry table_[] = {
     {"logits_out", T_STR, OFF(logits_out), 0, sizeof(((itr_options *)0)->logits_out), "", U_LOGITS, "safetensors file for -logits (logits.0, logits.1, ...)"},
     {"adapter", T_STRLIST, OFF(adapter), OFF(n_adapter_logits), 0, "", U_LOGITS,
      "adapter folder(s) applied on top of -base for -logits"},
+    {"tokenize", T_STR, OFF(tokenize), 0, sizeof(((itr_options *)0)->tokenize), "", U_TOKENIZE,
+     "JSONL file of {\"text\": ...} (or input_ids) lines: tokenize with -base's tokenizer.bin (BOS first)"},
+    {"tokenize_out", T_STR, OFF(tokenize_out), 0, sizeof(((itr_options *)0)->tokenize_out), "", U_TOKENIZE,
+     "JSONL file written by -tokenize ({\"input_ids\": [...]} per line)"},
     {"verbose", T_INT, OFF(m.verbose), 0, 0, "0", U_ALL, "0: progress, 1: details, 2: debug"},
 };
 #define N_OPTS (sizeof table_ / sizeof table_[0])
@@ -146,6 +152,7 @@ void itr_options_print_help(FILE *f) {
           "  srun iteris-mpi -options_file jobs/NAME.yaml          (YAML job file: one 'key: value' per option)\n"
           "  iteris-mpi -inspect DIR                              (summary of a model or adapter folder)\n"
           "  iteris-mpi -base DIR [-adapter DIR] -logits IN.jsonl -logits_out OUT.safetensors\n"
+          "  iteris-mpi -base DIR -tokenize IN.jsonl -tokenize_out OUT.jsonl   (text lines to input_ids)\n"
           "  iteris-mpi -make_demo DIR                            (write the bundled demo case)\n"
           "  iteris-mpi -features F.h5 -adapters D1,D2,... -out OUT [-method iteris|regmean|task_arithmetic]\n"
           "                                                       (merge from external features: docs/FEATURES.md)\n\n"
@@ -303,13 +310,14 @@ itr_err itr_options_parse(itr_options *opt) {
   ITR_TRY(err);
 
   /* mode, then method, then options that the mode/method does not use */
-  int nmodes = (opt->inspect[0] != 0) + (opt->make_demo[0] != 0) + (opt->logits[0] != 0);
-  ITR_CHECK(nmodes <= 1, ITR_ERR_INPUT, "-inspect, -make_demo and -logits are separate modes: give one");
+  int nmodes = (opt->inspect[0] != 0) + (opt->make_demo[0] != 0) + (opt->logits[0] != 0) + (opt->tokenize[0] != 0);
+  ITR_CHECK(nmodes <= 1, ITR_ERR_INPUT, "-inspect, -make_demo, -logits and -tokenize are separate modes: give one");
   unsigned use = 0;
   const itr_method *method = NULL;
   if (opt->inspect[0]) opt->mode = ITR_MODE_INSPECT, use = U_INSPECT;
   else if (opt->make_demo[0]) opt->mode = ITR_MODE_MAKE_DEMO, use = U_DEMO;
   else if (opt->logits[0]) opt->mode = ITR_MODE_LOGITS, use = U_LOGITS;
+  else if (opt->tokenize[0]) opt->mode = ITR_MODE_TOKENIZE, use = U_TOKENIZE;
   else {
     opt->mode = opt->m.features[0] ? ITR_MODE_FEATURES : ITR_MODE_MERGE;
     method = itr_method_find(opt->m.method);
@@ -330,6 +338,10 @@ itr_err itr_options_parse(itr_options *opt) {
   if (opt->mode == ITR_MODE_LOGITS) {
     ITR_CHECK(opt->m.base[0], ITR_ERR_INPUT, "-logits needs -base DIR");
     ITR_CHECK(opt->logits_out[0], ITR_ERR_INPUT, "-logits needs -logits_out OUT.safetensors");
+  }
+  if (opt->mode == ITR_MODE_TOKENIZE) {
+    ITR_CHECK(opt->m.base[0], ITR_ERR_INPUT, "-tokenize needs -base DIR (the model folder holding the tokenizer)");
+    ITR_CHECK(opt->tokenize_out[0], ITR_ERR_INPUT, "-tokenize needs -tokenize_out OUT.jsonl");
   }
   if (opt->mode == ITR_MODE_MERGE || opt->mode == ITR_MODE_FEATURES) {
     ITR_CHECK(opt->m.base[0] || opt->mode == ITR_MODE_FEATURES, ITR_ERR_INPUT, "missing -base DIR (the Hugging Face model folder); see -help");
