@@ -174,9 +174,9 @@ itr_err itr_tokenizer_find(const char *dir, char *path, size_t len) {
   for (int k = 0; k < 2; k++) {
     ITR_TRY(itr_iofile_join(p, sizeof p, dir, unsupported[k]));
     ITR_CHECK(!itr_iofile_is_file(p), ITR_ERR_INPUT,
-              "%s: %s tokenizers are not supported yet; only llama2.c's tokenizer.bin is. Tokenize the data "
-              "elsewhere and give {\"input_ids\": [...]} rows",
-              p, k == 0 ? "Hugging Face tokenizer.json" : "SentencePiece .model");
+              "%s: %s is not supported yet; only llama2.c's tokenizer.bin is. Tokenize the data elsewhere and "
+              "give {\"input_ids\": [...]} rows",
+              p, k == 0 ? "a Hugging Face tokenizer.json" : "a SentencePiece tokenizer.model");
   }
   ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.bin"));
   if (!itr_iofile_is_file(p)) {
@@ -214,8 +214,8 @@ itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tok
             vocab_size);
   if (!itr_iofile_is_dir(base_dir_or_file)) {
     ITR_CHECK(!ends_with(base_dir_or_file, ".json") && !ends_with(base_dir_or_file, ".model"), ITR_ERR_INPUT,
-              "%s: only llama2.c's tokenizer.bin is supported yet (not tokenizer.json or SentencePiece .model)",
-              base_dir_or_file);
+              "%s: %s is not supported yet; only llama2.c's tokenizer.bin is", base_dir_or_file,
+              ends_with(base_dir_or_file, ".json") ? "a Hugging Face tokenizer.json" : "a SentencePiece .model");
     ITR_TRY(open_file(base_dir_or_file, vocab_size, out));
     return ITR_OK;
   }
