@@ -48,6 +48,7 @@ texts = [
     "\n",
     "",
     "The the THE tHe tHE, theeee thhhe...",
+    "runs of a merge with itself (ties): lll llll lllll ooo ooooo ppp ppppp, hellllo, sooo, a hipppo lllooo",
     long_story,
 ]
 with open(sys.argv[1], "w", encoding="utf-8") as f:
