@@ -263,7 +263,8 @@ typedef struct {
 } heap;
 
 static void heap_push(heap *h, cand x) {
-  size_t i = h->n++; /* cap is an upper bound on the pushes, checked by the caller */
+  ITR_ASSERT(h->n < h->cap); /* the caller sized the heap for every push (itr_tokenizer_encode) */
+  size_t i = h->n++;
   while (i > 0) {
     size_t p = (i - 1) / 2;
     if (!cand_before(&x, &h->c[p])) break;

@@ -169,6 +169,41 @@ else
   fail "a merge failed"
 fi
 
+# ---- random vocabularies with many tied scores: binary == reference ---------------------------------
+# 12 vocabularies over a small alphabet (pieces up to 5 characters, scores from {-1, -2, -3}: ties
+# everywhere), 40 random texts each (runs, spaces, a 2-byte letter, stray bytes)
+$PY - "$W/rand" "$D/base/config.json" <<'PY'
+import json, os, random, struct, sys
+root, cfg = sys.argv[1], json.load(open(sys.argv[2]))
+rng = random.Random(16)
+alpha = ["a", "b", "c", " ", "\u00e9"]
+for v in range(12):
+    d = "%s/v%d" % (root, v)
+    os.makedirs(d)
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % b for b in range(256)] + [c.encode() for c in alpha]
+    while len(pieces) < 259 + len(alpha) + 40:
+        p = "".join(rng.choice(alpha) for _ in range(rng.randint(2, 5))).encode()
+        if p not in pieces: pieces.append(p)
+    with open(d + "/tokenizer.bin", "wb") as f:
+        f.write(struct.pack("<i", max(map(len, pieces))))
+        for i, p in enumerate(pieces):
+            f.write(struct.pack("<fi", 0.0 if i < 259 else float(rng.choice([-1, -2, -3])), len(p)) + p)
+    c = dict(cfg, vocab_size=len(pieces))
+    json.dump(c, open(d + "/config.json", "w"))
+    with open(d + "/texts.jsonl", "w", encoding="utf-8", errors="surrogateescape") as f:
+        for t in range(40):
+            text = "".join(rng.choice(alpha + ["aaaa", "   ", "\udc80", "\udcff"]) for _ in range(rng.randint(0, 30)))
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    open(d + "/V", "w").write(str(len(pieces)))
+PY
+ok_rand=1
+for v in "$W"/rand/v*; do
+  "$BIN" -base "$v" -tokenize "$v/texts.jsonl" -tokenize_out "$v/bin.jsonl" >"$v/log" 2>&1 || { cat "$v/log"; ok_rand=0; }
+  $PY "$REF" "$v/tokenizer.bin" "$(cat "$v/V")" "$v/texts.jsonl" "$v/ref.jsonl" && cmp -s "$v/bin.jsonl" "$v/ref.jsonl" ||
+    { ok_rand=0; echo "  $v: the binary and the reference differ"; }
+done
+[ $ok_rand = 1 ] && pass "12 random vocabularies with tied scores x 40 texts: binary == reference" || fail "random vocabularies"
+
 # ---- errors ---------------------------------------------------------------------------------------
 expect2() { # expect2 SUBSTRING ARGS...: exit 2 and the message
   local want=$1; shift
