@@ -1,5 +1,6 @@
 /* iteris-mpi io: safetensors (mmap'd reader, sharded folders, atomic writer), Hugging Face
- * config.json, PEFT LoRA adapters (reader and writer), calibration JSONL, and the one table of
+ * config.json, PEFT LoRA adapters (reader and writer), calibration JSONL (token ids, or text through
+ * llama2.c's tokenizer.bin), and the one table of
  * Hugging Face / PEFT tensor names. Every file is treated as hostile: each length is bounded by
  * the bytes left, products are checked for overflow, errors name the file and the field.
  * Not Collective: nothing here calls MPI. Files are written to a temporary name, synced and
@@ -15,6 +16,15 @@
  *   bytes [8+N, size)   the data buffer; a tensor's bytes are [8+N+begin, 8+N+end), row-major,
  *                       little-endian; end-begin == prod(shape) * dtype size; tensors do not
  *                       overlap and together cover the whole buffer (no bytes left over).
+ *
+ * llama2.c tokenizer.bin (karpathy/llama2.c, tokenizer.py export), byte by byte, little-endian;
+ * V, the number of tokens, is not in the file: it must equal config.json's vocab_size:
+ *   bytes [0, 4)        max_token_length, int32: the longest piece in bytes (>= 1)
+ *   then V times        score, float32 (finite; higher merges first)
+ *                       len, int32, 1 <= len <= max_token_length
+ *                       len bytes: the piece (UTF-8, no NUL; SentencePiece's U+2581 written as ' ')
+ *   nothing after the V-th token. Ids 0, 1, 2 are <unk>, BOS and EOS; ids 3..258 the byte
+ *   fallback pieces <0x00>..<0xFF>.
  */
 #ifndef ITERIS_IO_H
 #define ITERIS_IO_H
@@ -255,6 +265,42 @@ typedef struct {
 itr_err itr_token_set_read(const char *path, int vocab_size, itr_token_set *out);
 void itr_token_set_fini(itr_token_set *ts);
 itr_err itr_token_set_write(const char *path, const itr_token_set *ts);
+
+/* ---- tokenizers (text in) --------------------------------------------------------------------- */
+
+/* llama2.c's tokenizer.bin (layout at the top of this file) and its encoder (run.c, encode()). */
+typedef struct itr_tokenizer itr_tokenizer;
+
+/* Opens a tokenizer: base_dir_or_file is a tokenizer.bin, or a model folder holding tokenizer.bin or
+ * (only that) one tok*.bin. A folder with tokenizer.json or tokenizer.model, or such a file, is
+ * ITR_ERR_INPUT "not supported yet" naming the file. The file must hold exactly vocab_size tokens
+ * (config.json's); every malformed field is ITR_ERR_INPUT naming the file and the token index. */
+itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tokenizer **out);
+void itr_tokenizer_destroy(itr_tokenizer *t); /* accepts NULL */
+/* path = the tokenizer file itr_tokenizer_open would read in the folder dir, or "" when the folder
+ * has none; ITR_ERR_INPUT (naming the file) when it holds an unsupported one, or several tok*.bin. */
+itr_err itr_tokenizer_find(const char *dir, char *path, size_t len);
+/* Encodes text[0..len) exactly as llama2.c's encode(): [BOS], the dummy prefix " " (when len > 0),
+ * UTF-8 code points looked up in the vocabulary (bytes of unknown ones -> byte fallback byte + 3),
+ * then the best-scoring adjacent merges (the leftmost pair on ties), [EOS]. Any bytes are accepted
+ * (invalid UTF-8 goes to byte fallback; a NUL byte is byte fallback <0x00>, where llama2.c would
+ * stop). *ids is allocated here (at least *n entries; the caller free()s it), *n the count.
+ * ITR_ERR_INPUT when a byte needs a fallback id >= vocab_size (a vocabulary without byte tokens). */
+itr_err itr_tokenizer_encode(const itr_tokenizer *t, const char *text, size_t len, int add_bos, int add_eos,
+                             int32_t **ids, int64_t *n);
+int itr_tokenizer_bos(const itr_tokenizer *t); /* 1 */
+int itr_tokenizer_eos(const itr_tokenizer *t); /* 2 */
+int itr_tokenizer_vocab_size(const itr_tokenizer *t);
+const char *itr_tokenizer_path(const itr_tokenizer *t); /* the file read */
+
+/* Reads a token file like itr_token_set_read, where a line may give {"text": "..."} instead of
+ * input_ids: the text is encoded with BOS (no EOS) by *tok. A line with both keys uses input_ids.
+ * The tokenizer is opened lazily: when *tok is NULL and a line has text, *tok = the tokenizer of the
+ * folder tokenizer_dir (the base model's; kept for the next file; the caller destroys it). With
+ * tokenizer_dir NULL, or a folder without a tokenizer, a text line is ITR_ERR_INPUT naming the file
+ * and the line. Not Collective. */
+itr_err itr_token_set_read_text(const char *path, int vocab_size, const char *tokenizer_dir, itr_tokenizer **tok,
+                                itr_token_set *out);
 
 /* ---- files ------------------------------------------------------------------------------------ */
 

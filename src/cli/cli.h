@@ -10,5 +10,6 @@
 itr_err itr_cli_inspect(const itr_options *opt, MPI_Comm comm);
 itr_err itr_cli_make_demo(const itr_options *opt, MPI_Comm comm);
 itr_err itr_cli_logits(const itr_options *opt, MPI_Comm comm);
+itr_err itr_cli_tokenize(const itr_options *opt, MPI_Comm comm);
 
 #endif

@@ -1,4 +1,4 @@
-/* The small modes: -inspect, -make_demo, -logits. Each runs on rank 0; the other ranks wait at
+/* The small modes: -inspect, -make_demo, -logits, -tokenize. Each runs on rank 0; the other ranks wait at
  * the agreement point and return the same error. */
 #include "cli/cli.h"
 #include "iteris/dist.h"
@@ -37,6 +37,28 @@ itr_err itr_cli_logits(const itr_options *opt, MPI_Comm comm) {
     const char *dirs[ITR_MAX_TASKS];
     for (int i = 0; i < opt->n_adapter_logits; i++) dirs[i] = opt->adapter[i];
     err = itr_model_write_logits(opt->m.base, dirs, opt->n_adapter_logits, opt->logits, opt->logits_out);
+  }
+  return itr_dist_agree(comm, err);
+}
+
+/* -tokenize IN -tokenize_out OUT: every line of IN as {"input_ids": [...]}: text lines through the
+ * tokenizer of -base (BOS first, as for calibration), input_ids lines checked and kept. */
+itr_err itr_cli_tokenize(const itr_options *opt, MPI_Comm comm) {
+  int rank;
+  MPI_Comm_rank(comm, &rank);
+  itr_err err = ITR_OK;
+  if (rank == 0) {
+    itr_model_config cfg;
+    itr_tokenizer *tok = NULL;
+    itr_token_set ts = {0, 0, NULL, NULL};
+    err = itr_model_config_read(opt->m.base, &cfg);
+    if (err == ITR_OK) err = itr_token_set_read_text(opt->tokenize, cfg.vocab_size, opt->m.base, &tok, &ts);
+    if (err == ITR_OK) err = itr_token_set_write(opt->tokenize_out, &ts);
+    if (err == ITR_OK)
+      itr_log(ITR_LOG_INFO, "wrote %d sequences (%lld tokens) to %s%s%s", ts.n_seqs, (long long)ts.n_tokens,
+              opt->tokenize_out, tok ? "; tokenizer " : "", tok ? itr_tokenizer_path(tok) : "");
+    itr_token_set_fini(&ts);
+    itr_tokenizer_destroy(tok);
   }
   return itr_dist_agree(comm, err);
 }

@@ -22,7 +22,8 @@ enum {
   U_INSPECT = 1 << 6, U_LOGITS = 1 << 7, U_DEMO = 1 << 8,
   U_FEATURES = 1 << 9, /* also allowed with -features (with U_METHOD: only where the method reads it) */
   U_TRAIN = 1 << 10,   /* -train */
-  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO | U_FEATURES | U_TRAIN,
+  U_TOKENIZE = 1 << 11,
+  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO | U_FEATURES | U_TRAIN | U_TOKENIZE,
 };
 
 typedef struct {
@@ -38,10 +39,11 @@ typedef struct {
 
 #define OFF(f) offsetof(itr_options, f)
 static const opt_entry table_[] = {
-    {"base", T_STR, OFF(m.base), 0, sizeof(((itr_options *)0)->m.base), "", U_MERGE | U_LOGITS | U_TRAIN, "Hugging Face model folder (config.json + safetensors)"},
+    {"base", T_STR, OFF(m.base), 0, sizeof(((itr_options *)0)->m.base), "", U_MERGE | U_LOGITS | U_TRAIN | U_TOKENIZE,
+     "Hugging Face model folder (config.json + safetensors; llama2.c's tokenizer.bin for text lines)"},
     {"adapters", T_STRLIST, OFF(m.adapters), OFF(m.n_adapters), 0, "", U_MERGE | U_FEATURES, "PEFT LoRA adapter folders, comma-separated"},
     {"calib", T_STRLIST, OFF(m.calib), OFF(m.n_calib), 0, "", U_MERGE,
-     "calibration JSONL files, one per adapter, same order ({\"input_ids\": [...]} per line)"},
+     "calibration JSONL files, one per adapter, same order ({\"input_ids\": [...]} or {\"text\": \"...\"} per line)"},
     {"heldout", T_STRLIST, OFF(m.heldout), OFF(m.n_heldout), 0, "", U_MERGE,
      "held-out JSONL files, one per adapter: the report gives kl_ratio and top1 per task"},
     {"out", T_STR, OFF(m.out), 0, sizeof(((itr_options *)0)->m.out), "", U_MERGE | U_FEATURES | U_TRAIN, "output folder for the merged (or trained) PEFT adapter and the report"},
@@ -114,6 +116,10 @@ static const opt_entry table_[] = {
     {"checkpoint_every", T_INT, OFF(t.checkpoint_every), 0, 0, "0", U_TRAIN,
      "-train: also write the checkpoint every N steps (it is always written when a signal stops the run)"},
     {"log_every", T_INT, OFF(t.log_every), 0, 0, "10", U_TRAIN, "-train: print loss, tokens/s and ETA every N steps"},
+    {"tokenize", T_STR, OFF(tokenize), 0, sizeof(((itr_options *)0)->tokenize), "", U_TOKENIZE,
+     "JSONL file of {\"text\": ...} (or input_ids) lines: tokenize with -base's tokenizer.bin (BOS first)"},
+    {"tokenize_out", T_STR, OFF(tokenize_out), 0, sizeof(((itr_options *)0)->tokenize_out), "", U_TOKENIZE,
+     "JSONL file written by -tokenize ({\"input_ids\": [...]} per line)"},
     {"verbose", T_INT, OFF(m.verbose), 0, 0, "0", U_ALL, "0: progress, 1: details, 2: debug"},
 };
 #define N_OPTS (sizeof table_ / sizeof table_[0])
@@ -174,6 +180,7 @@ void itr_options_print_help(FILE *f) {
           "  srun iteris-mpi -options_file jobs/NAME.yaml          (YAML job file: one 'key: value' per option)\n"
           "  iteris-mpi -inspect DIR                              (summary of a model or adapter folder)\n"
           "  iteris-mpi -base DIR [-adapter DIR] -logits IN.jsonl -logits_out OUT.safetensors\n"
+          "  iteris-mpi -base DIR -tokenize IN.jsonl -tokenize_out OUT.jsonl   (text lines to input_ids)\n"
           "  iteris-mpi -make_demo DIR                            (write the bundled demo case)\n"
           "  mpirun -np P iteris-mpi -train 1 -base DIR -data TRAIN.jsonl -out ADAPTER [-r 8 -lora_alpha 16\n"
           "      -targets q_proj,v_proj -steps 100 -batch 8 -lr 2e-4 ...]    (train a LoRA adapter)\n"
@@ -364,14 +371,16 @@ itr_err itr_options_parse(itr_options *opt) {
   ITR_TRY(err);
 
   /* mode, then method, then options that the mode/method does not use */
-  int nmodes = (opt->inspect[0] != 0) + (opt->make_demo[0] != 0) + (opt->logits[0] != 0) + (opt->train != 0);
-  ITR_CHECK(nmodes <= 1, ITR_ERR_INPUT, "-inspect, -make_demo, -logits and -train are separate modes: give one");
+  int nmodes = (opt->inspect[0] != 0) + (opt->make_demo[0] != 0) + (opt->logits[0] != 0) + (opt->tokenize[0] != 0) +
+               (opt->train != 0);
+  ITR_CHECK(nmodes <= 1, ITR_ERR_INPUT, "-inspect, -make_demo, -logits, -tokenize and -train are separate modes: give one");
   unsigned use = 0;
   const itr_method *method = NULL;
   if (opt->inspect[0]) opt->mode = ITR_MODE_INSPECT, use = U_INSPECT;
   else if (opt->make_demo[0]) opt->mode = ITR_MODE_MAKE_DEMO, use = U_DEMO;
   else if (opt->logits[0]) opt->mode = ITR_MODE_LOGITS, use = U_LOGITS;
   else if (opt->train) opt->mode = ITR_MODE_TRAIN, use = U_TRAIN;
+  else if (opt->tokenize[0]) opt->mode = ITR_MODE_TOKENIZE, use = U_TOKENIZE;
   else {
     opt->mode = opt->m.features[0] ? ITR_MODE_FEATURES : ITR_MODE_MERGE;
     method = itr_method_find(opt->m.method);
@@ -394,6 +403,10 @@ itr_err itr_options_parse(itr_options *opt) {
     ITR_CHECK(opt->logits_out[0], ITR_ERR_INPUT, "-logits needs -logits_out OUT.safetensors");
   }
   if (opt->mode == ITR_MODE_TRAIN) ITR_TRY(train_opts(opt));
+  if (opt->mode == ITR_MODE_TOKENIZE) {
+    ITR_CHECK(opt->m.base[0], ITR_ERR_INPUT, "-tokenize needs -base DIR (the model folder holding the tokenizer)");
+    ITR_CHECK(opt->tokenize_out[0], ITR_ERR_INPUT, "-tokenize needs -tokenize_out OUT.jsonl");
+  }
   if (opt->mode == ITR_MODE_MERGE || opt->mode == ITR_MODE_FEATURES) {
     ITR_CHECK(opt->m.base[0] || opt->mode == ITR_MODE_FEATURES, ITR_ERR_INPUT, "missing -base DIR (the Hugging Face model folder); see -help");
     ITR_CHECK(opt->m.n_adapters >= 1, ITR_ERR_INPUT, "missing -adapters D1,D2,... (PEFT adapter folders); see -help");

@@ -8,7 +8,15 @@
 #include "iteris/pipeline.h"
 #include "iteris/train.h"
 
-typedef enum { ITR_MODE_MERGE, ITR_MODE_INSPECT, ITR_MODE_LOGITS, ITR_MODE_MAKE_DEMO, ITR_MODE_FEATURES, ITR_MODE_TRAIN } itr_mode;
+typedef enum {
+  ITR_MODE_MERGE,
+  ITR_MODE_INSPECT,
+  ITR_MODE_LOGITS,
+  ITR_MODE_MAKE_DEMO,
+  ITR_MODE_FEATURES,
+  ITR_MODE_TOKENIZE,
+  ITR_MODE_TRAIN
+} itr_mode;
 
 /* The program's options: a mode, the merge's parameters (include/iteris/pipeline.h) and those of
  * the small modes. */
@@ -19,6 +27,8 @@ typedef struct {
   char make_demo[ITR_OPT_PATH];
   char logits[ITR_OPT_PATH];
   char logits_out[ITR_OPT_PATH];
+  char tokenize[ITR_OPT_PATH];
+  char tokenize_out[ITR_OPT_PATH];
   int n_adapter_logits;
   char adapter[ITR_MAX_TASKS][ITR_OPT_PATH];
   int train;          /* -train 1: the training mode */

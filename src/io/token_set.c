@@ -1,5 +1,7 @@
 /* Calibration / evaluation token data as JSONL: one {"input_ids": [ints]} object per line (other
- * keys ignored, blank lines skipped). Every error names the file and the line. */
+ * keys ignored, blank lines skipped), or with itr_token_set_read_text also {"text": "..."} encoded by
+ * the base model's tokenizer (tokenizer.c), opened when the first text line needs it. Every error
+ * names the file and the line. */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -15,6 +17,7 @@ typedef struct {
   size_t n_off, cap_off;
   int32_t *ids;
   size_t n_ids, cap_ids;
+  int vocab; /* V, for a tokenizer opened while reading */
 } builder;
 
 static itr_err grow(void **p, size_t *cap, size_t need, size_t elem, const char *file) {
@@ -39,7 +42,68 @@ static int is_blank(const char *s, size_t n) {
   return 1;
 }
 
-static itr_err parse_line(const char *line, size_t len, const char *file, long lineno, int vocab, builder *b) {
+/* Where "text" lines get their tokenizer: none (itr_token_set_read), or *tok, opened from dir on first need. */
+typedef struct {
+  int allow;
+  const char *dir;
+  itr_tokenizer **tok;
+} text_source;
+
+/* 1 when the JSON text of a line holds the escape \u0000 (an odd run of backslashes before "u0000"):
+ * cJSON would cut the string there, and a tokenizer would silently see less than the line says. */
+static int has_nul_escape(const char *line, size_t len) {
+  for (size_t i = 0; i + 6 <= len; i++) {
+    if (line[i] != '\\' || memcmp(line + i + 1, "u0000", 5) != 0) continue;
+    size_t k = 0;
+    while (k < i && line[i - 1 - k] == '\\') k++;
+    if (k % 2 == 0) return 1;
+  }
+  return 0;
+}
+
+/* Encodes a line's text (with BOS) and appends its ids; opens the tokenizer on first need. */
+static itr_err append_text(const cJSON *text, const char *line, size_t len, const char *file, long lineno,
+                           const text_source *src, builder *b) {
+  ITR_CHECK(cJSON_IsString(text) && text->valuestring, ITR_ERR_INPUT,
+            "%s:%ld: 'text' must be a string (or give {\"input_ids\": [...]})", file, lineno);
+  ITR_CHECK(!has_nul_escape(line, len), ITR_ERR_INPUT,
+            "%s:%ld: a string holds \\u0000 (NUL), which the text cannot carry; remove it", file, lineno);
+  if (!*src->tok) {
+    ITR_CHECK(src->dir, ITR_ERR_INPUT,
+              "%s:%ld: has 'text' but no 'input_ids', and no tokenizer was given; tokenize the text first", file,
+              lineno);
+    char path[ITR_PATH_MAX];
+    itr_err e = itr_tokenizer_find(src->dir, path, sizeof path);
+    if (e == ITR_OK && !path[0])
+      return itr_error_set(ITR_ERR_INPUT, "%s:%ld: has 'text', but the base folder %s has no tokenizer (looked for "
+                           "llama2.c's tokenizer.bin and tok*.bin); give {\"input_ids\": [...]} rows instead",
+                           file, lineno, src->dir);
+    if (e == ITR_OK) e = itr_tokenizer_open(path, b->vocab, src->tok);
+    if (e != ITR_OK) {
+      char head[2048];
+      itr_error_headline(head, sizeof head);
+      return itr_error_set(e, "%s:%ld: has 'text', which needs the base model's tokenizer: %s", file, lineno, head);
+    }
+  }
+  int32_t *ids = NULL;
+  int64_t n = 0;
+  itr_err e = itr_tokenizer_encode(*src->tok, text->valuestring, strlen(text->valuestring), 1, 0, &ids, &n);
+  if (e != ITR_OK) {
+    char head[2048];
+    itr_error_headline(head, sizeof head);
+    return itr_error_set(e, "%s:%ld: cannot tokenize 'text': %s", file, lineno, head);
+  }
+  e = grow((void **)&b->ids, &b->cap_ids, b->n_ids + (size_t)n, sizeof(int32_t), file);
+  if (e == ITR_OK) {
+    memcpy(b->ids + b->n_ids, ids, (size_t)n * sizeof(int32_t));
+    b->n_ids += (size_t)n;
+  }
+  free(ids);
+  return e;
+}
+
+static itr_err parse_line(const char *line, size_t len, const char *file, long lineno, int vocab,
+                          const text_source *src, builder *b) {
   const char *end = NULL;
   cJSON *o = cJSON_ParseWithLengthOpts(line, len, &end, 0);
   if (!o) {
@@ -58,8 +122,19 @@ static itr_err parse_line(const char *line, size_t len, const char *file, long l
   itr_err e = ITR_OK;
   const cJSON *ids = cJSON_IsObject(o) ? cJSON_GetObjectItemCaseSensitive(o, "input_ids") : NULL;
   const cJSON *mask = cJSON_IsObject(o) ? cJSON_GetObjectItemCaseSensitive(o, "attention_mask") : NULL;
+  const cJSON *text = cJSON_IsObject(o) ? cJSON_GetObjectItemCaseSensitive(o, "text") : NULL;
   if (!cJSON_IsObject(o)) {
     e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: expected a JSON object like {\"input_ids\": [1, 2, 3]}", file, lineno);
+  } else if (!ids && text && src->allow) {
+    e = append_text(text, line, len, file, lineno, src, b);
+    cJSON_Delete(o);
+    if (e != ITR_OK) return e;
+    ITR_TRY(grow((void **)&b->offsets, &b->cap_off, b->n_off + 1, sizeof(int64_t), file));
+    b->offsets[b->n_off++] = (int64_t)b->n_ids;
+    return ITR_OK;
+  } else if (!ids && src->allow) {
+    e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: no 'input_ids' or 'text' key; each line needs {\"input_ids\": [...]} "
+                      "or {\"text\": \"...\"}", file, lineno);
   } else if (!ids) {
     e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: no 'input_ids' key; each line needs {\"input_ids\": [...]} "
                       "(tokenize text before calibration)", file, lineno);
@@ -103,12 +178,13 @@ static itr_err parse_line(const char *line, size_t len, const char *file, long l
   return ITR_OK;
 }
 
-itr_err itr_token_set_read(const char *path, int vocab_size, itr_token_set *out) {
+static itr_err read_jsonl(const char *path, int vocab_size, const text_source *src, itr_token_set *out) {
   ITR_CHECK(vocab_size >= 1, ITR_ERR_INPUT, "%s: vocabulary size %d must be positive", path, vocab_size);
   FILE *f = fopen(path, "rb");
   ITR_CHECK(f, ITR_ERR_INPUT, "cannot open '%s': %s", path, strerror(errno));
   builder b;
   memset(&b, 0, sizeof b);
+  b.vocab = vocab_size;
   itr_err e = grow((void **)&b.offsets, &b.cap_off, 1, sizeof(int64_t), path);
   if (e == ITR_OK) b.offsets[b.n_off++] = 0;
   char *line = NULL;
@@ -122,7 +198,7 @@ itr_err itr_token_set_read(const char *path, int vocab_size, itr_token_set *out)
       e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: contains a NUL byte; is this a text file?", path, lineno);
       break;
     }
-    e = parse_line(line, (size_t)n, path, lineno, vocab_size, &b);
+    e = parse_line(line, (size_t)n, path, lineno, vocab_size, src, &b);
     if (e == ITR_OK && b.n_off - 1 > (size_t)(1 << 30))
       e = itr_error_set(ITR_ERR_INPUT, "%s: too many sequences", path);
   }
@@ -140,6 +216,20 @@ itr_err itr_token_set_read(const char *path, int vocab_size, itr_token_set *out)
   out->n_tokens = (int64_t)b.n_ids;
   out->offsets = b.offsets;
   out->ids = b.ids;
+  return ITR_OK;
+}
+
+itr_err itr_token_set_read(const char *path, int vocab_size, itr_token_set *out) {
+  const text_source none = {0, NULL, NULL};
+  ITR_TRY(read_jsonl(path, vocab_size, &none, out));
+  return ITR_OK;
+}
+
+itr_err itr_token_set_read_text(const char *path, int vocab_size, const char *tokenizer_dir, itr_tokenizer **tok,
+                                itr_token_set *out) {
+  ITR_CHECK(tok, ITR_ERR_INTERNAL, "itr_token_set_read_text: tok must point to a tokenizer or to NULL");
+  const text_source src = {1, tokenizer_dir, tok};
+  ITR_TRY(read_jsonl(path, vocab_size, &src, out));
   return ITR_OK;
 }
 

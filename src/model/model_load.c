@@ -77,6 +77,7 @@ itr_err itr_model_write_logits(const char *base_dir, const char *const *adapter_
   itr_adapter *ad = NULL;
   itr_st_writer *w = NULL;
   itr_token_set ts;
+  itr_tokenizer *tok = NULL;
   float *logits = NULL;
   int have_ts = 0;
   itr_err err;
@@ -93,7 +94,10 @@ itr_err itr_model_write_logits(const char *base_dir, const char *const *adapter_
       ad = NULL;
     }
   }
-  ITR_TRY_GOTO(itr_token_set_read(tokens_jsonl, cfg.vocab_size, &ts), err, done);
+  /* {"input_ids": [...]} lines, or {"text": ...} through base_dir's tokenizer (opened on first need) */
+  err = itr_token_set_read_text(tokens_jsonl, cfg.vocab_size, base_dir, &tok, &ts);
+  itr_tokenizer_destroy(tok);
+  ITR_TRY_GOTO(err, err, done);
   have_ts = 1;
   ITR_TRY_GOTO(itr_st_writer_create(&w), err, done);
   for (int s = 0; s < ts.n_seqs; s++) {

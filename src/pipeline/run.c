@@ -63,12 +63,19 @@ static itr_err open_inputs(merge_ctx *c) {
     }
     ITR_TRY(e);
   }
-  for (int i = 0; i < o->n_calib; i++) {
-    ITR_TRY(itr_token_set_read(o->calib[i], c->cfg.vocab_size, &c->calib[i]));
-    if (o->max_tokens > 0) truncate_sequences(&c->calib[i], o->max_tokens);
+  /* token files: {"input_ids": [...]} lines, or {"text": ...} through the base folder's tokenizer,
+   * opened only when a text line comes */
+  itr_tokenizer *tok = NULL;
+  itr_err e = ITR_OK;
+  for (int i = 0; i < o->n_calib && e == ITR_OK; i++) {
+    e = itr_token_set_read_text(o->calib[i], c->cfg.vocab_size, o->base, &tok, &c->calib[i]);
+    if (e == ITR_OK && o->max_tokens > 0) truncate_sequences(&c->calib[i], o->max_tokens);
   }
-  for (int i = 0; i < o->n_heldout; i++)
-    ITR_TRY(itr_token_set_read(o->heldout[i], c->cfg.vocab_size, &c->heldout[i]));
+  for (int i = 0; i < o->n_heldout && e == ITR_OK; i++)
+    e = itr_token_set_read_text(o->heldout[i], c->cfg.vocab_size, o->base, &tok, &c->heldout[i]);
+  if (tok) itr_log(ITR_LOG_DEBUG, "text lines tokenized with %s", itr_tokenizer_path(tok));
+  itr_tokenizer_destroy(tok);
+  ITR_TRY(e);
   for (int i = 1; i < c->N; i++)
     if (strcmp(c->ad[i]->base_model, c->ad[0]->base_model) != 0)
       itr_log(ITR_LOG_WARN, "adapters name different base models: '%s' (%s) and '%s' (%s); shapes match -base, going on",

@@ -122,7 +122,14 @@ cp -r "$D/adapter_1" "$W/dir_st" && rm "$W/dir_st/adapter_model.safetensors" && 
 expect 2 "dir_st/adapter_model.safetensors: is a folder, not a safetensors file" -base "$D/base" -adapters "$D/adapter_0,$W/dir_st" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out"
 cp -r "$D/adapter_1" "$W/loop_st" && rm "$W/loop_st/adapter_model.safetensors" && ln -s adapter_model.safetensors "$W/loop_st/adapter_model.safetensors"
 expect 2 "loop_st/adapter_model.safetensors: is a symbolic link loop" -base "$D/base" -adapters "$D/adapter_0,$W/loop_st" -calib "$D/calib_0.jsonl,$D/calib_1.jsonl" -out "$W/out"
+# -tokenize (issue 16): its required options, a mode of its own, and text without a tokenizer (the demo has none)
+expect 2 "-tokenize needs -tokenize_out OUT.jsonl" -base "$D/base" -tokenize "$D/calib_0.jsonl"
+expect 2 "-tokenize needs -base DIR" -tokenize "$D/calib_0.jsonl" -tokenize_out "$W/t.jsonl"
+expect 2 "-inspect, -make_demo, -logits and -tokenize are separate modes" -base "$D/base" -tokenize "$D/calib_0.jsonl" -tokenize_out "$W/t.jsonl" -logits "$D/calib_0.jsonl"
+expect 2 "option -adapters is not used in this mode" -base "$D/base" -tokenize "$D/calib_0.jsonl" -tokenize_out "$W/t.jsonl" -adapters "$D/adapter_0"
+printf '{"text": "hello"}\n' > "$W/text.jsonl"
+expect 2 "text.jsonl:1: has 'text', but the base folder $D/base has no tokenizer" -base "$D/base" -adapters "$D/adapter_0,$D/adapter_1" -calib "$W/text.jsonl,$D/calib_1.jsonl" -out "$W/out"
 # a help that lists the options, exit 0
-out=$("$BIN" -help); if grep -q -- "-alpha_2" <<<"$out" && grep -q "exit codes" <<<"$out"; then ok=$((ok + 1)); else bad=$((bad + 1)); echo "FAILED: -help"; fi
+out=$("$BIN" -help); if grep -q -- "-alpha_2" <<<"$out" && grep -q -- "-tokenize_out" <<<"$out" && grep -q "exit codes" <<<"$out"; then ok=$((ok + 1)); else bad=$((bad + 1)); echo "FAILED: -help"; fi
 echo "cli_errors: $ok ok, $bad failed"
 [ "$bad" -eq 0 ]

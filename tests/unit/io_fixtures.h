@@ -4,6 +4,7 @@
 #ifndef ITERIS_TESTS_IO_FIXTURES_H
 #define ITERIS_TESTS_IO_FIXTURES_H
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -115,6 +116,43 @@ inline std::string peft_config(int r, double alpha, const std::string &targets =
                 " \"modules_to_save\": null, \"base_model_name_or_path\": \"tiny/llama\"",
                 r, alpha, targets.c_str());
   return std::string(buf) + extra + "}\n";
+}
+
+// The bytes of a llama2.c tokenizer.bin: max_token_length (default: the longest piece), then per
+// piece its float32 score, int32 length and bytes (include/iteris/io.h).
+struct Piece {
+  std::string bytes;
+  float score;
+};
+inline std::string tokenizer_bin(const std::vector<Piece> &pieces, int max_len = -1) {
+  auto put = [](std::string &s, const void *p) { s.append(static_cast<const char *>(p), 4); };
+  std::string out;
+  if (max_len < 0) {
+    max_len = 1;
+    for (const auto &p : pieces) max_len = std::max(max_len, (int)p.bytes.size());
+  }
+  int32_t m = max_len;
+  put(out, &m);
+  for (const auto &p : pieces) {
+    int32_t n = (int32_t)p.bytes.size();
+    put(out, &p.score);
+    put(out, &n);
+    out += p.bytes;
+  }
+  return out;
+}
+
+// llama2.c's layout of the first 259 pieces: <unk>, BOS, EOS, then the byte fallback <0x00>..<0xFF>
+// (ids 3..258), all scored 0; extra pieces follow from id 259.
+inline std::vector<Piece> byte_vocab(const std::vector<Piece> &extra = {}) {
+  std::vector<Piece> v = {{"<unk>", 0}, {"\n<s>\n", 0}, {"\n</s>\n", 0}};
+  for (int b = 0; b < 256; b++) {
+    char buf[8];
+    std::snprintf(buf, sizeof buf, "<0x%02X>", b);
+    v.push_back({buf, 0});
+  }
+  v.insert(v.end(), extra.begin(), extra.end());
+  return v;
 }
 
 }  // namespace io_test

@@ -106,3 +106,109 @@ TEST(TokenSet, ReadsALargeFile) {
   EXPECT_EQ(ts.ids[299 * 100 + 99], (299 * 7 + 99) % 1000);
   itr_token_set_fini(&ts);
 }
+
+// ---- {"text": ...} lines (itr_token_set_read_text) ------------------------------------------------------
+
+namespace {
+// A tokenizer.bin of 262 pieces (bytes, then " ", "a", "b") in a folder: "ab" is no piece, so text
+// "ab" encodes as BOS, " ", "a", "b" = 1, 259, 260, 261.
+std::string tok_folder(const TempDir &t) {
+  write_text(t.file("base/tokenizer.bin"), io_test::tokenizer_bin(io_test::byte_vocab({{" ", 0}, {"a", -1}, {"b", -1}})));
+  return t.file("base");
+}
+}  // namespace
+
+TEST(TokenSet, ReadTextEncodesTextLinesWithBos) {
+  TempDir t;
+  const std::string base = tok_folder(t);
+  write_text(t.file("a.jsonl"),
+             "{\"text\": \"ab\"}\n"
+             "{\"input_ids\": [7, 8]}\n"
+             "\n"
+             "{\"text\": \"ignored\", \"input_ids\": [9]}\n"  // both keys: input_ids
+             "{\"text\": \"\"}\n"                             // empty text: BOS alone
+             "{\"text\": \"b\\u00e9\", \"meta\": 1}\r\n");    // é: byte fallback of C3 A9
+  itr_tokenizer *tok = nullptr;
+  itr_token_set ts;
+  ASSERT_EQ(itr_token_set_read_text(t.file("a.jsonl").c_str(), 262, base.c_str(), &tok, &ts), ITR_OK)
+      << itr_error_message();
+  ASSERT_NE(tok, nullptr);  // opened on the first text line, kept for the next file
+  EXPECT_EQ(std::string(itr_tokenizer_path(tok)), base + "/tokenizer.bin");
+  EXPECT_EQ(ts.n_seqs, 5);
+  EXPECT_EQ(std::vector<int64_t>(ts.offsets, ts.offsets + 6), (std::vector<int64_t>{0, 4, 6, 7, 8, 13}));
+  EXPECT_EQ(std::vector<int32_t>(ts.ids, ts.ids + ts.n_tokens),
+            (std::vector<int32_t>{1, 259, 260, 261, 7, 8, 9, 1, 1, 259, 261, 3 + 0xC3, 3 + 0xA9}));
+  itr_token_set_fini(&ts);
+  // a second file reuses the tokenizer (the folder is not read again)
+  write_text(t.file("b.jsonl"), "{\"text\": \"a\"}\n");
+  ASSERT_EQ(itr_token_set_read_text(t.file("b.jsonl").c_str(), 262, "/nonexistent", &tok, &ts), ITR_OK)
+      << itr_error_message();
+  EXPECT_EQ(std::vector<int32_t>(ts.ids, ts.ids + ts.n_tokens), (std::vector<int32_t>{1, 259, 260}));
+  itr_token_set_fini(&ts);
+  itr_tokenizer_destroy(tok);
+}
+
+TEST(TokenSet, ReadTextOpensTheTokenizerOnlyForTextLines) {
+  TempDir t;
+  write_text(t.file("base/tokenizer.bin"), "broken");  // never read: no line has text
+  write_text(t.file("ids.jsonl"), "{\"input_ids\": [1, 2]}\n{\"input_ids\": [3], \"text\": \"x\"}\n");
+  itr_tokenizer *tok = nullptr;
+  itr_token_set ts;
+  ASSERT_EQ(itr_token_set_read_text(t.file("ids.jsonl").c_str(), 262, t.file("base").c_str(), &tok, &ts), ITR_OK)
+      << itr_error_message();
+  EXPECT_EQ(tok, nullptr);
+  EXPECT_EQ(ts.n_tokens, 3);
+  itr_token_set_fini(&ts);
+  // a text line then opens it, and its error names the data file, the line and the tokenizer
+  write_text(t.file("text.jsonl"), "{\"input_ids\": [1, 2]}\n{\"text\": \"hello\"}\n");
+  EXPECT_TRUE(failed_with(itr_token_set_read_text(t.file("text.jsonl").c_str(), 262, t.file("base").c_str(), &tok, &ts),
+                          ITR_ERR_INPUT, {t.file("text.jsonl") + ":2: has 'text'", t.file("base/tokenizer.bin")}));
+  EXPECT_EQ(tok, nullptr);
+}
+
+TEST(TokenSet, ReadTextRefusesTextItCannotTokenize) {
+  TempDir t;
+  const std::string base = tok_folder(t);
+  const std::string ok = "{\"text\": \"ab\"}\n";
+  struct Case {
+    const char *what;
+    std::string text;
+    const char *dir;
+    std::vector<std::string> expect;
+  };
+  const std::string empty_dir = t.file("empty");
+  write_text(t.file("empty/config.json"), "{}");
+  const std::vector<Case> cases = {
+      {"no tokenizer in the folder", ok + ok + "{\"text\": \"x\"}\n", empty_dir.c_str(),
+       {":1: has 'text', but the base folder " + empty_dir + " has no tokenizer"}},
+      {"no folder given", "{\"input_ids\": [1]}\n" + ok, nullptr, {":2: has 'text' but no 'input_ids', and no tokenizer"}},
+      {"text not a string", ok + "{\"text\": [1, 2]}\n", base.c_str(), {":2: 'text' must be a string"}},
+      {"NUL escape", ok + ok + "{\"text\": \"a\\u0000b\"}\n", base.c_str(), {":3: a string holds \\u0000"}},
+      {"neither key", ok + "{\"txt\": \"ab\"}\n", base.c_str(), {":2: no 'input_ids' or 'text' key"}},
+      {"bad ids beside text", ok + "{\"text\": \"ab\", \"input_ids\": [999]}\n", base.c_str(),
+       {":2: input_ids[0] = 999 is outside the vocabulary [0, 262)"}},
+      {"tokenizer of another size", ok, base.c_str(), {":1: has 'text'", "holds 262 tokens", "vocab_size (config.json) is 300"}},
+  };
+  for (const auto &c : cases) {
+    write_text(t.file("d.jsonl"), c.text);
+    itr_tokenizer *tok = nullptr;
+    itr_token_set ts = {-1, -1, nullptr, nullptr};
+    std::vector<std::string> expect = c.expect;
+    expect.push_back(t.file("d.jsonl"));
+    const int vocab = std::string(c.what) == "tokenizer of another size" ? 300 : 262;
+    EXPECT_TRUE(failed_with(itr_token_set_read_text(t.file("d.jsonl").c_str(), vocab, c.dir, &tok, &ts), ITR_ERR_INPUT,
+                            expect))
+        << c.what;
+    EXPECT_EQ(ts.n_seqs, -1) << c.what;
+    itr_tokenizer_destroy(tok);
+  }
+  // an escaped backslash before u0000 is text, not NUL
+  write_text(t.file("e.jsonl"), "{\"text\": \"a\\\\u0000\"}\n");
+  itr_tokenizer *tok = nullptr;
+  itr_token_set ts;
+  ASSERT_EQ(itr_token_set_read_text(t.file("e.jsonl").c_str(), 262, base.c_str(), &tok, &ts), ITR_OK)
+      << itr_error_message();
+  EXPECT_EQ(ts.n_tokens, 1 + 1 + 1 + 6);  // BOS, " ", "a", then "\u0000" by byte fallback
+  itr_token_set_fini(&ts);
+  itr_tokenizer_destroy(tok);
+}
