@@ -30,6 +30,15 @@ void itr_fidelity_result(const itr_fidelity_acc *acc, double *kl_ratio, double *
 /* KL(p || q) in nats for two logit rows of length V (log-softmax in float64). */
 double itr_kl_logits(const float *logits_p, const float *logits_q, int64_t V);
 
+/* ---- scoring against labels (calibration.c) ---------------------------------------------------- */
+
+/* log softmax(logits)[id] of one row of length V, in float64. */
+double itr_log_softmax_at(const float *logits, int64_t V, int64_t id);
+/* Expected calibration error of n predictions with confidence conf[i] (the probability given to the
+ * predicted class) and correct[i] (1: the prediction was right): sum over `bins` equal-width bins
+ * (lo, hi] of [0, 1] of |bin| / n * |accuracy(bin) - mean confidence(bin)|. NaN when n = 0. */
+double itr_ece(const double *conf, const int *correct, int64_t n, int bins);
+
 #ifdef __cplusplus
 }
 #endif

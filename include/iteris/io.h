@@ -258,10 +258,22 @@ typedef struct {
   int64_t n_tokens;
   int64_t *offsets; /* (n_seqs + 1): sequence s is ids[offsets[s] .. offsets[s+1]) */
   int32_t *ids;     /* (n_tokens) */
+  /* supervision (NULL when no line carries any): */
+  int64_t *prompt_len; /* (n_seqs) tokens of the prompt: no loss on predicting them (0: none) */
+  int32_t *group;      /* (n_seqs) -1, or the question whose candidate completion this sequence is */
+  int32_t *is_label;   /* (n_seqs) 1 when the sequence is a question's labelled completion */
+  int n_groups;        /* questions (lines with "choices") */
 } itr_token_set;
 
 /* Reads one {"input_ids": [ints]} per line (blank lines skipped); checks 0 <= id < vocab_size
- * and non-empty sequences. Errors name the file and the line. */
+ * and non-empty sequences. Errors name the file and the line. A line may also carry supervision:
+ *   "prompt_len": k            the first k tokens are a prompt (0 <= k < length)
+ *   "completion_ids": [ints]   appended to input_ids; prompt_len = the length of input_ids
+ *   "choices": [[ints], ...], "label": j    a question: one sequence per choice (input_ids + the
+ *                              choice, prompt_len = length of input_ids) in one group; choice j is
+ *                              the labelled one
+ * (with itr_token_set_read_text: "completion": "..." and "choices": ["...", ...] as text, encoded
+ * without BOS and appended to the encoded "text"). */
 itr_err itr_token_set_read(const char *path, int vocab_size, itr_token_set *out);
 void itr_token_set_fini(itr_token_set *ts);
 itr_err itr_token_set_write(const char *path, const itr_token_set *ts);

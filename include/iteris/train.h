@@ -11,9 +11,11 @@
  * get_cosine_schedule_with_warmup). Rank 0 writes the adapter (PEFT, r, lora_alpha, use_rslora)
  * and train_report.json, atomically (OUT.partial/ renamed to OUT).
  *
- * Data: JSONL, one {"input_ids": [...]} per line, optionally "prompt_len": k (the first k tokens
- * are a prompt: no loss on predicting them). The loss of a sequence is next-token cross-entropy
- * over positions t whose target ids[t+1] has index >= max(k, 1). */
+ * Data: JSONL, one {"input_ids": [...]} or {"text": "..."} per line (itr_token_set_read_text: text
+ * through the base folder's tokenizer), optionally with a prompt ("prompt_len": k, or a
+ * "completion" / "completion_ids" after the prompt; of a question with "choices", the labelled one
+ * only): no loss on predicting the prompt. The loss of a sequence is next-token cross-entropy over
+ * positions t whose target ids[t+1] has index >= max(k, 1). */
 #ifndef ITERIS_TRAIN_H
 #define ITERIS_TRAIN_H
 
@@ -88,5 +90,27 @@ double itr_clip_grad_norm(double *g, size_t n, double max_norm);
  * returns ITR_ERR_INTERRUPTED; opt->restart = 1 continues from it and gives the adapter the
  * uninterrupted run would have given (bit for bit with the same ranks and micro-batches). */
 itr_err itr_train_run(const itr_train_opts *opt, MPI_Comm comm);
+
+/* ---- evaluation of adapters and of their ensemble (evaluate.c) ------------------------------------- */
+
+#define ITR_EVAL_MAX 64
+
+typedef struct {
+  char base[ITR_TRAIN_PATH];
+  int n_adapters;                              /* M >= 1 */
+  char adapters[ITR_EVAL_MAX][ITR_TRAIN_PATH];
+  char heldout[ITR_TRAIN_PATH];                /* JSONL: plain sequences and/or questions ("choices") */
+  char out[ITR_TRAIN_PATH];                    /* "" or a JSON report */
+  int bins;                                    /* ECE bins (equal width) */
+} itr_eval_opts;
+
+/* Collective on comm. Scores the base model, each adapter (base + adapter i) and, when M >= 2, their
+ * probability-averaged ensemble (LoRA ensembles: p = mean_i p_i) on the held-out file:
+ *   plain sequences (beyond any prompt): next-token NLL per token and top-1 accuracy;
+ *   questions ({"choices": [...], "label": j}): each choice scored by the log-likelihood of its tokens
+ *   given the prompt, class probabilities softmax over the choices (the ensemble averages them over
+ *   members), accuracy, NLL of the label, and ECE over `bins` equal-width confidence bins.
+ * Sequences are spread over ranks; rank 0 prints the table and writes opt->out. Same error on every rank. */
+itr_err itr_evaluate_adapters(const itr_eval_opts *opt, MPI_Comm comm);
 
 #endif

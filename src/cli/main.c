@@ -122,6 +122,7 @@ int main(int argc, char **argv) {
       case ITR_MODE_MERGE: err = itr_pipeline_merge(&opt->m, MPI_COMM_WORLD); break;
       case ITR_MODE_FEATURES: err = itr_pipeline_features(&opt->m, MPI_COMM_WORLD); break;
       case ITR_MODE_TRAIN: err = itr_train_run(&opt->t, MPI_COMM_WORLD); break;
+      case ITR_MODE_ENSEMBLE: err = itr_evaluate_adapters(&opt->e, MPI_COMM_WORLD); break;
     }
   }
   /* every mode returns the agreed error on all ranks; rank 0 prints it */

@@ -1,5 +1,7 @@
 /* The small modes: -inspect, -make_demo, -logits, -tokenize. Each runs on rank 0; the other ranks wait at
  * the agreement point and return the same error. */
+#include <string.h>
+
 #include "cli/cli.h"
 #include "iteris/dist.h"
 #include "iteris/io.h"
@@ -50,7 +52,8 @@ itr_err itr_cli_tokenize(const itr_options *opt, MPI_Comm comm) {
   if (rank == 0) {
     itr_model_config cfg;
     itr_tokenizer *tok = NULL;
-    itr_token_set ts = {0, 0, NULL, NULL};
+    itr_token_set ts;
+  memset(&ts, 0, sizeof ts);
     err = itr_model_config_read(opt->m.base, &cfg);
     if (err == ITR_OK) err = itr_token_set_read_text(opt->tokenize, cfg.vocab_size, opt->m.base, &tok, &ts);
     if (err == ITR_OK) err = itr_token_set_write(opt->tokenize_out, &ts);

@@ -23,7 +23,8 @@ enum {
   U_FEATURES = 1 << 9, /* also allowed with -features (with U_METHOD: only where the method reads it) */
   U_TRAIN = 1 << 10,   /* -train */
   U_TOKENIZE = 1 << 11,
-  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO | U_FEATURES | U_TRAIN | U_TOKENIZE,
+  U_ENSEMBLE = 1 << 12, /* -ensemble */
+  U_ALL = U_MERGE | U_INSPECT | U_LOGITS | U_DEMO | U_FEATURES | U_TRAIN | U_TOKENIZE | U_ENSEMBLE,
 };
 
 typedef struct {
@@ -38,14 +39,16 @@ typedef struct {
 } opt_entry;
 
 #define OFF(f) offsetof(itr_options, f)
+/* -ensemble's list is read straight into itr_eval_opts as a T_STRLIST of ITR_MAX_TASKS x ITR_OPT_PATH */
+_Static_assert(ITR_EVAL_MAX == ITR_MAX_TASKS && ITR_TRAIN_PATH == ITR_OPT_PATH, "-ensemble list layout");
 static const opt_entry table_[] = {
-    {"base", T_STR, OFF(m.base), 0, sizeof(((itr_options *)0)->m.base), "", U_MERGE | U_LOGITS | U_TRAIN | U_TOKENIZE,
+    {"base", T_STR, OFF(m.base), 0, sizeof(((itr_options *)0)->m.base), "", U_MERGE | U_LOGITS | U_TRAIN | U_TOKENIZE | U_ENSEMBLE,
      "Hugging Face model folder (config.json + safetensors; llama2.c's tokenizer.bin for text lines)"},
     {"adapters", T_STRLIST, OFF(m.adapters), OFF(m.n_adapters), 0, "", U_MERGE | U_FEATURES, "PEFT LoRA adapter folders, comma-separated"},
     {"calib", T_STRLIST, OFF(m.calib), OFF(m.n_calib), 0, "", U_MERGE,
      "calibration JSONL files, one per adapter, same order ({\"input_ids\": [...]} or {\"text\": \"...\"} per line)"},
-    {"heldout", T_STRLIST, OFF(m.heldout), OFF(m.n_heldout), 0, "", U_MERGE,
-     "held-out JSONL files, one per adapter: the report gives kl_ratio and top1 per task"},
+    {"heldout", T_STRLIST, OFF(m.heldout), OFF(m.n_heldout), 0, "", U_MERGE | U_ENSEMBLE,
+     "held-out JSONL files, one per adapter: the report gives kl_ratio and top1 per task (-ensemble: one file)"},
     {"out", T_STR, OFF(m.out), 0, sizeof(((itr_options *)0)->m.out), "", U_MERGE | U_FEATURES | U_TRAIN, "output folder for the merged (or trained) PEFT adapter and the report"},
     {"method", T_STR, OFF(m.method), 0, sizeof(((itr_options *)0)->m.method), "iteris", U_MERGE | U_FEATURES,
      "iteris | task_arithmetic | regmean | ties | dare | knots"},
@@ -120,6 +123,10 @@ static const opt_entry table_[] = {
      "JSONL file of {\"text\": ...} (or input_ids) lines: tokenize with -base's tokenizer.bin (BOS first)"},
     {"tokenize_out", T_STR, OFF(tokenize_out), 0, sizeof(((itr_options *)0)->tokenize_out), "", U_TOKENIZE,
      "JSONL file written by -tokenize ({\"input_ids\": [...]} per line)"},
+    {"ensemble", T_STRLIST, OFF(e.adapters), OFF(e.n_adapters), 0, "", U_ENSEMBLE,
+     "score these adapters and their probability-averaged ensemble on -heldout (NLL, accuracy, ECE)"},
+    {"eval_out", T_STR, OFF(e.out), 0, sizeof(((itr_options *)0)->e.out), "", U_ENSEMBLE, "-ensemble: also write the table as JSON here"},
+    {"ece_bins", T_INT, OFF(e.bins), 0, 0, "10", U_ENSEMBLE, "-ensemble: equal-width bins of the expected calibration error"},
     {"verbose", T_INT, OFF(m.verbose), 0, 0, "0", U_ALL, "0: progress, 1: details, 2: debug"},
 };
 #define N_OPTS (sizeof table_ / sizeof table_[0])
@@ -184,6 +191,8 @@ void itr_options_print_help(FILE *f) {
           "  iteris-mpi -make_demo DIR                            (write the bundled demo case)\n"
           "  mpirun -np P iteris-mpi -train 1 -base DIR -data TRAIN.jsonl -out ADAPTER [-r 8 -lora_alpha 16\n"
           "      -targets q_proj,v_proj -steps 100 -batch 8 -lr 2e-4 ...]    (train a LoRA adapter)\n"
+          "  mpirun -np P iteris-mpi -base DIR -ensemble A1,A2,... -heldout H.jsonl [-eval_out R.json]\n"
+          "                                                       (score adapters and their ensemble)\n"
           "  iteris-mpi -features F.h5 -adapters D1,D2,... -out OUT [-method iteris|regmean|task_arithmetic]\n"
           "                                                       (merge from external features: docs/FEATURES.md)\n\n"
           "options (default in brackets):\n");
@@ -372,14 +381,16 @@ itr_err itr_options_parse(itr_options *opt) {
 
   /* mode, then method, then options that the mode/method does not use */
   int nmodes = (opt->inspect[0] != 0) + (opt->make_demo[0] != 0) + (opt->logits[0] != 0) + (opt->tokenize[0] != 0) +
-               (opt->train != 0);
-  ITR_CHECK(nmodes <= 1, ITR_ERR_INPUT, "-inspect, -make_demo, -logits, -tokenize and -train are separate modes: give one");
+               (opt->train != 0) + (opt->e.n_adapters != 0);
+  ITR_CHECK(nmodes <= 1, ITR_ERR_INPUT,
+            "-inspect, -make_demo, -logits, -tokenize, -train and -ensemble are separate modes: give one");
   unsigned use = 0;
   const itr_method *method = NULL;
   if (opt->inspect[0]) opt->mode = ITR_MODE_INSPECT, use = U_INSPECT;
   else if (opt->make_demo[0]) opt->mode = ITR_MODE_MAKE_DEMO, use = U_DEMO;
   else if (opt->logits[0]) opt->mode = ITR_MODE_LOGITS, use = U_LOGITS;
   else if (opt->train) opt->mode = ITR_MODE_TRAIN, use = U_TRAIN;
+  else if (opt->e.n_adapters) opt->mode = ITR_MODE_ENSEMBLE, use = U_ENSEMBLE;
   else if (opt->tokenize[0]) opt->mode = ITR_MODE_TOKENIZE, use = U_TOKENIZE;
   else {
     opt->mode = opt->m.features[0] ? ITR_MODE_FEATURES : ITR_MODE_MERGE;
@@ -403,6 +414,13 @@ itr_err itr_options_parse(itr_options *opt) {
     ITR_CHECK(opt->logits_out[0], ITR_ERR_INPUT, "-logits needs -logits_out OUT.safetensors");
   }
   if (opt->mode == ITR_MODE_TRAIN) ITR_TRY(train_opts(opt));
+  if (opt->mode == ITR_MODE_ENSEMBLE) {
+    ITR_CHECK(opt->m.base[0], ITR_ERR_INPUT, "-ensemble needs -base DIR");
+    ITR_CHECK(opt->m.n_heldout == 1, ITR_ERR_INPUT, "-ensemble needs one -heldout FILE.jsonl (got %d)", opt->m.n_heldout);
+    ITR_CHECK(opt->e.bins >= 1 && opt->e.bins <= 1000, ITR_ERR_INPUT, "-ece_bins must be in 1..1000, got %d", opt->e.bins);
+    snprintf(opt->e.base, sizeof opt->e.base, "%s", opt->m.base);
+    snprintf(opt->e.heldout, sizeof opt->e.heldout, "%s", opt->m.heldout[0]);
+  }
   if (opt->mode == ITR_MODE_TOKENIZE) {
     ITR_CHECK(opt->m.base[0], ITR_ERR_INPUT, "-tokenize needs -base DIR (the model folder holding the tokenizer)");
     ITR_CHECK(opt->tokenize_out[0], ITR_ERR_INPUT, "-tokenize needs -tokenize_out OUT.jsonl");

@@ -15,7 +15,8 @@ typedef enum {
   ITR_MODE_MAKE_DEMO,
   ITR_MODE_FEATURES,
   ITR_MODE_TOKENIZE,
-  ITR_MODE_TRAIN
+  ITR_MODE_TRAIN,
+  ITR_MODE_ENSEMBLE
 } itr_mode;
 
 /* The program's options: a mode, the merge's parameters (include/iteris/pipeline.h) and those of
@@ -34,6 +35,7 @@ typedef struct {
   int train;          /* -train 1: the training mode */
   itr_train_opts t;   /* its parameters (-base, -out, -seed and -verbose are copied from m) */
   char targets[256];  /* -targets q_proj,v_proj,... */
+  itr_eval_opts e;    /* -ensemble A1,...: -base and -heldout are copied from m */
 } itr_options;
 
 /* Not Collective (reads PETSc's options database, identical on every rank).

@@ -18,6 +18,11 @@ typedef struct {
   int32_t *ids;
   size_t n_ids, cap_ids;
   int vocab; /* V, for a tokenizer opened while reading */
+  /* supervision, one entry per sequence (offsets[1..]) */
+  int64_t *prompt;
+  int32_t *group, *is_label;
+  size_t cap_sup;
+  int n_groups, any_sup;
 } builder;
 
 static itr_err grow(void **p, size_t *cap, size_t need, size_t elem, const char *file) {
@@ -61,11 +66,12 @@ static int has_nul_escape(const char *line, size_t len) {
   return 0;
 }
 
-/* Encodes a line's text (with BOS) and appends its ids; opens the tokenizer on first need. */
+/* Encodes a line's text (with BOS when add_bos) and appends its ids; opens the tokenizer on first need. */
 static itr_err append_text(const cJSON *text, const char *line, size_t len, const char *file, long lineno,
-                           const text_source *src, builder *b) {
+                           const text_source *src, builder *b, int add_bos) {
   ITR_CHECK(cJSON_IsString(text) && text->valuestring, ITR_ERR_INPUT,
-            "%s:%ld: 'text' must be a string (or give {\"input_ids\": [...]})", file, lineno);
+            "%s:%ld: 'text', 'completion' and text choices must be strings (or give {\"input_ids\": [...]})", file,
+            lineno);
   ITR_CHECK(!has_nul_escape(line, len), ITR_ERR_INPUT,
             "%s:%ld: a string holds \\u0000 (NUL), which the text cannot carry; remove it", file, lineno);
   if (!*src->tok) {
@@ -87,7 +93,7 @@ static itr_err append_text(const cJSON *text, const char *line, size_t len, cons
   }
   int32_t *ids = NULL;
   int64_t n = 0;
-  itr_err e = itr_tokenizer_encode(*src->tok, text->valuestring, strlen(text->valuestring), 1, 0, &ids, &n);
+  itr_err e = itr_tokenizer_encode(*src->tok, text->valuestring, strlen(text->valuestring), add_bos, 0, &ids, &n);
   if (e != ITR_OK) {
     char head[2048];
     itr_error_headline(head, sizeof head);
@@ -100,6 +106,110 @@ static itr_err append_text(const cJSON *text, const char *line, size_t len, cons
   }
   free(ids);
   return e;
+}
+
+/* Appends the ids of a JSON list (a completion or a choice) after checking them. */
+static itr_err append_ids(const cJSON *arr, const char *key, const char *file, long lineno, int vocab, builder *b) {
+  ITR_CHECK(cJSON_IsArray(arr) && arr->child, ITR_ERR_INPUT, "%s:%ld: '%s' must be a non-empty list of token ids",
+            file, lineno, key);
+  long k = 0;
+  for (const cJSON *v = arr->child; v; v = v->next, k++) {
+    double x = cJSON_IsNumber(v) ? v->valuedouble : NAN;
+    ITR_CHECK(cJSON_IsNumber(v) && isfinite(x) && x == floor(x) && x >= 0 && x < (double)vocab, ITR_ERR_INPUT,
+              "%s:%ld: %s[%ld] is not a token id in [0, %d)", file, lineno, key, k, vocab);
+    ITR_TRY(grow((void **)&b->ids, &b->cap_ids, b->n_ids + 1, sizeof(int32_t), file));
+    b->ids[b->n_ids++] = (int32_t)x;
+  }
+  return ITR_OK;
+}
+
+/* Closes one sequence (its ids end at n_ids) with its supervision. */
+static itr_err push_seq(builder *b, const char *file, int64_t prompt, int32_t group, int32_t is_label) {
+  ITR_TRY(grow((void **)&b->offsets, &b->cap_off, b->n_off + 1, sizeof(int64_t), file));
+  b->offsets[b->n_off++] = (int64_t)b->n_ids;
+  size_t s = b->n_off - 2, cap = b->cap_sup;
+  ITR_TRY(grow((void **)&b->prompt, &cap, s + 1, sizeof(int64_t), file));
+  cap = b->cap_sup;
+  ITR_TRY(grow((void **)&b->group, &cap, s + 1, sizeof(int32_t), file));
+  cap = b->cap_sup;
+  ITR_TRY(grow((void **)&b->is_label, &cap, s + 1, sizeof(int32_t), file));
+  b->cap_sup = cap;
+  b->prompt[s] = prompt;
+  b->group[s] = group;
+  b->is_label[s] = is_label;
+  return ITR_OK;
+}
+
+/* The line's prompt (ids from offsets[n_off - 1] to n_ids) is read: adds "prompt_len", a completion, or
+ * one sequence per choice, and closes the line's sequence(s). */
+static itr_err finish_line(const cJSON *o, const char *line, size_t len, const char *file, long lineno,
+                           const text_source *src, builder *b) {
+  const cJSON *pl = cJSON_GetObjectItemCaseSensitive(o, "prompt_len");
+  const cJSON *comp = cJSON_GetObjectItemCaseSensitive(o, "completion");
+  const cJSON *comp_ids = cJSON_GetObjectItemCaseSensitive(o, "completion_ids");
+  const cJSON *choices = cJSON_GetObjectItemCaseSensitive(o, "choices");
+  const cJSON *label = cJSON_GetObjectItemCaseSensitive(o, "label");
+  const int64_t start = b->offsets[b->n_off - 1], plen = (int64_t)b->n_ids - start;
+  ITR_CHECK((pl != NULL) + (comp || comp_ids) + (choices != NULL) <= 1 && !(comp && comp_ids), ITR_ERR_INPUT,
+            "%s:%ld: give at most one of 'prompt_len', 'completion' (or 'completion_ids') and 'choices'", file, lineno);
+  ITR_CHECK(!label || choices, ITR_ERR_INPUT, "%s:%ld: 'label' needs 'choices'", file, lineno);
+  if (pl) {
+    double k = cJSON_IsNumber(pl) ? pl->valuedouble : -1;
+    ITR_CHECK(k >= 0 && k == floor(k) && k < (double)plen, ITR_ERR_INPUT,
+              "%s:%ld: prompt_len must be an integer in [0, %lld) (the sequence has %lld tokens)", file, lineno,
+              (long long)plen, (long long)plen);
+    b->any_sup = 1;
+    return push_seq(b, file, (int64_t)k, -1, 0);
+  }
+  if (comp || comp_ids) {
+    if (comp) {
+      ITR_CHECK(src->allow, ITR_ERR_INPUT, "%s:%ld: 'completion' is text; give 'completion_ids'", file, lineno);
+      ITR_TRY(append_text(comp, line, len, file, lineno, src, b, 0));
+    } else {
+      ITR_TRY(append_ids(comp_ids, "completion_ids", file, lineno, b->vocab, b));
+    }
+    ITR_CHECK((int64_t)b->n_ids > start + plen, ITR_ERR_INPUT, "%s:%ld: the completion is empty", file, lineno);
+    b->any_sup = 1;
+    return push_seq(b, file, plen, -1, 0);
+  }
+  if (choices) {
+    int n = cJSON_IsArray(choices) ? cJSON_GetArraySize(choices) : 0;
+    ITR_CHECK(n >= 2, ITR_ERR_INPUT, "%s:%ld: 'choices' must be a list of at least two completions", file, lineno);
+    double j = label && cJSON_IsNumber(label) ? label->valuedouble : -1;
+    ITR_CHECK(j >= 0 && j == floor(j) && j < n, ITR_ERR_INPUT,
+              "%s:%ld: 'label' must be the index of the right choice, in [0, %d)", file, lineno, n);
+    /* the prompt's ids are copied before each further choice */
+    int32_t *prompt = NULL;
+    ITR_TRY(itr_calloc((size_t)(plen > 0 ? plen : 1), sizeof(int32_t), "prompt ids", &prompt));
+    memcpy(prompt, b->ids + start, (size_t)plen * sizeof(int32_t));
+    itr_err e = ITR_OK;
+    int c = 0;
+    for (const cJSON *ch = choices->child; e == ITR_OK && ch; ch = ch->next, c++) {
+      if (c > 0) {
+        e = grow((void **)&b->ids, &b->cap_ids, b->n_ids + (size_t)plen, sizeof(int32_t), file);
+        if (e != ITR_OK) break;
+        memcpy(b->ids + b->n_ids, prompt, (size_t)plen * sizeof(int32_t));
+        b->n_ids += (size_t)plen;
+      }
+      size_t before = b->n_ids;
+      if (cJSON_IsString(ch)) {
+        e = src->allow ? append_text(ch, line, len, file, lineno, src, b, 0)
+                       : itr_error_set(ITR_ERR_INPUT, "%s:%ld: choice %d is text; give lists of ids", file, lineno, c);
+      } else {
+        e = append_ids(ch, "choices[]", file, lineno, b->vocab, b);
+      }
+      if (e == ITR_OK && b->n_ids == before)
+        e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: choice %d is empty", file, lineno, c);
+      if (e == ITR_OK) e = push_seq(b, file, plen, b->n_groups, c == (int)j);
+    }
+    free(prompt);
+    ITR_TRY(e);
+    ITR_CHECK(plen >= 1, ITR_ERR_INPUT, "%s:%ld: a question needs a prompt", file, lineno);
+    b->n_groups++;
+    b->any_sup = 1;
+    return ITR_OK;
+  }
+  return push_seq(b, file, 0, -1, 0);
 }
 
 static itr_err parse_line(const char *line, size_t len, const char *file, long lineno, int vocab,
@@ -126,12 +236,10 @@ static itr_err parse_line(const char *line, size_t len, const char *file, long l
   if (!cJSON_IsObject(o)) {
     e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: expected a JSON object like {\"input_ids\": [1, 2, 3]}", file, lineno);
   } else if (!ids && text && src->allow) {
-    e = append_text(text, line, len, file, lineno, src, b);
+    e = append_text(text, line, len, file, lineno, src, b, 1);
+    if (e == ITR_OK) e = finish_line(o, line, len, file, lineno, src, b);
     cJSON_Delete(o);
-    if (e != ITR_OK) return e;
-    ITR_TRY(grow((void **)&b->offsets, &b->cap_off, b->n_off + 1, sizeof(int64_t), file));
-    b->offsets[b->n_off++] = (int64_t)b->n_ids;
-    return ITR_OK;
+    return e;
   } else if (!ids && src->allow) {
     e = itr_error_set(ITR_ERR_INPUT, "%s:%ld: no 'input_ids' or 'text' key; each line needs {\"input_ids\": [...]} "
                       "or {\"text\": \"...\"}", file, lineno);
@@ -171,11 +279,9 @@ static itr_err parse_line(const char *line, size_t len, const char *file, long l
     if (e != ITR_OK) break;
     b->ids[b->n_ids++] = (int32_t)x;
   }
+  if (e == ITR_OK) e = finish_line(o, line, len, file, lineno, src, b);
   cJSON_Delete(o);
-  if (e != ITR_OK) return e;
-  ITR_TRY(grow((void **)&b->offsets, &b->cap_off, b->n_off + 1, sizeof(int64_t), file));
-  b->offsets[b->n_off++] = (int64_t)b->n_ids;
-  return ITR_OK;
+  return e;
 }
 
 static itr_err read_jsonl(const char *path, int vocab_size, const text_source *src, itr_token_set *out) {
@@ -210,12 +316,26 @@ static itr_err read_jsonl(const char *path, int vocab_size, const text_source *s
   if (e != ITR_OK) {
     free(b.offsets);
     free(b.ids);
+    free(b.prompt);
+    free(b.group);
+    free(b.is_label);
     return itr_error_frame(e, __func__, __FILE__, __LINE__);
   }
+  memset(out, 0, sizeof *out);
   out->n_seqs = (int)(b.n_off - 1);
   out->n_tokens = (int64_t)b.n_ids;
   out->offsets = b.offsets;
   out->ids = b.ids;
+  if (b.any_sup) {
+    out->prompt_len = b.prompt;
+    out->group = b.group;
+    out->is_label = b.is_label;
+    out->n_groups = b.n_groups;
+  } else {
+    free(b.prompt);
+    free(b.group);
+    free(b.is_label);
+  }
   return ITR_OK;
 }
 
@@ -237,10 +357,10 @@ void itr_token_set_fini(itr_token_set *ts) {
   if (!ts) return;
   free(ts->offsets);
   free(ts->ids);
-  ts->offsets = NULL;
-  ts->ids = NULL;
-  ts->n_seqs = 0;
-  ts->n_tokens = 0;
+  free(ts->prompt_len);
+  free(ts->group);
+  free(ts->is_label);
+  memset(ts, 0, sizeof *ts);
 }
 
 itr_err itr_token_set_write(const char *path, const itr_token_set *ts) {

@@ -1,5 +1,6 @@
 /* Random token files (JSONL), optionally concentrated on a band of the vocabulary per task. */
 #include <stdlib.h>
+#include <string.h>
 
 #include "iteris/io.h"
 #include "iteris/synth.h"
@@ -15,7 +16,8 @@ itr_err itr_synth_tokens_write_band(const char *path, int vocab, int band_lo, in
             max_len);
   itr_rng g;
   itr_rng_init(&g, seed);
-  itr_token_set ts = {0, 0, NULL, NULL};
+  itr_token_set ts;
+  memset(&ts, 0, sizeof ts);
   ITR_TRY(itr_calloc((size_t)n_seqs + 1, sizeof(int64_t), "synth token offsets", &ts.offsets));
   for (int s = 0; s < n_seqs; s++)
     ts.offsets[s + 1] = ts.offsets[s] + min_len + (int64_t)itr_rng_below(&g, (uint64_t)(max_len - min_len + 1));

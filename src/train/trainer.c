@@ -40,6 +40,9 @@ typedef struct {
   itr_model *model;
   itr_token_set data;
   int have_data;
+  int64_t *use;      /* (n_use) the sequences trained on: all but the unlabelled choices of questions */
+  int64_t n_use;
+  itr_tokenizer *tok; /* the base folder's, when the data has text lines */
   itr_lora_set *lora, *grad;
   size_t n;          /* trainable floats */
   float *params;     /* (n) f32, packed from lora */
@@ -118,9 +121,12 @@ static itr_err setup_local(trainer *t) {
   err = itr_model_load(&t->cfg, store, 0, t->cfg.num_hidden_layers, 1, 1, &t->model);
   itr_tensor_store_destroy(store);
   if (err != ITR_OK) return itr_error_frame(err, __func__, __FILE__, __LINE__);
-  ITR_TRY(itr_token_set_read(o->data, t->cfg.vocab_size, &t->data));
+  ITR_TRY(itr_token_set_read_text(o->data, t->cfg.vocab_size, o->base, &t->tok, &t->data));
   t->have_data = 1;
-  ITR_CHECK(t->data.n_seqs >= 1, ITR_ERR_INPUT, "%s: no sequences to train on", o->data);
+  ITR_TRY(itr_calloc((size_t)t->data.n_seqs, sizeof(int64_t), "training sequences", &t->use));
+  for (int s = 0; s < t->data.n_seqs; s++)
+    if (!t->data.group || t->data.group[s] < 0 || t->data.is_label[s]) t->use[t->n_use++] = s;
+  ITR_CHECK(t->n_use >= 1, ITR_ERR_INPUT, "%s: no sequences to train on", o->data);
   ITR_TRY(itr_lora_set_create(&t->cfg, &t->lora));
   if (o->init_adapter[0]) {
     ITR_TRY(itr_adapter_open(o->init_adapter, &t->cfg, &ad));
@@ -146,6 +152,8 @@ static itr_err setup_local(trainer *t) {
 static void trainer_fini(trainer *t) {
   itr_model_destroy(t->model);
   if (t->have_data) itr_token_set_fini(&t->data);
+  free(t->use);
+  itr_tokenizer_destroy(t->tok);
   itr_lora_set_destroy(t->lora);
   itr_lora_set_destroy(t->grad);
   free(t->params);
@@ -160,7 +168,7 @@ static void trainer_fini(trainer *t) {
 /* The global index of the k-th sequence of training (k = step * batch + j): epoch e = k / n is a
  * Fisher-Yates shuffle of 0..n-1 seeded by (seed, e). perm (n) caches the current epoch's. */
 static int64_t seq_at(int64_t k, const trainer *t, int64_t *perm, int64_t *perm_epoch) {
-  int64_t n = t->data.n_seqs, e = k / n;
+  int64_t n = t->n_use, e = k / n;
   if (*perm_epoch != e) {
     itr_rng g;
     itr_rng_init_stream(&g, (uint64_t)t->o->seed, 0x7261696eull + (uint64_t)e);
@@ -172,7 +180,7 @@ static int64_t seq_at(int64_t k, const trainer *t, int64_t *perm, int64_t *perm_
     }
     *perm_epoch = e;
   }
-  return perm[k % n];
+  return t->use[perm[k % n]];
 }
 
 /* ---- one micro-batch: pack sequences, labels, run the training pass -------------------------------- */
@@ -191,7 +199,8 @@ static itr_err micro_batch(trainer *t, const int64_t *seqs, int n_seqs, long ste
   for (int s = 0; s < n_seqs; s++) {
     int64_t b = d->offsets[seqs[s]], n = d->offsets[seqs[s] + 1] - b;
     memcpy(mb->ids + T, d->ids + b, (size_t)n * sizeof(int32_t));
-    for (int64_t i = 0; i < n; i++) mb->labels[T + i] = i + 1 < n ? d->ids[b + i + 1] : -1;
+    int64_t first = d->prompt_len && d->prompt_len[seqs[s]] > 1 ? d->prompt_len[seqs[s]] : 1; /* first target */
+    for (int64_t i = 0; i < n; i++) mb->labels[T + i] = i + 1 < n && i + 1 >= first ? d->ids[b + i + 1] : -1;
     T += n;
     mb->offsets[s + 1] = T;
     mb->seq_ids[s] = seqs[s];
@@ -466,7 +475,7 @@ static int stop_agreed(const trainer *t, int s) {
 
 static itr_err train_loop(trainer *t) {
   const itr_train_opts *o = t->o;
-  int64_t n = t->data.n_seqs, perm_epoch = -1;
+  int64_t n = t->n_use, perm_epoch = -1;
   int64_t *perm = NULL, *mine = NULL;
   itr_err err = itr_calloc((size_t)n, sizeof(int64_t), "data order", &perm);
   if (err == ITR_OK) err = itr_calloc((size_t)o->batch, sizeof(int64_t), "this rank's sequences", &mine);
@@ -529,9 +538,9 @@ itr_err itr_train_run(const itr_train_opts *o, MPI_Comm comm) {
   if (err == ITR_OK && o->grad_out[0]) {
     /* the gradient of the mean loss over all the data at the starting point, then stop */
     int64_t *all = NULL;
-    err = itr_dist_agree(comm, itr_calloc((size_t)t.data.n_seqs, sizeof(int64_t), "sequence list", &all));
+    err = itr_dist_agree(comm, itr_calloc((size_t)t.n_use, sizeof(int64_t), "sequence list", &all));
     int n_mine = 0;
-    for (int64_t s = t.rank; err == ITR_OK && s < t.data.n_seqs; s += t.size) all[n_mine++] = s;
+    for (int64_t s = t.rank; err == ITR_OK && s < t.n_use; s += t.size) all[n_mine++] = t.use[s];
     int64_t tokens = 0;
     if (err == ITR_OK) err = gradient(&t, all, n_mine, 0, &tokens);
     free(all);

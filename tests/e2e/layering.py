@@ -27,7 +27,7 @@ ALLOWED = {
     "eval": {"core"},
     "synth": {"core", "io"},
     "pipeline": {"core", "io", "model", "dist", "merge", "eval"},
-    "train": {"core", "io", "model", "dist"},
+    "train": {"core", "io", "model", "dist", "eval"},
     "cli": {"core", "io", "model", "dist", "merge", "eval", "synth", "pipeline", "train"},
 }
 
@@ -36,7 +36,7 @@ ALLOWED = {
 ORDER = {
     "pipeline": [["schedule"], ["context"], ["forward"], ["site"], ["checkpoint"], ["report"],
                  ["driver_data", "driver_direct", "driver_stages", "driver_features"], ["run"]],
-    "train": [["optim"], ["trainer"]],
+    "train": [["optim"], ["trainer", "evaluate"]],
 }
 
 

@@ -36,14 +36,14 @@ gen adapter "$W/ad_mistral" --model "$W/mistral" --rank 4 --alpha 4 --seed 14
 gen tokens "$W/tok30.jsonl" --vocab 30 --lengths 7,1,12,3,9 --seed 21
 
 # 1. gradients
-grad_check() { # LABEL MODEL ADAPTER NP [DROPOUT SEED]
-  local label=$1 model=$2 ad=$3 np=$4 g=$W/$1.np$4.safetensors c=() r=()
+grad_check() { # LABEL MODEL ADAPTER NP [DROPOUT SEED]   (DATA: the token file, default tok30.jsonl)
+  local label=$1 model=$2 ad=$3 np=$4 g=$W/$1.np$4.safetensors c=() r=() data=${DATA:-$W/tok30.jsonl}
   [ $# -ge 6 ] && c=(-lora_dropout "$5" -seed "$6") && r=(--dropout "$5" --seed "$6")
-  if ! mpirun -np "$np" "$BIN" -train 1 -base "$model" -data "$W/tok30.jsonl" -init_adapter "$ad" -grad_out "$g" \
+  if ! mpirun -np "$np" "$BIN" -train 1 -base "$model" -data "$data" -init_adapter "$ad" -grad_out "$g" \
       "${c[@]}" >"$W/$label.log" 2>&1; then
     fail "$label np $np: iteris-mpi -grad_out failed:"; head -n 20 "$W/$label.log"; return
   fi
-  if $PY $TREF grad "$model" "$W/tok30.jsonl" "$g" --adapter "$ad" --samples 3 --tol 1e-4 "${r[@]}" >"$W/$label.cmp" 2>&1; then
+  if $PY $TREF grad "$model" "$data" "$g" --adapter "$ad" --samples 3 --tol 1e-4 "${r[@]}" >"$W/$label.cmp" 2>&1; then
     pass "$label np $np: gradient of every factor within 1e-4 of central differences ($(sort -k6 -g "$W/$label.cmp" | tail -n 1 | awk '{print $2, $NF}'))"
   else
     fail "$label np $np:"; cat "$W/$label.cmp"
@@ -58,6 +58,16 @@ grad_check mistral_headdim "$W/mistral" "$W/ad_mistral" 1
 # the dropped-out forward; at np 2 the masks must follow the sequences, not the ranks
 grad_check llama_dropout "$W/llama" "$W/ad_llama" 2 0.3 5
 grad_check qwen2_dropout "$W/qwen2" "$W/ad_qwen2" 1 0.5 9
+# prompts: "prompt_len", "completion_ids", and a question's labelled choice (no loss on the prompt; the
+# other choices are not trained on)
+cat >"$W/sup.jsonl" <<'JSONL'
+{"input_ids": [1, 5, 9, 3, 7, 2, 8], "prompt_len": 4}
+{"input_ids": [1, 4, 4, 6], "completion_ids": [11, 12, 2]}
+{"input_ids": [1, 20, 21, 22, 23], "choices": [[3, 2], [17, 18, 19], [5]], "label": 1}
+{"input_ids": [1, 8, 8, 8, 9, 10, 11, 12]}
+{"input_ids": [1, 6, 29], "choices": [[4], [14]], "label": 0}
+JSONL
+DATA=$W/sup.jsonl grad_check llama_prompts "$W/llama" "$W/ad_llama" 2
 
 # 2. AdamW, three full-batch steps (batch = the 5 sequences), from an adapter with B != 0
 gen synth "$W/tiny" --arch llama --dtype F32 --layers 1 --hidden 16 --inter 24 --heads 2 --kv-heads 1 --vocab 20 --seed 5
@@ -118,6 +128,26 @@ if "$BIN" -base "$W/llama" -adapter "$W/np1" -logits "$W/tok40.jsonl" -logits_ou
    $PY $REF compare "$W/llama" "$W/tok40.jsonl" "$W/l.safetensors" --adapter "$W/np1" --tol 1e-4 >/dev/null; then
   pass "the trained adapter loads (-logits agrees with the NumPy forward of base + adapter)"
 else fail "the trained adapter does not load or gives other logits"; fi
+
+# ensembles: -ensemble scores base, each member and the probability-averaged ensemble; NumPy recomputes
+# every score (tests/ref/train_ref.py ensemble)
+gen adapter "$W/ad_llama2" --model "$W/llama" --rank 2 --alpha 4 --targets q_proj,v_proj,down_proj --seed 16
+cat >"$W/heldout.jsonl" <<'JSONL'
+{"input_ids": [1, 5, 9, 3, 7, 2, 8, 30, 31], "prompt_len": 3}
+{"input_ids": [1, 20, 21, 22, 23], "choices": [[3, 2], [17, 18, 19], [5]], "label": 1}
+{"input_ids": [1, 4, 4, 6, 12, 13]}
+{"input_ids": [1, 6, 29], "choices": [[4], [14], [22, 23]], "label": 0}
+{"input_ids": [1, 7, 7], "choices": [[9, 9], [10]], "label": 1}
+{"input_ids": [1, 38, 2, 25], "choices": [[36], [37], [35], [34]], "label": 3}
+JSONL
+for np in 1 3; do
+  if mpirun -np $np "$BIN" -base "$W/llama" -ensemble "$W/ad_llama,$W/ad_llama2,$W/np1" -heldout "$W/heldout.jsonl" \
+      -eval_out "$W/ens$np.json" >"$W/ens$np.log" 2>&1 &&
+     $PY $TREF ensemble "$W/llama" "$W/heldout.jsonl" "$W/ens$np.json" --adapters "$W/ad_llama" "$W/ad_llama2" "$W/np1" \
+       >"$W/ens$np.cmp" 2>&1; then
+    pass "-ensemble at np $np: $(tail -n 1 "$W/ens$np.cmp")"
+  else fail "-ensemble at np $np:"; cat "$W/ens$np.log" "$W/ens$np.cmp" 2>/dev/null | tail -n 12; fi
+done
 
 # 4. stop and restart: a stop before step 4 (as by SIGTERM) exits 5 with the checkpoint in OUT.partial/ and no
 #    OUT; -restart 1 then gives the adapter of the uninterrupted run bit for bit (same ranks); a restart with

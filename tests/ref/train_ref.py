@@ -14,6 +14,9 @@ Commands:
         [--min-lr-ratio R] [--beta1 B1] [--beta2 B2] [--eps E] [--weight-decay WD] [--max-grad-norm C]
         [--tol X]   full-batch training from the adapter (every entry's gradient by central
         differences; the tiny models only), compared with the candidate adapter's B A products
+  ensemble MODEL_DIR HELDOUT.jsonl REPORT.json --adapters DIR... [--bins B]
+        the scores of -ensemble (base, each adapter, the probability-averaged ensemble: token NLL
+        and top-1, question accuracy, label NLL, ECE) in float64, against iteris-mpi's report
 """
 import argparse
 import json
@@ -72,6 +75,28 @@ def dropout_keep(p, seed, step, layer, mod, seq_id, n, d_in):
     return keep
 
 
+def read_train(path):
+    """[(ids, first)]: each training sequence and the index of its first target token (the loss
+    predicts ids[first:] from what precedes), as train.h defines: "prompt_len" k -> max(k, 1);
+    "completion_ids" appended to the prompt; a question's labelled choice only."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            o = json.loads(line)
+            ids = list(o["input_ids"])
+            if "prompt_len" in o:
+                out.append((ids, max(int(o["prompt_len"]), 1)))
+            elif "completion_ids" in o:
+                out.append((ids + list(o["completion_ids"]), max(len(ids), 1)))
+            elif "choices" in o:
+                out.append((ids + list(o["choices"][int(o["label"])]), max(len(ids), 1)))
+            else:
+                out.append((ids, 1))
+    return out
+
+
 def mean_loss(cfg, W0, lora, seqs, drop=None):
     """drop: None, or (p, seed, step): LoRA dropout; the sequences' global indices are 0, 1, ..."""
     W = dict(W0)
@@ -79,8 +104,8 @@ def mean_loss(cfg, W0, lora, seqs, drop=None):
         for path, (A, B, s, _, _) in lora.items():
             W[path + ".weight"] = W0[path + ".weight"] + s * (B @ A)
     total, count = 0.0, 0
-    for si, ids in enumerate(seqs):
-        if len(ids) < 2:
+    for si, (ids, first) in enumerate(seqs):
+        if len(ids) <= first:
             continue
         extra = None
         if drop is not None:
@@ -94,11 +119,11 @@ def mean_loss(cfg, W0, lora, seqs, drop=None):
                     layer, mod = int(key.split(".")[2]), key.split(".")[-1]
                     keeps[key] = dropout_keep(drop[0], drop[1], drop[2], layer, mod, si, x.shape[0], x.shape[1])
                 return s * ((x * keeps[key]) @ A.T) @ B.T
-        z = R.forward(cfg, W, ids, extra)[:-1]
+        z = R.forward(cfg, W, ids, extra)[first - 1:-1]
         mx = z.max(axis=1, keepdims=True)
         lse = (mx[:, 0] + np.log(np.exp(z - mx).sum(axis=1)))
-        total += float(np.sum(lse - z[np.arange(len(ids) - 1), np.asarray(ids[1:])]))
-        count += len(ids) - 1
+        total += float(np.sum(lse - z[np.arange(len(ids) - first), np.asarray(ids[first:])]))
+        count += len(ids) - first
     return total / count
 
 
@@ -115,7 +140,7 @@ def fd(cfg, W0, lora, seqs, path, which, idx, h=1e-6, drop=None):
 
 def cmd_grad(a):
     cfg, W0 = R.Cfg(a.model), R.load_model_tensors(a.model)
-    seqs = R.read_tokens(a.data)
+    seqs = read_train(a.data)
     lora = read_adapter(a.adapter)
     cand = R.st_read(a.candidate)
     rng = np.random.RandomState(0)
@@ -159,7 +184,7 @@ def lr_factor(s, steps, warmup, min_ratio):
 
 def cmd_adamw(a):
     cfg, W0 = R.Cfg(a.model), R.load_model_tensors(a.model)
-    seqs = R.read_tokens(a.data)
+    seqs = read_train(a.data)
     lora = read_adapter(a.adapter)
     keys = [(p, w) for p in sorted(lora) for w in (0, 1)]
     m = {k: np.zeros_like(lora[k[0]][k[1]]) for k in keys}
@@ -203,6 +228,95 @@ def cmd_adamw(a):
     return 1 if bad else 0
 
 
+def read_heldout(path):
+    """[(ids, first, group, is_label)] as the token-set reader expands a held-out file."""
+    out, g = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            o = json.loads(line)
+            ids = list(o["input_ids"])
+            if "choices" in o:
+                for j, c in enumerate(o["choices"]):
+                    out.append((ids + list(c), len(ids), g, j == int(o["label"])))
+                g += 1
+            elif "completion_ids" in o:
+                out.append((ids + list(o["completion_ids"]), len(ids), -1, False))
+            else:
+                out.append((ids, max(int(o.get("prompt_len", 1)), 1), -1, False))
+    return out
+
+
+def log_softmax(z):
+    mx = z.max(axis=-1, keepdims=True)
+    return z - mx - np.log(np.exp(z - mx).sum(axis=-1, keepdims=True))
+
+
+def cmd_ensemble(a):
+    """Scores base, each adapter and the ensemble as itr_evaluate_adapters defines, in float64, and
+    compares with the candidate JSON report."""
+    cfg, W0 = R.Cfg(a.model), R.load_model_tensors(a.model)
+    rows = read_heldout(a.data)
+    models = [dict(W0)]
+    for adir in a.adapters:
+        W = dict(W0)
+        R.fold_adapter(W, cfg, adir)
+        models.append(W)
+    M = len(a.adapters)
+    K = 1 + M + (M >= 2)
+    tok = np.zeros((K, 3))
+    scores = np.zeros((K, len(rows)))
+    for s, (ids, first, g, _) in enumerate(rows):
+        if len(ids) <= first:
+            continue
+        lps = [log_softmax(R.forward(cfg, W, ids))[first - 1:-1] for W in models]
+        tgt = np.asarray(ids[first:])
+        for k, lp in enumerate(lps):
+            scores[k, s] = lp[np.arange(len(tgt)), tgt].sum()
+            if g < 0:
+                tok[k] += [-lp[np.arange(len(tgt)), tgt].sum(), np.sum(lp.argmax(axis=1) == tgt), len(tgt)]
+        if M >= 2 and g < 0:
+            p = np.mean([np.exp(lp) for lp in lps[1:]], axis=0)
+            tok[K - 1] += [-np.log(p[np.arange(len(tgt)), tgt]).sum(), np.sum(p.argmax(axis=1) == tgt), len(tgt)]
+    groups = sorted(set(r[2] for r in rows if r[2] >= 0))
+    ref = []
+    for k in range(K):
+        conf, corr, nll = [], [], []
+        for g in groups:
+            idx = [s for s, r in enumerate(rows) if r[2] == g]
+            label = [i for i, s in enumerate(idx) if rows[s][3]][0]
+            ks = [k] if k <= M else list(range(1, M + 1))
+            p = np.mean([np.exp(scores[kk, idx] - scores[kk, idx].max()) / np.exp(scores[kk, idx] - scores[kk, idx].max()).sum()
+                         for kk in ks], axis=0)
+            conf.append(p.max())
+            corr.append(int(p.argmax()) == label)
+            nll.append(-math.log(p[label]))
+        ece = 0.0
+        for b in range(a.bins):
+            sel = [i for i, c in enumerate(conf) if min(max(math.ceil(c * a.bins) - 1, 0), a.bins - 1) == b]
+            if sel:
+                ece += abs(sum(corr[i] for i in sel) - sum(conf[i] for i in sel))
+        n = len(groups)
+        ref.append({"token_nll": tok[k, 0] / tok[k, 2] if tok[k, 2] else 0, "token_top1": tok[k, 1] / tok[k, 2] if tok[k, 2] else 0,
+                    "questions": n, "accuracy": sum(corr) / n if n else 0, "label_nll": sum(nll) / n if n else 0,
+                    "ece": ece / n if n else 0})
+    got = json.load(open(a.candidate))["models"]
+    bad = 0
+    if len(got) != K:
+        print("ensemble: %d models in the report, expected %d" % (len(got), K))
+        return 1
+    for k in range(K):
+        for key, tol in (("token_nll", 1e-4), ("token_top1", 0), ("questions", 0), ("accuracy", 0), ("label_nll", 1e-4), ("ece", 1e-4)):
+            r, c = ref[k][key], got[k][key]
+            err = abs(r - c) / max(abs(r), 1.0)
+            if err > tol:
+                print("FAIL %s %s: got %.9g, NumPy %.9g" % (got[k]["model"], key, c, r))
+                bad += 1
+    print("ensemble: %d models x 6 scores, %d differ from NumPy (token_nll, label_nll, ece within 1e-4; counts exact)" % (K, bad))
+    return 1 if bad else 0
+
+
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -230,8 +344,14 @@ def main(argv):
     w.add_argument("--weight-decay", type=float, default=0.0)
     w.add_argument("--max-grad-norm", type=float, default=1.0)
     w.add_argument("--tol", type=float, default=1e-3)
+    e = sub.add_parser("ensemble")
+    e.add_argument("model")
+    e.add_argument("data")
+    e.add_argument("candidate")
+    e.add_argument("--adapters", nargs="+", required=True)
+    e.add_argument("--bins", type=int, default=10)
     a = ap.parse_args(argv)
-    return cmd_grad(a) if a.cmd == "grad" else cmd_adamw(a)
+    return {"grad": cmd_grad, "adamw": cmd_adamw, "ensemble": cmd_ensemble}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,259 @@
+/* Held-out scores of the base model, of adapters and of their probability-averaged ensemble
+ * (include/iteris/train.h, itr_evaluate_adapters). Every rank loads the model and every adapter
+ * and scores the sequences s = rank, rank + P, ...; one sum over ranks gathers the token sums and
+ * the per-sequence choice scores, and rank 0 turns them into the table. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "iteris/dist.h"
+#include "iteris/eval.h"
+#include "iteris/io.h"
+#include "iteris/train.h"
+
+typedef struct {
+  const itr_eval_opts *o;
+  MPI_Comm comm;
+  int rank, size, M, K; /* members; scored models K = 1 + M (+ 1: the ensemble when M >= 2) */
+  itr_model_config cfg;
+  itr_model *model;
+  itr_lora_set **sets; /* (M) */
+  itr_token_set data;
+  int have_data;
+  itr_tokenizer *tok;
+  /* sums over ranks: per model k, [3k] token NLL, [3k+1] top-1 hits, [3k+2] tokens; then the choice scores */
+  double *buf;         /* (3K + K n_seqs) */
+} evaluator;
+
+static itr_err setup_local(evaluator *e) {
+  const itr_eval_opts *o = e->o;
+  itr_tensor_store *store = NULL;
+  ITR_TRY(itr_model_config_read(o->base, &e->cfg));
+  ITR_TRY(itr_tensor_store_open(o->base, &store));
+  itr_err err = itr_model_load(&e->cfg, store, 0, e->cfg.num_hidden_layers, 1, 1, &e->model);
+  itr_tensor_store_destroy(store);
+  ITR_TRY(err);
+  ITR_TRY(itr_token_set_read_text(o->heldout, e->cfg.vocab_size, o->base, &e->tok, &e->data));
+  e->have_data = 1;
+  ITR_TRY(itr_calloc((size_t)e->M, sizeof *e->sets, "adapter sets", &e->sets));
+  for (int m = 0; m < e->M; m++) {
+    itr_adapter *ad = NULL;
+    ITR_TRY(itr_lora_set_create(&e->cfg, &e->sets[m]));
+    ITR_TRY(itr_adapter_open(o->adapters[m], &e->cfg, &ad));
+    err = itr_lora_set_add_adapter(e->sets[m], ad, 0, e->cfg.num_hidden_layers, 1.0);
+    itr_adapter_destroy(ad);
+    ITR_TRY(err);
+  }
+  size_t n = 3 * (size_t)e->K + (size_t)e->K * (size_t)e->data.n_seqs;
+  ITR_TRY(itr_calloc(n, sizeof(double), "evaluation sums", &e->buf));
+  return ITR_OK;
+}
+
+/* Scores sequence s with every model: token sums (plain sequences) or the choice score (questions). */
+static itr_err score_sequence(evaluator *e, int s, float *logits, double *ens) {
+  const itr_token_set *d = &e->data;
+  const int64_t b = d->offsets[s], n = d->offsets[s + 1] - b, V = e->cfg.vocab_size;
+  const int64_t first = d->prompt_len && d->prompt_len[s] > 1 ? d->prompt_len[s] : 1;
+  const int question = d->group && d->group[s] >= 0;
+  if (n <= first) return ITR_OK;
+  double *score = e->buf + 3 * (size_t)e->K;
+  memset(ens, 0, (size_t)n * (size_t)V * sizeof(double));
+  for (int k = 0; k <= e->M; k++) {
+    ITR_TRY(itr_model_forward(e->model, d->ids + b, n, NULL, k == 0 ? NULL : e->sets[k - 1], NULL, NULL, logits));
+    double sum = 0;
+    for (int64_t t = first; t < n; t++) {
+      const float *z = logits + (t - 1) * V;
+      double lp = itr_log_softmax_at(z, V, d->ids[b + t]);
+      sum += lp;
+      if (!question) {
+        int64_t am = 0;
+        for (int64_t j = 1; j < V; j++)
+          if (z[j] > z[am]) am = j;
+        e->buf[3 * k] -= lp;
+        e->buf[3 * k + 1] += am == d->ids[b + t];
+        e->buf[3 * k + 2] += 1;
+      }
+      if (k > 0 && e->M >= 2 && !question) { /* the ensemble's distribution: the mean of the members' */
+        double mx = z[0], tot = 0;
+        for (int64_t j = 1; j < V; j++) mx = z[j] > mx ? z[j] : mx;
+        for (int64_t j = 0; j < V; j++) tot += exp((double)z[j] - mx);
+        for (int64_t j = 0; j < V; j++) ens[t * V + j] += exp((double)z[j] - mx) / tot / e->M;
+      }
+    }
+    score[(size_t)k * d->n_seqs + s] = sum;
+  }
+  if (e->M >= 2 && !question) {
+    int k = e->M + 1;
+    for (int64_t t = first; t < n; t++) {
+      const double *p = ens + t * V;
+      int64_t am = 0;
+      for (int64_t j = 1; j < V; j++)
+        if (p[j] > p[am]) am = j;
+      e->buf[3 * k] -= log(p[d->ids[b + t]]);
+      e->buf[3 * k + 1] += am == d->ids[b + t];
+      e->buf[3 * k + 2] += 1;
+    }
+  }
+  return ITR_OK;
+}
+
+static itr_err score_local(evaluator *e) {
+  const itr_token_set *d = &e->data;
+  int64_t max_n = 1;
+  for (int s = 0; s < d->n_seqs; s++)
+    if (d->offsets[s + 1] - d->offsets[s] > max_n) max_n = d->offsets[s + 1] - d->offsets[s];
+  float *logits = NULL;
+  double *ens = NULL;
+  ITR_TRY(itr_calloc((size_t)max_n, (size_t)e->cfg.vocab_size * sizeof(float), "logits", &logits));
+  itr_err err = itr_calloc((size_t)max_n, (size_t)e->cfg.vocab_size * sizeof(double), "ensemble distribution", &ens);
+  for (int s = e->rank; err == ITR_OK && s < d->n_seqs; s += e->size) err = score_sequence(e, s, logits, ens);
+  free(logits);
+  free(ens);
+  return err;
+}
+
+/* Question metrics of model k (k = M + 1: the ensemble of the members' class probabilities). */
+typedef struct {
+  double acc, nll, ece;
+  int n;
+} question_scores;
+
+static itr_err questions(const evaluator *e, int k, question_scores *q) {
+  const itr_token_set *d = &e->data;
+  const double *score = e->buf + 3 * (size_t)e->K;
+  memset(q, 0, sizeof *q);
+  if (d->n_groups == 0) return ITR_OK;
+  double *conf = NULL, *p = NULL, *pm = NULL;
+  int *correct = NULL;
+  int max_c = 0;
+  for (int s = 0, c = 0; s < d->n_seqs; s++) {
+    c = (s > 0 && d->group[s] == d->group[s - 1] && d->group[s] >= 0) ? c + 1 : 1;
+    if (c > max_c) max_c = c;
+  }
+  itr_err err = itr_calloc((size_t)d->n_groups, sizeof(double), "confidences", &conf);
+  if (err == ITR_OK) err = itr_calloc((size_t)d->n_groups, sizeof(int), "correct", &correct);
+  if (err == ITR_OK) err = itr_calloc((size_t)max_c + 1, sizeof(double), "class probabilities", &p);
+  if (err == ITR_OK) err = itr_calloc((size_t)max_c + 1, sizeof(double), "class probabilities", &pm);
+  int g = 0;
+  for (int s = 0; err == ITR_OK && s < d->n_seqs;) {
+    if (d->group[s] < 0) {
+      s++;
+      continue;
+    }
+    int s0 = s, c = 0, label = -1;
+    while (s < d->n_seqs && d->group[s] == d->group[s0]) {
+      if (d->is_label[s]) label = c;
+      s++, c++;
+    }
+    /* p = the model's class probabilities (the ensemble: the mean over members of theirs) */
+    int k0 = k <= e->M ? k : 1, k1 = k <= e->M ? k : e->M;
+    for (int j = 0; j < c; j++) p[j] = 0;
+    for (int kk = k0; kk <= k1; kk++) {
+      const double *sc = score + (size_t)kk * d->n_seqs + s0;
+      double mx = sc[0], tot = 0;
+      for (int j = 1; j < c; j++) mx = sc[j] > mx ? sc[j] : mx;
+      for (int j = 0; j < c; j++) tot += (pm[j] = exp(sc[j] - mx));
+      for (int j = 0; j < c; j++) p[j] += pm[j] / tot / (k1 - k0 + 1);
+    }
+    int am = 0;
+    for (int j = 1; j < c; j++)
+      if (p[j] > p[am]) am = j;
+    conf[g] = p[am];
+    correct[g] = am == label;
+    q->acc += correct[g];
+    q->nll -= log(p[label]);
+    g++;
+  }
+  if (err == ITR_OK) {
+    q->n = g;
+    q->acc /= g;
+    q->nll /= g;
+    q->ece = itr_ece(conf, correct, g, e->o->bins);
+  }
+  free(conf);
+  free(correct);
+  free(p);
+  free(pm);
+  return err;
+}
+
+static const char *model_name(const evaluator *e, int k, char *buf, size_t len) {
+  if (k == 0) return "base";
+  if (k > e->M) return "ensemble";
+  snprintf(buf, len, "%s", e->o->adapters[k - 1]);
+  return buf;
+}
+
+static itr_err report(const evaluator *e) {
+  const itr_eval_opts *o = e->o;
+  FILE *f = NULL;
+  char tmp[ITR_TRAIN_PATH + 32];
+  if (o->out[0]) {
+    snprintf(tmp, sizeof tmp, "%s.tmp", o->out);
+    f = fopen(tmp, "w");
+    ITR_CHECK(f, ITR_ERR_INPUT, "cannot write %s", tmp);
+    fprintf(f, "{\n\t\"base\":\t\"%s\",\n\t\"heldout\":\t\"%s\",\n\t\"ece_bins\":\t%d,\n\t\"models\":\t[", o->base,
+            o->heldout, o->bins);
+  }
+  printf("%-40s %10s %8s %8s %9s %9s %9s\n", "model", "token NLL", "top-1", "questions", "accuracy", "label NLL",
+         "ECE");
+  itr_err err = ITR_OK;
+  for (int k = 0; err == ITR_OK && k < e->K; k++) {
+    question_scores q;
+    err = questions(e, k, &q);
+    if (err != ITR_OK) break;
+    double ntok = e->buf[3 * k + 2], nll = ntok > 0 ? e->buf[3 * k] / ntok : NAN,
+           top1 = ntok > 0 ? e->buf[3 * k + 1] / ntok : NAN;
+    char name[ITR_TRAIN_PATH];
+    model_name(e, k, name, sizeof name);
+    printf("%-40s %10.4f %8.4f %8d %9.4f %9.4f %9.4f\n", name, nll, top1, q.n, q.n ? q.acc : NAN, q.n ? q.nll : NAN,
+           q.n ? q.ece : NAN);
+    if (f)
+      fprintf(f,
+              "%s\n\t\t{\"model\":\t\"%s\",\t\"tokens\":\t%.0f,\t\"token_nll\":\t%.9g,\t\"token_top1\":\t%.9g,\t"
+              "\"questions\":\t%d,\t\"accuracy\":\t%.9g,\t\"label_nll\":\t%.9g,\t\"ece\":\t%.9g}",
+              k ? "," : "", name, ntok, ntok > 0 ? nll : 0, ntok > 0 ? top1 : 0, q.n, q.n ? q.acc : 0, q.n ? q.nll : 0,
+              q.n ? q.ece : 0);
+  }
+  fflush(stdout);
+  if (f) {
+    fprintf(f, "\n\t]\n}\n");
+    int bad = ferror(f) | (fclose(f) != 0);
+    if (err == ITR_OK && bad) err = itr_error_set(ITR_ERR_INPUT, "cannot write %s", tmp);
+    if (err == ITR_OK && rename(tmp, o->out) != 0) err = itr_error_set(ITR_ERR_INPUT, "cannot rename %s to %s", tmp, o->out);
+    if (err != ITR_OK) remove(tmp);
+  }
+  return err;
+}
+
+itr_err itr_evaluate_adapters(const itr_eval_opts *o, MPI_Comm comm) {
+  evaluator e;
+  memset(&e, 0, sizeof e);
+  e.o = o;
+  e.comm = comm;
+  MPI_Comm_rank(comm, &e.rank);
+  MPI_Comm_size(comm, &e.size);
+  e.M = o->n_adapters;
+  e.K = 1 + e.M + (e.M >= 2);
+  itr_err err = itr_dist_agree(comm, (o->n_adapters >= 1 && o->n_adapters <= ITR_EVAL_MAX && o->heldout[0] &&
+                                      o->bins >= 1)
+                                         ? ITR_OK
+                                         : itr_error_set(ITR_ERR_INPUT, "-ensemble needs 1..%d adapters, -heldout "
+                                                                        "FILE.jsonl and -ece_bins >= 1",
+                                                         ITR_EVAL_MAX));
+  if (err == ITR_OK) err = itr_dist_agree(comm, setup_local(&e));
+  if (err == ITR_OK) err = itr_dist_agree(comm, score_local(&e));
+  if (err == ITR_OK) {
+    size_t n = 3 * (size_t)e.K + (size_t)e.K * (size_t)e.data.n_seqs;
+    err = itr_dist_allreduce_sum(e.buf, (int64_t)n, comm, "evaluation sums");
+  }
+  if (err == ITR_OK) err = itr_dist_agree(comm, e.rank == 0 ? report(&e) : ITR_OK);
+  itr_model_destroy(e.model);
+  for (int m = 0; e.sets && m < e.M; m++) itr_lora_set_destroy(e.sets[m]);
+  free(e.sets);
+  if (e.have_data) itr_token_set_fini(&e.data);
+  itr_tokenizer_destroy(e.tok);
+  free(e.buf);
+  return err;
+}
