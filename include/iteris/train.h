@@ -26,6 +26,10 @@
 #include "iteris/core.h"
 #include "iteris/model.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define ITR_TRAIN_PATH 4096
 
 typedef struct {
@@ -113,4 +117,7 @@ typedef struct {
  * Sequences are spread over ranks; rank 0 prints the table and writes opt->out. Same error on every rank. */
 itr_err itr_evaluate_adapters(const itr_eval_opts *opt, MPI_Comm comm);
 
+#ifdef __cplusplus
+}
+#endif
 #endif

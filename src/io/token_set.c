@@ -70,8 +70,8 @@ static int has_nul_escape(const char *line, size_t len) {
 static itr_err append_text(const cJSON *text, const char *line, size_t len, const char *file, long lineno,
                            const text_source *src, builder *b, int add_bos) {
   ITR_CHECK(cJSON_IsString(text) && text->valuestring, ITR_ERR_INPUT,
-            "%s:%ld: 'text', 'completion' and text choices must be strings (or give {\"input_ids\": [...]})", file,
-            lineno);
+            "%s:%ld: 'text' must be a string, as must 'completion' and text choices (or give {\"input_ids\": [...]})",
+            file, lineno);
   ITR_CHECK(!has_nul_escape(line, len), ITR_ERR_INPUT,
             "%s:%ld: a string holds \\u0000 (NUL), which the text cannot carry; remove it", file, lineno);
   if (!*src->tok) {

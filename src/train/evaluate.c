@@ -205,8 +205,8 @@ static itr_err report(const evaluator *e) {
     if (err != ITR_OK) break;
     double ntok = e->buf[3 * k + 2], nll = ntok > 0 ? e->buf[3 * k] / ntok : NAN,
            top1 = ntok > 0 ? e->buf[3 * k + 1] / ntok : NAN;
-    char name[ITR_TRAIN_PATH];
-    model_name(e, k, name, sizeof name);
+    char buf[ITR_TRAIN_PATH];
+    const char *name = model_name(e, k, buf, sizeof buf);
     printf("%-40s %10.4f %8.4f %8d %9.4f %9.4f %9.4f\n", name, nll, top1, q.n, q.n ? q.acc : NAN, q.n ? q.nll : NAN,
            q.n ? q.ece : NAN);
     if (f)

@@ -125,7 +125,7 @@ expect 2 "loop_st/adapter_model.safetensors: is a symbolic link loop" -base "$D/
 # -tokenize (issue 16): its required options, a mode of its own, and text without a tokenizer (the demo has none)
 expect 2 "-tokenize needs -tokenize_out OUT.jsonl" -base "$D/base" -tokenize "$D/calib_0.jsonl"
 expect 2 "-tokenize needs -base DIR" -tokenize "$D/calib_0.jsonl" -tokenize_out "$W/t.jsonl"
-expect 2 "-inspect, -make_demo, -logits and -tokenize are separate modes" -base "$D/base" -tokenize "$D/calib_0.jsonl" -tokenize_out "$W/t.jsonl" -logits "$D/calib_0.jsonl"
+expect 2 "-inspect, -make_demo, -logits, -tokenize, -train and -ensemble are separate modes" -base "$D/base" -tokenize "$D/calib_0.jsonl" -tokenize_out "$W/t.jsonl" -logits "$D/calib_0.jsonl"
 expect 2 "option -adapters is not used in this mode" -base "$D/base" -tokenize "$D/calib_0.jsonl" -tokenize_out "$W/t.jsonl" -adapters "$D/adapter_0"
 printf '{"text": "hello"}\n' > "$W/text.jsonl"
 expect 2 "text.jsonl:1: has 'text', but the base folder $D/base has no tokenizer" -base "$D/base" -adapters "$D/adapter_0,$D/adapter_1" -calib "$W/text.jsonl,$D/calib_1.jsonl" -out "$W/out"

@@ -5,6 +5,7 @@
 #   1 cluster up          4 job file from ITERIS_JOB + extra options   7 requeue plumbing (stub binary)
 #   2 sbatch the demo     5 a missing job file fails with exit 2       8 cancel, then resume with -restart 1
 #   3 same adapter as mpirun   6 sweep array (2 x 1) + collect-sweep.sh   9 the time limit (requeue, resume)
+#   10 a LoRA ensemble trained as a job array (train-ensemble.sh), scored with -ensemble
 # Environment: BUILD (build), KEEP=1 keeps the work folder, ITERIS_SLURM_DIR, ITERIS_SLURM_PORT,
 # SLURM_TEST_TIMELIMIT=0 skips case 9 (about 45 s). Takes about 2.5 min on the 2-core dev machine.
 set -u
@@ -167,6 +168,26 @@ else
   else
     bad "8: never saw 'iter 2/30' in $log"; show_log "$log"; timeout 10 scancel "$jid" "$jr"
   fi
+fi
+
+echo "== 10 LoRA ensemble: train-ensemble.sh as a 2-task array (stories260K, 5 steps each), then -ensemble"
+if [ -f "$REPO/../shared/models/stories260K/tok512.bin" ]; then
+  mkdir -p ens-data && cp "$REPO/jobs/train-isear.yaml" jobs/ && head -n 64 "$REPO/bench/data/isear/train.jsonl" >ens-data/train.jsonl
+  head -n 20 "$REPO/bench/data/isear/heldout.jsonl" >ens-data/heldout.jsonl
+  jid=$(ITERIS_ENSEMBLE_OUT=ens submit --time=5 --array=0-1 "$REPO/slurm/train-ensemble.sh" jobs/train-isear.yaml \
+        -base "$REPO/../shared/models/stories260K" -data ens-data/train.jsonl -steps 5 -checkpoint_every 0)
+  st0=$(wait_done "${jid}_0" 240); st1=$(wait_done "${jid}_1" 240)
+  if [ "$st0 $st1" = "COMPLETED COMPLETED" ] && [ -s ens/member1/adapter_model.safetensors ] &&
+     [ -s ens/member2/adapter_model.safetensors ] && ! cmp -s ens/member1/adapter_model.safetensors ens/member2/adapter_model.safetensors &&
+     grep -q '"seed":.*1,' ens/member1/train_report.json && grep -q '"seed":.*2,' ens/member2/train_report.json; then
+    ok "array $jid: members 1 and 2 trained with -seed 1 and 2 (different adapters)"
+  else bad "ensemble array $jid: $st0 $st1"; show_log "iteris-ensemble-${jid}_0.out"; show_log "iteris-ensemble-${jid}_1.out"; fi
+  if timeout 120 mpirun -np 2 "$BIN" -base "$REPO/../shared/models/stories260K" -ensemble ens/member1,ens/member2 \
+       -heldout ens-data/heldout.jsonl >ens.log 2>&1 && grep -q '^ensemble ' ens.log; then
+    ok "-ensemble scores the two members and their ensemble"
+  else bad "-ensemble on the members"; cat ens.log; fi
+else
+  skipped_case "10 ensemble (../shared/models/stories260K is absent)"
 fi
 
 echo "== 9 the time limit: --time=2 --signal=TERM@90 -> checkpoint -> requeue -> -restart 1 (SLURM_TEST_TIMELIMIT=0 skips)"

@@ -34,7 +34,7 @@ TEST(TokenSet, WriteReadRoundTrip) {
   TempDir t;
   std::vector<int64_t> off = {0, 5, 6, 10};
   std::vector<int32_t> ids = {10, 0, 99999, 42, 7, 3, 1, 2, 3, 131071};
-  itr_token_set ts = {3, 10, off.data(), ids.data()};
+  itr_token_set ts = {3, 10, off.data(), ids.data(), nullptr, nullptr, nullptr, 0};
   ASSERT_EQ(itr_token_set_write(t.file("rt.jsonl").c_str(), &ts), ITR_OK) << itr_error_message();
   EXPECT_EQ(io_test::read_text(t.file("rt.jsonl")).substr(0, 45), "{\"input_ids\": [10, 0, 99999, 42, 7]}\n{\"input_");
   itr_token_set back;
@@ -45,7 +45,7 @@ TEST(TokenSet, WriteReadRoundTrip) {
   itr_token_set_fini(&back);
   // A malformed set is refused before anything is written.
   std::vector<int64_t> bad_off = {0, 5, 5, 10};
-  itr_token_set bad = {3, 10, bad_off.data(), ids.data()};
+  itr_token_set bad = {3, 10, bad_off.data(), ids.data(), nullptr, nullptr, nullptr, 0};
   EXPECT_TRUE(failed_with(itr_token_set_write(t.file("bad.jsonl").c_str(), &bad), ITR_ERR_INPUT, {"sequence 1"}));
 }
 
@@ -79,7 +79,7 @@ TEST(TokenSet, RefusesHostileFilesNamingFileAndLine) {
     TempDir t;
     std::string path = t.file("data.jsonl");
     write_text(path, bc.text);
-    itr_token_set ts = {-1, -1, nullptr, nullptr};
+    itr_token_set ts = {-1, -1, nullptr, nullptr, nullptr, nullptr, nullptr, 0};
     std::vector<std::string> expect = bc.expect;
     expect.push_back(path);
     EXPECT_TRUE(failed_with(itr_token_set_read(path.c_str(), 100, &ts), ITR_ERR_INPUT, expect)) << bc.what;
@@ -192,7 +192,7 @@ TEST(TokenSet, ReadTextRefusesTextItCannotTokenize) {
   for (const auto &c : cases) {
     write_text(t.file("d.jsonl"), c.text);
     itr_tokenizer *tok = nullptr;
-    itr_token_set ts = {-1, -1, nullptr, nullptr};
+    itr_token_set ts = {-1, -1, nullptr, nullptr, nullptr, nullptr, nullptr, 0};
     std::vector<std::string> expect = c.expect;
     expect.push_back(t.file("d.jsonl"));
     const int vocab = std::string(c.what) == "tokenizer of another size" ? 300 : 262;
@@ -211,4 +211,54 @@ TEST(TokenSet, ReadTextRefusesTextItCannotTokenize) {
   EXPECT_EQ(ts.n_tokens, 1 + 1 + 1 + 6);  // BOS, " ", "a", then "\u0000" by byte fallback
   itr_token_set_fini(&ts);
   itr_tokenizer_destroy(tok);
+}
+
+TEST(TokenSet, PromptsCompletionsAndQuestions) {
+  TempDir t;
+  write_text(t.file("s.jsonl"),
+             "{\"input_ids\": [1, 2, 3, 4], \"prompt_len\": 2}\n"
+             "{\"input_ids\": [5, 6], \"completion_ids\": [7, 8, 9]}\n"
+             "{\"input_ids\": [1, 2, 3]}\n"
+             "{\"input_ids\": [10, 11], \"choices\": [[12], [13, 14], [15]], \"label\": 1}\n");
+  itr_token_set ts;
+  ASSERT_EQ(itr_token_set_read(t.file("s.jsonl").c_str(), 32, &ts), ITR_OK) << itr_error_message();
+  // the question becomes three sequences: prompt + each choice
+  ASSERT_EQ(ts.n_seqs, 6);
+  EXPECT_EQ(std::vector<int64_t>(ts.offsets, ts.offsets + 7), (std::vector<int64_t>{0, 4, 9, 12, 15, 19, 22}));
+  EXPECT_EQ(std::vector<int32_t>(ts.ids + 12, ts.ids + 22), (std::vector<int32_t>{10, 11, 12, 10, 11, 13, 14, 10, 11, 15}));
+  ASSERT_NE(ts.prompt_len, nullptr);
+  EXPECT_EQ(std::vector<int64_t>(ts.prompt_len, ts.prompt_len + 6), (std::vector<int64_t>{2, 2, 0, 2, 2, 2}));
+  EXPECT_EQ(std::vector<int32_t>(ts.group, ts.group + 6), (std::vector<int32_t>{-1, -1, -1, 0, 0, 0}));
+  EXPECT_EQ(std::vector<int32_t>(ts.is_label, ts.is_label + 6), (std::vector<int32_t>{0, 0, 0, 0, 1, 0}));
+  EXPECT_EQ(ts.n_groups, 1);
+  itr_token_set_fini(&ts);
+  // without supervision the arrays stay NULL
+  write_text(t.file("p.jsonl"), "{\"input_ids\": [1, 2]}\n");
+  ASSERT_EQ(itr_token_set_read(t.file("p.jsonl").c_str(), 32, &ts), ITR_OK);
+  EXPECT_EQ(ts.prompt_len, nullptr);
+  EXPECT_EQ(ts.group, nullptr);
+  itr_token_set_fini(&ts);
+}
+
+TEST(TokenSet, RefusesMalformedSupervision) {
+  TempDir t;
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"{\"input_ids\": [1, 2], \"prompt_len\": 2}", ":1: prompt_len must be an integer in [0, 2)"},
+      {"{\"input_ids\": [1, 2], \"prompt_len\": -1}", ":1: prompt_len must be an integer"},
+      {"{\"input_ids\": [1], \"choices\": [[2], [3]], \"label\": 2}", ":1: 'label' must be the index of the right choice, in [0, 2)"},
+      {"{\"input_ids\": [1], \"choices\": [[2]], \"label\": 0}", ":1: 'choices' must be a list of at least two"},
+      {"{\"input_ids\": [1], \"choices\": [[2], []], \"label\": 0}", ":1: 'choices[]' must be a non-empty list"},
+      {"{\"input_ids\": [1], \"choices\": [[2], [99]], \"label\": 0}", ":1: choices[][0] is not a token id in [0, 32)"},
+      {"{\"input_ids\": [1, 2], \"label\": 0}", ":1: 'label' needs 'choices'"},
+      {"{\"input_ids\": [1, 2], \"prompt_len\": 1, \"completion_ids\": [3]}", ":1: give at most one of"},
+      {"{\"input_ids\": [1], \"completion\": \"joy\"}", ":1: 'completion' is text; give 'completion_ids'"},
+      {"{\"input_ids\": [1], \"choices\": [\"a\", \"b\"], \"label\": 0}", ":1: choice 0 is text; give lists of ids"},
+  };
+  for (const auto &c : cases) {
+    write_text(t.file("bad.jsonl"), c.first + "\n");
+    itr_token_set ts;
+    EXPECT_TRUE(failed_with(itr_token_set_read(t.file("bad.jsonl").c_str(), 32, &ts), ITR_ERR_INPUT,
+                            {"bad.jsonl" + c.second}))
+        << c.first;
+  }
 }
