@@ -167,6 +167,8 @@ float *itr_model_embed_weight(itr_model *m);                      /* (V, D) */
 float *itr_model_final_norm(itr_model *m);                        /* (D) */
 /* (V, D); when tie_word_embeddings and with_embed this is the embedding itself. */
 float *itr_model_lm_head(itr_model *m);
+/* 1 when lm_head is the embedding (tied and with_embed). */
+int itr_model_head_is_embed(const itr_model *m);
 
 /* hidden (T, D) f32 = rows of the embedding for ids (T); each id in [0, V). Needs with_embed. */
 itr_err itr_model_embed(const itr_model *m, const int32_t *ids, int64_t T, float *hidden);
@@ -217,6 +219,18 @@ itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_
                             const itr_seq_layout *seqs, const itr_lora_set *lora,
                             const itr_lora_dropout *drop, itr_lora_set *grad, double *loss_sum,
                             int64_t *n_targets);
+
+/* The same, also (gm not NULL) with the gradient of *loss_sum with respect to every weight of the
+ * model ADDED to gm's weights: a model of the same configuration with every layer, the embedding
+ * and the head (itr_model_create; a tied model's embedding gets both uses). grad may be NULL (no
+ * LoRA gradient) and lora NULL (the base model alone). Full-rank training. Not Collective. */
+itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
+                                 const itr_seq_layout *seqs, const itr_lora_set *lora,
+                                 const itr_lora_dropout *drop, itr_lora_set *grad, itr_model *gm,
+                                 double *loss_sum, int64_t *n_targets);
+/* Every parameter the model owns as one array (the one allocation: layers in order, then the
+ * embedding, the final norm and a separate head), and its length. Not Collective. */
+float *itr_model_params(itr_model *m, size_t *n);
 
 /* For the CLI (`-logits FILE.jsonl -logits_out OUT.safetensors`): loads the model in base_dir and
  * the adapters (summed, each with its own scaling), runs every line of tokens_jsonl

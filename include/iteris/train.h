@@ -56,6 +56,9 @@ typedef struct {
   int checkpoint_every;              /* write OUT.partial/train_checkpoint.safetensors every N steps (0: only
                                         when stopped by a signal) */
   int restart;                       /* continue from that checkpoint */
+  int full_rank;                     /* train every weight of the model instead of LoRA factors; OUT is a
+                                        Hugging Face model folder */
+  int from_scratch;                  /* with full_rank: start from Hugging Face's random initialisation */
   int verbose;
 } itr_train_opts;
 

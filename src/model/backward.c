@@ -102,14 +102,19 @@ static const float *lora_input(float *xd, float *keep, const float *x, const itr
 /* ---- backward steps ---------------------------------------------------------------------------- */
 
 /* dx (T, d_in) (+)= dy (T, d_out) W (d_out, d_in) + the LoRA terms' input gradient; every term's
- * dA, dB of gsl += as in the header. x (T, d_in) is the module's input, xd its LoRA input (x
- * after dropout, == x without), keep (T, d_in) the dropout scale or NULL. t1, t2: (T, max r);
+ * dA, dB of gsl (may be NULL) += as in the header; gW (d_out, d_in) += dy^T x and gb (d_out) += the
+ * column sums of dy when given (full-rank training). x (T, d_in) is the module's input, xd its LoRA
+ * input (x after dropout, == x without), keep (T, d_in) the dropout scale or NULL. t1, t2: (T, max r);
  * dxl (T, d_in) scratch. accumulate = 0 overwrites dx. */
-static void linear_backward(float *dx, const float *dy, const float *xd, const float *keep,
-                            const float *W, const itr_lora_slot *sl, itr_lora_slot *gsl, float *t1,
-                            float *t2, float *dxl, int T, int d_out, int d_in, int accumulate) {
+static void linear_backward(float *dx, const float *dy, const float *x, const float *xd, const float *keep,
+                            const float *W, const itr_lora_slot *sl, itr_lora_slot *gsl, float *gW, float *gb,
+                            float *t1, float *t2, float *dxl, int T, int d_out, int d_in, int accumulate) {
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d_in, d_out, 1.0f, dy, d_out, W, d_in,
               accumulate ? 1.0f : 0.0f, dx, d_in);
+  if (gW) cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d_out, d_in, T, 1.0f, dy, d_out, x, d_in, 1.0f, gW, d_in);
+  if (gb)
+    for (int t = 0; t < T; t++)
+      for (int o = 0; o < d_out; o++) gb[o] += dy[(int64_t)t * d_out + o];
   if (sl && sl->dW)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d_in, d_out, sl->dW_scale, dy, d_out,
                 sl->dW, d_in, 1.0f, dx, d_in);
@@ -118,15 +123,17 @@ static void linear_backward(float *dx, const float *dy, const float *xd, const f
   if (keep) memset(dxl, 0, (size_t)T * d_in * sizeof(float));
   for (int k = 0; k < sl->n_terms; k++) {
     const itr_lora_term *tm = &sl->terms[k];
-    itr_lora_term *gt = &gsl->terms[k];
     int r = tm->r;
     float s = tm->scaling;
-    /* t1 (T, r) = xd A^T;  t2 (T, r) = dy B */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, r, d_in, 1.0f, xd, d_in, tm->A, d_in, 0.0f, t1, r);
+    /* t2 (T, r) = dy B */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, r, d_out, 1.0f, dy, d_out, tm->B, r, 0.0f, t2, r);
-    /* dB (d_out, r) += s dy^T t1;  dA (r, d_in) += s t2^T xd */
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d_out, r, T, s, dy, d_out, t1, r, 1.0f, gt->B, r);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, d_in, T, s, t2, r, xd, d_in, 1.0f, gt->A, d_in);
+    if (gsl) {
+      itr_lora_term *gt = &gsl->terms[k];
+      /* t1 (T, r) = xd A^T;  dB (d_out, r) += s dy^T t1;  dA (r, d_in) += s t2^T xd */
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, r, d_in, 1.0f, xd, d_in, tm->A, d_in, 0.0f, t1, r);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d_out, r, T, s, dy, d_out, t1, r, 1.0f, gt->B, r);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, d_in, T, s, t2, r, xd, d_in, 1.0f, gt->A, d_in);
+    }
     /* d(xd) (T, d_in) += s t2 A */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d_in, r, s, t2, r, tm->A, d_in, 1.0f, dlora, d_in);
   }
@@ -134,9 +141,10 @@ static void linear_backward(float *dx, const float *dy, const float *xd, const f
     for (size_t i = 0; i < (size_t)T * d_in; i++) dx[i] += dxl[i] * keep[i];
 }
 
-/* dx (T, D) (+)= the gradient through y = w .* x inv for dy (T, D); inv (T) from the forward. */
+/* dx (T, D) (+)= the gradient through y = w .* x inv for dy (T, D); inv (T) from the forward.
+ * gw (D) (may be NULL) += the gradient of the weight: sum over rows of dy .* x inv. */
 static void rmsnorm_backward(float *dx, const float *dy, const float *x, const float *inv, const float *w,
-                             int64_t T, int D, int accumulate) {
+                             float *gw, int64_t T, int D, int accumulate) {
   for (int64_t t = 0; t < T; t++) {
     const float *xr = x + t * D, *gr = dy + t * D;
     float *o = dx + t * D;
@@ -148,6 +156,8 @@ static void rmsnorm_backward(float *dx, const float *dy, const float *x, const f
       float v = a * gr[i] * w[i] - b * xr[i];
       o[i] = accumulate ? o[i] + v : v;
     }
+    if (gw)
+      for (int i = 0; i < D; i++) gw[i] += gr[i] * xr[i] * a;
   }
 }
 
@@ -217,8 +227,8 @@ static itr_err check_grad_set(const itr_lora_set *lora, const itr_lora_set *grad
 
 /* Cross-entropy of rows [t0, t0 + c) of xn (the final norm's output); dxn (c, D) = its gradient
  * (rows without a target are zero). logits (c, V) scratch. */
-static void loss_chunk(float *dxn, float *logits, const float *xn, const float *head, const int32_t *labels,
-                       int c, int D, int V, double *loss, int64_t *count) {
+static void loss_chunk(float *dxn, float *logits, const float *xn, const float *head, float *ghead,
+                       const int32_t *labels, int c, int D, int V, double *loss, int64_t *count) {
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c, V, D, 1.0f, xn, D, head, D, 0.0f, logits, V);
   for (int t = 0; t < c; t++) {
     float *z = logits + (int64_t)t * V;
@@ -236,14 +246,23 @@ static void loss_chunk(float *dxn, float *logits, const float *xn, const float *
     for (int j = 0; j < V; j++) z[j] = (float)exp((double)z[j] - lse);
     z[labels[t]] -= 1.0f;
   }
-  /* dxn (c, D) = dz (c, V) head (V, D) */
+  /* dxn (c, D) = dz (c, V) head (V, D);  ghead (V, D) += dz^T xn */
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, c, D, V, 1.0f, logits, V, head, D, 0.0f, dxn, D);
+  if (ghead) cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, V, D, c, 1.0f, logits, V, xn, D, 1.0f, ghead, D);
 }
 
 itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
                             const itr_seq_layout *seqs, const itr_lora_set *lora,
                             const itr_lora_dropout *drop, itr_lora_set *grad, double *loss_sum,
                             int64_t *n_targets) {
+  ITR_CHECK(grad, ITR_ERR_INPUT, "loss_grad: the gradient set is required");
+  return itr_model_loss_grad_full(m, ids, labels, T, seqs, lora, drop, grad, NULL, loss_sum, n_targets);
+}
+
+itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
+                                 const itr_seq_layout *seqs, const itr_lora_set *lora,
+                                 const itr_lora_dropout *drop, itr_lora_set *grad, itr_model *gm,
+                                 double *loss_sum, int64_t *n_targets) {
   const itr_model_dims *d = itr_model_dims_of(m);
   int lb, le;
   itr_model_layers(m, &lb, &le);
@@ -255,7 +274,18 @@ itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_
             (long long)T, INT_MAX / 2);
   ITR_CHECK(!drop || (drop->p >= 0 && drop->p < 1), ITR_ERR_INPUT,
             "loss_grad: LoRA dropout %g must be in [0, 1)", drop ? drop->p : 0.0);
-  ITR_TRY(check_grad_set(lora, grad, d));
+  ITR_CHECK(grad || gm, ITR_ERR_INPUT, "loss_grad: give a LoRA gradient set, a weight-gradient model, or both");
+  if (grad) ITR_TRY(check_grad_set(lora, grad, d));
+  if (gm) {
+    int gb, ge;
+    itr_model_layers(gm, &gb, &ge);
+    const itr_model_dims *gd = itr_model_dims_of(gm);
+    ITR_CHECK(gb == 0 && ge == d->L && gd->D == d->D && gd->F == d->F && gd->V == d->V && gd->H == d->H &&
+                  gd->Hkv == d->Hkv && gd->hd == d->hd && itr_model_embed_weight(gm) && itr_model_lm_head(gm) &&
+                  itr_model_head_is_embed(gm) == itr_model_head_is_embed(m),
+              ITR_ERR_INPUT, "loss_grad: the weight-gradient model must have the model's configuration, every layer, "
+              "the embedding and the head");
+  }
   for (int64_t t = 0; t < T; t++)
     ITR_CHECK(labels[t] < d->V, ITR_ERR_INPUT, "loss_grad: label %d at position %lld is outside the vocabulary [0, %d)",
               (int)labels[t], (long long)t, d->V);
@@ -266,7 +296,7 @@ itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_
   ITR_TRY(model_check_layout(seqs, T, &max_len));
 
   int max_r = 1;
-  for (int i = 0; i < d->L * ITR_MODULE_COUNT; i++)
+  for (int i = 0; lora && i < d->L * ITR_MODULE_COUNT; i++)
     for (int k = 0; k < lora->slots[i].n_terms; k++)
       if (lora->slots[i].terms[k].r > max_r) max_r = lora->slots[i].terms[k].r;
 
@@ -363,21 +393,24 @@ itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_
   model_rmsnorm_forward(xnf, invf, h, wf, T, D, d->eps);
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
     int c = (int)(T - t0 < chunk ? T - t0 : chunk);
-    loss_chunk(dxn + t0 * D, logits, xnf + t0 * D, head, labels + t0, c, D, V, &loss, &count);
+    loss_chunk(dxn + t0 * D, logits, xnf + t0 * D, head, gm ? itr_model_lm_head(gm) : NULL, labels + t0, c, D, V,
+               &loss, &count);
   }
-  rmsnorm_backward(dh, dxn, h, invf, wf, T, D, 0);
+  rmsnorm_backward(dh, dxn, h, invf, wf, gm ? itr_model_final_norm(gm) : NULL, T, D, 0);
 
   /* ---- backward through the layers; dh is the gradient of each layer's output ---- */
+#define GW(mod) (gm ? itr_model_weight(gm, l, mod) : NULL)
+#define GB(mod) (gm ? itr_model_bias(gm, l, mod) : NULL)
   for (int l = L - 1; l >= 0; l--) {
     layer_tape *tp = &tape[l];
     const itr_lora_slot *sl;
-    itr_lora_slot *gs = grad->slots + (size_t)l * ITR_MODULE_COUNT;
+    itr_lora_slot *gs = grad ? grad->slots + (size_t)l * ITR_MODULE_COUNT : NULL;
     const float *xl;
     /* down: dmlp = dh Wd (+ LoRA) */
     sl = model_lora_slot(lora, l, ITR_DOWN_PROJ);
     xl = lora_input(xd, keep, tp->mlp, sl, drop, seqs, l, ITR_DOWN_PROJ, T, F);
-    linear_backward(dmlp, dh, xl, xl == tp->mlp ? NULL : keep, itr_model_weight(mm, l, ITR_DOWN_PROJ), sl,
-                    &gs[ITR_DOWN_PROJ], t1, t2, dxl, Ti, D, F, 0);
+    linear_backward(dmlp, dh, tp->mlp, xl, xl == tp->mlp ? NULL : keep, itr_model_weight(mm, l, ITR_DOWN_PROJ), sl,
+                    gs ? &gs[ITR_DOWN_PROJ] : NULL, GW(ITR_DOWN_PROJ), GB(ITR_DOWN_PROJ), t1, t2, dxl, Ti, D, F, 0);
     /* SwiGLU: dgu holds dg, dmlp becomes du */
     for (size_t i = 0; i < TF; i++) {
       float g = tp->g[i], sg = 1.0f / (1.0f + expf(-g)), dm = dmlp[i];
@@ -387,19 +420,19 @@ itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_
     /* gate, up: dx (T, D) = dg Wg + du Wu (+ LoRA) */
     sl = model_lora_slot(lora, l, ITR_GATE_PROJ);
     xl = lora_input(xd, keep, tp->xn2, sl, drop, seqs, l, ITR_GATE_PROJ, T, D);
-    linear_backward(dx, dgu, xl, xl == tp->xn2 ? NULL : keep, itr_model_weight(mm, l, ITR_GATE_PROJ), sl,
-                    &gs[ITR_GATE_PROJ], t1, t2, dxl, Ti, F, D, 0);
+    linear_backward(dx, dgu, tp->xn2, xl, xl == tp->xn2 ? NULL : keep, itr_model_weight(mm, l, ITR_GATE_PROJ), sl,
+                    gs ? &gs[ITR_GATE_PROJ] : NULL, GW(ITR_GATE_PROJ), GB(ITR_GATE_PROJ), t1, t2, dxl, Ti, F, D, 0);
     sl = model_lora_slot(lora, l, ITR_UP_PROJ);
     xl = lora_input(xd, keep, tp->xn2, sl, drop, seqs, l, ITR_UP_PROJ, T, D);
-    linear_backward(dx, dmlp, xl, xl == tp->xn2 ? NULL : keep, itr_model_weight(mm, l, ITR_UP_PROJ), sl,
-                    &gs[ITR_UP_PROJ], t1, t2, dxl, Ti, F, D, 1);
+    linear_backward(dx, dmlp, tp->xn2, xl, xl == tp->xn2 ? NULL : keep, itr_model_weight(mm, l, ITR_UP_PROJ), sl,
+                    gs ? &gs[ITR_UP_PROJ] : NULL, GW(ITR_UP_PROJ), GB(ITR_UP_PROJ), t1, t2, dxl, Ti, F, D, 1);
     /* dh (now the gradient of h_mid) += through the post-attention norm */
-    rmsnorm_backward(dh, dx, tp->h_mid, tp->inv2, itr_model_norm(mm, l, 1), T, D, 1);
+    rmsnorm_backward(dh, dx, tp->h_mid, tp->inv2, itr_model_norm(mm, l, 1), gm ? itr_model_norm(gm, l, 1) : NULL, T, D, 1);
     /* o: datt (T, qd) = dh Wo (+ LoRA) */
     sl = model_lora_slot(lora, l, ITR_O_PROJ);
     xl = lora_input(xd, keep, tp->att, sl, drop, seqs, l, ITR_O_PROJ, T, qd);
-    linear_backward(datt, dh, xl, xl == tp->att ? NULL : keep, itr_model_weight(mm, l, ITR_O_PROJ), sl,
-                    &gs[ITR_O_PROJ], t1, t2, dxl, Ti, D, qd, 0);
+    linear_backward(datt, dh, tp->att, xl, xl == tp->att ? NULL : keep, itr_model_weight(mm, l, ITR_O_PROJ), sl,
+                    gs ? &gs[ITR_O_PROJ] : NULL, GW(ITR_O_PROJ), GB(ITR_O_PROJ), t1, t2, dxl, Ti, D, qd, 0);
     /* attention, per sequence: dq = , dk, dv += */
     memset(dk, 0, Tkv * sizeof(float));
     memset(dv, 0, Tkv * sizeof(float));
@@ -414,18 +447,26 @@ itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_
     /* q, k, v: dx (T, D) = dq Wq + dk Wk + dv Wv (+ LoRA) */
     sl = model_lora_slot(lora, l, ITR_Q_PROJ);
     xl = lora_input(xd, keep, tp->xn1, sl, drop, seqs, l, ITR_Q_PROJ, T, D);
-    linear_backward(dx, dq, xl, xl == tp->xn1 ? NULL : keep, itr_model_weight(mm, l, ITR_Q_PROJ), sl,
-                    &gs[ITR_Q_PROJ], t1, t2, dxl, Ti, qd, D, 0);
+    linear_backward(dx, dq, tp->xn1, xl, xl == tp->xn1 ? NULL : keep, itr_model_weight(mm, l, ITR_Q_PROJ), sl,
+                    gs ? &gs[ITR_Q_PROJ] : NULL, GW(ITR_Q_PROJ), GB(ITR_Q_PROJ), t1, t2, dxl, Ti, qd, D, 0);
     sl = model_lora_slot(lora, l, ITR_K_PROJ);
     xl = lora_input(xd, keep, tp->xn1, sl, drop, seqs, l, ITR_K_PROJ, T, D);
-    linear_backward(dx, dk, xl, xl == tp->xn1 ? NULL : keep, itr_model_weight(mm, l, ITR_K_PROJ), sl,
-                    &gs[ITR_K_PROJ], t1, t2, dxl, Ti, kvd, D, 1);
+    linear_backward(dx, dk, tp->xn1, xl, xl == tp->xn1 ? NULL : keep, itr_model_weight(mm, l, ITR_K_PROJ), sl,
+                    gs ? &gs[ITR_K_PROJ] : NULL, GW(ITR_K_PROJ), GB(ITR_K_PROJ), t1, t2, dxl, Ti, kvd, D, 1);
     sl = model_lora_slot(lora, l, ITR_V_PROJ);
     xl = lora_input(xd, keep, tp->xn1, sl, drop, seqs, l, ITR_V_PROJ, T, D);
-    linear_backward(dx, dv, xl, xl == tp->xn1 ? NULL : keep, itr_model_weight(mm, l, ITR_V_PROJ), sl,
-                    &gs[ITR_V_PROJ], t1, t2, dxl, Ti, kvd, D, 1);
+    linear_backward(dx, dv, tp->xn1, xl, xl == tp->xn1 ? NULL : keep, itr_model_weight(mm, l, ITR_V_PROJ), sl,
+                    gs ? &gs[ITR_V_PROJ] : NULL, GW(ITR_V_PROJ), GB(ITR_V_PROJ), t1, t2, dxl, Ti, kvd, D, 1);
     /* dh (gradient of h_in) += through the input norm */
-    rmsnorm_backward(dh, dx, tp->h_in, tp->inv1, itr_model_norm(mm, l, 0), T, D, 1);
+    rmsnorm_backward(dh, dx, tp->h_in, tp->inv1, itr_model_norm(mm, l, 0), gm ? itr_model_norm(gm, l, 0) : NULL, T, D, 1);
+  }
+#undef GW
+#undef GB
+  /* the embedding: dh is now the gradient of its rows (a tied head adds into the same table) */
+  if (gm) {
+    float *ge = itr_model_embed_weight(gm);
+    for (int64_t t = 0; t < T; t++)
+      for (int i = 0; i < D; i++) ge[(int64_t)ids[t] * D + i] += dh[t * D + i];
   }
   *loss_sum = loss;
   *n_targets = count;

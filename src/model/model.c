@@ -25,6 +25,7 @@ struct itr_model {
   float *final_norm;    /* (D) or NULL */
   float *lm_head;       /* (V, D) or NULL; == embed when tied and with_embed */
   float *mem;           /* the one allocation every parameter lives in */
+  size_t n_params;      /* its length in floats */
 };
 
 /* ---- configuration ------------------------------------------------------------------------- */
@@ -147,6 +148,7 @@ itr_err itr_model_create(const itr_model_config *cfg, int layer_begin, int layer
     else m->lm_head = m->embed;
   }
   ITR_ASSERT((size_t)(p - m->mem) == total);
+  m->n_params = total;
   *out = m;
   return ITR_OK;
 }
@@ -183,6 +185,10 @@ float *itr_model_norm(itr_model *m, int layer, int post_attention) {
   return lp ? (post_attention ? lp->norm_post : lp->norm_in) : NULL;
 }
 float *itr_model_embed_weight(itr_model *m) { return m->embed; }
+float *itr_model_params(itr_model *m, size_t *n) {
+  *n = m->n_params;
+  return m->mem;
+}
 float *itr_model_final_norm(itr_model *m) { return m->final_norm; }
 float *itr_model_lm_head(itr_model *m) { return m->lm_head; }
 

@@ -18,8 +18,6 @@ void itr_model_dims_module(const itr_model_dims *d, itr_module m, int64_t *d_out
 /* 1 when module m carries a bias under cfg (q/k/v: attention_bias or Qwen2; o: o_bias; MLP: mlp_bias). */
 int itr_model_has_bias(const itr_model_config *cfg, itr_module m);
 const itr_model_dims *itr_model_dims_of(const itr_model *m);
-/* 1 when lm_head is the embedding (tied and with_embed). */
-int itr_model_head_is_embed(const itr_model *m);
 
 
 /* ---- steps of the forward pass (model.c), shared with the backward pass (backward.c) ---------- */

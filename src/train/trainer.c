@@ -50,6 +50,7 @@ typedef struct {
   float *gflat;      /* (n) f32 staging of the packed gradient */
   itr_adamw opt;
   int fold_scaling;  /* started from an adapter: write with scaling 1 */
+  itr_model *gmodel; /* -full_rank: the weights' gradient, laid out as the model */
   double *loss_curve; /* (steps) mean loss of each step */
   int step0;          /* first step of this run (> 0 after -restart) */
   double tokens_per_s, wall_s;
@@ -76,6 +77,8 @@ static itr_err check_opts(const itr_train_opts *o) {
             "-adam_beta1 %g and -adam_beta2 %g must be in [0, 1)", o->beta1, o->beta2);
   ITR_CHECK(o->eps > 0, ITR_ERR_INPUT, "-adam_eps %g must be > 0", o->eps);
   ITR_CHECK(o->weight_decay >= 0, ITR_ERR_INPUT, "-weight_decay %g must be >= 0", o->weight_decay);
+  ITR_CHECK(!o->from_scratch || o->full_rank, ITR_ERR_INPUT,
+            "-from_scratch 1 needs -full_rank 1 (a LoRA adapter on a random model is not a use we support yet)");
   ITR_CHECK(o->max_grad_norm >= 0, ITR_ERR_INPUT, "-max_grad_norm %g must be >= 0 (0: no clipping)", o->max_grad_norm);
   return ITR_OK;
 }
@@ -111,6 +114,44 @@ static itr_err init_fresh(trainer *t) {
   return err;
 }
 
+/* Hugging Face's initialisation of a Llama (initializer_range 0.02): every matrix and the embedding
+ * N(0, 0.02^2), norms 1, biases 0; the same on every rank (one stream of the seed). */
+static void init_from_scratch(trainer *t) {
+  size_t n;
+  float *p = itr_model_params(t->model, &n);
+  itr_rng g;
+  itr_rng_init_stream(&g, (uint64_t)t->o->seed, 0x66726f6dull);
+  for (size_t i = 0; i < n; i++) p[i] = (float)(0.02 * itr_rng_normal(&g));
+  int D = t->cfg.hidden_size;
+  for (int l = 0; l < t->cfg.num_hidden_layers; l++) {
+    for (int post = 0; post < 2; post++)
+      for (int i = 0; i < D; i++) itr_model_norm(t->model, l, post)[i] = 1.0f;
+    for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+      float *b = itr_model_bias(t->model, l, (itr_module)m);
+      int64_t d_out, d_in;
+      itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
+      if (b) memset(b, 0, (size_t)d_out * sizeof(float));
+    }
+  }
+  for (int i = 0; i < D; i++) itr_model_final_norm(t->model)[i] = 1.0f;
+}
+
+/* -full_rank: every weight of the model is trained in place (params = the model's one allocation). */
+static itr_err setup_full_rank(trainer *t) {
+  const itr_train_opts *o = t->o;
+  ITR_CHECK(!o->init_adapter[0], ITR_ERR_INPUT, "-full_rank trains the model's weights: -init_adapter does not apply");
+  if (o->from_scratch) init_from_scratch(t);
+  ITR_TRY(itr_model_create(&t->cfg, 0, t->cfg.num_hidden_layers, 1, 1, &t->gmodel));
+  size_t ng;
+  t->params = itr_model_params(t->model, &t->n);
+  (void)itr_model_params(t->gmodel, &ng);
+  ITR_CHECK(ng == t->n, ITR_ERR_INTERNAL, "-full_rank: gradient layout (%zu) differs from the model's (%zu)", ng, t->n);
+  ITR_TRY(itr_calloc(t->n + 2, sizeof(double), "weight gradient", &t->gbuf));
+  ITR_TRY(itr_calloc((size_t)(o->steps > 0 ? o->steps : 1), sizeof(double), "loss curve", &t->loss_curve));
+  ITR_TRY(itr_adamw_init(&t->opt, t->n));
+  return ITR_OK;
+}
+
 static itr_err setup_local(trainer *t) {
   const itr_train_opts *o = t->o;
   itr_tensor_store *store = NULL;
@@ -127,6 +168,7 @@ static itr_err setup_local(trainer *t) {
   for (int s = 0; s < t->data.n_seqs; s++)
     if (!t->data.group || t->data.group[s] < 0 || t->data.is_label[s]) t->use[t->n_use++] = s;
   ITR_CHECK(t->n_use >= 1, ITR_ERR_INPUT, "%s: no sequences to train on", o->data);
+  if (o->full_rank) return setup_full_rank(t);
   ITR_TRY(itr_lora_set_create(&t->cfg, &t->lora));
   if (o->init_adapter[0]) {
     ITR_TRY(itr_adapter_open(o->init_adapter, &t->cfg, &ad));
@@ -156,7 +198,8 @@ static void trainer_fini(trainer *t) {
   itr_tokenizer_destroy(t->tok);
   itr_lora_set_destroy(t->lora);
   itr_lora_set_destroy(t->grad);
-  free(t->params);
+  if (!t->gmodel) free(t->params); /* -full_rank: params are the model's own */
+  itr_model_destroy(t->gmodel);
   free(t->gflat);
   free(t->gbuf);
   free(t->loss_curve);
@@ -209,8 +252,8 @@ static itr_err micro_batch(trainer *t, const int64_t *seqs, int n_seqs, long ste
   itr_lora_dropout dr = {t->o->dropout, (uint64_t)t->o->seed, (uint64_t)step, mb->seq_ids};
   double l = 0;
   int64_t c = 0;
-  ITR_TRY(itr_model_loss_grad(t->model, mb->ids, mb->labels, T, &lay, t->lora, t->o->dropout > 0 ? &dr : NULL,
-                              t->grad, &l, &c));
+  ITR_TRY(itr_model_loss_grad_full(t->model, mb->ids, mb->labels, T, &lay, t->lora,
+                                   t->o->dropout > 0 && t->lora ? &dr : NULL, t->grad, t->gmodel, &l, &c));
   *loss += l;
   *count += c;
   *tokens += T;
@@ -226,7 +269,10 @@ static itr_err gradient(trainer *t, const int64_t *mine, int n_mine, long step, 
   for (int s = 0; s < n_mine; s++) max_T += t->data.offsets[mine[s] + 1] - t->data.offsets[mine[s]];
   double loss = 0;
   int64_t count = 0;
-  itr_lora_set_zero(t->grad);
+  size_t ng = 0;
+  float *gw = t->gmodel ? itr_model_params(t->gmodel, &ng) : NULL;
+  if (t->grad) itr_lora_set_zero(t->grad);
+  if (gw) memset(gw, 0, ng * sizeof(float));
   itr_err err = itr_calloc((size_t)(max_T > 0 ? max_T : 1), sizeof(int32_t), "batch ids", &mb.ids);
   if (err == ITR_OK) err = itr_calloc((size_t)(max_T > 0 ? max_T : 1), sizeof(int32_t), "batch labels", &mb.labels);
   if (err == ITR_OK) err = itr_calloc((size_t)n_mine + 1, sizeof(int64_t), "batch offsets", &mb.offsets);
@@ -241,8 +287,9 @@ static itr_err gradient(trainer *t, const int64_t *mine, int n_mine, long step, 
   free(mb.offsets);
   free(mb.seq_ids);
   ITR_TRY(itr_dist_agree(t->comm, err));
-  itr_lora_set_pack(t->grad, t->gflat);
-  for (size_t i = 0; i < t->n; i++) t->gbuf[i] = t->gflat[i];
+  if (t->grad) itr_lora_set_pack(t->grad, t->gflat);
+  const float *gsrc = gw ? gw : t->gflat;
+  for (size_t i = 0; i < t->n; i++) t->gbuf[i] = gsrc[i];
   t->gbuf[t->n] = loss;
   t->gbuf[t->n + 1] = (double)count;
   ITR_TRY(itr_dist_allreduce_sum(t->gbuf, (int64_t)t->n + 2, t->comm, "LoRA gradient"));
@@ -251,11 +298,48 @@ static itr_err gradient(trainer *t, const int64_t *mine, int n_mine, long step, 
 
 /* ---- output ---------------------------------------------------------------------------------------- */
 
+/* Adds every tensor of m under its Hugging Face name (converted to dtype); a tied head is not repeated. */
+static itr_err add_model_tensors(itr_st_writer *w, itr_model *m, const itr_model_config *cfg, itr_dtype dtype) {
+  char name[160];
+  int64_t D = cfg->hidden_size, V = cfg->vocab_size;
+  for (int l = 0; l < cfg->num_hidden_layers; l++) {
+    for (int k = 0; k < ITR_MODULE_COUNT; k++) {
+      int64_t shape[2];
+      itr_module_shape(cfg, (itr_module)k, &shape[0], &shape[1]);
+      itr_name_base(l, (itr_module)k, "weight", name, sizeof name);
+      ITR_TRY(itr_st_writer_add_f32(w, name, dtype, 2, shape, itr_model_weight(m, l, (itr_module)k)));
+      if (itr_model_bias(m, l, (itr_module)k)) {
+        itr_name_base(l, (itr_module)k, "bias", name, sizeof name);
+        ITR_TRY(itr_st_writer_add_f32(w, name, dtype, 1, shape, itr_model_bias(m, l, (itr_module)k)));
+      }
+    }
+    for (int post = 0; post < 2; post++) {
+      itr_name_layer_norm(l, post, name, sizeof name);
+      ITR_TRY(itr_st_writer_add_f32(w, name, dtype, 1, &D, itr_model_norm(m, l, post)));
+    }
+  }
+  int64_t vd[2] = {V, D};
+  ITR_TRY(itr_st_writer_add_f32(w, ITR_NAME_EMBED, dtype, 2, vd, itr_model_embed_weight(m)));
+  ITR_TRY(itr_st_writer_add_f32(w, ITR_NAME_FINAL_NORM, dtype, 1, &D, itr_model_final_norm(m)));
+  if (!itr_model_head_is_embed(m)) ITR_TRY(itr_st_writer_add_f32(w, ITR_NAME_LM_HEAD, dtype, 2, vd, itr_model_lm_head(m)));
+  return ITR_OK;
+}
+
 static itr_err write_gradient(const trainer *t, const char *path) {
-  /* the gradient of the mean loss, in the adapter's tensor names, F64 */
+  /* the gradient of the mean loss, in the adapter's (or, -full_rank, the model's) tensor names */
   itr_st_writer *w = NULL;
   ITR_TRY(itr_st_writer_create(&w));
   itr_err err = ITR_OK;
+  if (t->gmodel) {
+    size_t ng;
+    float *gw = itr_model_params(t->gmodel, &ng);
+    for (size_t i = 0; i < ng; i++) gw[i] = (float)(t->gbuf[i] / t->gbuf[t->n + 1]);
+    err = add_model_tensors(w, t->gmodel, &t->cfg, ITR_F32);
+    if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "format", "iteris-mpi weight gradient of the mean loss");
+    if (err == ITR_OK) err = itr_st_writer_write(w, path);
+    itr_st_writer_destroy(w);
+    return err;
+  }
   double count = t->gbuf[t->n + 1];
   size_t off = 0;
   for (int l = 0; err == ITR_OK && l < t->cfg.num_hidden_layers; l++)
@@ -343,6 +427,21 @@ static void checkpoint_path(const trainer *t, char *buf, size_t len) {
   snprintf(buf, len, "%s.partial/train_checkpoint.safetensors", t->o->out);
 }
 
+/* -full_rank: a Hugging Face model folder (config.json, model.safetensors in F32). */
+static itr_err write_model(const trainer *t, const char *dir) {
+  char path[ITR_PATH_MAX + 64];
+  snprintf(path, sizeof path, "%s/config.json", dir);
+  ITR_TRY(itr_model_config_write(path, &t->cfg));
+  snprintf(path, sizeof path, "%s/model.safetensors", dir);
+  itr_st_writer *w = NULL;
+  ITR_TRY(itr_st_writer_create(&w));
+  itr_err err = add_model_tensors(w, t->model, &t->cfg, ITR_F32);
+  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "format", "pt");
+  if (err == ITR_OK) err = itr_st_writer_write(w, path);
+  itr_st_writer_destroy(w);
+  return err;
+}
+
 static itr_err remove_partial(const trainer *t) {
   char partial[ITR_PATH_MAX + 16];
   snprintf(partial, sizeof partial, "%s.partial", t->o->out);
@@ -355,7 +454,8 @@ static itr_err write_out(const trainer *t) {
   checkpoint_path(t, ck, sizeof ck);
   ITR_TRY(itr_iofile_mkdirs(partial));
   (void)unlink(ck); /* the finished adapter carries no checkpoint */
-  ITR_TRY(write_adapter(t, partial));
+  if (t->gmodel) ITR_TRY(write_model(t, partial));
+  else ITR_TRY(write_adapter(t, partial));
   ITR_TRY(write_report(t, partial));
   return itr_iofile_commit_dir(partial, t->o->out);
 }
@@ -367,10 +467,10 @@ static void checkpoint_key(const trainer *t, char *buf, size_t len) {
   const itr_train_opts *o = t->o;
   snprintf(buf, len,
            "base=%s data=%s init=%s r=%d alpha=%.17g rslora=%d targets=%u dropout=%.17g steps=%d batch=%d lr=%.17g "
-           "warmup=%d min_lr_ratio=%.17g betas=%.17g,%.17g eps=%.17g wd=%.17g clip=%.17g seed=%ld n=%zu",
+           "warmup=%d min_lr_ratio=%.17g betas=%.17g,%.17g eps=%.17g wd=%.17g clip=%.17g seed=%ld n=%zu full=%d,%d",
            o->base, o->data, o->init_adapter, o->r, o->lora_alpha, o->rslora, o->targets, o->dropout, o->steps,
            o->batch, o->lr, o->warmup, o->min_lr_ratio, o->beta1, o->beta2, o->eps, o->weight_decay,
-           o->max_grad_norm, o->seed, t->n);
+           o->max_grad_norm, o->seed, t->n, o->full_rank, o->from_scratch);
 }
 
 /* Rank 0: the state after `done` steps. */
@@ -456,7 +556,7 @@ static itr_err checkpoint_restore(trainer *t) {
     MPI_Bcast(t->opt.v + off, c, MPI_DOUBLE, 0, t->comm);
   }
   if (t->step0 > 0) MPI_Bcast(t->loss_curve, t->step0, MPI_DOUBLE, 0, t->comm);
-  itr_lora_set_unpack(t->lora, t->params);
+  if (t->lora) itr_lora_set_unpack(t->lora, t->params);
   if (t->rank == 0) itr_log(ITR_LOG_INFO, "-restart: continuing after step %d of %d", t->step0, t->o->steps);
   return ITR_OK;
 }
@@ -504,7 +604,7 @@ static itr_err train_loop(trainer *t) {
     double gnorm = itr_clip_grad_norm(t->gbuf, t->n, o->max_grad_norm);
     double lr = o->lr * itr_train_lr_factor(s, o->steps, o->warmup, o->min_lr_ratio);
     itr_adamw_step(&t->opt, t->params, t->gbuf, lr, o->beta1, o->beta2, o->eps, o->weight_decay);
-    itr_lora_set_unpack(t->lora, t->params);
+    if (t->lora) itr_lora_set_unpack(t->lora, t->params);
     t->loss_curve[s] = loss;
     if (o->checkpoint_every > 0 && (s + 1) % o->checkpoint_every == 0 && s + 1 < o->steps) {
       err = itr_dist_agree(t->comm, t->rank == 0 ? checkpoint_write(t, s + 1) : ITR_OK);
@@ -555,8 +655,9 @@ itr_err itr_train_run(const itr_train_opts *o, MPI_Comm comm) {
   }
   if (err == ITR_OK) {
     if (t.rank == 0)
-      itr_log(ITR_LOG_INFO, "training %zu LoRA parameters on %d sequences (%lld tokens), %d ranks, %d steps of %d",
-              t.n, t.data.n_seqs, (long long)t.data.n_tokens, t.size, o->steps, o->batch);
+      itr_log(ITR_LOG_INFO, "training %zu %s on %lld sequences (%lld tokens), %d ranks, %d steps of %d", t.n,
+              o->full_rank ? "weights (full rank)" : "LoRA parameters", (long long)t.n_use, (long long)t.data.n_tokens,
+              t.size, o->steps, o->batch);
     if (o->restart) err = checkpoint_restore(&t);
     else err = itr_dist_agree(comm, t.rank == 0 ? remove_partial(&t) : ITR_OK);
     if (err == ITR_OK) err = train_loop(&t);

@@ -5,7 +5,7 @@ to each LoRA factor by central finite differences, and AdamW steps on those grad
 no code with iteris-mpi; the forward pass is llama_ref.py's (float64, Hugging Face semantics).
 
 Commands:
-  grad  MODEL_DIR DATA.jsonl CANDIDATE.safetensors --adapter DIR [--samples K] [--tol X]
+  grad  MODEL_DIR DATA.jsonl CANDIDATE.safetensors (--adapter DIR | --full) [--samples K] [--tol X]
         [--dropout P --seed S]  (LoRA dropout as -lora_dropout P -seed S, step 0)
         compares the candidate gradient (tensors named as the adapter's, F64) with central
         differences at K random entries of every tensor plus its largest entry; prints the worst
@@ -138,9 +138,48 @@ def fd(cfg, W0, lora, seqs, path, which, idx, h=1e-6, drop=None):
     return (up - dn) / (2 * h)
 
 
+def cmd_grad_full(a, cfg, W0, seqs):
+    """-full_rank: the candidate holds the gradient of every model tensor under its own name."""
+    cand = R.st_read(a.candidate)
+    rng = np.random.RandomState(0)
+    expect = set(W0)
+    bad, worst = 0, {}
+    if set(cand) != expect:
+        print("grad: the candidate's tensors differ from the model's: missing %s, extra %s" %
+              (sorted(expect - set(cand))[:5], sorted(set(cand) - expect)[:5]))
+        return 1
+    for name in sorted(cand):
+        g, arr = cand[name], W0[name]
+        picks = [np.unravel_index(int(np.argmax(np.abs(g))), g.shape)]
+        picks += [tuple(rng.randint(0, n) for n in g.shape) for _ in range(a.samples)]
+        ref = []
+        for ix in picks:
+            old = arr[ix]
+            arr[ix] = old + 1e-6
+            up = mean_loss(cfg, W0, {}, seqs)
+            arr[ix] = old - 1e-6
+            dn = mean_loss(cfg, W0, {}, seqs)
+            arr[ix] = old
+            ref.append((up - dn) / 2e-6)
+        ref = np.array(ref)
+        got = np.array([g[ix] for ix in picks])
+        err = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12))
+        parts = name.split(".")
+        kind = ".".join(parts[3:-1]) if parts[1] == "layers" else ".".join(parts[:-1])
+        kind += "." + parts[-1] if parts[-1] == "bias" else ""
+        worst[kind] = max(worst.get(kind, 0.0), err)
+    for kind in sorted(worst):
+        flag = "FAIL" if worst[kind] > a.tol else "ok"
+        print("%-10s %-32s worst relative error %.3e" % (flag, kind, worst[kind]))
+        bad += worst[kind] > a.tol
+    return 1 if bad else 0
+
+
 def cmd_grad(a):
     cfg, W0 = R.Cfg(a.model), R.load_model_tensors(a.model)
     seqs = read_train(a.data)
+    if a.full:
+        return cmd_grad_full(a, cfg, W0, seqs)
     lora = read_adapter(a.adapter)
     cand = R.st_read(a.candidate)
     rng = np.random.RandomState(0)
@@ -324,7 +363,8 @@ def main(argv):
     g.add_argument("model")
     g.add_argument("data")
     g.add_argument("candidate")
-    g.add_argument("--adapter", required=True)
+    g.add_argument("--adapter")
+    g.add_argument("--full", action="store_true", help="the candidate is -full_rank's gradient of every weight")
     g.add_argument("--samples", type=int, default=3)
     g.add_argument("--tol", type=float, default=1e-3)
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p of the candidate's run")
