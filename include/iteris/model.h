@@ -223,11 +223,14 @@ itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_
 /* The same, also (gm not NULL) with the gradient of *loss_sum with respect to every weight of the
  * model ADDED to gm's weights: a model of the same configuration with every layer, the embedding
  * and the head (itr_model_create; a tied model's embedding gets both uses). grad may be NULL (no
- * LoRA gradient) and lora NULL (the base model alone). Full-rank training. Not Collective. */
+ * LoRA gradient) and lora NULL (the base model alone). Full-rank training.
+ * teacher (T, V) f32 logits or NULL: distillation. Then the loss at a position with labels[t] >= 0
+ * is KL(q_t || p_t), q_t = softmax(teacher row t), p_t the model's next-token distribution (the
+ * label's value is not used). Not Collective. */
 itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
                                  const itr_seq_layout *seqs, const itr_lora_set *lora,
-                                 const itr_lora_dropout *drop, itr_lora_set *grad, itr_model *gm,
-                                 double *loss_sum, int64_t *n_targets);
+                                 const itr_lora_dropout *drop, const float *teacher, itr_lora_set *grad,
+                                 itr_model *gm, double *loss_sum, int64_t *n_targets);
 /* Every parameter the model owns as one array (the one allocation: layers in order, then the
  * embedding, the final norm and a separate head), and its length. Not Collective. */
 float *itr_model_params(itr_model *m, size_t *n);

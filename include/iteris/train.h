@@ -59,6 +59,12 @@ typedef struct {
   int full_rank;                     /* train every weight of the model instead of LoRA factors; OUT is a
                                         Hugging Face model folder */
   int from_scratch;                  /* with full_rank: start from Hugging Face's random initialisation */
+  /* distillation (merge, then distil): the loss is KL(p_i || p) on teacher i's sequences, p_i the
+     next-token distribution of base + teacher adapter i; the student starts from init_adapter */
+  int n_teachers;
+  char teachers[64][ITR_TRAIN_PATH];       /* PEFT adapters */
+  int n_teacher_data;
+  char teacher_data[64][ITR_TRAIN_PATH];   /* one JSONL per teacher (its calibration sequences) */
   int verbose;
 } itr_train_opts;
 

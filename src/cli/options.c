@@ -120,6 +120,10 @@ static const opt_entry table_[] = {
      "-train: train every weight of the model (full-rank; OUT is a model folder) instead of a LoRA adapter"},
     {"from_scratch", T_BOOL, OFF(t.from_scratch), 0, 0, "0", U_TRAIN,
      "-train -full_rank 1: start from a random initialisation (N(0, 0.02^2), norms 1) of -base's configuration"},
+    {"distil", T_STRLIST, OFF(t.teachers), OFF(t.n_teachers), 0, "", U_TRAIN,
+     "-train: distil into -init_adapter (e.g. a merge) from these teacher adapters: KL(teacher i || student) on -distil_data i"},
+    {"distil_data", T_STRLIST, OFF(t.teacher_data), OFF(t.n_teacher_data), 0, "", U_TRAIN,
+     "-train -distil: one JSONL per teacher (its calibration sequences)"},
     {"checkpoint_every", T_INT, OFF(t.checkpoint_every), 0, 0, "0", U_TRAIN,
      "-train: also write the checkpoint every N steps (it is always written when a signal stops the run)"},
     {"log_every", T_INT, OFF(t.log_every), 0, 0, "10", U_TRAIN, "-train: print loss, tokens/s and ETA every N steps"},
@@ -313,7 +317,7 @@ static itr_err train_opts(itr_options *opt) {
   t->verbose = opt->m.verbose;
   t->restart = opt->m.restart;
   ITR_CHECK(t->base[0], ITR_ERR_INPUT, "-train needs -base DIR (the Hugging Face model folder); see -help");
-  ITR_CHECK(t->data[0], ITR_ERR_INPUT, "-train needs -data FILE.jsonl; see -help");
+  ITR_CHECK(t->data[0] || t->n_teachers, ITR_ERR_INPUT, "-train needs -data FILE.jsonl (or -distil); see -help");
   ITR_CHECK(t->out[0] || t->grad_out[0], ITR_ERR_INPUT, "-train needs -out DIR (where the adapter goes); see -help");
   if (t->out[0]) ITR_TRY(normalize_out(t->out));
   t->targets = 0;

@@ -228,12 +228,29 @@ static itr_err check_grad_set(const itr_lora_set *lora, const itr_lora_set *grad
 /* Cross-entropy of rows [t0, t0 + c) of xn (the final norm's output); dxn (c, D) = its gradient
  * (rows without a target are zero). logits (c, V) scratch. */
 static void loss_chunk(float *dxn, float *logits, const float *xn, const float *head, float *ghead,
-                       const int32_t *labels, int c, int D, int V, double *loss, int64_t *count) {
+                       const int32_t *labels, const float *teacher, int c, int D, int V, double *loss,
+                       int64_t *count) {
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c, V, D, 1.0f, xn, D, head, D, 0.0f, logits, V);
   for (int t = 0; t < c; t++) {
     float *z = logits + (int64_t)t * V;
     if (labels[t] < 0) {
       memset(z, 0, (size_t)V * sizeof(float));
+      continue;
+    }
+    if (teacher) { /* KL(q || p), q = softmax(teacher row): dz = p - q */
+      const float *y = teacher + (int64_t)t * V;
+      float mz = z[0], my = y[0];
+      for (int j = 1; j < V; j++) mz = z[j] > mz ? z[j] : mz, my = y[j] > my ? y[j] : my;
+      double sz = 0, sy = 0;
+      for (int j = 0; j < V; j++) sz += exp((double)z[j] - mz), sy += exp((double)y[j] - my);
+      double lz = mz + log(sz), ly = my + log(sy), kl = 0;
+      for (int j = 0; j < V; j++) {
+        double lq = (double)y[j] - ly, q = exp(lq);
+        kl += q * (lq - ((double)z[j] - lz));
+        z[j] = (float)(exp((double)z[j] - lz) - q);
+      }
+      *loss += kl;
+      (*count)++;
       continue;
     }
     float mx = z[0];
@@ -256,13 +273,13 @@ itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_
                             const itr_lora_dropout *drop, itr_lora_set *grad, double *loss_sum,
                             int64_t *n_targets) {
   ITR_CHECK(grad, ITR_ERR_INPUT, "loss_grad: the gradient set is required");
-  return itr_model_loss_grad_full(m, ids, labels, T, seqs, lora, drop, grad, NULL, loss_sum, n_targets);
+  return itr_model_loss_grad_full(m, ids, labels, T, seqs, lora, drop, NULL, grad, NULL, loss_sum, n_targets);
 }
 
 itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
                                  const itr_seq_layout *seqs, const itr_lora_set *lora,
-                                 const itr_lora_dropout *drop, itr_lora_set *grad, itr_model *gm,
-                                 double *loss_sum, int64_t *n_targets) {
+                                 const itr_lora_dropout *drop, const float *teacher, itr_lora_set *grad,
+                                 itr_model *gm, double *loss_sum, int64_t *n_targets) {
   const itr_model_dims *d = itr_model_dims_of(m);
   int lb, le;
   itr_model_layers(m, &lb, &le);
@@ -393,8 +410,8 @@ itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const i
   model_rmsnorm_forward(xnf, invf, h, wf, T, D, d->eps);
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
     int c = (int)(T - t0 < chunk ? T - t0 : chunk);
-    loss_chunk(dxn + t0 * D, logits, xnf + t0 * D, head, gm ? itr_model_lm_head(gm) : NULL, labels + t0, c, D, V,
-               &loss, &count);
+    loss_chunk(dxn + t0 * D, logits, xnf + t0 * D, head, gm ? itr_model_lm_head(gm) : NULL, labels + t0,
+               teacher ? teacher + t0 * V : NULL, c, D, V, &loss, &count);
   }
   rmsnorm_backward(dh, dxn, h, invf, wf, gm ? itr_model_final_norm(gm) : NULL, T, D, 0);
 

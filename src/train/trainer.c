@@ -51,6 +51,8 @@ typedef struct {
   itr_adamw opt;
   int fold_scaling;  /* started from an adapter: write with scaling 1 */
   itr_model *gmodel; /* -full_rank: the weights' gradient, laid out as the model */
+  itr_lora_set **teachers; /* -distil: one set per teacher adapter */
+  int32_t *task;           /* -distil: (n_seqs) the teacher of each sequence */
   double *loss_curve; /* (steps) mean loss of each step */
   int step0;          /* first step of this run (> 0 after -restart) */
   double tokens_per_s, wall_s;
@@ -60,7 +62,12 @@ typedef struct {
 
 static itr_err check_opts(const itr_train_opts *o) {
   ITR_CHECK(o->base[0], ITR_ERR_INPUT, "-train needs -base DIR (the Hugging Face model folder)");
-  ITR_CHECK(o->data[0], ITR_ERR_INPUT, "-train needs -data FILE.jsonl (one {\"input_ids\": [...]} per line)");
+  ITR_CHECK(o->data[0] || o->n_teachers, ITR_ERR_INPUT, "-train needs -data FILE.jsonl (one {\"input_ids\": [...]} per line)");
+  ITR_CHECK(!o->n_teachers || (o->n_teacher_data == o->n_teachers && !o->data[0] && o->init_adapter[0] && !o->full_rank),
+            ITR_ERR_INPUT,
+            "-distil A1,...,AN needs -distil_data C1,...,CN (one file per teacher; %d given for %d teachers), "
+            "-init_adapter (the merged adapter to refine), and no -data or -full_rank",
+            o->n_teacher_data, o->n_teachers);
   ITR_CHECK(o->out[0] || o->grad_out[0], ITR_ERR_INPUT, "-train needs -out DIR (the adapter to write)");
   ITR_CHECK(o->init_adapter[0] || (o->r >= 1 && o->r <= 4096), ITR_ERR_INPUT, "-r %d must be in 1..4096", o->r);
   ITR_CHECK(o->lora_alpha > 0 && isfinite(o->lora_alpha), ITR_ERR_INPUT, "-lora_alpha %g must be > 0", o->lora_alpha);
@@ -152,6 +159,47 @@ static itr_err setup_full_rank(trainer *t) {
   return ITR_OK;
 }
 
+/* -distil: the teachers' files, one after the other, as one token set; task[s] = the teacher of s. */
+static itr_err read_teacher_data(trainer *t) {
+  const itr_train_opts *o = t->o;
+  itr_token_set parts[64];
+  memset(parts, 0, sizeof parts);
+  itr_err err = ITR_OK;
+  int64_t ns = 0, nt = 0;
+  int got = 0;
+  for (; got < o->n_teacher_data && err == ITR_OK; got++) {
+    err = itr_token_set_read_text(o->teacher_data[got], t->cfg.vocab_size, o->base, &t->tok, &parts[got]);
+    if (err == ITR_OK) ns += parts[got].n_seqs, nt += parts[got].n_tokens;
+  }
+  itr_token_set *d = &t->data;
+  if (err == ITR_OK) err = itr_calloc((size_t)ns + 1, sizeof(int64_t), "distillation offsets", &d->offsets);
+  if (err == ITR_OK) err = itr_calloc((size_t)nt, sizeof(int32_t), "distillation tokens", &d->ids);
+  if (err == ITR_OK) err = itr_calloc((size_t)ns, sizeof(int64_t), "distillation prompts", &d->prompt_len);
+  if (err == ITR_OK) err = itr_calloc((size_t)ns, sizeof(int32_t), "distillation tasks", &t->task);
+  for (int i = 0; err == ITR_OK && i < o->n_teacher_data; i++) {
+    const itr_token_set *p = &parts[i];
+    memcpy(d->ids + d->n_tokens, p->ids, (size_t)p->n_tokens * sizeof(int32_t));
+    for (int s = 0; s < p->n_seqs; s++) {
+      d->offsets[d->n_seqs + 1] = d->n_tokens + p->offsets[s + 1];
+      d->prompt_len[d->n_seqs] = p->prompt_len ? p->prompt_len[s] : 0;
+      t->task[d->n_seqs++] = i;
+    }
+    d->n_tokens += p->n_tokens;
+  }
+  for (int i = 0; i < got; i++) itr_token_set_fini(&parts[i]);
+  if (err != ITR_OK) return err;
+  ITR_TRY(itr_calloc((size_t)o->n_teachers, sizeof *t->teachers, "teacher sets", &t->teachers));
+  for (int i = 0; i < o->n_teachers; i++) {
+    itr_adapter *ad = NULL;
+    ITR_TRY(itr_lora_set_create(&t->cfg, &t->teachers[i]));
+    ITR_TRY(itr_adapter_open(o->teachers[i], &t->cfg, &ad));
+    err = itr_lora_set_add_adapter(t->teachers[i], ad, 0, t->cfg.num_hidden_layers, 1.0);
+    itr_adapter_destroy(ad);
+    ITR_TRY(err);
+  }
+  return ITR_OK;
+}
+
 static itr_err setup_local(trainer *t) {
   const itr_train_opts *o = t->o;
   itr_tensor_store *store = NULL;
@@ -162,7 +210,8 @@ static itr_err setup_local(trainer *t) {
   err = itr_model_load(&t->cfg, store, 0, t->cfg.num_hidden_layers, 1, 1, &t->model);
   itr_tensor_store_destroy(store);
   if (err != ITR_OK) return itr_error_frame(err, __func__, __FILE__, __LINE__);
-  ITR_TRY(itr_token_set_read_text(o->data, t->cfg.vocab_size, o->base, &t->tok, &t->data));
+  if (o->n_teachers) ITR_TRY(read_teacher_data(t));
+  else ITR_TRY(itr_token_set_read_text(o->data, t->cfg.vocab_size, o->base, &t->tok, &t->data));
   t->have_data = 1;
   ITR_TRY(itr_calloc((size_t)t->data.n_seqs, sizeof(int64_t), "training sequences", &t->use));
   for (int s = 0; s < t->data.n_seqs; s++)
@@ -200,6 +249,9 @@ static void trainer_fini(trainer *t) {
   itr_lora_set_destroy(t->grad);
   if (!t->gmodel) free(t->params); /* -full_rank: params are the model's own */
   itr_model_destroy(t->gmodel);
+  for (int i = 0; t->teachers && i < t->o->n_teachers; i++) itr_lora_set_destroy(t->teachers[i]);
+  free(t->teachers);
+  free(t->task);
   free(t->gflat);
   free(t->gbuf);
   free(t->loss_curve);
@@ -249,11 +301,26 @@ static itr_err micro_batch(trainer *t, const int64_t *seqs, int n_seqs, long ste
     mb->seq_ids[s] = seqs[s];
   }
   itr_seq_layout lay = {n_seqs, mb->offsets};
+  float *teacher = NULL;
+  if (t->teachers) { /* each sequence's teacher logits, (T, V) */
+    const int64_t V = t->cfg.vocab_size;
+    ITR_TRY(itr_calloc((size_t)T, (size_t)V * sizeof(float), "teacher logits", &teacher));
+    itr_err e = ITR_OK;
+    for (int s = 0; e == ITR_OK && s < n_seqs; s++)
+      e = itr_model_forward(t->model, mb->ids + mb->offsets[s], mb->offsets[s + 1] - mb->offsets[s], NULL,
+                            t->teachers[t->task[seqs[s]]], NULL, NULL, teacher + mb->offsets[s] * V);
+    if (e != ITR_OK) {
+      free(teacher);
+      return e;
+    }
+  }
   itr_lora_dropout dr = {t->o->dropout, (uint64_t)t->o->seed, (uint64_t)step, mb->seq_ids};
   double l = 0;
   int64_t c = 0;
-  ITR_TRY(itr_model_loss_grad_full(t->model, mb->ids, mb->labels, T, &lay, t->lora,
-                                   t->o->dropout > 0 && t->lora ? &dr : NULL, t->grad, t->gmodel, &l, &c));
+  itr_err e = itr_model_loss_grad_full(t->model, mb->ids, mb->labels, T, &lay, t->lora,
+                                       t->o->dropout > 0 && t->lora ? &dr : NULL, teacher, t->grad, t->gmodel, &l, &c);
+  free(teacher);
+  ITR_TRY(e);
   *loss += l;
   *count += c;
   *tokens += T;
@@ -467,10 +534,11 @@ static void checkpoint_key(const trainer *t, char *buf, size_t len) {
   const itr_train_opts *o = t->o;
   snprintf(buf, len,
            "base=%s data=%s init=%s r=%d alpha=%.17g rslora=%d targets=%u dropout=%.17g steps=%d batch=%d lr=%.17g "
-           "warmup=%d min_lr_ratio=%.17g betas=%.17g,%.17g eps=%.17g wd=%.17g clip=%.17g seed=%ld n=%zu full=%d,%d",
+           "warmup=%d min_lr_ratio=%.17g betas=%.17g,%.17g eps=%.17g wd=%.17g clip=%.17g seed=%ld n=%zu full=%d,%d "
+           "teachers=%d",
            o->base, o->data, o->init_adapter, o->r, o->lora_alpha, o->rslora, o->targets, o->dropout, o->steps,
            o->batch, o->lr, o->warmup, o->min_lr_ratio, o->beta1, o->beta2, o->eps, o->weight_decay,
-           o->max_grad_norm, o->seed, t->n, o->full_rank, o->from_scratch);
+           o->max_grad_norm, o->seed, t->n, o->full_rank, o->from_scratch, o->n_teachers);
 }
 
 /* Rank 0: the state after `done` steps. */

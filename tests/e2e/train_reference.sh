@@ -81,6 +81,16 @@ full_check() { # LABEL MODEL NP
 full_check llama_untied "$W/llama" 2
 full_check qwen2_tied_bias "$W/qwen2_tied" 1
 
+# distillation (-distil): KL(teacher i || student) on teacher i's sequences, from a starting adapter
+gen adapter "$W/ad_teacher2" --model "$W/llama" --rank 2 --alpha 4 --targets q_proj,v_proj,up_proj --seed 18
+gen tokens "$W/tokd.jsonl" --vocab 40 --lengths 5,8,3 --seed 24
+if mpirun -np 2 "$BIN" -train -base "$W/llama" -init_adapter "$W/ad_llama" -distil "$W/ad_llama,$W/ad_teacher2" \
+     -distil_data "$W/tok30.jsonl,$W/tokd.jsonl" -grad_out "$W/gd.safetensors" >"$W/distil.log" 2>&1 &&
+   $PY $TREF grad "$W/llama" - "$W/gd.safetensors" --adapter "$W/ad_llama" --distil "$W/ad_llama" "$W/ad_teacher2" \
+     --distil-data "$W/tok30.jsonl" "$W/tokd.jsonl" --tol 1e-4 >"$W/distil.cmp" 2>&1; then
+  pass "-distil np 2: the KL gradient of every factor within 1e-4 of central differences ($(sort -k6 -g "$W/distil.cmp" | tail -n 1 | awk '{print $2, $NF}'))"
+else fail "-distil gradient:"; cat "$W/distil.log" "$W/distil.cmp" 2>/dev/null | tail -n 12; fi
+
 # 2. AdamW, three full-batch steps (batch = the 5 sequences), from an adapter with B != 0
 gen synth "$W/tiny" --arch llama --dtype F32 --layers 1 --hidden 16 --inter 24 --heads 2 --kv-heads 1 --vocab 20 --seed 5
 gen adapter "$W/ad_tiny" --model "$W/tiny" --rank 2 --alpha 4 --targets q_proj,v_proj,down_proj --seed 15

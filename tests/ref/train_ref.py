@@ -127,7 +127,33 @@ def mean_loss(cfg, W0, lora, seqs, drop=None):
     return total / count
 
 
-def fd(cfg, W0, lora, seqs, path, which, idx, h=1e-6, drop=None):
+def mean_kl(cfg, W0, lora, seqs, teachers):
+    """Distillation: mean over targeted positions of KL(q || p), q the teacher of the sequence's task
+    (teachers: per task the folded weights), p the student (W0 + lora)."""
+    W = dict(W0)
+    for path, (A, B, s, _, _) in lora.items():
+        W[path + ".weight"] = W0[path + ".weight"] + s * (B @ A)
+    total, count = 0.0, 0
+    for (ids, first), task in seqs:
+        if len(ids) <= first:
+            continue
+        lp = log_softmax(R.forward(cfg, W, ids))[first - 1:-1]
+        lq = log_softmax(R.forward(cfg, teachers[task], ids))[first - 1:-1]
+        total += float(np.sum(np.exp(lq) * (lq - lp)))
+        count += len(ids) - first
+    return total / count
+
+
+def fd(cfg, W0, lora, seqs, path, which, idx, h=1e-6, drop=None, teachers=None):
+    if teachers is not None:
+        arr = lora[path][which]
+        old = arr[idx]
+        arr[idx] = old + h
+        up = mean_kl(cfg, W0, lora, seqs, teachers)
+        arr[idx] = old - h
+        dn = mean_kl(cfg, W0, lora, seqs, teachers)
+        arr[idx] = old
+        return (up - dn) / (2 * h)
     arr = lora[path][which]
     old = arr[idx]
     arr[idx] = old + h
@@ -177,10 +203,18 @@ def cmd_grad_full(a, cfg, W0, seqs):
 
 def cmd_grad(a):
     cfg, W0 = R.Cfg(a.model), R.load_model_tensors(a.model)
-    seqs = read_train(a.data)
+    seqs = read_train(a.data) if not a.distil else None
     if a.full:
         return cmd_grad_full(a, cfg, W0, seqs)
     lora = read_adapter(a.adapter)
+    teachers = None
+    if a.distil:
+        teachers = []
+        for adir in a.distil:
+            Wt = dict(W0)
+            R.fold_adapter(Wt, cfg, adir)
+            teachers.append(Wt)
+        seqs = [(x, i) for i, f in enumerate(a.distil_data) for x in read_train(f)]
     cand = R.st_read(a.candidate)
     rng = np.random.RandomState(0)
     drop = (a.dropout, a.seed, 0, {}) if a.dropout > 0 else None
@@ -200,7 +234,7 @@ def cmd_grad(a):
                 continue
             picks = [np.unravel_index(int(np.argmax(np.abs(g))), g.shape)]
             picks += [tuple(rng.randint(0, n) for n in g.shape) for _ in range(a.samples)]
-            ref = np.array([fd(cfg, W0, lora, seqs, path, which, ix, drop=drop) for ix in picks])
+            ref = np.array([fd(cfg, W0, lora, seqs, path, which, ix, drop=drop, teachers=teachers) for ix in picks])
             got = np.array([g[ix] for ix in picks])
             scale = max(np.max(np.abs(ref)), 1e-12)
             err = float(np.max(np.abs(got - ref)) / scale)
@@ -365,6 +399,8 @@ def main(argv):
     g.add_argument("candidate")
     g.add_argument("--adapter")
     g.add_argument("--full", action="store_true", help="the candidate is -full_rank's gradient of every weight")
+    g.add_argument("--distil", nargs="+", help="teacher adapters (-distil): the loss is KL(teacher || student)")
+    g.add_argument("--distil-data", nargs="+", help="one token file per teacher (-distil_data)")
     g.add_argument("--samples", type=int, default=3)
     g.add_argument("--tol", type=float, default=1e-3)
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p of the candidate's run")
