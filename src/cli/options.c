@@ -94,7 +94,8 @@ static const opt_entry table_[] = {
      "adapter folder(s) applied on top of -base for -logits"},
     {"train", T_BOOL, OFF(train), 0, 0, "0", U_TRAIN, "train a LoRA adapter on -data (data parallel over the ranks)"},
     {"data", T_STR, OFF(t.data), 0, sizeof(((itr_options *)0)->t.data), "", U_TRAIN,
-     "-train: JSONL, one {\"input_ids\": [...]} per line: next-token loss over each sequence"},
+     "-train: JSONL of {\"input_ids\": [...]} or {\"text\": ...} lines, optionally with a prompt (prompt_len, completion, "
+     "or choices + label): next-token loss beyond the prompt"},
     {"init_adapter", T_STR, OFF(t.init_adapter), 0, sizeof(((itr_options *)0)->t.init_adapter), "", U_TRAIN,
      "-train: start from this PEFT adapter (its modules, ranks and scalings) instead of PEFT's initialisation"},
     {"grad_out", T_STR, OFF(t.grad_out), 0, sizeof(((itr_options *)0)->t.grad_out), "", U_TRAIN,
