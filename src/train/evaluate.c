@@ -187,15 +187,13 @@ static const char *model_name(const evaluator *e, int k, char *buf, size_t len) 
 
 static itr_err report(const evaluator *e) {
   const itr_eval_opts *o = e->o;
-  FILE *f = NULL;
-  char tmp[ITR_TRAIN_PATH + 32];
-  if (o->out[0]) {
-    snprintf(tmp, sizeof tmp, "%s.tmp", o->out);
-    f = fopen(tmp, "w");
-    ITR_CHECK(f, ITR_ERR_INPUT, "cannot write %s", tmp);
-    fprintf(f, "{\n\t\"base\":\t\"%s\",\n\t\"heldout\":\t\"%s\",\n\t\"ece_bins\":\t%d,\n\t\"models\":\t[", o->base,
-            o->heldout, o->bins);
-  }
+  /* the JSON report is built in memory and written with io's atomic writer */
+  size_t cap = (size_t)(e->K + 2) * (3 * ITR_TRAIN_PATH + 512), len = 0;
+  char *json = NULL;
+  ITR_TRY(itr_calloc(cap, 1, "evaluation report", &json));
+#define PUT(...) len += (size_t)snprintf(json + len, len < cap ? cap - len : 0, __VA_ARGS__)
+  PUT("{\n\t\"base\":\t\"%s\",\n\t\"heldout\":\t\"%s\",\n\t\"ece_bins\":\t%d,\n\t\"models\":\t[", o->base, o->heldout,
+      o->bins);
   printf("%-40s %10s %8s %8s %9s %9s %9s\n", "model", "token NLL", "top-1", "questions", "accuracy", "label NLL",
          "ECE");
   itr_err err = ITR_OK;
@@ -209,21 +207,18 @@ static itr_err report(const evaluator *e) {
     const char *name = model_name(e, k, buf, sizeof buf);
     printf("%-40s %10.4f %8.4f %8d %9.4f %9.4f %9.4f\n", name, nll, top1, q.n, q.n ? q.acc : NAN, q.n ? q.nll : NAN,
            q.n ? q.ece : NAN);
-    if (f)
-      fprintf(f,
-              "%s\n\t\t{\"model\":\t\"%s\",\t\"tokens\":\t%.0f,\t\"token_nll\":\t%.9g,\t\"token_top1\":\t%.9g,\t"
-              "\"questions\":\t%d,\t\"accuracy\":\t%.9g,\t\"label_nll\":\t%.9g,\t\"ece\":\t%.9g}",
-              k ? "," : "", name, ntok, ntok > 0 ? nll : 0, ntok > 0 ? top1 : 0, q.n, q.n ? q.acc : 0, q.n ? q.nll : 0,
-              q.n ? q.ece : 0);
+    PUT("%s\n\t\t{\"model\":\t\"%s\",\t\"tokens\":\t%.0f,\t\"token_nll\":\t%.9g,\t\"token_top1\":\t%.9g,\t"
+        "\"questions\":\t%d,\t\"accuracy\":\t%.9g,\t\"label_nll\":\t%.9g,\t\"ece\":\t%.9g}",
+        k ? "," : "", name, ntok, ntok > 0 ? nll : 0, ntok > 0 ? top1 : 0, q.n, q.n ? q.acc : 0, q.n ? q.nll : 0,
+        q.n ? q.ece : 0);
   }
+  PUT("\n\t]\n}\n");
+#undef PUT
   fflush(stdout);
-  if (f) {
-    fprintf(f, "\n\t]\n}\n");
-    int bad = ferror(f) | (fclose(f) != 0);
-    if (err == ITR_OK && bad) err = itr_error_set(ITR_ERR_INPUT, "cannot write %s", tmp);
-    if (err == ITR_OK && rename(tmp, o->out) != 0) err = itr_error_set(ITR_ERR_INPUT, "cannot rename %s to %s", tmp, o->out);
-    if (err != ITR_OK) remove(tmp);
-  }
+  if (err == ITR_OK && o->out[0])
+    err = len < cap ? itr_iofile_write_atomic(o->out, json, len)
+                    : itr_error_set(ITR_ERR_INTERNAL, "evaluation report longer than its buffer");
+  free(json);
   return err;
 }
 

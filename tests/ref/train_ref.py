@@ -144,24 +144,22 @@ def mean_kl(cfg, W0, lora, seqs, teachers):
     return total / count
 
 
-def fd(cfg, W0, lora, seqs, path, which, idx, h=1e-6, drop=None, teachers=None):
-    if teachers is not None:
-        arr = lora[path][which]
-        old = arr[idx]
-        arr[idx] = old + h
-        up = mean_kl(cfg, W0, lora, seqs, teachers)
-        arr[idx] = old - h
-        dn = mean_kl(cfg, W0, lora, seqs, teachers)
-        arr[idx] = old
-        return (up - dn) / (2 * h)
-    arr = lora[path][which]
+def central(loss, arr, idx, h=1e-6):
+    """(loss() at arr[idx] + h - loss() at arr[idx] - h) / 2h; arr[idx] is restored."""
     old = arr[idx]
     arr[idx] = old + h
-    up = mean_loss(cfg, W0, lora, seqs, drop)
+    up = loss()
     arr[idx] = old - h
-    dn = mean_loss(cfg, W0, lora, seqs, drop)
+    dn = loss()
     arr[idx] = old
     return (up - dn) / (2 * h)
+
+
+def fd(cfg, W0, lora, seqs, path, which, idx, h=1e-6, drop=None, teachers=None):
+    """d(mean loss)/d lora[path][which][idx]: the distillation loss with teachers, else cross-entropy."""
+    if teachers is not None:
+        return central(lambda: mean_kl(cfg, W0, lora, seqs, teachers), lora[path][which], idx, h)
+    return central(lambda: mean_loss(cfg, W0, lora, seqs, drop), lora[path][which], idx, h)
 
 
 def cmd_grad_full(a, cfg, W0, seqs):
@@ -178,16 +176,7 @@ def cmd_grad_full(a, cfg, W0, seqs):
         g, arr = cand[name], W0[name]
         picks = [np.unravel_index(int(np.argmax(np.abs(g))), g.shape)]
         picks += [tuple(rng.randint(0, n) for n in g.shape) for _ in range(a.samples)]
-        ref = []
-        for ix in picks:
-            old = arr[ix]
-            arr[ix] = old + 1e-6
-            up = mean_loss(cfg, W0, {}, seqs)
-            arr[ix] = old - 1e-6
-            dn = mean_loss(cfg, W0, {}, seqs)
-            arr[ix] = old
-            ref.append((up - dn) / 2e-6)
-        ref = np.array(ref)
+        ref = np.array([central(lambda: mean_loss(cfg, W0, {}, seqs), arr, ix) for ix in picks])
         got = np.array([g[ix] for ix in picks])
         err = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12))
         parts = name.split(".")
