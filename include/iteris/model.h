@@ -150,7 +150,12 @@ typedef itr_err (*itr_capture_fn)(int layer, itr_site site, const float *rows, i
  * accessors below (tests) or use itr_model_load. Not Collective. */
 itr_err itr_model_create(const itr_model_config *cfg, int layer_begin, int layer_end,
                          int with_embed, int with_head, itr_model **out);
-/* Same, then reads the owned weights (bf16/f16/f32) from store, converted to f32; checks every
+/* Every layer, the embedding and the head, but without the weight matrix of the modules whose bit is
+ * set in no_weight (bit m: itr_module m; itr_model_weight gives NULL for them; biases and norms are
+ * kept). The weight gradient of LoRA training from scratch, where those projections are frozen and
+ * trained through their LoRA factors. Not Collective. */
+itr_err itr_model_create_except(const itr_model_config *cfg, unsigned no_weight, itr_model **out);
+/* Same as itr_model_create, then reads the owned weights (bf16/f16/f32) from store, converted to f32; checks every
  * shape against cfg and names the tensor on error. Not Collective. */
 itr_err itr_model_load(const itr_model_config *cfg, itr_tensor_store *store, int layer_begin,
                        int layer_end, int with_embed, int with_head, itr_model **out);

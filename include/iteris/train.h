@@ -58,7 +58,15 @@ typedef struct {
   int restart;                       /* continue from that checkpoint */
   int full_rank;                     /* train every weight of the model instead of LoRA factors; OUT is a
                                         Hugging Face model folder */
-  int from_scratch;                  /* with full_rank: start from Hugging Face's random initialisation */
+  int from_scratch;                  /* start from Hugging Face's random initialisation of base's configuration;
+                                        without full_rank: LoRA pre-training (the projections of -targets stay
+                                        frozen at their random values and train through LoRA; norms, biases,
+                                        embedding, head and the other projections train fully) */
+  int switch_lora;                   /* SwitchLoRA (itr_switch_*); with it and from_scratch, OUT is a model
+                                        folder (W + s B A); implies the same trainable set as from_scratch */
+  int switch_interval;               /* base switch interval (40): r / interval vectors switched per step */
+  double switch_descent;             /* the interval grows by 1 / 0.3 every switch_descent * steps steps (0.1) */
+  int switch_warm;                   /* steps a switched vector's counterpart stays frozen (5) */
   /* distillation (merge, then distil): the loss is KL(p_i || p) on teacher i's sequences, p_i the
      next-token distribution of base + teacher adapter i; the student starts from init_adapter */
   int n_teachers;
@@ -81,10 +89,16 @@ typedef struct {
   size_t n;
   long t;          /* steps taken */
   double *m, *v;   /* first and second moments (n), float64 */
+  int32_t *age;    /* NULL, or (n) steps since each entry's moments were last reset (SwitchLoRA) */
 } itr_adamw;
 
 itr_err itr_adamw_init(itr_adamw *o, size_t n);
 void itr_adamw_fini(itr_adamw *o);
+/* Gives every entry its own step count (as SwitchLoRA's StepAdamW): the bias corrections of entry i
+ * use age[i], which itr_adamw_reset sets to 0 with its moments; every step adds 1. */
+itr_err itr_adamw_enable_age(itr_adamw *o);
+/* Zeroes the moments (and the age) of the `count` entries first, first + stride, ... */
+void itr_adamw_reset(itr_adamw *o, size_t first, size_t count, size_t stride);
 /* One AdamW step on params (n) f32 with gradient g (n) f64, as torch.optim.AdamW:
  * p *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
  * p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps). */
@@ -93,6 +107,36 @@ void itr_adamw_step(itr_adamw *o, float *params, const double *g, double lr, dou
 /* Scales g (n) so that its 2-norm is at most max_norm (torch's clip_grad_norm_: factor
  * max_norm / (norm + 1e-6) when below 1). Returns the norm before clipping. */
 double itr_clip_grad_norm(double *g, size_t n, double max_norm);
+
+/* ---- SwitchLoRA (switchlora.c) --------------------------------------------------------------------- */
+
+typedef struct {
+  int interval;        /* base switch interval */
+  double descent_rate; /* interval = base / 0.3^((step + 1) / (descent_rate * steps)); 0: constant */
+  int warm;            /* steps a switched vector's counterpart stays frozen, its moments reset */
+  int steps;           /* steps of the run */
+  uint64_t seed;       /* the candidates' values */
+} itr_switch_opts;
+
+typedef struct itr_switch itr_switch;
+
+/* Takes over every LoRA term of lora (one term per slot): C = min(d_in, d_out) candidates per factor
+ * with the reference's uniform bounds; A rows and B columns are set to their first candidates. On
+ * error *out may hold a partial object: destroy it. Not Collective (same result on every rank). */
+itr_err itr_switch_create(const itr_switch_opts *o, itr_lora_set *lora, itr_switch **out);
+void itr_switch_destroy(itr_switch *s); /* accepts NULL */
+/* The schedule: vectors of each factor to switch at step s, before rounding (r / interval(s)). */
+double itr_switch_rate(const itr_switch_opts *o, int r, int step);
+/* Step `step`, after the gradient and before the optimizer: switches this step's A rows and B columns
+ * of every term (W of model absorbs each switch, so W + s B A is unchanged), resets the AdamW moments
+ * and step count of newly frozen counterparts in opt (NULL: none) and zeroes the gradient of every
+ * frozen vector in grad (the LoRA set's pack order; NULL: none). The caller repacks the parameters. */
+itr_err itr_switch_step(itr_switch *s, int step, itr_lora_set *lora, itr_model *model, double *grad, itr_adamw *opt);
+/* Vectors switched so far, candidates held in memory. */
+void itr_switch_counts(const itr_switch *s, int64_t *switched, int64_t *stored_candidates);
+/* The whole state (positions, selections, frozen steps, held candidates) as float64 values. */
+itr_err itr_switch_serialize(const itr_switch *s, double **out, size_t *len);
+itr_err itr_switch_deserialize(itr_switch *s, const double *buf, size_t len);
 
 /* ---- the run (trainer.c) ------------------------------------------------------------------------ */
 

@@ -120,7 +120,17 @@ static const opt_entry table_[] = {
     {"full_rank", T_BOOL, OFF(t.full_rank), 0, 0, "0", U_TRAIN,
      "-train: train every weight of the model (full-rank; OUT is a model folder) instead of a LoRA adapter"},
     {"from_scratch", T_BOOL, OFF(t.from_scratch), 0, 0, "0", U_TRAIN,
-     "-train -full_rank 1: start from a random initialisation (N(0, 0.02^2), norms 1) of -base's configuration"},
+     "-train: start from a random initialisation (N(0, 0.02^2), norms 1) of -base's configuration; without -full_rank: "
+     "LoRA pre-training (the -targets projections stay frozen and train through LoRA, the rest fully; OUT is a model folder)"},
+    {"switch_lora", T_BOOL, OFF(t.switch_lora), 0, 0, "0", U_TRAIN,
+     "-train: SwitchLoRA (LoRA vectors switched with candidates, W absorbing each switch; trains what -from_scratch "
+     "trains; OUT is a model folder)"},
+    {"switch_lora_interval", T_INT, OFF(t.switch_interval), 0, 0, "40", U_TRAIN,
+     "-train -switch_lora: base interval: r / interval vectors of each factor switched per step at first"},
+    {"switch_lora_descent", T_REAL, OFF(t.switch_descent), 0, 0, "0.1", U_TRAIN,
+     "-train -switch_lora: the interval grows by 1/0.3 every (this x -steps) steps (0: constant)"},
+    {"switch_lora_warm", T_INT, OFF(t.switch_warm), 0, 0, "5", U_TRAIN,
+     "-train -switch_lora: steps a switched vector's counterpart stays frozen (its AdamW state reset)"},
     {"distil", T_STRLIST, OFF(t.teachers), OFF(t.n_teachers), 0, "", U_TRAIN,
      "-train: distil into -init_adapter (e.g. a merge) from these teacher adapters: KL(teacher i || student) on -distil_data i"},
     {"distil_data", T_STRLIST, OFF(t.teacher_data), OFF(t.n_teacher_data), 0, "", U_TRAIN,

@@ -92,8 +92,9 @@ int itr_model_has_bias(const itr_model_config *c, itr_module m) {
 
 /* ---- creation and accessors ------------------------------------------------------------------ */
 
-itr_err itr_model_create(const itr_model_config *cfg, int layer_begin, int layer_end, int with_embed,
-                         int with_head, itr_model **out) {
+/* no_weight: bit k set = module k's weight matrices are not allocated (itr_model_weight gives NULL). */
+static itr_err model_create(const itr_model_config *cfg, int layer_begin, int layer_end, int with_embed,
+                            int with_head, unsigned no_weight, itr_model **out) {
   itr_model_dims d;
   ITR_TRY(itr_model_dims_from_config(cfg, &d));
   ITR_CHECK(0 <= layer_begin && layer_begin <= layer_end && layer_end <= d.L, ITR_ERR_INPUT,
@@ -105,7 +106,7 @@ itr_err itr_model_create(const itr_model_config *cfg, int layer_begin, int layer
   for (int m = 0; m < ITR_MODULE_COUNT; m++) {
     int64_t o, i;
     itr_model_dims_module(&d, (itr_module)m, &o, &i);
-    per_layer += (size_t)o * (size_t)i + (itr_model_has_bias(cfg, (itr_module)m) ? (size_t)o : 0);
+    per_layer += (no_weight & (1u << m) ? 0 : (size_t)o * (size_t)i) + (itr_model_has_bias(cfg, (itr_module)m) ? (size_t)o : 0);
   }
   per_layer += 2 * (size_t)d.D;
   size_t total, vd = (size_t)d.V * (size_t)d.D;
@@ -135,7 +136,7 @@ itr_err itr_model_create(const itr_model_config *cfg, int layer_begin, int layer
     for (int k = 0; k < ITR_MODULE_COUNT; k++) {
       int64_t o, i;
       itr_model_dims_module(&d, (itr_module)k, &o, &i);
-      lp->w[k] = p, p += o * i;
+      if (!(no_weight & (1u << k))) lp->w[k] = p, p += o * i;
       if (itr_model_has_bias(cfg, (itr_module)k)) lp->b[k] = p, p += o;
     }
     lp->norm_in = p, p += d.D;
@@ -151,6 +152,17 @@ itr_err itr_model_create(const itr_model_config *cfg, int layer_begin, int layer
   m->n_params = total;
   *out = m;
   return ITR_OK;
+}
+
+itr_err itr_model_create(const itr_model_config *cfg, int layer_begin, int layer_end, int with_embed,
+                         int with_head, itr_model **out) {
+  return model_create(cfg, layer_begin, layer_end, with_embed, with_head, 0, out);
+}
+
+itr_err itr_model_create_except(const itr_model_config *cfg, unsigned no_weight, itr_model **out) {
+  itr_model_dims d;
+  ITR_TRY(itr_model_dims_from_config(cfg, &d));
+  return model_create(cfg, 0, d.L, 1, 1, no_weight & ((1u << ITR_MODULE_COUNT) - 1), out);
 }
 
 void itr_model_destroy(itr_model *m) {

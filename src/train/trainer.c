@@ -8,6 +8,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <cblas.h>
+
 #include "iteris/dist.h"
 #include "iteris/io.h"
 #include "iteris/train.h"
@@ -30,6 +32,9 @@ void itr_train_opts_defaults(itr_train_opts *o) {
   o->max_grad_norm = 1.0;
   o->seed = 0;
   o->log_every = 10;
+  o->switch_interval = 40;
+  o->switch_descent = 0.1;
+  o->switch_warm = 5;
 }
 
 typedef struct {
@@ -44,8 +49,12 @@ typedef struct {
   int64_t n_use;
   itr_tokenizer *tok; /* the base folder's, when the data has text lines */
   itr_lora_set *lora, *grad;
-  size_t n;          /* trainable floats */
-  float *params;     /* (n) f32, packed from lora */
+  size_t n;          /* trainable floats: n_lora LoRA factors, then (dense) the model's trained tensors */
+  size_t n_lora;
+  int dense;         /* LoRA pre-training (-from_scratch or -switch_lora without -full_rank): gmodel holds
+                        the gradient of every tensor but the -targets projections, which are trained too */
+  itr_switch *sw;    /* -switch_lora */
+  float *params;     /* (n) f32, packed from lora (and the model); -full_rank: the model's own */
   double *gbuf;      /* (n + 2): gradient, loss sum, target count */
   float *gflat;      /* (n) f32 staging of the packed gradient */
   itr_adamw opt;
@@ -84,8 +93,13 @@ static itr_err check_opts(const itr_train_opts *o) {
             "-adam_beta1 %g and -adam_beta2 %g must be in [0, 1)", o->beta1, o->beta2);
   ITR_CHECK(o->eps > 0, ITR_ERR_INPUT, "-adam_eps %g must be > 0", o->eps);
   ITR_CHECK(o->weight_decay >= 0, ITR_ERR_INPUT, "-weight_decay %g must be >= 0", o->weight_decay);
-  ITR_CHECK(!o->from_scratch || o->full_rank, ITR_ERR_INPUT,
-            "-from_scratch 1 needs -full_rank 1 (a LoRA adapter on a random model is not a use we support yet)");
+  ITR_CHECK(!(o->from_scratch || o->switch_lora) || (!o->init_adapter[0] && !o->n_teachers && !o->grad_out[0]),
+            ITR_ERR_INPUT, "-from_scratch and -switch_lora train a model: -init_adapter, -distil and -grad_out do not apply");
+  ITR_CHECK(!o->switch_lora || !o->full_rank, ITR_ERR_INPUT,
+            "-switch_lora trains LoRA factors: it does not combine with -full_rank");
+  ITR_CHECK(!o->switch_lora || (o->switch_interval >= 1 && o->switch_warm >= 0 && o->switch_descent >= 0), ITR_ERR_INPUT,
+            "-switch_lora_interval %d must be >= 1, -switch_lora_warm %d >= 0, -switch_lora_descent %g >= 0",
+            o->switch_interval, o->switch_warm, o->switch_descent);
   ITR_CHECK(o->max_grad_norm >= 0, ITR_ERR_INPUT, "-max_grad_norm %g must be >= 0 (0: no clipping)", o->max_grad_norm);
   return ITR_OK;
 }
@@ -147,7 +161,6 @@ static void init_from_scratch(trainer *t) {
 static itr_err setup_full_rank(trainer *t) {
   const itr_train_opts *o = t->o;
   ITR_CHECK(!o->init_adapter[0], ITR_ERR_INPUT, "-full_rank trains the model's weights: -init_adapter does not apply");
-  if (o->from_scratch) init_from_scratch(t);
   ITR_TRY(itr_model_create(&t->cfg, 0, t->cfg.num_hidden_layers, 1, 1, &t->gmodel));
   size_t ng;
   t->params = itr_model_params(t->model, &t->n);
@@ -200,6 +213,38 @@ static itr_err read_teacher_data(trainer *t) {
   return ITR_OK;
 }
 
+/* Dense mode: the model's tensors that gmodel holds (all but the -targets projections), in gmodel's
+ * order (layers: projections and biases, the two norms; then embedding, final norm, separate head),
+ * to (to_model = 0) or from flat. */
+static void dense_copy(trainer *t, float *flat, int to_model) {
+  itr_model *m = t->model, *g = t->gmodel;
+  size_t off = 0;
+#define SEG(pm, pg, len)                                                                 \
+  do {                                                                                   \
+    if (pg) {                                                                            \
+      if (to_model) memcpy((pm), flat + off, (size_t)(len) * sizeof(float));             \
+      else memcpy(flat + off, (pm), (size_t)(len) * sizeof(float));                      \
+      off += (size_t)(len);                                                              \
+    }                                                                                    \
+  } while (0)
+  int64_t D = t->cfg.hidden_size, V = t->cfg.vocab_size;
+  for (int l = 0; l < t->cfg.num_hidden_layers; l++) {
+    for (int k = 0; k < ITR_MODULE_COUNT; k++) {
+      int64_t d_out, d_in;
+      itr_module_shape(&t->cfg, (itr_module)k, &d_out, &d_in);
+      SEG(itr_model_weight(m, l, (itr_module)k), itr_model_weight(g, l, (itr_module)k), d_out * d_in);
+      SEG(itr_model_bias(m, l, (itr_module)k), itr_model_bias(g, l, (itr_module)k), d_out);
+    }
+    SEG(itr_model_norm(m, l, 0), itr_model_norm(g, l, 0), D);
+    SEG(itr_model_norm(m, l, 1), itr_model_norm(g, l, 1), D);
+  }
+  SEG(itr_model_embed_weight(m), itr_model_embed_weight(g), V * D);
+  SEG(itr_model_final_norm(m), itr_model_final_norm(g), D);
+  if (!itr_model_head_is_embed(g)) SEG(itr_model_lm_head(m), itr_model_lm_head(g), V * D);
+#undef SEG
+  ITR_ASSERT(off == t->n - t->n_lora);
+}
+
 static itr_err setup_local(trainer *t) {
   const itr_train_opts *o = t->o;
   itr_tensor_store *store = NULL;
@@ -217,7 +262,9 @@ static itr_err setup_local(trainer *t) {
   for (int s = 0; s < t->data.n_seqs; s++)
     if (!t->data.group || t->data.group[s] < 0 || t->data.is_label[s]) t->use[t->n_use++] = s;
   ITR_CHECK(t->n_use >= 1, ITR_ERR_INPUT, "%s: no sequences to train on", o->data);
+  if (o->from_scratch) init_from_scratch(t);
   if (o->full_rank) return setup_full_rank(t);
+  t->dense = o->from_scratch || o->switch_lora;
   ITR_TRY(itr_lora_set_create(&t->cfg, &t->lora));
   if (o->init_adapter[0]) {
     ITR_TRY(itr_adapter_open(o->init_adapter, &t->cfg, &ad));
@@ -228,15 +275,27 @@ static itr_err setup_local(trainer *t) {
   } else {
     ITR_TRY(init_fresh(t));
   }
+  if (o->switch_lora) {
+    itr_switch_opts so = {o->switch_interval, o->switch_descent, o->switch_warm, o->steps, (uint64_t)o->seed};
+    ITR_TRY(itr_switch_create(&so, t->lora, &t->sw));
+  }
   ITR_TRY(itr_lora_set_create_like(t->lora, &t->grad));
-  t->n = itr_lora_set_n_params(t->lora);
+  t->n_lora = t->n = itr_lora_set_n_params(t->lora);
   ITR_CHECK(t->n > 0, ITR_ERR_INPUT, "-train: nothing to train (no LoRA module)");
-  ITR_TRY(itr_calloc(t->n, sizeof(float), "LoRA parameters", &t->params));
-  ITR_TRY(itr_calloc(t->n, sizeof(float), "LoRA gradient (f32)", &t->gflat));
-  ITR_TRY(itr_calloc(t->n + 2, sizeof(double), "LoRA gradient", &t->gbuf));
+  size_t n_dense = 0;
+  if (t->dense) {
+    ITR_TRY(itr_model_create_except(&t->cfg, o->targets, &t->gmodel));
+    (void)itr_model_params(t->gmodel, &n_dense);
+    t->n += n_dense;
+  }
+  ITR_TRY(itr_calloc(t->n, sizeof(float), "trained parameters", &t->params));
+  ITR_TRY(itr_calloc(t->n_lora, sizeof(float), "LoRA gradient (f32)", &t->gflat));
+  ITR_TRY(itr_calloc(t->n + 2, sizeof(double), "gradient", &t->gbuf));
   ITR_TRY(itr_calloc((size_t)(o->steps > 0 ? o->steps : 1), sizeof(double), "loss curve", &t->loss_curve));
   ITR_TRY(itr_adamw_init(&t->opt, t->n));
+  if (t->sw) ITR_TRY(itr_adamw_enable_age(&t->opt));
   itr_lora_set_pack(t->lora, t->params);
+  if (t->dense) dense_copy(t, t->params + t->n_lora, 0);
   return ITR_OK;
 }
 
@@ -247,7 +306,8 @@ static void trainer_fini(trainer *t) {
   itr_tokenizer_destroy(t->tok);
   itr_lora_set_destroy(t->lora);
   itr_lora_set_destroy(t->grad);
-  if (!t->gmodel) free(t->params); /* -full_rank: params are the model's own */
+  if (!t->o->full_rank) free(t->params); /* -full_rank: params are the model's own */
+  itr_switch_destroy(t->sw);
   itr_model_destroy(t->gmodel);
   for (int i = 0; t->teachers && i < t->o->n_teachers; i++) itr_lora_set_destroy(t->teachers[i]);
   free(t->teachers);
@@ -355,8 +415,8 @@ static itr_err gradient(trainer *t, const int64_t *mine, int n_mine, long step, 
   free(mb.seq_ids);
   ITR_TRY(itr_dist_agree(t->comm, err));
   if (t->grad) itr_lora_set_pack(t->grad, t->gflat);
-  const float *gsrc = gw ? gw : t->gflat;
-  for (size_t i = 0; i < t->n; i++) t->gbuf[i] = gsrc[i];
+  for (size_t i = 0; i < t->n_lora; i++) t->gbuf[i] = t->gflat[i];
+  for (size_t i = 0; i < ng; i++) t->gbuf[t->n_lora + i] = gw[i];
   t->gbuf[t->n] = loss;
   t->gbuf[t->n + 1] = (double)count;
   ITR_TRY(itr_dist_allreduce_sum(t->gbuf, (int64_t)t->n + 2, t->comm, "LoRA gradient"));
@@ -448,6 +508,15 @@ static itr_err write_report(const trainer *t, const char *dir) {
       o->batch, o->grad_accum, o->lr, o->warmup);
   PUT("\t\"min_lr_ratio\":\t%g,\n\t\"weight_decay\":\t%g,\n\t\"max_grad_norm\":\t%g,\n\t\"seed\":\t%ld,\n",
       o->min_lr_ratio, o->weight_decay, o->max_grad_norm, o->seed);
+  const char *mode = o->full_rank ? "full_rank" : t->sw ? "switch_lora" : t->dense ? "lora_from_scratch" : "lora";
+  PUT("\t\"mode\":\t\"%s\",\n\t\"from_scratch\":\t%s,\n", mode, o->from_scratch ? "true" : "false");
+  if (t->sw) {
+    int64_t sw, held;
+    itr_switch_counts(t->sw, &sw, &held);
+    PUT("\t\"switch_lora_interval\":\t%d,\n\t\"switch_lora_descent\":\t%g,\n\t\"switch_lora_warm\":\t%d,\n",
+        o->switch_interval, o->switch_descent, o->switch_warm);
+    PUT("\t\"vectors_switched\":\t%lld,\n\t\"candidates_held\":\t%lld,\n", (long long)sw, (long long)held);
+  }
   PUT("\t\"trainable_parameters\":\t%zu,\n\t\"tokens_per_second\":\t%.1f,\n\t\"wall_seconds\":\t%.3f,\n", t->n,
       t->tokens_per_s, t->wall_s);
   PUT("\t\"loss\":\t[");
@@ -494,9 +563,20 @@ static void checkpoint_path(const trainer *t, char *buf, size_t len) {
   snprintf(buf, len, "%s.partial/train_checkpoint.safetensors", t->o->out);
 }
 
-/* -full_rank: a Hugging Face model folder (config.json, model.safetensors in F32). */
+/* -full_rank, -from_scratch, -switch_lora: a Hugging Face model folder (config.json, model.safetensors
+ * in F32); LoRA factors are merged first (W += s B A; the model is not used after this). */
 static itr_err write_model(const trainer *t, const char *dir) {
   char path[ITR_PATH_MAX + 64];
+  for (int l = 0; t->dense && l < t->cfg.num_hidden_layers; l++)
+    for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+      const itr_lora_slot *sl = itr_lora_set_slot(t->lora, l, (itr_module)m);
+      int64_t d_out, d_in;
+      itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
+      for (int k = 0; sl && k < sl->n_terms; k++)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)d_out, (int)d_in, sl->terms[k].r,
+                    sl->terms[k].scaling, sl->terms[k].B, sl->terms[k].r, sl->terms[k].A, (int)d_in, 1.0f,
+                    itr_model_weight(t->model, l, (itr_module)m), (int)d_in);
+    }
   snprintf(path, sizeof path, "%s/config.json", dir);
   ITR_TRY(itr_model_config_write(path, &t->cfg));
   snprintf(path, sizeof path, "%s/model.safetensors", dir);
@@ -535,10 +615,11 @@ static void checkpoint_key(const trainer *t, char *buf, size_t len) {
   snprintf(buf, len,
            "base=%s data=%s init=%s r=%d alpha=%.17g rslora=%d targets=%u dropout=%.17g steps=%d batch=%d lr=%.17g "
            "warmup=%d min_lr_ratio=%.17g betas=%.17g,%.17g eps=%.17g wd=%.17g clip=%.17g seed=%ld n=%zu full=%d,%d "
-           "teachers=%d",
+           "teachers=%d switch=%d,%d,%.17g,%d",
            o->base, o->data, o->init_adapter, o->r, o->lora_alpha, o->rslora, o->targets, o->dropout, o->steps,
            o->batch, o->lr, o->warmup, o->min_lr_ratio, o->beta1, o->beta2, o->eps, o->weight_decay,
-           o->max_grad_norm, o->seed, t->n, o->full_rank, o->from_scratch, o->n_teachers);
+           o->max_grad_norm, o->seed, t->n, o->full_rank, o->from_scratch, o->n_teachers, o->switch_lora,
+           o->switch_interval, o->switch_descent, o->switch_warm);
 }
 
 /* Rank 0: the state after `done` steps. */
@@ -556,6 +637,19 @@ static itr_err checkpoint_write(const trainer *t, int done) {
   if (err == ITR_OK) err = itr_st_writer_add(w, "adam_m", ITR_F64, 1, &n, t->opt.m);
   if (err == ITR_OK) err = itr_st_writer_add(w, "adam_v", ITR_F64, 1, &n, t->opt.v);
   if (err == ITR_OK) err = itr_st_writer_add(w, "loss", ITR_F64, 1, &nl, done > 0 ? t->loss_curve : &zero);
+  double *state = NULL, *age = NULL;
+  if (err == ITR_OK && t->sw) { /* SwitchLoRA changes W: the model, the moments' ages and the switch state */
+    size_t ns = 0, nm = 0;
+    float *mp = itr_model_params(t->model, &nm);
+    int64_t nm64 = (int64_t)nm;
+    err = itr_switch_serialize(t->sw, &state, &ns);
+    int64_t ns64 = (int64_t)ns;
+    if (err == ITR_OK) err = itr_calloc(t->n, sizeof(double), "AdamW ages", &age);
+    for (size_t i = 0; err == ITR_OK && i < t->n; i++) age[i] = t->opt.age[i];
+    if (err == ITR_OK) err = itr_st_writer_add(w, "model", ITR_F32, 1, &nm64, mp);
+    if (err == ITR_OK) err = itr_st_writer_add(w, "adam_age", ITR_F64, 1, &n, age);
+    if (err == ITR_OK) err = itr_st_writer_add(w, "switch_state", ITR_F64, 1, &ns64, state);
+  }
   snprintf(num, sizeof num, "%d", done);
   if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "step", num);
   snprintf(num, sizeof num, "%ld", t->opt.t);
@@ -563,11 +657,33 @@ static itr_err checkpoint_write(const trainer *t, int done) {
   if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "options", key);
   if (err == ITR_OK) err = itr_st_writer_write(w, path);
   itr_st_writer_destroy(w);
+  free(state);
+  free(age);
+  return err;
+}
+
+/* SwitchLoRA's part of the checkpoint: the model, the ages, the switch state (its values in *state). */
+static itr_err checkpoint_read_switch(trainer *t, itr_safetensors *st, const char *path, double **state, size_t *ns) {
+  const itr_tensor_info *mt = itr_safetensors_find(st, "model"), *at = itr_safetensors_find(st, "adam_age"),
+                        *ss = itr_safetensors_find(st, "switch_state");
+  size_t nm;
+  float *mp = itr_model_params(t->model, &nm);
+  ITR_CHECK(mt && at && ss && mt->numel == (int64_t)nm && at->numel == (int64_t)t->n, ITR_ERR_INPUT,
+            "%s: a -switch_lora checkpoint needs model (%zu), adam_age (%zu) and switch_state", path, nm, t->n);
+  double *age = NULL;
+  ITR_TRY(itr_calloc(t->n, sizeof(double), "AdamW ages", &age));
+  itr_err err = itr_tensor_read_f64(at, age);
+  for (size_t i = 0; err == ITR_OK && i < t->n; i++) t->opt.age[i] = (int32_t)age[i];
+  free(age);
+  if (err == ITR_OK) err = itr_tensor_read_f32(mt, mp);
+  if (err == ITR_OK) err = itr_calloc((size_t)ss->numel, sizeof(double), "SwitchLoRA state", state);
+  if (err == ITR_OK) err = itr_tensor_read_f64(ss, *state);
+  *ns = (size_t)ss->numel;
   return err;
 }
 
 /* Rank 0 reads the checkpoint (*found = 0 when there is none), then every rank receives it. */
-static itr_err checkpoint_read_local(trainer *t, int *found) {
+static itr_err checkpoint_read_local(trainer *t, int *found, double **state, size_t *ns) {
   char path[ITR_PATH_MAX + 64], key[ITR_PATH_MAX * 3 + 512];
   checkpoint_path(t, path, sizeof path);
   *found = 0;
@@ -594,6 +710,7 @@ static itr_err checkpoint_read_local(trainer *t, int *found) {
   if (err == ITR_OK) err = itr_tensor_read_f64(m, t->opt.m);
   if (err == ITR_OK) err = itr_tensor_read_f64(v, t->opt.v);
   if (err == ITR_OK && done > 0) err = itr_tensor_read_f64(l, t->loss_curve);
+  if (err == ITR_OK && t->sw) err = checkpoint_read_switch(t, st, path, state, ns);
   if (err == ITR_OK) {
     t->opt.t = atol(at);
     t->step0 = done;
@@ -603,10 +720,41 @@ static itr_err checkpoint_read_local(trainer *t, int *found) {
   return err;
 }
 
+/* MPI_Bcast from rank 0 of n elements, in chunks (MPI counts are int). */
+static void bcast_chunks(void *buf, size_t n, MPI_Datatype type, size_t elem, MPI_Comm comm) {
+  const size_t chunk = (size_t)1 << 26;
+  for (size_t off = 0; off < n; off += chunk)
+    MPI_Bcast((char *)buf + off * elem, (int)(n - off < chunk ? n - off : chunk), type, 0, comm);
+}
+
 static itr_err checkpoint_restore(trainer *t) {
   int found = 0;
-  ITR_TRY(itr_dist_agree(t->comm, t->rank == 0 ? checkpoint_read_local(t, &found) : ITR_OK));
+  double *state = NULL;
+  size_t ns = 0;
+  itr_err err = itr_dist_agree(t->comm, t->rank == 0 ? checkpoint_read_local(t, &found, &state, &ns) : ITR_OK);
+  if (err != ITR_OK) {
+    free(state);
+    return err;
+  }
   MPI_Bcast(&found, 1, MPI_INT, 0, t->comm);
+  if (found && t->sw) { /* the model (W changed by the switches), the ages, the switch state */
+    size_t nm;
+    float *mp = itr_model_params(t->model, &nm);
+    bcast_chunks(mp, nm, MPI_FLOAT, sizeof(float), t->comm);
+    bcast_chunks(t->opt.age, t->n, MPI_INT32_T, sizeof(int32_t), t->comm);
+    unsigned long long ns64 = ns;
+    MPI_Bcast(&ns64, 1, MPI_UNSIGNED_LONG_LONG, 0, t->comm);
+    ns = (size_t)ns64;
+    err = t->rank == 0 ? ITR_OK : itr_calloc(ns ? ns : 1, sizeof(double), "SwitchLoRA state", &state);
+    if (itr_dist_agree(t->comm, err) == ITR_OK) {
+      bcast_chunks(state, ns, MPI_DOUBLE, sizeof(double), t->comm);
+      err = itr_dist_agree(t->comm, itr_switch_deserialize(t->sw, state, ns));
+    }
+    free(state);
+    state = NULL;
+    ITR_TRY(itr_dist_agree(t->comm, err));
+  }
+  free(state);
   if (!found) {
     if (t->rank == 0) itr_log(ITR_LOG_WARN, "-restart: no checkpoint in %s.partial/: starting from the beginning", t->o->out);
     return ITR_OK;
@@ -625,6 +773,7 @@ static itr_err checkpoint_restore(trainer *t) {
   }
   if (t->step0 > 0) MPI_Bcast(t->loss_curve, t->step0, MPI_DOUBLE, 0, t->comm);
   if (t->lora) itr_lora_set_unpack(t->lora, t->params);
+  if (t->dense) dense_copy(t, t->params + t->n_lora, 1);
   if (t->rank == 0) itr_log(ITR_LOG_INFO, "-restart: continuing after step %d of %d", t->step0, t->o->steps);
   return ITR_OK;
 }
@@ -671,8 +820,14 @@ static itr_err train_loop(trainer *t) {
     double loss = count > 0 ? t->gbuf[t->n] / count : 0;
     double gnorm = itr_clip_grad_norm(t->gbuf, t->n, o->max_grad_norm);
     double lr = o->lr * itr_train_lr_factor(s, o->steps, o->warmup, o->min_lr_ratio);
+    if (t->sw) { /* switch after clipping, before the optimizer (the reference's order) */
+      err = itr_switch_step(t->sw, s, t->lora, t->model, t->gbuf, &t->opt);
+      if (err != ITR_OK) break;
+      itr_lora_set_pack(t->lora, t->params);
+    }
     itr_adamw_step(&t->opt, t->params, t->gbuf, lr, o->beta1, o->beta2, o->eps, o->weight_decay);
     if (t->lora) itr_lora_set_unpack(t->lora, t->params);
+    if (t->dense) dense_copy(t, t->params + t->n_lora, 1);
     t->loss_curve[s] = loss;
     if (o->checkpoint_every > 0 && (s + 1) % o->checkpoint_every == 0 && s + 1 < o->steps) {
       err = itr_dist_agree(t->comm, t->rank == 0 ? checkpoint_write(t, s + 1) : ITR_OK);
@@ -731,7 +886,7 @@ itr_err itr_train_run(const itr_train_opts *o, MPI_Comm comm) {
     if (err == ITR_OK) err = train_loop(&t);
   }
   if (err == ITR_OK) err = itr_dist_agree(comm, t.rank == 0 ? write_out(&t) : ITR_OK);
-  if (err == ITR_OK && t.rank == 0) itr_log(ITR_LOG_INFO, "adapter written to %s", o->out);
+  if (err == ITR_OK && t.rank == 0) itr_log(ITR_LOG_INFO, "%s written to %s", t.gmodel ? "model" : "adapter", o->out);
   trainer_fini(&t);
   return err;
 }
