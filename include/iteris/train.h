@@ -159,6 +159,7 @@ typedef struct {
   char heldout[ITR_TRAIN_PATH];                /* JSONL: plain sequences and/or questions ("choices") */
   char out[ITR_TRAIN_PATH];                    /* "" or a JSON report */
   int bins;                                    /* ECE bins (equal width) */
+  char reference[ITR_TRAIN_PATH];              /* "" or one of adapters: fidelity to it (see below) */
 } itr_eval_opts;
 
 /* Collective on comm. Scores the base model, each adapter (base + adapter i) and, when M >= 2, their
@@ -167,6 +168,11 @@ typedef struct {
  *   questions ({"choices": [...], "label": j}): each choice scored by the log-likelihood of its tokens
  *   given the prompt, class probabilities softmax over the choices (the ensemble averages them over
  *   members), accuracy, NLL of the label, and ECE over `bins` equal-width confidence bins.
+ * With a reference adapter (one of the list; typically task i's own adapter when the others are merges), each
+ * model m also gets, over the predicted positions of plain sequences and of each question's labelled choice:
+ * kl_ratio = mean KL(p_ref || p_m) / mean KL(p_ref || p_base) (0: the reference itself, 1: no better than the
+ * base), top-1 agreement with the reference, and the share of the reference's adaptation kept,
+ * (NLL_base - NLL_m) / (NLL_base - NLL_ref), on the label NLL of questions (else on the token NLL).
  * Sequences are spread over ranks; rank 0 prints the table and writes opt->out. Same error on every rank. */
 itr_err itr_evaluate_adapters(const itr_eval_opts *opt, MPI_Comm comm);
 

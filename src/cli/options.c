@@ -146,6 +146,9 @@ static const opt_entry table_[] = {
      "score these adapters and their probability-averaged ensemble on -heldout (NLL, accuracy, ECE)"},
     {"eval_out", T_STR, OFF(e.out), 0, sizeof(((itr_options *)0)->e.out), "", U_ENSEMBLE, "-ensemble: also write the table as JSON here"},
     {"ece_bins", T_INT, OFF(e.bins), 0, 0, "10", U_ENSEMBLE, "-ensemble: equal-width bins of the expected calibration error"},
+    {"eval_reference", T_STR, OFF(e.reference), 0, sizeof(((itr_options *)0)->e.reference), "", U_ENSEMBLE,
+     "-ensemble: one of its adapters (e.g. a task's own): add kl_ratio, top-1 agreement and the share of its "
+     "adaptation each model keeps"},
     {"verbose", T_INT, OFF(m.verbose), 0, 0, "0", U_ALL, "0: progress, 1: details, 2: debug"},
 };
 #define N_OPTS (sizeof table_ / sizeof table_[0])

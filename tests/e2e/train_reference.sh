@@ -186,11 +186,13 @@ cat >"$W/heldout.jsonl" <<'JSONL'
 {"input_ids": [1, 7, 7], "choices": [[9, 9], [10]], "label": 1}
 {"input_ids": [1, 38, 2, 25], "choices": [[36], [37], [35], [34]], "label": 3}
 JSONL
+# (at np 3 with -eval_reference the second adapter: kl_ratio, top-1 agreement and share kept as well)
 for np in 1 3; do
+  refopt=(); refnum=0; [ $np = 3 ] && refopt=(-eval_reference "$W/ad_llama2") && refnum=2
   if mpirun -np $np "$BIN" -base "$W/llama" -ensemble "$W/ad_llama,$W/ad_llama2,$W/np1" -heldout "$W/heldout.jsonl" \
-      -eval_out "$W/ens$np.json" >"$W/ens$np.log" 2>&1 &&
+      "${refopt[@]}" -eval_out "$W/ens$np.json" >"$W/ens$np.log" 2>&1 &&
      $PY $TREF ensemble "$W/llama" "$W/heldout.jsonl" "$W/ens$np.json" --adapters "$W/ad_llama" "$W/ad_llama2" "$W/np1" \
-       >"$W/ens$np.cmp" 2>&1; then
+       --reference $refnum >"$W/ens$np.cmp" 2>&1; then
     pass "-ensemble at np $np: $(tail -n 1 "$W/ens$np.cmp")"
   else fail "-ensemble at np $np:"; cat "$W/ens$np.log" "$W/ens$np.cmp" 2>/dev/null | tail -n 12; fi
 done

@@ -328,12 +328,20 @@ def cmd_ensemble(a):
     M = len(a.adapters)
     K = 1 + M + (M >= 2)
     tok = np.zeros((K, 3))
+    fid = np.zeros((K, 3))  # --reference: sum KL(p_ref || p_k), top-1 agreements, positions
     scores = np.zeros((K, len(rows)))
-    for s, (ids, first, g, _) in enumerate(rows):
+    for s, (ids, first, g, is_label) in enumerate(rows):
         if len(ids) <= first:
             continue
         lps = [log_softmax(R.forward(cfg, W, ids))[first - 1:-1] for W in models]
         tgt = np.asarray(ids[first:])
+        if a.reference and (g < 0 or is_label):
+            lr = lps[a.reference]
+            dists = [np.exp(lp) for lp in lps]
+            if M >= 2:
+                dists.append(np.mean(dists[1:M + 1], axis=0))
+            for k, p in enumerate(dists):
+                fid[k] += [float((np.exp(lr) * (lr - np.log(p))).sum()), np.sum(lr.argmax(axis=1) == p.argmax(axis=1)), len(tgt)]
         for k, lp in enumerate(lps):
             scores[k, s] = lp[np.arange(len(tgt)), tgt].sum()
             if g < 0:
@@ -363,19 +371,30 @@ def cmd_ensemble(a):
         ref.append({"token_nll": tok[k, 0] / tok[k, 2] if tok[k, 2] else 0, "token_top1": tok[k, 1] / tok[k, 2] if tok[k, 2] else 0,
                     "questions": n, "accuracy": sum(corr) / n if n else 0, "label_nll": sum(nll) / n if n else 0,
                     "ece": ece / n if n else 0})
+    if a.reference:
+        qn = ref[0]["questions"] > 0
+        nb, nr = (ref[0]["label_nll"], ref[a.reference]["label_nll"]) if qn else (ref[0]["token_nll"], ref[a.reference]["token_nll"])
+        for k in range(K):
+            ref[k]["kl_ratio"] = (fid[k, 0] / fid[k, 2]) / (fid[0, 0] / fid[0, 2])
+            ref[k]["top1_agreement"] = fid[k, 1] / fid[k, 2]
+            ref[k]["share_kept"] = (nb - (ref[k]["label_nll"] if qn else ref[k]["token_nll"])) / (nb - nr)
     got = json.load(open(a.candidate))["models"]
     bad = 0
     if len(got) != K:
         print("ensemble: %d models in the report, expected %d" % (len(got), K))
         return 1
     for k in range(K):
-        for key, tol in (("token_nll", 1e-4), ("token_top1", 0), ("questions", 0), ("accuracy", 0), ("label_nll", 1e-4), ("ece", 1e-4)):
+        keys = (("token_nll", 1e-4), ("token_top1", 0), ("questions", 0), ("accuracy", 0), ("label_nll", 1e-4), ("ece", 1e-4))
+        if a.reference:
+            keys += (("kl_ratio", 1e-4), ("top1_agreement", 1e-8), ("share_kept", 1e-4))
+        for key, tol in keys:
             r, c = ref[k][key], got[k][key]
             err = abs(r - c) / max(abs(r), 1.0)
             if err > tol:
                 print("FAIL %s %s: got %.9g, NumPy %.9g" % (got[k]["model"], key, c, r))
                 bad += 1
-    print("ensemble: %d models x 6 scores, %d differ from NumPy (token_nll, label_nll, ece within 1e-4; counts exact)" % (K, bad))
+    print("ensemble: %d models x %d scores, %d differ from NumPy (NLLs, ECE%s within 1e-4; counts exact)" %
+          (K, 9 if a.reference else 6, bad, ", kl_ratio, share kept" if a.reference else ""))
     return 1 if bad else 0
 
 
@@ -415,6 +434,7 @@ def main(argv):
     e.add_argument("candidate")
     e.add_argument("--adapters", nargs="+", required=True)
     e.add_argument("--bins", type=int, default=10)
+    e.add_argument("--reference", type=int, default=0, help="1-based index of the -eval_reference adapter")
     a = ap.parse_args(argv)
     return {"grad": cmd_grad, "adamw": cmd_adamw, "ensemble": cmd_ensemble}[a.cmd](a)
 
