@@ -73,6 +73,10 @@ typedef struct {
   char teachers[64][ITR_TRAIN_PATH];       /* PEFT adapters */
   int n_teacher_data;
   char teacher_data[64][ITR_TRAIN_PATH];   /* one JSONL per teacher (its calibration sequences) */
+  /* early stopping: val_fraction of the sequences (of each teacher's, with distil) held out, their loss
+     measured every eval_every steps (0: steps / 20) and at the end; the parameters of the best are written */
+  double val_fraction;
+  int eval_every;
   int verbose;
 } itr_train_opts;
 

@@ -135,6 +135,10 @@ static const opt_entry table_[] = {
      "-train: distil into -init_adapter (e.g. a merge) from these teacher adapters: KL(teacher i || student) on -distil_data i"},
     {"distil_data", T_STRLIST, OFF(t.teacher_data), OFF(t.n_teacher_data), 0, "", U_TRAIN,
      "-train -distil: one JSONL per teacher (its calibration sequences)"},
+    {"val_fraction", T_REAL, OFF(t.val_fraction), 0, 0, "0", U_TRAIN,
+     "-train: hold out this fraction of the sequences (of each -distil_data file), measure their loss every "
+     "-eval_every steps, write the parameters of the lowest (early stopping)"},
+    {"eval_every", T_INT, OFF(t.eval_every), 0, 0, "0", U_TRAIN, "-train -val_fraction: steps between validations (0: steps / 20)"},
     {"checkpoint_every", T_INT, OFF(t.checkpoint_every), 0, 0, "0", U_TRAIN,
      "-train: also write the checkpoint every N steps (it is always written when a signal stops the run)"},
     {"log_every", T_INT, OFF(t.log_every), 0, 0, "10", U_TRAIN, "-train: print loss, tokens/s and ETA every N steps"},

@@ -1,18 +1,15 @@
-/* The training run (include/iteris/train.h): setup on every rank, the step loop (local gradients of
- * this rank's share of the batch, one sum over ranks, the optimizer), and rank 0's atomic write of
- * the adapter and train_report.json. Every phase ends at an agreement point, so all ranks return
- * the same error. */
+/* The training run (include/iteris/train.h): setup on every rank, the data order, the local
+ * gradient of this rank's share of each batch and its sum over ranks, and the step loop (clipping,
+ * SwitchLoRA, AdamW). Every phase ends at an agreement point, so all ranks return the same error;
+ * writing is in train_output.c, the checkpoint in train_checkpoint.c. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#include <cblas.h>
-
 #include "iteris/dist.h"
-#include "iteris/io.h"
-#include "iteris/train.h"
+#include "train/train_internal.h"
 
 void itr_train_opts_defaults(itr_train_opts *o) {
   memset(o, 0, sizeof *o);
@@ -36,36 +33,6 @@ void itr_train_opts_defaults(itr_train_opts *o) {
   o->switch_descent = 0.1;
   o->switch_warm = 5;
 }
-
-typedef struct {
-  MPI_Comm comm;
-  int rank, size;
-  const itr_train_opts *o;
-  itr_model_config cfg;
-  itr_model *model;
-  itr_token_set data;
-  int have_data;
-  int64_t *use;      /* (n_use) the sequences trained on: all but the unlabelled choices of questions */
-  int64_t n_use;
-  itr_tokenizer *tok; /* the base folder's, when the data has text lines */
-  itr_lora_set *lora, *grad;
-  size_t n;          /* trainable floats: n_lora LoRA factors, then (dense) the model's trained tensors */
-  size_t n_lora;
-  int dense;         /* LoRA pre-training (-from_scratch or -switch_lora without -full_rank): gmodel holds
-                        the gradient of every tensor but the -targets projections, which are trained too */
-  itr_switch *sw;    /* -switch_lora */
-  float *params;     /* (n) f32, packed from lora (and the model); -full_rank: the model's own */
-  double *gbuf;      /* (n + 2): gradient, loss sum, target count */
-  float *gflat;      /* (n) f32 staging of the packed gradient */
-  itr_adamw opt;
-  int fold_scaling;  /* started from an adapter: write with scaling 1 */
-  itr_model *gmodel; /* -full_rank: the weights' gradient, laid out as the model */
-  itr_lora_set **teachers; /* -distil: one set per teacher adapter */
-  int32_t *task;           /* -distil: (n_seqs) the teacher of each sequence */
-  double *loss_curve; /* (steps) mean loss of each step */
-  int step0;          /* first step of this run (> 0 after -restart) */
-  double tokens_per_s, wall_s;
-} trainer;
 
 /* ---- setup ----------------------------------------------------------------------------------------- */
 
@@ -100,6 +67,10 @@ static itr_err check_opts(const itr_train_opts *o) {
   ITR_CHECK(!o->switch_lora || (o->switch_interval >= 1 && o->switch_warm >= 0 && o->switch_descent >= 0), ITR_ERR_INPUT,
             "-switch_lora_interval %d must be >= 1, -switch_lora_warm %d >= 0, -switch_lora_descent %g >= 0",
             o->switch_interval, o->switch_warm, o->switch_descent);
+  ITR_CHECK(o->val_fraction >= 0 && o->val_fraction <= 0.5 && o->eval_every >= 0, ITR_ERR_INPUT,
+            "-val_fraction %g must be in [0, 0.5] and -eval_every %d >= 0", o->val_fraction, o->eval_every);
+  ITR_CHECK(o->val_fraction == 0 || (!o->switch_lora && !o->grad_out[0]), ITR_ERR_INPUT,
+            "-val_fraction does not combine with -switch_lora (the switches change W) or -grad_out");
   ITR_CHECK(o->max_grad_norm >= 0, ITR_ERR_INPUT, "-max_grad_norm %g must be >= 0 (0: no clipping)", o->max_grad_norm);
   return ITR_OK;
 }
@@ -216,7 +187,7 @@ static itr_err read_teacher_data(trainer *t) {
 /* Dense mode: the model's tensors that gmodel holds (all but the -targets projections), in gmodel's
  * order (layers: projections and biases, the two norms; then embedding, final norm, separate head),
  * to (to_model = 0) or from flat. */
-static void dense_copy(trainer *t, float *flat, int to_model) {
+void train_dense_copy(trainer *t, float *flat, int to_model) {
   itr_model *m = t->model, *g = t->gmodel;
   size_t off = 0;
 #define SEG(pm, pg, len)                                                                 \
@@ -245,6 +216,51 @@ static void dense_copy(trainer *t, float *flat, int to_model) {
   ITR_ASSERT(off == t->n - t->n_lora);
 }
 
+/* -val_fraction: of each group's sequences (each teacher's with -distil; else all), a seeded choice of
+ * round(fraction n_g) (at least 1, at most n_g - 1) leaves the training set for the validation set. */
+static itr_err split_validation(trainer *t) {
+  const itr_train_opts *o = t->o;
+  if (o->val_fraction <= 0) return ITR_OK;
+  int n_groups = t->task ? o->n_teachers : 1;
+  int64_t *idx = NULL, *keep = NULL;
+  char *is_val = NULL;
+  ITR_TRY(itr_calloc((size_t)t->n_use, sizeof(int64_t), "validation split", &idx));
+  itr_err err = itr_calloc((size_t)t->n_use, sizeof(int64_t), "training sequences", &keep);
+  if (err == ITR_OK) err = itr_calloc((size_t)t->n_use, 1, "validation marks", &is_val);
+  if (err == ITR_OK) err = itr_calloc((size_t)t->n_use, sizeof(int64_t), "validation sequences", &t->val);
+  for (int g = 0; err == ITR_OK && g < n_groups; g++) {
+    int64_t ng = 0;
+    for (int64_t i = 0; i < t->n_use; i++)
+      if (!t->task || t->task[t->use[i]] == g) idx[ng++] = i;
+    itr_rng r;
+    itr_rng_init_stream(&r, (uint64_t)o->seed, 0x76616c00ull + (uint64_t)g);
+    for (int64_t i = ng - 1; i > 0; i--) {
+      int64_t j = (int64_t)itr_rng_below(&r, (uint64_t)(i + 1)), tmp = idx[i];
+      idx[i] = idx[j];
+      idx[j] = tmp;
+    }
+    int64_t nv = (int64_t)llround(o->val_fraction * (double)ng);
+    if (nv < 1) nv = 1;
+    if (nv > ng - 1) nv = ng - 1;
+    for (int64_t i = 0; i < nv; i++) is_val[idx[i]] = 1;
+  }
+  int64_t nk = 0;
+  for (int64_t i = 0; err == ITR_OK && i < t->n_use; i++)
+    if (is_val[i]) t->val[t->n_val++] = t->use[i];
+    else keep[nk++] = t->use[i];
+  if (err == ITR_OK) {
+    memcpy(t->use, keep, (size_t)nk * sizeof(int64_t));
+    t->n_use = nk;
+  }
+  free(idx);
+  free(keep);
+  free(is_val);
+  ITR_TRY(err);
+  ITR_CHECK(t->n_val >= 1 && t->n_use >= 1, ITR_ERR_INPUT,
+            "-val_fraction %g: too few sequences to hold some out (%lld)", o->val_fraction, (long long)(t->n_use + t->n_val));
+  return ITR_OK;
+}
+
 static itr_err setup_local(trainer *t) {
   const itr_train_opts *o = t->o;
   itr_tensor_store *store = NULL;
@@ -262,6 +278,7 @@ static itr_err setup_local(trainer *t) {
   for (int s = 0; s < t->data.n_seqs; s++)
     if (!t->data.group || t->data.group[s] < 0 || t->data.is_label[s]) t->use[t->n_use++] = s;
   ITR_CHECK(t->n_use >= 1, ITR_ERR_INPUT, "%s: no sequences to train on", o->data);
+  ITR_TRY(split_validation(t));
   if (o->from_scratch) init_from_scratch(t);
   if (o->full_rank) return setup_full_rank(t);
   t->dense = o->from_scratch || o->switch_lora;
@@ -295,7 +312,7 @@ static itr_err setup_local(trainer *t) {
   ITR_TRY(itr_adamw_init(&t->opt, t->n));
   if (t->sw) ITR_TRY(itr_adamw_enable_age(&t->opt));
   itr_lora_set_pack(t->lora, t->params);
-  if (t->dense) dense_copy(t, t->params + t->n_lora, 0);
+  if (t->dense) train_dense_copy(t, t->params + t->n_lora, 0);
   return ITR_OK;
 }
 
@@ -303,6 +320,9 @@ static void trainer_fini(trainer *t) {
   itr_model_destroy(t->model);
   if (t->have_data) itr_token_set_fini(&t->data);
   free(t->use);
+  free(t->val);
+  free(t->best);
+  free(t->val_curve);
   itr_tokenizer_destroy(t->tok);
   itr_lora_set_destroy(t->lora);
   itr_lora_set_destroy(t->grad);
@@ -378,7 +398,7 @@ static itr_err micro_batch(trainer *t, const int64_t *seqs, int n_seqs, long ste
   double l = 0;
   int64_t c = 0;
   itr_err e = itr_model_loss_grad_full(t->model, mb->ids, mb->labels, T, &lay, t->lora,
-                                       t->o->dropout > 0 && t->lora ? &dr : NULL, teacher, t->grad, t->gmodel, &l, &c);
+                                       t->o->dropout > 0 && t->lora && !t->eval_mode ? &dr : NULL, teacher, t->grad, t->gmodel, &l, &c);
   free(teacher);
   ITR_TRY(e);
   *loss += l;
@@ -423,362 +443,6 @@ static itr_err gradient(trainer *t, const int64_t *mine, int n_mine, long step, 
   return ITR_OK;
 }
 
-/* ---- output ---------------------------------------------------------------------------------------- */
-
-/* Adds every tensor of m under its Hugging Face name (converted to dtype); a tied head is not repeated. */
-static itr_err add_model_tensors(itr_st_writer *w, itr_model *m, const itr_model_config *cfg, itr_dtype dtype) {
-  char name[160];
-  int64_t D = cfg->hidden_size, V = cfg->vocab_size;
-  for (int l = 0; l < cfg->num_hidden_layers; l++) {
-    for (int k = 0; k < ITR_MODULE_COUNT; k++) {
-      int64_t shape[2];
-      itr_module_shape(cfg, (itr_module)k, &shape[0], &shape[1]);
-      itr_name_base(l, (itr_module)k, "weight", name, sizeof name);
-      ITR_TRY(itr_st_writer_add_f32(w, name, dtype, 2, shape, itr_model_weight(m, l, (itr_module)k)));
-      if (itr_model_bias(m, l, (itr_module)k)) {
-        itr_name_base(l, (itr_module)k, "bias", name, sizeof name);
-        ITR_TRY(itr_st_writer_add_f32(w, name, dtype, 1, shape, itr_model_bias(m, l, (itr_module)k)));
-      }
-    }
-    for (int post = 0; post < 2; post++) {
-      itr_name_layer_norm(l, post, name, sizeof name);
-      ITR_TRY(itr_st_writer_add_f32(w, name, dtype, 1, &D, itr_model_norm(m, l, post)));
-    }
-  }
-  int64_t vd[2] = {V, D};
-  ITR_TRY(itr_st_writer_add_f32(w, ITR_NAME_EMBED, dtype, 2, vd, itr_model_embed_weight(m)));
-  ITR_TRY(itr_st_writer_add_f32(w, ITR_NAME_FINAL_NORM, dtype, 1, &D, itr_model_final_norm(m)));
-  if (!itr_model_head_is_embed(m)) ITR_TRY(itr_st_writer_add_f32(w, ITR_NAME_LM_HEAD, dtype, 2, vd, itr_model_lm_head(m)));
-  return ITR_OK;
-}
-
-static itr_err write_gradient(const trainer *t, const char *path) {
-  /* the gradient of the mean loss, in the adapter's (or, -full_rank, the model's) tensor names */
-  itr_st_writer *w = NULL;
-  ITR_TRY(itr_st_writer_create(&w));
-  itr_err err = ITR_OK;
-  if (t->gmodel) {
-    size_t ng;
-    float *gw = itr_model_params(t->gmodel, &ng);
-    for (size_t i = 0; i < ng; i++) gw[i] = (float)(t->gbuf[i] / t->gbuf[t->n + 1]);
-    err = add_model_tensors(w, t->gmodel, &t->cfg, ITR_F32);
-    if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "format", "iteris-mpi weight gradient of the mean loss");
-    if (err == ITR_OK) err = itr_st_writer_write(w, path);
-    itr_st_writer_destroy(w);
-    return err;
-  }
-  double count = t->gbuf[t->n + 1];
-  size_t off = 0;
-  for (int l = 0; err == ITR_OK && l < t->cfg.num_hidden_layers; l++)
-    for (int m = 0; err == ITR_OK && m < ITR_MODULE_COUNT; m++) {
-      const itr_lora_slot *sl = itr_lora_set_slot(t->lora, l, (itr_module)m);
-      if (!sl || sl->n_terms == 0) continue;
-      int64_t d_out, d_in;
-      itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
-      int r = sl->terms[0].r;
-      for (int which = 0; err == ITR_OK && which < 2; which++) {
-        int64_t shape[2] = {which ? d_out : r, which ? r : d_in};
-        size_t cnt = (size_t)shape[0] * (size_t)shape[1];
-        for (size_t i = 0; i < cnt; i++) t->gbuf[off + i] /= count;
-        char name[160];
-        itr_name_lora(l, (itr_module)m, which ? 'B' : 'A', name, sizeof name);
-        err = itr_st_writer_add(w, name, ITR_F64, 2, shape, t->gbuf + off);
-        off += cnt;
-      }
-    }
-  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "format", "iteris-mpi LoRA gradient of the mean loss");
-  if (err == ITR_OK) err = itr_st_writer_write(w, path);
-  itr_st_writer_destroy(w);
-  return err;
-}
-
-static itr_err write_report(const trainer *t, const char *dir) {
-  const itr_train_opts *o = t->o;
-  char path[ITR_PATH_MAX + 64];
-  snprintf(path, sizeof path, "%s/train_report.json", dir);
-  size_t cap = 4096 + (size_t)(o->steps > 0 ? o->steps : 1) * 32, len = 0;
-  char *buf = NULL;
-  ITR_TRY(itr_calloc(cap, 1, "train report", &buf));
-#define PUT(...) len += (size_t)snprintf(buf + len, cap - len, __VA_ARGS__)
-  PUT("{\n\t\"base\":\t\"%s\",\n\t\"data\":\t\"%s\",\n\t\"sequences\":\t%d,\n\t\"ranks\":\t%d,\n", o->base, o->data,
-      t->data.n_seqs, t->size);
-  PUT("\t\"r\":\t%d,\n\t\"lora_alpha\":\t%g,\n\t\"use_rslora\":\t%s,\n\t\"lora_dropout\":\t%g,\n", o->r,
-      o->lora_alpha, o->rslora ? "true" : "false", o->dropout);
-  PUT("\t\"steps\":\t%d,\n\t\"batch\":\t%d,\n\t\"grad_accum\":\t%d,\n\t\"lr\":\t%g,\n\t\"warmup\":\t%d,\n", o->steps,
-      o->batch, o->grad_accum, o->lr, o->warmup);
-  PUT("\t\"min_lr_ratio\":\t%g,\n\t\"weight_decay\":\t%g,\n\t\"max_grad_norm\":\t%g,\n\t\"seed\":\t%ld,\n",
-      o->min_lr_ratio, o->weight_decay, o->max_grad_norm, o->seed);
-  const char *mode = o->full_rank ? "full_rank" : t->sw ? "switch_lora" : t->dense ? "lora_from_scratch" : "lora";
-  PUT("\t\"mode\":\t\"%s\",\n\t\"from_scratch\":\t%s,\n", mode, o->from_scratch ? "true" : "false");
-  if (t->sw) {
-    int64_t sw, held;
-    itr_switch_counts(t->sw, &sw, &held);
-    PUT("\t\"switch_lora_interval\":\t%d,\n\t\"switch_lora_descent\":\t%g,\n\t\"switch_lora_warm\":\t%d,\n",
-        o->switch_interval, o->switch_descent, o->switch_warm);
-    PUT("\t\"vectors_switched\":\t%lld,\n\t\"candidates_held\":\t%lld,\n", (long long)sw, (long long)held);
-  }
-  PUT("\t\"trainable_parameters\":\t%zu,\n\t\"tokens_per_second\":\t%.1f,\n\t\"wall_seconds\":\t%.3f,\n", t->n,
-      t->tokens_per_s, t->wall_s);
-  PUT("\t\"loss\":\t[");
-  for (int s = 0; s < o->steps; s++) PUT("%s%.9g", s ? ", " : "", t->loss_curve[s]);
-  PUT("]\n}\n");
-#undef PUT
-  itr_err err = len < cap ? itr_iofile_write_atomic(path, buf, len)
-                          : itr_error_set(ITR_ERR_INTERNAL, "train report longer than its buffer");
-  free(buf);
-  return err;
-}
-
-static itr_err write_adapter(const trainer *t, const char *dir) {
-  const itr_train_opts *o = t->o;
-  itr_adapter_writer *w = NULL;
-  ITR_TRY(itr_adapter_writer_create(&t->cfg, o->base, ITR_F32, &w));
-  itr_err err = ITR_OK;
-  if (!t->fold_scaling) err = itr_adapter_writer_set_scaling(w, o->lora_alpha, o->rslora, o->dropout);
-  float *B = NULL;
-  for (int l = 0; err == ITR_OK && l < t->cfg.num_hidden_layers; l++)
-    for (int m = 0; err == ITR_OK && m < ITR_MODULE_COUNT; m++) {
-      const itr_lora_slot *sl = itr_lora_set_slot(t->lora, l, (itr_module)m);
-      if (!sl || sl->n_terms == 0) continue;
-      const itr_lora_term *tm = &sl->terms[0];
-      if (!t->fold_scaling) {
-        err = itr_adapter_writer_add(w, l, (itr_module)m, tm->r, tm->A, tm->B);
-        continue;
-      }
-      int64_t d_out, d_in;
-      itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
-      free(B);
-      B = NULL;
-      err = itr_calloc((size_t)d_out * (size_t)tm->r, sizeof(float), "scaled B", &B);
-      for (int64_t i = 0; err == ITR_OK && i < d_out * tm->r; i++) B[i] = tm->B[i] * tm->scaling;
-      if (err == ITR_OK) err = itr_adapter_writer_add(w, l, (itr_module)m, tm->r, tm->A, B);
-    }
-  free(B);
-  if (err == ITR_OK) err = itr_adapter_writer_write(w, dir);
-  itr_adapter_writer_destroy(w);
-  return err;
-}
-
-static void checkpoint_path(const trainer *t, char *buf, size_t len) {
-  snprintf(buf, len, "%s.partial/train_checkpoint.safetensors", t->o->out);
-}
-
-/* -full_rank, -from_scratch, -switch_lora: a Hugging Face model folder (config.json, model.safetensors
- * in F32); LoRA factors are merged first (W += s B A; the model is not used after this). */
-static itr_err write_model(const trainer *t, const char *dir) {
-  char path[ITR_PATH_MAX + 64];
-  for (int l = 0; t->dense && l < t->cfg.num_hidden_layers; l++)
-    for (int m = 0; m < ITR_MODULE_COUNT; m++) {
-      const itr_lora_slot *sl = itr_lora_set_slot(t->lora, l, (itr_module)m);
-      int64_t d_out, d_in;
-      itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
-      for (int k = 0; sl && k < sl->n_terms; k++)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)d_out, (int)d_in, sl->terms[k].r,
-                    sl->terms[k].scaling, sl->terms[k].B, sl->terms[k].r, sl->terms[k].A, (int)d_in, 1.0f,
-                    itr_model_weight(t->model, l, (itr_module)m), (int)d_in);
-    }
-  snprintf(path, sizeof path, "%s/config.json", dir);
-  ITR_TRY(itr_model_config_write(path, &t->cfg));
-  snprintf(path, sizeof path, "%s/model.safetensors", dir);
-  itr_st_writer *w = NULL;
-  ITR_TRY(itr_st_writer_create(&w));
-  itr_err err = add_model_tensors(w, t->model, &t->cfg, ITR_F32);
-  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "format", "pt");
-  if (err == ITR_OK) err = itr_st_writer_write(w, path);
-  itr_st_writer_destroy(w);
-  return err;
-}
-
-static itr_err remove_partial(const trainer *t) {
-  char partial[ITR_PATH_MAX + 16];
-  snprintf(partial, sizeof partial, "%s.partial", t->o->out);
-  return itr_iofile_remove_tree(partial);
-}
-
-static itr_err write_out(const trainer *t) {
-  char partial[ITR_PATH_MAX + 16], ck[ITR_PATH_MAX + 64];
-  snprintf(partial, sizeof partial, "%s.partial", t->o->out);
-  checkpoint_path(t, ck, sizeof ck);
-  ITR_TRY(itr_iofile_mkdirs(partial));
-  (void)unlink(ck); /* the finished adapter carries no checkpoint */
-  if (t->gmodel) ITR_TRY(write_model(t, partial));
-  else ITR_TRY(write_adapter(t, partial));
-  ITR_TRY(write_report(t, partial));
-  return itr_iofile_commit_dir(partial, t->o->out);
-}
-
-/* ---- checkpoint --------------------------------------------------------------------------------------- */
-
-/* The options a checkpoint belongs to: a restart with others is refused (ranks and micro-batches may change). */
-static void checkpoint_key(const trainer *t, char *buf, size_t len) {
-  const itr_train_opts *o = t->o;
-  snprintf(buf, len,
-           "base=%s data=%s init=%s r=%d alpha=%.17g rslora=%d targets=%u dropout=%.17g steps=%d batch=%d lr=%.17g "
-           "warmup=%d min_lr_ratio=%.17g betas=%.17g,%.17g eps=%.17g wd=%.17g clip=%.17g seed=%ld n=%zu full=%d,%d "
-           "teachers=%d switch=%d,%d,%.17g,%d",
-           o->base, o->data, o->init_adapter, o->r, o->lora_alpha, o->rslora, o->targets, o->dropout, o->steps,
-           o->batch, o->lr, o->warmup, o->min_lr_ratio, o->beta1, o->beta2, o->eps, o->weight_decay,
-           o->max_grad_norm, o->seed, t->n, o->full_rank, o->from_scratch, o->n_teachers, o->switch_lora,
-           o->switch_interval, o->switch_descent, o->switch_warm);
-}
-
-/* Rank 0: the state after `done` steps. */
-static itr_err checkpoint_write(const trainer *t, int done) {
-  char path[ITR_PATH_MAX + 64], dir[ITR_PATH_MAX + 16], key[ITR_PATH_MAX * 3 + 512], num[64];
-  snprintf(dir, sizeof dir, "%s.partial", t->o->out);
-  checkpoint_path(t, path, sizeof path);
-  checkpoint_key(t, key, sizeof key);
-  ITR_TRY(itr_iofile_mkdirs(dir));
-  itr_st_writer *w = NULL;
-  ITR_TRY(itr_st_writer_create(&w));
-  int64_t n = (int64_t)t->n, nl = done > 0 ? done : 1;
-  double zero = 0;
-  itr_err err = itr_st_writer_add(w, "params", ITR_F32, 1, &n, t->params);
-  if (err == ITR_OK) err = itr_st_writer_add(w, "adam_m", ITR_F64, 1, &n, t->opt.m);
-  if (err == ITR_OK) err = itr_st_writer_add(w, "adam_v", ITR_F64, 1, &n, t->opt.v);
-  if (err == ITR_OK) err = itr_st_writer_add(w, "loss", ITR_F64, 1, &nl, done > 0 ? t->loss_curve : &zero);
-  double *state = NULL, *age = NULL;
-  if (err == ITR_OK && t->sw) { /* SwitchLoRA changes W: the model, the moments' ages and the switch state */
-    size_t ns = 0, nm = 0;
-    float *mp = itr_model_params(t->model, &nm);
-    int64_t nm64 = (int64_t)nm;
-    err = itr_switch_serialize(t->sw, &state, &ns);
-    int64_t ns64 = (int64_t)ns;
-    if (err == ITR_OK) err = itr_calloc(t->n, sizeof(double), "AdamW ages", &age);
-    for (size_t i = 0; err == ITR_OK && i < t->n; i++) age[i] = t->opt.age[i];
-    if (err == ITR_OK) err = itr_st_writer_add(w, "model", ITR_F32, 1, &nm64, mp);
-    if (err == ITR_OK) err = itr_st_writer_add(w, "adam_age", ITR_F64, 1, &n, age);
-    if (err == ITR_OK) err = itr_st_writer_add(w, "switch_state", ITR_F64, 1, &ns64, state);
-  }
-  snprintf(num, sizeof num, "%d", done);
-  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "step", num);
-  snprintf(num, sizeof num, "%ld", t->opt.t);
-  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "adam_t", num);
-  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "options", key);
-  if (err == ITR_OK) err = itr_st_writer_write(w, path);
-  itr_st_writer_destroy(w);
-  free(state);
-  free(age);
-  return err;
-}
-
-/* SwitchLoRA's part of the checkpoint: the model, the ages, the switch state (its values in *state). */
-static itr_err checkpoint_read_switch(trainer *t, itr_safetensors *st, const char *path, double **state, size_t *ns) {
-  const itr_tensor_info *mt = itr_safetensors_find(st, "model"), *at = itr_safetensors_find(st, "adam_age"),
-                        *ss = itr_safetensors_find(st, "switch_state");
-  size_t nm;
-  float *mp = itr_model_params(t->model, &nm);
-  ITR_CHECK(mt && at && ss && mt->numel == (int64_t)nm && at->numel == (int64_t)t->n, ITR_ERR_INPUT,
-            "%s: a -switch_lora checkpoint needs model (%zu), adam_age (%zu) and switch_state", path, nm, t->n);
-  double *age = NULL;
-  ITR_TRY(itr_calloc(t->n, sizeof(double), "AdamW ages", &age));
-  itr_err err = itr_tensor_read_f64(at, age);
-  for (size_t i = 0; err == ITR_OK && i < t->n; i++) t->opt.age[i] = (int32_t)age[i];
-  free(age);
-  if (err == ITR_OK) err = itr_tensor_read_f32(mt, mp);
-  if (err == ITR_OK) err = itr_calloc((size_t)ss->numel, sizeof(double), "SwitchLoRA state", state);
-  if (err == ITR_OK) err = itr_tensor_read_f64(ss, *state);
-  *ns = (size_t)ss->numel;
-  return err;
-}
-
-/* Rank 0 reads the checkpoint (*found = 0 when there is none), then every rank receives it. */
-static itr_err checkpoint_read_local(trainer *t, int *found, double **state, size_t *ns) {
-  char path[ITR_PATH_MAX + 64], key[ITR_PATH_MAX * 3 + 512];
-  checkpoint_path(t, path, sizeof path);
-  *found = 0;
-  if (access(path, F_OK) != 0) return ITR_OK;
-  itr_safetensors *st = NULL;
-  ITR_TRY(itr_safetensors_open(path, &st));
-  itr_err err = ITR_OK;
-  const char *step = itr_safetensors_metadata(st, "step"), *at = itr_safetensors_metadata(st, "adam_t"),
-             *saved = itr_safetensors_metadata(st, "options");
-  const itr_tensor_info *p = itr_safetensors_find(st, "params"), *m = itr_safetensors_find(st, "adam_m"),
-                        *v = itr_safetensors_find(st, "adam_v"), *l = itr_safetensors_find(st, "loss");
-  checkpoint_key(t, key, sizeof key);
-  int done = step ? atoi(step) : -1;
-  if (!step || !at || !saved || !p || !m || !v || !l)
-    err = itr_error_set(ITR_ERR_INPUT, "%s: not a training checkpoint (step, adam_t, options, params, adam_m, adam_v, "
-                        "loss); remove it or run without -restart", path);
-  else if (strcmp(saved, key) != 0)
-    err = itr_error_set(ITR_ERR_INPUT, "%s was written by a run with other options:\n  saved: %s\n  now:   %s\n"
-                        "rerun with the saved options, or without -restart to start again", path, saved, key);
-  else if (done < 0 || done > t->o->steps || p->numel != (int64_t)t->n || m->numel != (int64_t)t->n ||
-           v->numel != (int64_t)t->n || l->numel != (done > 0 ? done : 1))
-    err = itr_error_set(ITR_ERR_INPUT, "%s: step %d or tensor sizes do not fit this run (%zu parameters)", path, done, t->n);
-  if (err == ITR_OK) err = itr_tensor_read_f32(p, t->params);
-  if (err == ITR_OK) err = itr_tensor_read_f64(m, t->opt.m);
-  if (err == ITR_OK) err = itr_tensor_read_f64(v, t->opt.v);
-  if (err == ITR_OK && done > 0) err = itr_tensor_read_f64(l, t->loss_curve);
-  if (err == ITR_OK && t->sw) err = checkpoint_read_switch(t, st, path, state, ns);
-  if (err == ITR_OK) {
-    t->opt.t = atol(at);
-    t->step0 = done;
-    *found = 1;
-  }
-  itr_safetensors_destroy(st);
-  return err;
-}
-
-/* MPI_Bcast from rank 0 of n elements, in chunks (MPI counts are int). */
-static void bcast_chunks(void *buf, size_t n, MPI_Datatype type, size_t elem, MPI_Comm comm) {
-  const size_t chunk = (size_t)1 << 26;
-  for (size_t off = 0; off < n; off += chunk)
-    MPI_Bcast((char *)buf + off * elem, (int)(n - off < chunk ? n - off : chunk), type, 0, comm);
-}
-
-static itr_err checkpoint_restore(trainer *t) {
-  int found = 0;
-  double *state = NULL;
-  size_t ns = 0;
-  itr_err err = itr_dist_agree(t->comm, t->rank == 0 ? checkpoint_read_local(t, &found, &state, &ns) : ITR_OK);
-  if (err != ITR_OK) {
-    free(state);
-    return err;
-  }
-  MPI_Bcast(&found, 1, MPI_INT, 0, t->comm);
-  if (found && t->sw) { /* the model (W changed by the switches), the ages, the switch state */
-    size_t nm;
-    float *mp = itr_model_params(t->model, &nm);
-    bcast_chunks(mp, nm, MPI_FLOAT, sizeof(float), t->comm);
-    bcast_chunks(t->opt.age, t->n, MPI_INT32_T, sizeof(int32_t), t->comm);
-    unsigned long long ns64 = ns;
-    MPI_Bcast(&ns64, 1, MPI_UNSIGNED_LONG_LONG, 0, t->comm);
-    ns = (size_t)ns64;
-    err = t->rank == 0 ? ITR_OK : itr_calloc(ns ? ns : 1, sizeof(double), "SwitchLoRA state", &state);
-    if (itr_dist_agree(t->comm, err) == ITR_OK) {
-      bcast_chunks(state, ns, MPI_DOUBLE, sizeof(double), t->comm);
-      err = itr_dist_agree(t->comm, itr_switch_deserialize(t->sw, state, ns));
-    }
-    free(state);
-    state = NULL;
-    ITR_TRY(itr_dist_agree(t->comm, err));
-  }
-  free(state);
-  if (!found) {
-    if (t->rank == 0) itr_log(ITR_LOG_WARN, "-restart: no checkpoint in %s.partial/: starting from the beginning", t->o->out);
-    return ITR_OK;
-  }
-  long at = t->opt.t;
-  MPI_Bcast(&t->step0, 1, MPI_INT, 0, t->comm);
-  MPI_Bcast(&at, 1, MPI_LONG, 0, t->comm);
-  t->opt.t = at;
-  /* in chunks: MPI counts are int */
-  const size_t chunk = (size_t)1 << 26;
-  for (size_t off = 0; off < t->n; off += chunk) {
-    int c = (int)(t->n - off < chunk ? t->n - off : chunk);
-    MPI_Bcast(t->params + off, c, MPI_FLOAT, 0, t->comm);
-    MPI_Bcast(t->opt.m + off, c, MPI_DOUBLE, 0, t->comm);
-    MPI_Bcast(t->opt.v + off, c, MPI_DOUBLE, 0, t->comm);
-  }
-  if (t->step0 > 0) MPI_Bcast(t->loss_curve, t->step0, MPI_DOUBLE, 0, t->comm);
-  if (t->lora) itr_lora_set_unpack(t->lora, t->params);
-  if (t->dense) dense_copy(t, t->params + t->n_lora, 1);
-  if (t->rank == 0) itr_log(ITR_LOG_INFO, "-restart: continuing after step %d of %d", t->step0, t->o->steps);
-  return ITR_OK;
-}
-
-/* The signal to stop on before step s, agreed by every rank (0: go on). */
 static int stop_agreed(const trainer *t, int s) {
   int sig = itr_signals_requested();
   const char *at = getenv("ITERIS_FAULT_TRAIN_STOP_AT"); /* the restart tests: a signal before that step */
@@ -790,6 +454,77 @@ static int stop_agreed(const trainer *t, int s) {
 
 /* ---- the run ----------------------------------------------------------------------------------------- */
 
+/* The mean loss over the validation sequences (no dropout), summed over ranks; rank p takes p, p + P, ...
+ * in chunks of -batch. Collective. The gradients it leaves behind are cleared by the next gradient(). */
+static itr_err validation_loss(trainer *t, double *out) {
+  micro_buf mb = {0};
+  int64_t max_T = 1, chunk = t->o->batch;
+  for (int64_t i = t->rank; i < t->n_val; i += t->size) max_T += t->data.offsets[t->val[i] + 1] - t->data.offsets[t->val[i]];
+  double sums[2] = {0, 0};
+  int64_t tokens = 0, count = 0, *mine = NULL;
+  itr_err err = itr_calloc((size_t)max_T, sizeof(int32_t), "validation ids", &mb.ids);
+  if (err == ITR_OK) err = itr_calloc((size_t)max_T, sizeof(int32_t), "validation labels", &mb.labels);
+  if (err == ITR_OK) err = itr_calloc((size_t)chunk + 1, sizeof(int64_t), "validation offsets", &mb.offsets);
+  if (err == ITR_OK) err = itr_calloc((size_t)chunk + 1, sizeof(int64_t), "validation sequence ids", &mb.seq_ids);
+  if (err == ITR_OK) err = itr_calloc((size_t)chunk, sizeof(int64_t), "validation sequences", &mine);
+  t->eval_mode = 1;
+  int n = 0;
+  for (int64_t i = t->rank; err == ITR_OK && i < t->n_val; i += t->size) {
+    mine[n++] = t->val[i];
+    if (n == chunk || i + t->size >= t->n_val) {
+      err = micro_batch(t, mine, n, 0, &mb, &sums[0], &count, &tokens);
+      n = 0;
+    }
+  }
+  t->eval_mode = 0;
+  free(mb.ids);
+  free(mb.labels);
+  free(mb.offsets);
+  free(mb.seq_ids);
+  free(mine);
+  ITR_TRY(itr_dist_agree(t->comm, err));
+  sums[1] = (double)count;
+  MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, t->comm);
+  *out = sums[1] > 0 ? sums[0] / sums[1] : 0;
+  return ITR_OK;
+}
+
+/* -val_fraction: measures the validation loss after `done` steps and keeps the best parameters. Collective. */
+static itr_err validate(trainer *t, int done) {
+  double v = 0;
+  ITR_TRY(validation_loss(t, &v));
+  if (t->n_curve == t->cap_curve) {
+    int cap = t->cap_curve ? 2 * t->cap_curve : 64;
+    double *c = realloc(t->val_curve, (size_t)cap * 2 * sizeof(double));
+    ITR_CHECK(c, ITR_ERR_INTERNAL, "out of memory growing the validation curve");
+    t->val_curve = c;
+    t->cap_curve = cap;
+  }
+  t->val_curve[2 * t->n_curve] = done;
+  t->val_curve[2 * t->n_curve + 1] = v;
+  t->n_curve++;
+  if (!t->best) ITR_TRY(itr_calloc(t->n, sizeof(float), "best parameters", &t->best));
+  if (t->n_curve == 1 || v < t->best_val) {
+    t->best_val = v;
+    t->best_step = done;
+    memcpy(t->best, t->params, t->n * sizeof(float));
+  }
+  if (t->rank == 0 && t->o->log_every > 0)
+    itr_log(ITR_LOG_INFO, "after step %d: validation loss %.4f (best %.4f after step %d)", done, v, t->best_val,
+            t->best_step);
+  return ITR_OK;
+}
+
+/* The parameters of the lowest validation loss back into the factors (and the model). */
+static void restore_best(trainer *t) {
+  memcpy(t->params, t->best, t->n * sizeof(float));
+  if (t->lora) itr_lora_set_unpack(t->lora, t->params);
+  if (t->dense) train_dense_copy(t, t->params + t->n_lora, 1);
+  if (t->rank == 0)
+    itr_log(ITR_LOG_INFO, "-val_fraction: writing the parameters after step %d (validation loss %.4f)", t->best_step,
+            t->best_val);
+}
+
 static itr_err train_loop(trainer *t) {
   const itr_train_opts *o = t->o;
   int64_t n = t->n_use, perm_epoch = -1;
@@ -797,11 +532,13 @@ static itr_err train_loop(trainer *t) {
   itr_err err = itr_calloc((size_t)n, sizeof(int64_t), "data order", &perm);
   if (err == ITR_OK) err = itr_calloc((size_t)o->batch, sizeof(int64_t), "this rank's sequences", &mine);
   err = itr_dist_agree(t->comm, err);
+  int every = o->eval_every > 0 ? o->eval_every : (o->steps / 20 > 0 ? o->steps / 20 : 1);
+  if (err == ITR_OK && t->n_val && t->step0 == 0) err = validate(t, 0);
   double t0 = itr_wtime(), tokens_total = 0;
   for (int s = t->step0; err == ITR_OK && s < o->steps; s++) {
     int sig = stop_agreed(t, s);
     if (sig) {
-      err = itr_dist_agree(t->comm, t->rank == 0 ? checkpoint_write(t, s) : ITR_OK);
+      err = itr_dist_agree(t->comm, t->rank == 0 ? train_checkpoint_write(t, s) : ITR_OK);
       if (err == ITR_OK)
         err = itr_error_set(ITR_ERR_INTERRUPTED,
                             "stopped by signal %d before step %d of %d: the state is in %s.partial/; rerun the same "
@@ -827,10 +564,14 @@ static itr_err train_loop(trainer *t) {
     }
     itr_adamw_step(&t->opt, t->params, t->gbuf, lr, o->beta1, o->beta2, o->eps, o->weight_decay);
     if (t->lora) itr_lora_set_unpack(t->lora, t->params);
-    if (t->dense) dense_copy(t, t->params + t->n_lora, 1);
+    if (t->dense) train_dense_copy(t, t->params + t->n_lora, 1);
     t->loss_curve[s] = loss;
+    if (t->n_val && ((s + 1) % every == 0 || s + 1 == o->steps)) {
+      err = validate(t, s + 1);
+      if (err != ITR_OK) break;
+    }
     if (o->checkpoint_every > 0 && (s + 1) % o->checkpoint_every == 0 && s + 1 < o->steps) {
-      err = itr_dist_agree(t->comm, t->rank == 0 ? checkpoint_write(t, s + 1) : ITR_OK);
+      err = itr_dist_agree(t->comm, t->rank == 0 ? train_checkpoint_write(t, s + 1) : ITR_OK);
       if (err != ITR_OK) break;
     }
     double all_tokens = (double)tokens;
@@ -844,6 +585,7 @@ static itr_err train_loop(trainer *t) {
   }
   t->wall_s = itr_wtime() - t0;
   t->tokens_per_s = t->wall_s > 0 ? tokens_total / t->wall_s : 0;
+  if (err == ITR_OK && t->n_val) restore_best(t);
   free(perm);
   free(mine);
   return err;
@@ -871,7 +613,7 @@ itr_err itr_train_run(const itr_train_opts *o, MPI_Comm comm) {
       if (t.rank == 0)
         itr_log(ITR_LOG_INFO, "mean loss %.9g over %.0f targets; gradient written to %s",
                 t.gbuf[t.n] / t.gbuf[t.n + 1], t.gbuf[t.n + 1], o->grad_out);
-      err = itr_dist_agree(comm, t.rank == 0 ? write_gradient(&t, o->grad_out) : ITR_OK);
+      err = itr_dist_agree(comm, t.rank == 0 ? train_write_gradient(&t, o->grad_out) : ITR_OK);
     }
     trainer_fini(&t);
     return err;
@@ -881,11 +623,11 @@ itr_err itr_train_run(const itr_train_opts *o, MPI_Comm comm) {
       itr_log(ITR_LOG_INFO, "training %zu %s on %lld sequences (%lld tokens), %d ranks, %d steps of %d", t.n,
               o->full_rank ? "weights (full rank)" : "LoRA parameters", (long long)t.n_use, (long long)t.data.n_tokens,
               t.size, o->steps, o->batch);
-    if (o->restart) err = checkpoint_restore(&t);
-    else err = itr_dist_agree(comm, t.rank == 0 ? remove_partial(&t) : ITR_OK);
+    if (o->restart) err = train_checkpoint_restore(&t);
+    else err = itr_dist_agree(comm, t.rank == 0 ? train_remove_partial(&t) : ITR_OK);
     if (err == ITR_OK) err = train_loop(&t);
   }
-  if (err == ITR_OK) err = itr_dist_agree(comm, t.rank == 0 ? write_out(&t) : ITR_OK);
+  if (err == ITR_OK) err = itr_dist_agree(comm, t.rank == 0 ? train_write_out(&t) : ITR_OK);
   if (err == ITR_OK && t.rank == 0) itr_log(ITR_LOG_INFO, "%s written to %s", t.gmodel ? "model" : "adapter", o->out);
   trainer_fini(&t);
   return err;

@@ -9,7 +9,8 @@
 #     on central-difference gradients;
 #  3. rank-count independence: the same global batch at np 1, 2 and 4 (with micro-batches and LoRA
 #     dropout) gives the same adapter within 1e-5;
-#  4. stop (as by SIGTERM) and -restart 1: the uninterrupted run's adapter bit for bit;
+#  4. stop (as by SIGTERM) and -restart 1: the uninterrupted run's adapter bit for bit; early stopping
+#     (-val_fraction) against NumPy losses of the held-out sequences;
 #  5. bad input: exit 2 with the file named, nothing written.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -221,6 +222,43 @@ else fail "restart differs from the uninterrupted run"; fi
 mpirun -np 2 "$BIN" "${tr[@]}" -checkpoint_every 2 -out "$W/periodic" >/dev/null 2>&1 && cmp -s "$W/periodic/adapter_model.safetensors" \
   "$W/straight/adapter_model.safetensors" && [ ! -e "$W/periodic.partial" ] && pass "-checkpoint_every 2: same adapter, no checkpoint left" \
   || fail "-checkpoint_every"
+
+# 4b. early stopping (-val_fraction): float64 NumPy recomputes the loss of the held-out sequences (listed in the
+#     report) for the starting adapter (the curve's first point) and for the written adapter (the reported best,
+#     which must be the curve's minimum); with a large learning rate the best is not the last step; a stop and
+#     -restart 1 keep the best found before the stop
+es=(-train 1 -base "$W/llama" -data "$W/tok40.jsonl" -init_adapter "$W/ad_llama" -steps 8 -batch 4 -lr 0.08
+    -val_fraction 0.25 -eval_every 2 -seed 2 -log_every 0)
+mpirun -np 2 "$BIN" "${es[@]}" -out "$W/es" >"$W/es.log" 2>&1 || { fail "-val_fraction run"; tail -n 5 "$W/es.log"; }
+ITERIS_FAULT_TRAIN_STOP_AT=5 mpirun -np 2 "$BIN" "${es[@]}" -out "$W/es_stop" >/dev/null 2>&1
+mpirun -np 2 "$BIN" "${es[@]}" -restart 1 -out "$W/es_stop" >/dev/null 2>&1
+if $PY - "$W/llama" "$W/tok40.jsonl" "$W/ad_llama" "$W/es" <<'PY'
+import json, sys
+import numpy as np
+sys.path.insert(0, "tests/ref")
+import llama_ref as R
+mdir, data, init, out = sys.argv[1:5]
+cfg, W0 = R.Cfg(mdir), R.load_model_tensors(mdir)
+rows = [json.loads(l)["input_ids"] for l in open(data) if l.strip()]
+v = json.load(open(out + "/train_report.json"))["validation"]
+def loss(adir):
+    W = dict(W0); R.fold_adapter(W, cfg, adir); tot = cnt = 0
+    for i in v["held_out"]:
+        ids = rows[i]; z = R.forward(cfg, W, ids)[:-1]; t = np.asarray(ids[1:])
+        tot += float((z.max(1) + np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) - z[np.arange(len(t)), t]).sum()); cnt += len(t)
+    return tot / cnt
+curve = v["curve"]; l0, lb = loss(init), loss(out)
+print("validation: %d sequences, curve %s, best after step %d; NumPy: start %.6f, written %.6f" %
+      (len(v["held_out"]), [round(c[1], 4) for c in curve], v["best_step"], l0, lb))
+ok = abs(curve[0][1] - l0) <= 1e-5 * l0 and abs(v["best_loss"] - lb) <= 1e-5 * lb
+ok = ok and v["best_loss"] == min(c[1] for c in curve) and [c[0] for c in curve] == [0, 2, 4, 6, 8] and v["best_step"] < 8
+sys.exit(0 if ok else 1)
+PY
+then pass "-val_fraction 0.25: the validation curve's start and the written adapter's loss match NumPy; the best (not the last) is written"
+else fail "-val_fraction: early stopping"; fi
+cmp -s "$W/es/adapter_model.safetensors" "$W/es_stop/adapter_model.safetensors" &&
+  pass "-val_fraction with a stop and -restart 1: the same adapter (the best before the stop is kept)" ||
+  fail "-val_fraction: the restarted run wrote another adapter"
 
 # 5. bad input
 expect2() { # SUBSTRING ARGS...
