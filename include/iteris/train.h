@@ -73,6 +73,8 @@ typedef struct {
   char teachers[64][ITR_TRAIN_PATH];       /* PEFT adapters */
   int n_teacher_data;
   char teacher_data[64][ITR_TRAIN_PATH];   /* one JSONL per teacher (its calibration sequences) */
+  double distil_drop;                      /* > 0: each step, each token but the first of a sequence is left out
+                                              with this probability (teacher and student see the same input) */
   /* early stopping: val_fraction of the sequences (of each teacher's, with distil) held out, their loss
      measured every eval_every steps (0: steps / 20) and at the end; the parameters of the best are written */
   double val_fraction;

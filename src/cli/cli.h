@@ -11,5 +11,7 @@ itr_err itr_cli_inspect(const itr_options *opt, MPI_Comm comm);
 itr_err itr_cli_make_demo(const itr_options *opt, MPI_Comm comm);
 itr_err itr_cli_logits(const itr_options *opt, MPI_Comm comm);
 itr_err itr_cli_tokenize(const itr_options *opt, MPI_Comm comm);
+/* The merge (itr_pipeline_merge), then, with -refine_steps K > 0, its refinement by distillation (refine.c). */
+itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm);
 
 #endif

@@ -119,7 +119,7 @@ int main(int argc, char **argv) {
       case ITR_MODE_MAKE_DEMO: err = itr_cli_make_demo(opt, MPI_COMM_WORLD); break;
       case ITR_MODE_LOGITS: err = itr_cli_logits(opt, MPI_COMM_WORLD); break;
       case ITR_MODE_TOKENIZE: err = itr_cli_tokenize(opt, MPI_COMM_WORLD); break;
-      case ITR_MODE_MERGE: err = itr_pipeline_merge(&opt->m, MPI_COMM_WORLD); break;
+      case ITR_MODE_MERGE: err = itr_cli_merge(opt, MPI_COMM_WORLD); break;
       case ITR_MODE_FEATURES: err = itr_pipeline_features(&opt->m, MPI_COMM_WORLD); break;
       case ITR_MODE_TRAIN: err = itr_train_run(&opt->t, MPI_COMM_WORLD); break;
       case ITR_MODE_ENSEMBLE: err = itr_evaluate_adapters(&opt->e, MPI_COMM_WORLD); break;

@@ -36,6 +36,10 @@ typedef struct {
   itr_train_opts t;   /* its parameters (-base, -out, -seed and -verbose are copied from m) */
   char targets[256];  /* -targets q_proj,v_proj,... */
   itr_eval_opts e;    /* -ensemble A1,...: -base and -heldout are copied from m */
+  int refine_steps;   /* merge, then distil (refine.c): steps (0: no refinement), its lr, batch, weight decay, */
+  double refine_lr;   /* and the fraction of each -calib file held out for early stopping */
+  int refine_batch;
+  double refine_weight_decay, refine_val, refine_drop;
 } itr_options;
 
 /* Not Collective (reads PETSc's options database, identical on every rank).

@@ -67,6 +67,8 @@ static itr_err check_opts(const itr_train_opts *o) {
   ITR_CHECK(!o->switch_lora || (o->switch_interval >= 1 && o->switch_warm >= 0 && o->switch_descent >= 0), ITR_ERR_INPUT,
             "-switch_lora_interval %d must be >= 1, -switch_lora_warm %d >= 0, -switch_lora_descent %g >= 0",
             o->switch_interval, o->switch_warm, o->switch_descent);
+  ITR_CHECK(o->distil_drop >= 0 && o->distil_drop < 1 && (o->distil_drop == 0 || o->n_teachers), ITR_ERR_INPUT,
+            "-distil_drop %g must be in [0, 1) and goes with -distil", o->distil_drop);
   ITR_CHECK(o->val_fraction >= 0 && o->val_fraction <= 0.5 && o->eval_every >= 0, ITR_ERR_INPUT,
             "-val_fraction %g must be in [0, 0.5] and -eval_every %d >= 0", o->val_fraction, o->eval_every);
   ITR_CHECK(o->val_fraction == 0 || (!o->switch_lora && !o->grad_out[0]), ITR_ERR_INPUT,
@@ -371,11 +373,20 @@ static itr_err micro_batch(trainer *t, const int64_t *seqs, int n_seqs, long ste
   const itr_token_set *d = &t->data;
   int64_t T = 0;
   mb->offsets[0] = 0;
+  const double drop = t->eval_mode ? 0 : t->o->distil_drop;
   for (int s = 0; s < n_seqs; s++) {
     int64_t b = d->offsets[seqs[s]], n = d->offsets[seqs[s] + 1] - b;
     memcpy(mb->ids + T, d->ids + b, (size_t)n * sizeof(int32_t));
     int64_t first = d->prompt_len && d->prompt_len[seqs[s]] > 1 ? d->prompt_len[seqs[s]] : 1; /* first target */
-    for (int64_t i = 0; i < n; i++) mb->labels[T + i] = i + 1 < n && i + 1 >= first ? d->ids[b + i + 1] : -1;
+    if (drop > 0) { /* -distil_drop: each token after the first left out with probability drop (a new input) */
+      uint64_t st = ((uint64_t)t->o->seed * 0x9e3779b97f4a7c15ull) ^ ((uint64_t)step << 32) ^ (uint64_t)seqs[s];
+      int64_t k = 1;
+      for (int64_t i = 1; i < n; i++)
+        if ((double)(itr_splitmix64(&st) >> 11) * 0x1.0p-53 >= drop) mb->ids[T + k++] = d->ids[b + i];
+      n = k;
+      first = 1;
+    }
+    for (int64_t i = 0; i < n; i++) mb->labels[T + i] = i + 1 < n && i + 1 >= first ? mb->ids[T + i + 1] : -1;
     T += n;
     mb->offsets[s + 1] = T;
     mb->seq_ids[s] = seqs[s];
