@@ -4,7 +4,7 @@
 # calib.jsonl), then every adapter scored on every task's held-out questions (-ensemble). Prints, per method and
 # task, the NLL of the label and the accuracy, and the share of each task's adaptation the merge keeps:
 #   share_i = (NLL_base,i - NLL_merged,i) / (NLL_base,i - NLL_task i's own adapter,i)
-# Env: DISTIL_STEPS (100), DISTIL_LR (1e-3), TASKS ("isear emoint emotion-cause"), NP (2), STEPS (300), LR (3e-3), R (8), OUT (/tmp/iteris-quality), BUILD.
+# Env: REFINE_STEPS (400; 0: none), TASKS ("isear emoint emotion-cause"), NP (2), STEPS (300), LR (3e-3), R (8), OUT (/tmp/iteris-quality), BUILD.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build} BIN=${BUILD:-build}/bin/iteris-mpi
@@ -35,14 +35,16 @@ for spec in iteris regmean "task_arithmetic:-ta_lambda 1" "task_arithmetic:-ta_l
   echo "merge $name: $(echo "$(date +%s.%N) - $t0" | bc) s"
   merged+=("$name=$dir")
 done
-# merge, then distil (issue 17, option 1): the IterIS adapter refined by KL(task i's adapter || merged) on task i's
-# calibration rows (-train -distil), rank kept at sum r_i
-if [ -d "$OUT/merged_iteris" ]; then
-  cmd=(mpirun -np "$NP" "$BIN" -train -base "$BASE" -init_adapter "$OUT/merged_iteris" -distil "$A" -distil_data "$C"
-       -steps "${DISTIL_STEPS:-100}" -batch 16 -lr "${DISTIL_LR:-1e-3}" -warmup 5 -seed 1 -log_every 0 -out "$OUT/merged_iteris_distil")
+# merge, then distil in one command (issue 17, options 1 and 3): the IterIS merge refined by KL(task i's adapter ||
+# merged) on task i's calibration rows, with the documented defaults (-refine_lr 2e-3, -refine_weight_decay 0.1,
+# -refine_drop 0.2, -refine_val 0.2: 20% of each task's rows held out to choose the step), rank kept at sum r_i
+REFINE_STEPS=${REFINE_STEPS:-400}
+if [ "$REFINE_STEPS" -gt 0 ]; then
+  cmd=(mpirun -np "$NP" "$BIN" -base "$BASE" -adapters "$A" -calib "$C" -method iteris -plots 0 -refine_steps "$REFINE_STEPS"
+       -out "$OUT/merged_iteris_refined")
   echo "== ${cmd[*]}"
-  t0=$(date +%s.%N); "${cmd[@]}" >"$OUT/distil.log" 2>&1 && merged+=("iteris + distil=$OUT/merged_iteris_distil")
-  echo "distil: $(echo "$(date +%s.%N) - $t0" | bc) s"
+  t0=$(date +%s.%N); "${cmd[@]}" >"$OUT/refine.log" 2>&1 && merged+=("IterIS + refine ($REFINE_STEPS steps, defaults)=$OUT/merged_iteris_refined")
+  echo "merge + refine: $(echo "$(date +%s.%N) - $t0" | bc) s"
 fi
 for t in "${TASKS[@]}"; do
   list=$A; for m in "${merged[@]}"; do list+=",${m#*=}"; done

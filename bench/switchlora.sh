@@ -27,6 +27,7 @@ BATCH=${BATCH:-32}
 R=${R:-16}
 LRS_FULL=${LRS_FULL:-"1e-3 3e-3 1e-2"}
 LRS_LORA=${LRS_LORA:-"3e-3 1e-2 3e-2"}
+LRS_SW=${LRS_SW:-"1e-2 3e-2 6e-2"}  # SwitchLoRA's initialisation with alpha 1 (scaling 1/r) takes larger rates
 W=${KEEP:-$(mktemp -d)}
 mkdir -p "$W"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 OPENBLAS_NUM_THREADS=1
@@ -52,7 +53,7 @@ declare -A ARGS=(
   [switchlora]="-targets all -r $R -lora_alpha 1 -switch_lora 1"
 )
 for method in full lora lora_sw_init switchlora; do
-  lrs=$LRS_LORA; [ $method = full ] && lrs=$LRS_FULL
+  lrs=$LRS_LORA; [ $method = full ] && lrs=$LRS_FULL; [ "${method#*sw}" != "$method" ] && lrs=$LRS_SW
   for lr in $lrs; do
     out=$W/$method-$lr
     [ -s "$out/train_report.json" ] && continue
@@ -65,12 +66,12 @@ for method in full lora lora_sw_init switchlora; do
 done
 
 # choose each method's learning rate on its last 10% of training loss, then score the chosen run on held-out text
-$PY - "$W" "$STEPS" "$LRS_FULL" "$LRS_LORA" >"$W/chosen.txt" <<'PY'
+$PY - "$W" "$STEPS" "$LRS_FULL" "$LRS_LORA" "$LRS_SW" >"$W/chosen.txt" <<'PY'
 import json, sys
-w, steps, lf, ll = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
+w, steps, lf, ll, ls = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split(), sys.argv[5].split()
 for m in ["full", "lora", "lora_sw_init", "switchlora"]:
     best = None
-    for lr in (lf if m == "full" else ll):
+    for lr in (lf if m == "full" else ls if "sw" in m else ll):
         loss = json.load(open("%s/%s-%s/train_report.json" % (w, m, lr)))["loss"]
         tail = sum(loss[-max(1, steps // 10):]) / max(1, steps // 10)
         if best is None or tail < best[1]: best = (lr, tail)
@@ -81,10 +82,10 @@ while read -r method lr tail; do
 done <"$W/chosen.txt"
 
 commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src include bench || echo "+changes")
-$PY - "$W" "$STEPS" "$BATCH" "$R" "$NP" "$peak" "$commit" "$LRS_FULL" "$LRS_LORA" <<'PY'
+$PY - "$W" "$STEPS" "$BATCH" "$R" "$NP" "$peak" "$commit" "$LRS_FULL" "$LRS_LORA" "$LRS_SW" <<'PY'
 import json, re, struct, sys, subprocess
 import numpy as np
-w, steps, batch, r, npr, peak, commit, lf, ll = sys.argv[1:10]
+w, steps, batch, r, npr, peak, commit, lf, ll, ls = sys.argv[1:11]
 steps, batch = int(steps), int(batch)
 def logits(p):
     b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n]); o = 8 + n
@@ -110,7 +111,7 @@ for m, lr, tail in chosen:
 # every learning rate tried, for the record
 tried = []
 for m in ["full", "lora", "lora_sw_init", "switchlora"]:
-    for lr in (lf if m == "full" else ll).split():
+    for lr in (lf if m == "full" else ls if "sw" in m else ll).split():
         loss = json.load(open("%s/%s-%s/train_report.json" % (w, m, lr)))["loss"]
         k = max(1, steps // 10)
         tried.append("%s %s: %.4f" % (m, lr, sum(loss[-k:]) / k))
