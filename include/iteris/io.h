@@ -191,6 +191,27 @@ itr_err itr_adapter_open(const char *dir, const itr_model_config *base, itr_adap
 void itr_adapter_destroy(itr_adapter *a); /* accepts NULL */
 const itr_lora_module *itr_adapter_module(const itr_adapter *a, int layer, itr_module m);
 
+/* ---- MixLoRA adapters (the format of github.com/TUDB-Labs/MixLoRA; src/io/mixlora.c) ------------ */
+
+typedef struct {
+  char dir[ITR_PATH_MAX];
+  int num_layers, num_experts, top_k;
+  int attn_r, expert_r;                   /* ranks: shared attention LoRA, each expert's */
+  double attn_scaling, expert_scaling;    /* lora_alpha / r (rsLoRA: / sqrt(r)); experts: expert_lora's */
+  unsigned target_mask;                   /* bit m: module m in target_modules */
+  /* NULL where absent. Attention: [layer * 7 + m] for q, k, v, o; router: [layer], (E, D); experts:
+     [(layer * E + e) * 7 + m] for gate, up, down. A layer without a router has a plain FFN. */
+  const itr_tensor_info **attn_A, **attn_B, **router, **exp_A, **exp_B;
+  itr_safetensors *file;                  /* adapter_model.safetensors, mapped */
+} itr_mixlora;
+
+/* Whether DIR/adapter_config.json says peft_type MIXLORA. */
+int itr_adapter_is_mixlora(const char *dir);
+/* Reads DIR/adapter_config.json and DIR/adapter_model.safetensors, checks shapes against base and
+ * that every value is finite. ITR_ERR_INPUT naming the file and field on failure. */
+itr_err itr_mixlora_open(const char *dir, const itr_model_config *base, itr_mixlora **out);
+void itr_mixlora_destroy(itr_mixlora *x); /* accepts NULL */
+
 /* ---- PEFT LoRA adapters of any architecture ------------------------------------------------ */
 
 /* One module's factors: tensors "base_model.model.<path>.lora_A.weight" / "lora_B.weight". */

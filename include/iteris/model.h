@@ -92,10 +92,23 @@ typedef struct {
 /* Per (layer, module) lists of terms. Any number of adapters (each with its own rank and scaling)
  * are summed; a module with no term contributes nothing. The merged factorised update is one more
  * term with scaling 1; with_pretrain's dense update is the slot's dW. */
+/* A MixLoRA feed-forward (Li et al. 2024; the reference github.com/TUDB-Labs/MixLoRA): E experts, each
+ * a LoRA term on gate, up and down (rank 0: none); a router (E, D) on the FFN input x (after the
+ * post-attention norm). Per token, p = softmax(router x); the top_k experts by p (ties: the lower
+ * index), w_e = p_e / sum of the chosen p; the block adds sum_e w_e y_e to the residual, where
+ * y_e = down_e(silu(gate_e(x)) * up_e(x)) and module_e = the base projection + expert e's term. */
+typedef struct {
+  int E, top_k;
+  float *router;          /* (E, D) f32 */
+  itr_lora_term *experts; /* (3 E): expert e's gate [3e], up [3e + 1], down [3e + 2] */
+} itr_lora_moe;
+
 typedef struct {
   itr_model_config cfg;  /* copied at creation; shapes are checked against it */
   int num_layers;        /* L */
   itr_lora_slot *slots;  /* [L * ITR_MODULE_COUNT], index layer * ITR_MODULE_COUNT + m */
+  itr_lora_moe *moe;     /* NULL, or [L]: layer l's MixLoRA feed-forward when moe[l].E > 0 (its gate, up
+                            and down slots must then be empty) */
 } itr_lora_set;
 
 /* An empty set for a model of this configuration. Not Collective. */
@@ -113,6 +126,16 @@ itr_err itr_lora_set_set_dense(itr_lora_set *s, int layer, itr_module m, const f
  * weight * a's scaling, converting A and B to f32 (only those layers are read). Not Collective. */
 itr_err itr_lora_set_add_adapter(itr_lora_set *s, const itr_adapter *a, int layer_begin,
                                  int layer_end, double weight);
+/* Makes layer's feed-forward a MixLoRA one: E experts (no terms yet), top_k, router (E, D) copied. */
+itr_err itr_lora_set_set_moe(itr_lora_set *s, int layer, int E, int top_k, const float *router);
+/* Sets expert e's term on m (gate, up or down) of layer: copies A (r, d_in), B (d_out, r). */
+itr_err itr_lora_set_set_expert(itr_lora_set *s, int layer, int e, itr_module m, int r, float scaling,
+                                const float *A, const float *B);
+/* Adds a MixLoRA adapter: its attention LoRA as terms (scaling weight * its scaling) and, in every layer
+ * with a router, the experts and router as that layer's MixLoRA feed-forward. Not Collective. */
+itr_err itr_lora_set_add_mixlora(itr_lora_set *s, const itr_mixlora *x, double weight);
+/* Adds the adapter in dir, PEFT LoRA or MixLoRA (by adapter_config.json's peft_type), every layer. */
+itr_err itr_lora_set_add_dir(itr_lora_set *s, const char *dir, double weight);
 /* Removes every term and dense update (keeps the allocation of the slot table). */
 void itr_lora_set_clear(itr_lora_set *s);
 /* A set with the same terms (layer, module, rank, scaling) as s, every factor zero, no dense

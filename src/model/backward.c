@@ -292,6 +292,7 @@ itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const i
   ITR_CHECK(!drop || (drop->p >= 0 && drop->p < 1), ITR_ERR_INPUT,
             "loss_grad: LoRA dropout %g must be in [0, 1)", drop ? drop->p : 0.0);
   ITR_CHECK(grad || gm, ITR_ERR_INPUT, "loss_grad: give a LoRA gradient set, a weight-gradient model, or both");
+  ITR_CHECK(!lora || !lora->moe, ITR_ERR_INPUT, "loss_grad: training a MixLoRA feed-forward (routers, experts) is not supported yet");
   if (grad) ITR_TRY(check_grad_set(lora, grad, d));
   if (gm) {
     int gb, ge;

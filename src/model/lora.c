@@ -36,15 +36,27 @@ static void slot_clear(itr_lora_slot *sl) {
   memset(sl, 0, sizeof *sl);
 }
 
+static void moe_clear(itr_lora_moe *mo) {
+  for (int k = 0; mo->experts && k < 3 * mo->E; k++) {
+    free(mo->experts[k].A);
+    free(mo->experts[k].B);
+  }
+  free(mo->experts);
+  free(mo->router);
+  memset(mo, 0, sizeof *mo);
+}
+
 void itr_lora_set_clear(itr_lora_set *s) {
   if (!s) return;
   for (int i = 0; i < s->num_layers * ITR_MODULE_COUNT; i++) slot_clear(&s->slots[i]);
+  for (int l = 0; s->moe && l < s->num_layers; l++) moe_clear(&s->moe[l]);
 }
 
 void itr_lora_set_destroy(itr_lora_set *s) {
   if (!s) return;
   itr_lora_set_clear(s);
   free(s->slots);
+  free(s->moe);
   free(s);
 }
 
@@ -109,6 +121,52 @@ itr_err itr_lora_set_set_dense(itr_lora_set *s, int layer, itr_module m, const f
   sl->dW_owned = own;
   sl->dW = copy ? own : dW;
   sl->dW_scale = scale;
+  return ITR_OK;
+}
+
+/* ---- MixLoRA feed-forwards -------------------------------------------------------------------- */
+
+itr_err itr_lora_set_set_moe(itr_lora_set *s, int layer, int E, int top_k, const float *router) {
+  ITR_CHECK(layer >= 0 && layer < s->num_layers, ITR_ERR_INPUT, "MixLoRA: layer %d is outside [0, %d)", layer,
+            s->num_layers);
+  ITR_CHECK(E >= 1 && top_k >= 1 && top_k <= E && router, ITR_ERR_INPUT,
+            "MixLoRA: layer %d has %d experts and top_k %d (need 1 <= top_k <= E) or no router", layer, E, top_k);
+  if (!s->moe) ITR_TRY(itr_calloc((size_t)s->num_layers, sizeof *s->moe, "MixLoRA layers", &s->moe));
+  itr_lora_moe *mo = &s->moe[layer];
+  moe_clear(mo);
+  size_t D = (size_t)s->cfg.hidden_size;
+  ITR_TRY(itr_calloc((size_t)E * D, sizeof(float), "MixLoRA router", &mo->router));
+  itr_err err = itr_calloc((size_t)3 * E, sizeof(itr_lora_term), "MixLoRA experts", &mo->experts);
+  if (err != ITR_OK) {
+    moe_clear(mo);
+    return itr_error_frame(err, __func__, __FILE__, __LINE__);
+  }
+  memcpy(mo->router, router, (size_t)E * D * sizeof(float));
+  mo->E = E;
+  mo->top_k = top_k;
+  return ITR_OK;
+}
+
+itr_err itr_lora_set_set_expert(itr_lora_set *s, int layer, int e, itr_module m, int r, float scaling,
+                                const float *A, const float *B) {
+  ITR_CHECK(s->moe && layer >= 0 && layer < s->num_layers && s->moe[layer].E > 0, ITR_ERR_INPUT,
+            "MixLoRA: layer %d has no MixLoRA feed-forward (itr_lora_set_set_moe first)", layer);
+  itr_lora_moe *mo = &s->moe[layer];
+  ITR_CHECK(e >= 0 && e < mo->E && m >= ITR_GATE_PROJ && m <= ITR_DOWN_PROJ && r >= 1 && A && B, ITR_ERR_INPUT,
+            "MixLoRA: expert %d of %d, module %d, rank %d: need a gate, up or down term of rank >= 1", e, mo->E,
+            (int)m, r);
+  int64_t d_out, d_in;
+  itr_module_shape(&s->cfg, m, &d_out, &d_in);
+  itr_lora_term *t = &mo->experts[3 * e + (m - ITR_GATE_PROJ)];
+  free(t->A);
+  free(t->B);
+  memset(t, 0, sizeof *t);
+  ITR_TRY(itr_calloc((size_t)r * (size_t)d_in, sizeof(float), "MixLoRA expert A", &t->A));
+  ITR_TRY(itr_calloc((size_t)d_out * (size_t)r, sizeof(float), "MixLoRA expert B", &t->B));
+  memcpy(t->A, A, (size_t)r * (size_t)d_in * sizeof(float));
+  memcpy(t->B, B, (size_t)d_out * (size_t)r * sizeof(float));
+  t->r = r;
+  t->scaling = scaling;
   return ITR_OK;
 }
 

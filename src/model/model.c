@@ -406,6 +406,15 @@ itr_err itr_model_run_layers_ex(const itr_model *m, int a, int b, float *hidden,
     /* MLP block */
     model_rmsnorm_forward(xn, NULL, hidden, lp->norm_post, T, D, d->eps);
     if (sink) ITR_TRY_GOTO(sink(l, ITR_SITE_MLP_IN, xn, T, D, ctx), err, done);
+    if (lora && lora->moe && lora->moe[l].E > 0) { /* MixLoRA: no MLP_OUT capture (each expert has its own) */
+      ITR_TRY_GOTO(model_moe_forward(hidden, xn, lp->w[ITR_GATE_PROJ], lp->b[ITR_GATE_PROJ], lp->w[ITR_UP_PROJ],
+                                     lp->b[ITR_UP_PROJ], lp->w[ITR_DOWN_PROJ], lp->b[ITR_DOWN_PROJ], &lora->moe[l],
+                                     Ti, D, F),
+                   err, done);
+      if (out_norm)
+        for (int mm = 0; mm < ITR_MODULE_COUNT; mm++) out_norm(l, (itr_module)mm, mm < ITR_GATE_PROJ ? ss[mm] : 0, ctx);
+      continue;
+    }
     model_linear_forward(g, xn, NULL, lp->w[ITR_GATE_PROJ], lp->b[ITR_GATE_PROJ], model_lora_slot(lora, l, ITR_GATE_PROJ), tmp, Ti, F, D, 0, prod, SS(ITR_GATE_PROJ));
     model_linear_forward(u, xn, NULL, lp->w[ITR_UP_PROJ], lp->b[ITR_UP_PROJ], model_lora_slot(lora, l, ITR_UP_PROJ), tmp, Ti, F, D, 0, prod, SS(ITR_UP_PROJ));
     for (size_t i = 0; i < n_f; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];

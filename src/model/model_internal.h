@@ -45,6 +45,12 @@ void model_attention_probs(float *S, const float *qh, int ldq, const float *kh, 
 void model_attention_forward(float *att, const float *q, const float *k, const float *v, float *S, int n,
                              const itr_model_dims *d);
 /* The slot of (layer, m) when it adds anything, else NULL (also for s NULL). */
+/* moe.c: top-k routing (ties: the lower index; weights renormalised over the chosen) and the MixLoRA
+ * feed-forward of one layer, adding sum_e w_e y_e to hidden (T, D); xn (T, D) the FFN input. */
+void model_moe_route(const float *z, int64_t T, int E, int k, int *sel, float *w);
+itr_err model_moe_forward(float *hidden, const float *xn, const float *Wg, const float *bg, const float *Wu,
+                          const float *bu, const float *Wd, const float *bd, const itr_lora_moe *mo, int T, int D,
+                          int F);
 const itr_lora_slot *model_lora_slot(const itr_lora_set *s, int layer, itr_module m);
 /* Checks a sequence layout against T; *max_len = its longest sequence. */
 itr_err model_check_layout(const itr_seq_layout *seqs, int64_t T, int64_t *max_len);

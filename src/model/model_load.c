@@ -74,7 +74,6 @@ itr_err itr_model_write_logits(const char *base_dir, const char *const *adapter_
   itr_tensor_store *store = NULL;
   itr_model *model = NULL;
   itr_lora_set *lora = NULL;
-  itr_adapter *ad = NULL;
   itr_st_writer *w = NULL;
   itr_token_set ts;
   itr_tokenizer *tok = NULL;
@@ -88,10 +87,7 @@ itr_err itr_model_write_logits(const char *base_dir, const char *const *adapter_
   if (n_adapters > 0) {
     ITR_TRY_GOTO(itr_lora_set_create(&cfg, &lora), err, done);
     for (int i = 0; i < n_adapters; i++) {
-      ITR_TRY_GOTO(itr_adapter_open(adapter_dirs[i], &cfg, &ad), err, done);
-      ITR_TRY_GOTO(itr_lora_set_add_adapter(lora, ad, 0, cfg.num_hidden_layers, 1.0), err, done);
-      itr_adapter_destroy(ad);
-      ad = NULL;
+      ITR_TRY_GOTO(itr_lora_set_add_dir(lora, adapter_dirs[i], 1.0), err, done);
     }
   }
   /* {"input_ids": [...]} lines, or {"text": ...} through base_dir's tokenizer (opened on first need) */
@@ -118,7 +114,6 @@ done:
   free(logits);
   itr_st_writer_destroy(w);
   if (have_ts) itr_token_set_fini(&ts);
-  itr_adapter_destroy(ad);
   itr_lora_set_destroy(lora);
   itr_model_destroy(model);
   itr_tensor_store_destroy(store);

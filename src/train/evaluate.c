@@ -43,12 +43,8 @@ static itr_err setup_local(evaluator *e) {
   e->have_data = 1;
   ITR_TRY(itr_calloc((size_t)e->M, sizeof *e->sets, "adapter sets", &e->sets));
   for (int m = 0; m < e->M; m++) {
-    itr_adapter *ad = NULL;
     ITR_TRY(itr_lora_set_create(&e->cfg, &e->sets[m]));
-    ITR_TRY(itr_adapter_open(o->adapters[m], &e->cfg, &ad));
-    err = itr_lora_set_add_adapter(e->sets[m], ad, 0, e->cfg.num_hidden_layers, 1.0);
-    itr_adapter_destroy(ad);
-    ITR_TRY(err);
+    ITR_TRY(itr_lora_set_add_dir(e->sets[m], o->adapters[m], 1.0)); /* PEFT LoRA or MixLoRA */
   }
   size_t n = NS * (size_t)e->K + (size_t)e->K * (size_t)e->data.n_seqs;
   ITR_TRY(itr_calloc(n, sizeof(double), "evaluation sums", &e->buf));
