@@ -211,6 +211,13 @@ int itr_adapter_is_mixlora(const char *dir);
  * that every value is finite. ITR_ERR_INPUT naming the file and field on failure. */
 itr_err itr_mixlora_open(const char *dir, const itr_model_config *base, itr_mixlora **out);
 void itr_mixlora_destroy(itr_mixlora *x); /* accepts NULL */
+/* Tensor names: attention factor which ('A'/'B') of (layer, m) (expert < 0), or expert's; the router. */
+void itr_mixlora_name(int layer, int expert, itr_module m, char which, char *buf, size_t len);
+void itr_mixlora_router_name(int layer, char *buf, size_t len);
+/* Writes adapter_config.json in the reference's fields: lora_alpha = r and expert_lora's lora_alpha =
+ * expert_r (scaling 1: the factors carry their scaling), mixtral routing, silu. Atomic. */
+itr_err itr_mixlora_write_config(const char *file, const char *base_model, int num_experts, int top_k, int attn_r,
+                                 int expert_r, unsigned target_mask);
 
 /* ---- PEFT LoRA adapters of any architecture ------------------------------------------------ */
 

@@ -136,6 +136,8 @@ itr_err itr_lora_set_set_expert(itr_lora_set *s, int layer, int e, itr_module m,
 itr_err itr_lora_set_add_mixlora(itr_lora_set *s, const itr_mixlora *x, double weight);
 /* Adds the adapter in dir, PEFT LoRA or MixLoRA (by adapter_config.json's peft_type), every layer. */
 itr_err itr_lora_set_add_dir(itr_lora_set *s, const char *dir, double weight);
+/* Removes the terms and dense updates of the modules whose bit is set in mask, in every layer. */
+void itr_lora_set_clear_modules(itr_lora_set *s, unsigned mask);
 /* Removes every term and dense update (keeps the allocation of the slot table). */
 void itr_lora_set_clear(itr_lora_set *s);
 /* A set with the same terms (layer, module, rank, scaling) as s, every factor zero, no dense

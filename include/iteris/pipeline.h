@@ -49,6 +49,8 @@ typedef struct {
   int stages;       /* pipeline stages: process groups holding contiguous ranges of layers */
   int block_size;   /* -block_size: ScaLAPACK's block size mb (0: ITR_DIST_MB_DEFAULT) */
   int plots;        /* -plots: write convergence.png (gnuplot) beside merge_report.json */
+  int mixlora_top_k;     /* -method mixlora: experts per token (1) */
+  double mixlora_ridge;  /* -method mixlora: the routers' ridge, relative to the mean diagonal of X^T X */
   int verbose;
 } itr_merge_opts;
 
@@ -63,6 +65,13 @@ itr_err itr_pipeline_merge(const itr_merge_opts *opt, MPI_Comm comm);
  * into opt->out (adapter, merge_report.json; written to OUT.partial/ and renamed). Same error on
  * every rank. */
 itr_err itr_pipeline_features(const itr_merge_opts *opt, MPI_Comm comm);
+
+/* -method mixlora (compose.c): composes opt->adapters into one MixLoRA adapter at opt->out: the attention
+ * of merged_dir (an IterIS merge of the same adapters), expert i = adapter i's gate/up/down factors, and
+ * per layer a router fitted to send each task's calibration tokens to its own expert (ridge least squares
+ * on the FFN inputs, layer by layer under the model composed so far). Collective; the same error on every
+ * rank; OUT written atomically by rank 0 with compose_report.json (routing accuracy per layer and task). */
+itr_err itr_pipeline_compose(const itr_merge_opts *opt, const char *merged_dir, MPI_Comm comm);
 
 /* The graceful stop (SIGTERM / SIGINT / SIGUSR1 -> checkpoint, exit 5) uses dist's itr_signals_*
  * (include/iteris/dist.h). */

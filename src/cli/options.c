@@ -51,7 +51,7 @@ static const opt_entry table_[] = {
      "held-out JSONL files, one per adapter: the report gives kl_ratio and top1 per task (-ensemble: one file)"},
     {"out", T_STR, OFF(m.out), 0, sizeof(((itr_options *)0)->m.out), "", U_MERGE | U_FEATURES | U_TRAIN, "output folder for the merged (or trained) PEFT adapter and the report"},
     {"method", T_STR, OFF(m.method), 0, sizeof(((itr_options *)0)->m.method), "iteris", U_MERGE | U_FEATURES,
-     "iteris | task_arithmetic | regmean | ties | dare | knots"},
+     "iteris | task_arithmetic | regmean | ties | dare | knots | mixlora (compose: experts behind routers)"},
     {"max_iter", T_INT, OFF(m.max_iter), 0, 0, "10", U_METHOD, "IterIS iterations (solves)"},
     {"alpha_1", T_REAL, OFF(m.alpha_1), 0, 0, "1e-7", U_METHOD | U_FEATURES, "ridge on X_i^T Xt_i, relative to its Frobenius norm"},
     {"alpha_2", T_REAL, OFF(m.alpha_2), 0, 0, "1e-7", U_METHOD | U_FEATURES,
@@ -137,6 +137,9 @@ static const opt_entry table_[] = {
      "-train -distil: leave out each token (but the first) with this probability, anew every step: more inputs from the same rows"},
     {"distil_data", T_STRLIST, OFF(t.teacher_data), OFF(t.n_teacher_data), 0, "", U_TRAIN,
      "-train -distil: one JSONL per teacher (its calibration sequences)"},
+    {"mixlora_top_k", T_INT, OFF(m.mixlora_top_k), 0, 0, "1", U_MERGE, "-method mixlora: experts per token"},
+    {"mixlora_ridge", T_REAL, OFF(m.mixlora_ridge), 0, 0, "1e-3", U_MERGE,
+     "-method mixlora: the routers' ridge (relative to the mean diagonal of the FFN inputs' Gram matrix)"},
     {"refine_steps", T_INT, OFF(refine_steps), 0, 0, "0", U_MERGE,
      "merge, then distil: refine the merged adapter for N steps by KL(base + adapter i || base + merged) on -calib i"},
     {"refine_lr", T_REAL, OFF(refine_lr), 0, 0, "2e-3", U_MERGE, "-refine_steps: peak learning rate (AdamW, cosine)"},
@@ -431,6 +434,10 @@ itr_err itr_options_parse(itr_options *opt) {
   else if (opt->tokenize[0]) opt->mode = ITR_MODE_TOKENIZE, use = U_TOKENIZE;
   else {
     opt->mode = opt->m.features[0] ? ITR_MODE_FEATURES : ITR_MODE_MERGE;
+    if (strcmp(opt->m.method, "mixlora") == 0 && opt->mode == ITR_MODE_MERGE) { /* IterIS for the attention */
+      opt->mixlora = 1;
+      snprintf(opt->m.method, sizeof opt->m.method, "iteris");
+    }
     method = itr_method_find(opt->m.method);
     char names[256];
     itr_method_names(", ", names, sizeof names);

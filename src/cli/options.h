@@ -36,6 +36,7 @@ typedef struct {
   itr_train_opts t;   /* its parameters (-base, -out, -seed and -verbose are copied from m) */
   char targets[256];  /* -targets q_proj,v_proj,... */
   itr_eval_opts e;    /* -ensemble A1,...: -base and -heldout are copied from m */
+  int mixlora;        /* -method mixlora: an IterIS merge of the attention, then the composition (compose.c) */
   int refine_steps;   /* merge, then distil (refine.c): steps (0: no refinement), its lr, batch, weight decay, */
   double refine_lr;   /* and the fraction of each -calib file held out for early stopping */
   int refine_batch;

@@ -32,7 +32,28 @@ static itr_err move_merge_files(const char *merge_dir, const char *out) {
   return itr_iofile_remove_tree(merge_dir);
 }
 
+/* -method mixlora: IterIS into OUT.merge/, composed into OUT/, OUT.merge/ removed. */
+static itr_err merge_compose(const itr_options *opt, MPI_Comm comm) {
+  int rank;
+  MPI_Comm_rank(comm, &rank);
+  itr_merge_opts *mm = NULL;
+  ITR_TRY(itr_dist_agree(comm, itr_calloc(1, sizeof *mm, "merge options", &mm)));
+  *mm = opt->m;
+  itr_err err = ITR_OK;
+  if (opt->refine_steps > 0) err = itr_error_set(ITR_ERR_INPUT, "-method mixlora does not combine with -refine_steps");
+  else if (snprintf(mm->out, sizeof mm->out, "%s.merge", opt->m.out) >= (int)sizeof mm->out)
+    err = itr_error_set(ITR_ERR_INPUT, "-out %s: path too long", opt->m.out);
+  err = itr_dist_agree(comm, err);
+  mm->plots = 0;
+  if (err == ITR_OK) err = itr_pipeline_merge(mm, comm);
+  if (err == ITR_OK) err = itr_pipeline_compose(&opt->m, mm->out, comm);
+  if (rank == 0) (void)itr_iofile_remove_tree(mm->out);
+  free(mm);
+  return itr_dist_agree(comm, err);
+}
+
 itr_err itr_cli_merge(const itr_options *opt, MPI_Comm comm) {
+  if (opt->mixlora) return merge_compose(opt, comm);
   if (opt->refine_steps <= 0) return itr_pipeline_merge(&opt->m, comm);
   int rank;
   MPI_Comm_rank(comm, &rank);

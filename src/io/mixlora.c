@@ -205,3 +205,56 @@ void itr_mixlora_destroy(itr_mixlora *x) {
   free(x->exp_B);
   free(x);
 }
+
+/* ---- writing ------------------------------------------------------------------------------------ */
+
+void itr_mixlora_router_name(int layer, char *buf, size_t len) {
+  snprintf(buf, len, "mixlora.layers.%d.gate.weight", layer);
+}
+
+void itr_mixlora_name(int layer, int expert, itr_module m, char which, char *buf, size_t len) {
+  if (expert < 0)
+    snprintf(buf, len, "mixlora.layers.%d.self_attn.%s.lora_%c.weight", layer, itr_module_name(m), which);
+  else snprintf(buf, len, "mixlora.layers.%d.experts.%d.%s.lora_%c.weight", layer, expert, itr_module_name(m), which);
+}
+
+itr_err itr_mixlora_write_config(const char *file, const char *base_model, int num_experts, int top_k, int attn_r,
+                                 int expert_r, unsigned target_mask) {
+  cJSON *o = cJSON_CreateObject(), *t = cJSON_CreateArray(), *ex = cJSON_CreateObject();
+  itr_err e = o && t && ex ? ITR_OK : itr_error_set(ITR_ERR_INTERNAL, "out of memory building %s", file);
+  if (e == ITR_OK) {
+    for (int m = 0; m < ITR_MODULE_COUNT; m++)
+      if (target_mask & (1u << m)) cJSON_AddItemToArray(t, cJSON_CreateString(itr_module_name((itr_module)m)));
+    cJSON_AddStringToObject(o, "peft_type", "MIXLORA");
+    cJSON_AddStringToObject(o, "task_type", "CAUSAL_LM");
+    cJSON_AddStringToObject(o, "base_model_name_or_path", base_model ? base_model : "");
+    cJSON_AddStringToObject(o, "bias", "none");
+    cJSON_AddNumberToObject(o, "r", attn_r);
+    cJSON_AddNumberToObject(o, "lora_alpha", attn_r); /* scaling 1: the factors carry it */
+    cJSON_AddNumberToObject(o, "lora_dropout", 0.0);
+    cJSON_AddItemToObject(o, "target_modules", t);
+    t = NULL;
+    cJSON_AddStringToObject(o, "routing_strategy", "mixtral");
+    cJSON_AddNumberToObject(o, "num_experts", num_experts);
+    cJSON_AddNumberToObject(o, "top_k", top_k);
+    cJSON_AddStringToObject(o, "act_fn", "silu");
+    cJSON_AddNumberToObject(o, "router_aux_loss_coef", 0.0);
+    cJSON_AddNumberToObject(o, "router_init_range", 0.02);
+    cJSON_AddNumberToObject(o, "jitter_noise", 0.0);
+    cJSON_AddBoolToObject(o, "router_loss", 0);
+    cJSON_AddNumberToObject(ex, "r", expert_r);
+    cJSON_AddNumberToObject(ex, "lora_alpha", expert_r);
+    cJSON_AddNumberToObject(ex, "lora_dropout", 0.0);
+    cJSON_AddItemToObject(o, "expert_lora", ex);
+    ex = NULL;
+  }
+  char *text = e == ITR_OK ? cJSON_Print(o) : NULL;
+  cJSON_Delete(o);
+  cJSON_Delete(t);
+  cJSON_Delete(ex);
+  ITR_TRY(e);
+  ITR_CHECK(text, ITR_ERR_INTERNAL, "out of memory printing %s", file);
+  e = itr_iofile_write_atomic(file, text, strlen(text));
+  cJSON_free(text);
+  return e;
+}

@@ -36,6 +36,11 @@ static void slot_clear(itr_lora_slot *sl) {
   memset(sl, 0, sizeof *sl);
 }
 
+void itr_lora_set_clear_modules(itr_lora_set *s, unsigned mask) {
+  for (int i = 0; i < s->num_layers * ITR_MODULE_COUNT; i++)
+    if (mask & (1u << (i % ITR_MODULE_COUNT))) slot_clear(&s->slots[i]);
+}
+
 static void moe_clear(itr_lora_moe *mo) {
   for (int k = 0; mo->experts && k < 3 * mo->E; k++) {
     free(mo->experts[k].A);

@@ -35,6 +35,20 @@ void model_moe_route(const float *z, int64_t T, int E, int k, int *sel, float *w
   }
 }
 
+/* y (n, d_out) = x W^T + b (+ s (x A^T) B^T when tm has rank > 0); tmp (n, r) scratch. */
+static void linear(float *y, const float *x, const float *W, const float *b, const itr_lora_term *tm, float *tmp, int n,
+                   int d_out, int d_in) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d_out, d_in, 1.0f, x, d_in, W, d_in, 0.0f, y, d_out);
+  if (tm && tm->r > 0) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, tm->r, d_in, 1.0f, x, d_in, tm->A, d_in, 0.0f, tmp, tm->r);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d_out, tm->r, tm->scaling, tmp, tm->r, tm->B, tm->r, 1.0f, y,
+                d_out);
+  }
+  if (b)
+    for (int t = 0; t < n; t++)
+      for (int o = 0; o < d_out; o++) y[(int64_t)t * d_out + o] += b[o];
+}
+
 itr_err model_moe_forward(float *hidden, const float *xn, const float *Wg, const float *bg, const float *Wu,
                           const float *bu, const float *Wd, const float *bd, const itr_lora_moe *mo, int T, int D,
                           int F) {
@@ -60,8 +74,8 @@ itr_err model_moe_forward(float *hidden, const float *xn, const float *Wg, const
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, D, 1.0f, xn, D, mo->router, D, 0.0f, z, E);
   model_moe_route(z, T, E, k, sel, w);
   /* the shared base products */
-  model_linear_forward(g0, xn, NULL, Wg, bg, NULL, tmp, T, F, D, 0, NULL, NULL);
-  model_linear_forward(u0, xn, NULL, Wu, bu, NULL, tmp, T, F, D, 0, NULL, NULL);
+  linear(g0, xn, Wg, bg, NULL, tmp, T, F, D);
+  linear(u0, xn, Wu, bu, NULL, tmp, T, F, D);
   err = itr_calloc((size_t)T, sizeof(float), "MixLoRA weights", &wsel);
   for (int e = 0; err == ITR_OK && e < E; e++) {
     int n = 0;
@@ -84,8 +98,7 @@ itr_err model_moe_forward(float *hidden, const float *xn, const float *Wg, const
                     te[q]->r, 1.0f, dst[q], F);
       }
     for (size_t i = 0; i < (size_t)n * F; i++) G[i] = G[i] / (1.0f + expf(-G[i])) * U[i];
-    itr_lora_slot down = {te[2]->r > 0 ? 1 : 0, 1, (itr_lora_term *)te[2], NULL, 0, NULL};
-    model_linear_forward(Y, G, NULL, Wd, bd, te[2]->r > 0 ? &down : NULL, tmp, n, D, F, 0, NULL, NULL);
+    linear(Y, G, Wd, bd, te[2], tmp, n, D, F);
     for (int i = 0; i < n; i++) {
       float *h = hidden + (size_t)rows[i] * D;
       const float *y = Y + (size_t)i * D;

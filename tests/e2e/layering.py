@@ -35,8 +35,8 @@ ALLOWED = {
 # inside a layer: files that may call only files listed before them (the drivers never call each other)
 ORDER = {
     "pipeline": [["schedule"], ["context"], ["forward"], ["site"], ["checkpoint"], ["report"],
-                 ["driver_data", "driver_direct", "driver_stages", "driver_features"], ["run"]],
-    "train": [["optim"], ["trainer", "evaluate"]],
+                 ["driver_data", "driver_direct", "driver_stages", "driver_features", "compose"], ["run"]],
+    "train": [["optim"], ["switchlora"], ["train_params"], ["train_output"], ["train_checkpoint"], ["trainer", "evaluate"]],
 }
 
 

@@ -52,7 +52,8 @@ def load_mixlora(cfg, adir):
     return s_att, s_ex, E, k, layers
 
 
-def forward(cfg, W, ids, mix):
+def forward(cfg, W, ids, mix, stop_at=None):
+    """Logits (n, V); with stop_at = l, the FFN input x of layer l (after the post-attention norm) instead."""
     s_att, s_ex, E, k, layers = mix
     n = len(ids)
     h = W["model.embed_tokens.weight"][np.asarray(ids)]
@@ -81,6 +82,8 @@ def forward(cfg, W, ids, mix):
         a = np.einsum("hts,shd->thd", sc, v).reshape(n, cfg.H * cfg.hd)
         h = h + lin(a, p + "self_attn.o_proj", cfg.o_bias, att.get("o_proj"), s_att)
         x = R.rmsnorm(h, W[p + "post_attention_layernorm.weight"], cfg.eps)
+        if stop_at == l:
+            return x
         if router is None:
             g, u = lin(x, p + "mlp.gate_proj", cfg.mlp_bias), lin(x, p + "mlp.up_proj", cfg.mlp_bias)
             h = h + lin(g / (1 + np.exp(-g)) * u, p + "mlp.down_proj", cfg.mlp_bias)
@@ -140,6 +143,31 @@ def cmd_adapter(a):
         json.dump(ac, f, indent=1)
 
 
+def cmd_routers(a):
+    """The routers -method mixlora must have written: layer by layer, the FFN inputs of every calibration
+    token under the adapter's attention and the routed layers below (the adapter's own routers), then the ridge
+    least-squares map to the task's one-hot label, R = ((X^T X + lambda mean(diag) I)^-1 X^T Y)^T."""
+    cfg, W = R.Cfg(a.model), R.load_model_tensors(a.model)
+    mix = load_mixlora(cfg, a.adapter)
+    rows = []
+    for i, f in enumerate(a.calib.split(",")):
+        rows += [(ids[:a.max_tokens] if a.max_tokens else ids, i) for ids in R.read_tokens(f)]
+    worst = 0.0
+    for l in range(cfg.L):
+        X = np.concatenate([forward(cfg, W, ids, mix, stop_at=l) for ids, _ in rows])
+        Y = np.zeros((X.shape[0], mix[2]))
+        Y[np.arange(X.shape[0]), np.concatenate([[i] * len(ids) for ids, i in rows])] = 1
+        G = X.T @ X
+        G += a.ridge * np.trace(G) / G.shape[0] * np.eye(G.shape[0])
+        Rt = np.linalg.solve(G, X.T @ Y).T
+        got = mix[4][l][1]
+        e = np.abs(got - Rt).max() / np.abs(Rt).max()
+        worst = max(worst, e)
+        print("layer %d: router (%d, %d) relative difference %.2e" % (l, Rt.shape[0], Rt.shape[1], e))
+    print("routers: worst relative difference %.3e (tol %.0e): %s" % (worst, a.tol, "PASSED" if worst <= a.tol else "FAILED"))
+    return 0 if worst <= a.tol else 1
+
+
 def cmd_compare(a):
     cfg, W = R.Cfg(a.model), R.load_model_tensors(a.model)
     mix = load_mixlora(cfg, a.adapter)
@@ -179,8 +207,13 @@ def main(argv):
     p.add_argument("model"); p.add_argument("tokens"); p.add_argument("candidate")
     p.add_argument("--adapter", required=True)
     p.add_argument("--tol", type=float, default=1e-4)
+    p = sub.add_parser("routers")
+    p.add_argument("model"); p.add_argument("calib"); p.add_argument("adapter")
+    p.add_argument("--ridge", type=float, default=1e-3)
+    p.add_argument("--max-tokens", type=int, default=0)
+    p.add_argument("--tol", type=float, default=1e-5)
     a = ap.parse_args(argv)
-    return {"adapter": cmd_adapter, "compare": cmd_compare}[a.cmd](a) or 0
+    return {"adapter": cmd_adapter, "compare": cmd_compare, "routers": cmd_routers}[a.cmd](a) or 0
 
 
 if __name__ == "__main__":
