@@ -123,7 +123,7 @@ with open(w + "/curves.dat", "w") as f:
 plot = """set terminal pngcairo size 900,560
 set output 'results/switchlora_loss.png'
 set title 'From scratch at stories260K shape: training loss (fresh text every step), %d steps x %d x 64 tokens'
-set xlabel 'step'; set ylabel 'next-token loss (nats), %d-step running mean'; set grid
+set xlabel 'step'; set ylabel 'next-token loss (nats), %d-step running mean'; set grid; set yrange [*:3.5]
 set key top right noenhanced
 """ % (steps, batch, win)
 cols = ", ".join("'%s/curves.dat' using 1:(column(%d)) with lines lw 2 title '%s (lr %s)'" % (w, i + 2, m, lr)
