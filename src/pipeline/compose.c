@@ -100,14 +100,9 @@ static itr_err setup(composer *c) {
   itr_tensor_store_destroy(store);
   ITR_TRY(err);
   ITR_TRY(itr_lora_set_create(&c->cfg, &c->set));
-  { /* the merged attention only */
-    itr_adapter *m = NULL;
-    ITR_TRY(itr_adapter_open(c->merged_dir, &c->cfg, &m));
-    err = itr_lora_set_add_adapter(c->set, m, 0, c->L, 1.0);
-    itr_adapter_destroy(m);
-    ITR_TRY(err);
-    itr_lora_set_clear_modules(c->set, (1u << ITR_GATE_PROJ) | (1u << ITR_UP_PROJ) | (1u << ITR_DOWN_PROJ));
-  }
+  /* the merged attention only */
+  ITR_TRY(itr_lora_set_add_dir(c->set, c->merged_dir, 1.0));
+  itr_lora_set_clear_modules(c->set, (1u << ITR_GATE_PROJ) | (1u << ITR_UP_PROJ) | (1u << ITR_DOWN_PROJ));
   ITR_TRY(itr_calloc((size_t)c->N, sizeof *c->tasks, "task adapters", &c->tasks));
   for (int i = 0; i < c->N; i++) {
     ITR_TRY(itr_adapter_open(o->adapters[i], &c->cfg, &c->tasks[i]));

@@ -176,12 +176,8 @@ static itr_err read_teacher_data(trainer *t) {
   if (err != ITR_OK) return err;
   ITR_TRY(itr_calloc((size_t)o->n_teachers, sizeof *t->teachers, "teacher sets", &t->teachers));
   for (int i = 0; i < o->n_teachers; i++) {
-    itr_adapter *ad = NULL;
     ITR_TRY(itr_lora_set_create(&t->cfg, &t->teachers[i]));
-    ITR_TRY(itr_adapter_open(o->teachers[i], &t->cfg, &ad));
-    err = itr_lora_set_add_adapter(t->teachers[i], ad, 0, t->cfg.num_hidden_layers, 1.0);
-    itr_adapter_destroy(ad);
-    ITR_TRY(err);
+    ITR_TRY(itr_lora_set_add_dir(t->teachers[i], o->teachers[i], 1.0));
   }
   return ITR_OK;
 }
@@ -234,7 +230,6 @@ static itr_err split_validation(trainer *t) {
 static itr_err setup_local(trainer *t) {
   const itr_train_opts *o = t->o;
   itr_tensor_store *store = NULL;
-  itr_adapter *ad = NULL;
   itr_err err;
   ITR_TRY(itr_model_config_read(o->base, &t->cfg));
   ITR_TRY(itr_tensor_store_open(o->base, &store));
@@ -254,10 +249,7 @@ static itr_err setup_local(trainer *t) {
   t->dense = o->from_scratch || o->switch_lora;
   ITR_TRY(itr_lora_set_create(&t->cfg, &t->lora));
   if (o->init_adapter[0]) {
-    ITR_TRY(itr_adapter_open(o->init_adapter, &t->cfg, &ad));
-    err = itr_lora_set_add_adapter(t->lora, ad, 0, t->cfg.num_hidden_layers, 1.0);
-    itr_adapter_destroy(ad);
-    if (err != ITR_OK) return itr_error_frame(err, __func__, __FILE__, __LINE__);
+    ITR_TRY(itr_lora_set_add_dir(t->lora, o->init_adapter, 1.0));
     t->fold_scaling = 1;
   } else {
     ITR_TRY(init_fresh(t));
