@@ -12,7 +12,13 @@ BASE=../shared/models/stories260K
 TASKS=(isear emoint emotion-cause)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 OPENBLAS_NUM_THREADS=1
 [ -d "$Q/ad_isear" ] || { echo "run bench/quality.sh first (OUT=$Q)"; exit 1; }
-echo "machine: $(nproc) cores; commit $(git rev-parse --short HEAD); $(date -u +%F)"
+peak=$(/usr/bin/python3 -c "
+import numpy as np, time
+a = np.random.rand(512, 512).astype(np.float32); b = np.random.rand(512, 512).astype(np.float32); best = 0
+for _ in range(5):
+    t = time.perf_counter(); a @ b; best = max(best, 2 * 512**3 / (time.perf_counter() - t) / 1e9)
+print('%.1f' % best)")
+echo "machine: $(nproc) cores; commit $(git rev-parse --short HEAD); $(date -u +%F); same-run sgemm peak (NumPy 512^3, one process) ${peak} GFLOP/s"
 rm -rf "$OUT"; mkdir -p "$OUT"
 A="$Q/ad_isear,$Q/ad_emoint,$Q/ad_emotion-cause"
 C="bench/data/isear/calib.jsonl,bench/data/emoint/calib.jsonl,bench/data/emotion-cause/calib.jsonl"

@@ -12,7 +12,13 @@ read -r -a TASKS <<<"${TASKS:-isear emoint emotion-cause}"
 NP=${NP:-2} STEPS=${STEPS:-300} LR=${LR:-3e-3} R=${R:-8} OUT=${OUT:-/tmp/iteris-quality}
 BASE=../shared/models/stories260K
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 OPENBLAS_NUM_THREADS=1
-echo "machine: $(nproc) cores; commit $(git rev-parse --short HEAD); $(date -u +%F); tasks ${TASKS[*]}"
+peak=$(/usr/bin/python3 -c "
+import numpy as np, time
+a = np.random.rand(512, 512).astype(np.float32); b = np.random.rand(512, 512).astype(np.float32); best = 0
+for _ in range(5):
+    t = time.perf_counter(); a @ b; best = max(best, 2 * 512**3 / (time.perf_counter() - t) / 1e9)
+print('%.1f' % best)")
+echo "machine: $(nproc) cores; commit $(git rev-parse --short HEAD); $(date -u +%F); tasks ${TASKS[*]}; same-run sgemm peak (NumPy 512^3, one process) ${peak} GFLOP/s"
 rm -rf "$OUT"; mkdir -p "$OUT"
 ads=(); cal=()
 for t in "${TASKS[@]}"; do
