@@ -49,6 +49,8 @@ typedef struct {
   int stages;       /* pipeline stages: process groups holding contiguous ranges of layers */
   int block_size;   /* -block_size: ScaLAPACK's block size mb (0: ITR_DIST_MB_DEFAULT) */
   int plots;        /* -plots: write convergence.png (gnuplot) beside merge_report.json */
+  int fidelity_per_iter; /* -fidelity_per_iter: with -heldout and several iterations, measure the fidelity after
+                            every iteration (report and plot), not only at the end */
   int mixlora_top_k;     /* -method mixlora: experts per token (1) */
   double mixlora_ridge;  /* -method mixlora: the routers' ridge, relative to the mean diagonal of X^T X */
   int verbose;

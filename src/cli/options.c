@@ -82,6 +82,9 @@ static const opt_entry table_[] = {
      "ScaLAPACK block size of the distributed statistics and solves (16 .. 1024)"},
     {"plots", T_BOOL, OFF(m.plots), 0, 0, "1", U_MERGE,
      "write OUT/convergence.png (gnuplot): the solves' scaled residuals per iteration and module (0: no plot)"},
+    {"fidelity_per_iter", T_BOOL, OFF(m.fidelity_per_iter), 0, 0, "1", U_METHOD,
+     "with -heldout and -max_iter > 1: measure kl_ratio and top-1 after every iteration (merge_report.json, "
+     "convergence.png); costs one held-out forward of the merged model per iteration (0: only at the end)"},
     {"max_tokens", T_INT, OFF(m.max_tokens), 0, 0, "0", U_METHOD, "keep the first N tokens of every calibration sequence (0: all)"},
     {"inspect", T_STR, OFF(inspect), 0, sizeof(((itr_options *)0)->inspect), "", U_INSPECT, "print a summary of a model or adapter folder and exit"},
     {"make_demo", T_STR, OFF(make_demo), 0, sizeof(((itr_options *)0)->make_demo), "", U_DEMO,

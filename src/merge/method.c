@@ -7,7 +7,8 @@
 
 static const itr_method methods_[ITR_METHOD_COUNT] = {
     {"iteris", ITR_METHOD_ITERIS, ITR_METHOD_STATS | ITR_METHOD_ITERATES | ITR_METHOD_ADAPTIVE | ITR_METHOD_FEATURES,
-     "max_iter alpha_1 alpha_2 reg_coef manual_coef with_pretrain restart solve_groups stages max_tokens system",
+     "max_iter alpha_1 alpha_2 reg_coef manual_coef with_pretrain restart solve_groups stages max_tokens system "
+     "fidelity_per_iter",
      itr_iteris_terms, "IterIS (CVPR 2025): iterated inference-solving alignment, adaptive weights"},
     {"regmean", ITR_METHOD_REGMEAN, ITR_METHOD_STATS | ITR_METHOD_GRAM_DIAG | ITR_METHOD_FEATURES,
      "alpha_2 regmean_alpha solve_groups stages max_tokens system", itr_regmean_terms,

@@ -34,6 +34,10 @@ double merge_forward_flops(const merge_ctx *c, int64_t T) {
 
 int merge_n_iters(const merge_ctx *c) { return (c->method->flags & ITR_METHOD_ITERATES) ? c->opt->max_iter : 1; }
 
+int merge_fidelity_per_iter(const merge_ctx *c) {
+  return c->opt->fidelity_per_iter && c->opt->n_heldout > 0 && merge_n_iters(c) >= 2 && !c->st;
+}
+
 int merge_stop_agree(merge_ctx *c, int k, int l) {
   int sig = itr_signals_agree(c->comm);
   /* fault injection for the restart tests: ITERIS_FAULT_STOP_AT="k l" acts as a signal there */

@@ -47,6 +47,7 @@ itr_err merge_run_data_parallel(merge_ctx *c) {
     ITR_TRY(itr_dist_agree(c->comm, e));
     ITR_TRY(itr_dist_agree(c->comm, merge_rebuild_lora(c)));
     c->iters_done = k;
+    if (merge_fidelity_per_iter(c)) ITR_TRY(merge_evaluate_iter(c, k));
     if (k < K && (c->method->flags & ITR_METHOD_ITERATES)) {
       ITR_TRY(itr_dist_agree(c->comm, c->rank == 0 ? checkpoint_write(c, k + 1, 0) : ITR_OK));
       ITR_TRY(maybe_stop(c, k + 1, 0));

@@ -602,7 +602,7 @@ static itr_err stages_evaluate(merge_ctx *c) {
         }
   }
   for (int l = c->layer_lo; l < c->layer_hi && e == ITR_OK; l++) /* e: the same on the whole stage */
-    e = itr_dist_agree(c->comm, merge_eval_layer(c, l, sh, h));
+    e = itr_dist_agree(c->comm, merge_eval_layer(c, l, sh, h, 0));
   if (go && g < S - 1) { /* on to the next stage: the states, or the error */
     hdr.code = (int)e;
     hdr.k = 0;

@@ -161,11 +161,11 @@ itr_err merge_eval_alloc(merge_ctx *c, itr_shard *sh, float *(*h)[3]) {
   return ITR_OK;
 }
 
-itr_err merge_eval_layer(merge_ctx *c, int l, const itr_shard *sh, float *(*h)[3]) {
+itr_err merge_eval_layer(merge_ctx *c, int l, const itr_shard *sh, float *(*h)[3], int merged_only) {
   ITR_TRY(load_layer(c, l));
   for (int i = 0; i < c->N; i++) {
-    ITR_TRY(run_sequences(c, &sh[i], h[i][0], NULL, NULL, NULL));
-    ITR_TRY(run_sequences(c, &sh[i], h[i][1], c->lora_task[i], NULL, NULL));
+    if (!merged_only) ITR_TRY(run_sequences(c, &sh[i], h[i][0], NULL, NULL, NULL));
+    if (!merged_only) ITR_TRY(run_sequences(c, &sh[i], h[i][1], c->lora_task[i], NULL, NULL));
     ITR_TRY(run_sequences(c, &sh[i], h[i][2], c->lora_merged, NULL, NULL));
   }
   return ITR_OK;
@@ -227,9 +227,35 @@ itr_err merge_evaluate(merge_ctx *c) {
   memset(sh, 0, sizeof sh);
   memset(h, 0, sizeof h);
   itr_err e = merge_eval_alloc(c, sh, h);
-  for (int l = 0; l < c->cfg.num_hidden_layers && e == ITR_OK; l++) e = merge_eval_layer(c, l, sh, h);
+  for (int l = 0; l < c->cfg.num_hidden_layers && e == ITR_OK; l++) e = merge_eval_layer(c, l, sh, h, 0);
   e = itr_dist_agree(c->world, e);
   if (e == ITR_OK) e = merge_eval_finish(c, e, 1, sh, h);
   merge_eval_free(c, sh, h);
   return e;
+}
+
+/* Fidelity after iteration k (-fidelity_per_iter, data-parallel driver): as merge_evaluate, but the
+ * base and task models' held-out states are computed once (the first call) and kept in c->ev_h;
+ * later calls rerun only the merged model from the embedding. Fills row k - 1 of c->kl_iter and
+ * c->top1_iter; after the last iteration the result is also the final evaluation (c->evaluated). */
+itr_err merge_evaluate_iter(merge_ctx *c, int k) {
+  const int first = !c->ev_ready;
+  itr_err e = ITR_OK;
+  if (first) {
+    e = merge_eval_alloc(c, c->ev_sh, c->ev_h);
+    c->ev_ready = 1; /* allocated (merge_eval_free runs in ctx_fini either way) */
+  } else {
+    for (int i = 0; i < c->N && e == ITR_OK; i++)
+      if (c->ev_sh[i].T > 0) e = itr_model_embed(c->model, c->ev_sh[i].ids, c->ev_sh[i].T, c->ev_h[i][2]);
+  }
+  for (int l = 0; l < c->cfg.num_hidden_layers && e == ITR_OK; l++) e = merge_eval_layer(c, l, c->ev_sh, c->ev_h, !first);
+  e = itr_dist_agree(c->world, e);
+  if (e == ITR_OK) e = merge_eval_finish(c, e, 1, c->ev_sh, c->ev_h);
+  ITR_TRY(e);
+  for (int i = 0; i < c->N; i++) {
+    c->kl_iter[(size_t)(k - 1) * (size_t)c->N + (size_t)i] = c->kl_ratio[i];
+    c->top1_iter[(size_t)(k - 1) * (size_t)c->N + (size_t)i] = c->top1[i];
+  }
+  c->evaluated = k == merge_n_iters(c);
+  return ITR_OK;
 }

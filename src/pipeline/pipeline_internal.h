@@ -82,6 +82,10 @@ typedef struct {
   double *energy_kept;    /* [L * n_modules] ||kept||^2 / ||dW||^2 with -out_rank (1: exact) */
   int evaluated;
   double kl_ratio[ITR_MAX_TASKS], top1[ITR_MAX_TASKS];
+  double *kl_iter, *top1_iter; /* [K * N] -fidelity_per_iter: fidelity after each iteration (NaN: not measured) */
+  int ev_ready;                /* ev_sh/ev_h hold the base and task models' held-out states */
+  itr_shard ev_sh[ITR_MAX_TASKS];
+  float *ev_h[ITR_MAX_TASKS][3];
   double seconds_merge;
   PetscLogStage stage_load, stage_forward, stage_stats, stage_reduce, stage_assemble, stage_solve, stage_write, stage_eval;
   PetscLogEvent ev_forward, ev_gram, ev_assemble, ev_solve; /* -log_view: time and flops per phase */
@@ -124,6 +128,9 @@ double merge_forward_flops(const merge_ctx *c, int64_t T);
 itr_err merge_commit_update(merge_ctx *c, int k, size_t q);
 /* Iterations of the run: max_iter for IterIS, one for every other method. */
 int merge_n_iters(const merge_ctx *c);
+/* Whether the data-parallel driver evaluates after every iteration: -fidelity_per_iter, -heldout, and
+ * more than one iteration (not with -stages, whose evaluation runs once at the end). */
+int merge_fidelity_per_iter(const merge_ctx *c);
 /* The signal (or ITERIS_FAULT_STOP_AT="k l" injection) that asks to stop before layer l of
  * iteration k, agreed over c->comm: 0 = go on. Collective on c->comm. */
 int merge_stop_agree(merge_ctx *c, int k, int l);
@@ -151,12 +158,16 @@ itr_err merge_rebuild_lora(merge_ctx *c);
  * (have = 0: this rank holds no final states and adds nothing), the logits, the fidelity summed
  * over c->world, after agreeing on e [Collective on c->world]; and the buffers' release. */
 itr_err merge_eval_alloc(merge_ctx *c, itr_shard *sh, float *(*h)[3]);
-itr_err merge_eval_layer(merge_ctx *c, int l, const itr_shard *sh, float *(*h)[3]);
+/* merged_only: run only the merged model (h[i][2]); h[i][0..1] are kept from an earlier pass */
+itr_err merge_eval_layer(merge_ctx *c, int l, const itr_shard *sh, float *(*h)[3], int merged_only);
 itr_err merge_eval_finish(merge_ctx *c, itr_err e, int have, const itr_shard *sh, float *(*h)[3]);
 void merge_eval_free(merge_ctx *c, itr_shard *sh, float *(*h)[3]);
 /* The whole evaluation on every rank of c->world, layer by layer (without -stages). Collective on
  * c->world. */
 itr_err merge_evaluate(merge_ctx *c);
+/* -fidelity_per_iter: the evaluation after iteration k (forward.c, merge_evaluate_iter). Collective
+ * on c->world (without -stages). */
+itr_err merge_evaluate_iter(merge_ctx *c, int k);
 
 /* ---- site.c -------------------------------------------------------------------------------------- */
 

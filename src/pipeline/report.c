@@ -1,5 +1,6 @@
 /* merge_report.json and the summary printed at the end of a merge. */
 #include <cjson/cJSON.h>
+#include <ctype.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,6 +86,13 @@ itr_err merge_report_write(const merge_ctx *c, const char *dir) {
     if (c->evaluated) {
       cJSON_AddItemToObject(t, "kl_ratio", num_or_null(c->kl_ratio[i]));
       cJSON_AddItemToObject(t, "top1", num_or_null(c->top1[i]));
+    }
+    if (merge_fidelity_per_iter(c)) { /* null: not measured (an iteration before a -restart) */
+      cJSON *kl = cJSON_AddArrayToObject(t, "kl_ratio_per_iteration"), *t1 = cJSON_AddArrayToObject(t, "top1_per_iteration");
+      for (int k = 0; k < merge_n_iters(c); k++) {
+        cJSON_AddItemToArray(kl, num_or_null(c->kl_iter[(size_t)k * (size_t)N + (size_t)i]));
+        cJSON_AddItemToArray(t1, num_or_null(c->top1_iter[(size_t)k * (size_t)N + (size_t)i]));
+      }
     }
     cJSON_AddItemToArray(tasks, t);
   }
@@ -218,6 +226,35 @@ void merge_report_plot(const merge_ctx *c, const char *dir) {
   plot_table(c, f, per_iter ? "scaled residual (HPL) of the solves, largest over the layers"
                             : "scaled residual (HPL) of the solves",
              c->resid, K, 0, per_iter);
+  int fid = 0; /* -fidelity_per_iter: kl_ratio per iteration and task, and their mean */
+  for (int q = 0; per_iter && merge_fidelity_per_iter(c) && q < K * c->N; q++) fid |= !isnan(c->kl_iter[q]);
+  if (fid) {
+    fprintf(f, "# kl_ratio of the merged model on each task's held-out sequences (0: as the task's adapter, 1: as "
+               "the base model)\niteration");
+    for (int i = 0; i < c->N; i++) { /* the adapter folder's name, as a one-word column header */
+      const char *a = c->opt->adapters[i], *b = a + strlen(a);
+      while (b > a && b[-1] == '/') b--;
+      const char *s = b;
+      while (s > a && s[-1] != '/') s--;
+      if (s == b) fprintf(f, " task%d", i + 1);
+      else fputc(' ', f);
+      for (; s < b; s++) fputc(isspace((unsigned char)*s) || *s == '"' || *s == '\'' ? '_' : *s, f);
+    }
+    fprintf(f, " mean\n");
+    for (int k = 0; k < K; k++) {
+      double mean = 0;
+      fprintf(f, "%d", k + 1);
+      for (int i = 0; i < c->N; i++) {
+        const double v = c->kl_iter[(size_t)k * (size_t)c->N + (size_t)i];
+        mean += v / c->N;
+        if (isnan(v)) fprintf(f, " NaN");
+        else fprintf(f, " %.6e", v);
+      }
+      if (isnan(mean)) fprintf(f, " NaN\n");
+      else fprintf(f, " %.6e\n", mean);
+    }
+    fprintf(f, "\n\n");
+  }
   const int ok = fclose(f) == 0;
   FILE *g = ok ? popen("gnuplot 2>/dev/null", "w") : NULL;
   if (!g) {
@@ -227,16 +264,23 @@ void merge_report_plot(const merge_ctx *c, const char *dir) {
   fprintf(g,
           "set terminal pngcairo size 900,%d font ',11' noenhanced\nset output '%s'\n"
           "set logscale y\nset format y '%%.0e'\nset grid\nset key outside right autotitle columnheader\n"
-          "set xtics 1\nset datafile missing 'NaN'\n",
-          per_iter ? 820 : 480, png);
-  if (per_iter)
+          "set xtics 1\nset datafile missing 'NaN'\nset lmargin 12\nset rmargin 24\n",
+          per_iter ? (fid ? 1180 : 820) : 480, png);
+  if (per_iter) {
     fprintf(g,
-            "set multiplot layout 2,1 title 'iteris-mpi -method %s: %d adapters, %d layers, %d iterations'\n"
+            "set multiplot layout %d,1 title 'iteris-mpi -method %s: %d adapters, %d layers, %d iterations'\n"
             "set ylabel 'relative change of dW'\nset xlabel 'iteration'\n"
             "plot for [col=2:*] '%s' index 0 using 1:col with linespoints lw 2 pt 7\n"
             "set ylabel 'scaled residual (PASSED < 16)'\n"
-            "plot for [col=2:*] '%s' index 1 using 1:col with linespoints lw 2 pt 7\nunset multiplot\n",
-            c->opt->method, c->N, L, K, dat, dat);
+            "plot for [col=2:*] '%s' index 1 using 1:col with linespoints lw 2 pt 7\n",
+            fid ? 3 : 2, c->opt->method, c->N, L, K, dat, dat);
+    if (fid)
+      fprintf(g,
+              "set ylabel 'held-out kl_ratio (0: task adapter, 1: base)'\nunset logscale y\nset format y '%%.3f'\n"
+              "plot for [col=2:*] '%s' index 2 using 1:col with linespoints lw 2 pt 7\n",
+              dat);
+    fprintf(g, "unset multiplot\n");
+  }
   else
     fprintf(g,
             "set title 'iteris-mpi -method %s: %d adapters, %d layers: scaled residual of each solve (PASSED < 16)'\n"

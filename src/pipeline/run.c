@@ -229,6 +229,9 @@ static void ctx_fini(merge_ctx *c) {
   free(c->resid);
   free(c->change);
   free(c->energy_kept);
+  free(c->kl_iter);
+  free(c->top1_iter);
+  if (c->ev_ready) merge_eval_free(c, c->ev_sh, c->ev_h);
   for (int i = 0; i < ITR_MAX_TASKS; i++) {
     itr_adapter_destroy(c->ad[i]);
     itr_token_set_fini(&c->calib[i]);
@@ -284,6 +287,9 @@ static itr_err setup(merge_ctx *c) {
   if (e == ITR_OK) e = itr_calloc(nslots * (size_t)K, sizeof(double), "residuals", &c->resid);
   if (e == ITR_OK) e = itr_calloc(nslots * (size_t)K, sizeof(double), "update changes", &c->change);
   for (size_t q = 0; e == ITR_OK && q < nslots * (size_t)K; q++) c->change[q] = NAN;
+  if (e == ITR_OK) e = itr_calloc((size_t)K * (size_t)N, sizeof(double), "fidelity per iteration", &c->kl_iter);
+  if (e == ITR_OK) e = itr_calloc((size_t)K * (size_t)N, sizeof(double), "fidelity per iteration", &c->top1_iter);
+  for (size_t q = 0; e == ITR_OK && q < (size_t)K * (size_t)N; q++) c->kl_iter[q] = c->top1_iter[q] = NAN;
   if (e == ITR_OK) e = itr_calloc(nslots, sizeof(double), "kept energy", &c->energy_kept);
   for (size_t q = 0; e == ITR_OK && q < nslots; q++) c->energy_kept[q] = 1.0;
   if (e == ITR_OK) e = itr_lora_set_create(&c->cfg, &c->lora_merged);

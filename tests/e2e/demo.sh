@@ -33,6 +33,28 @@ for row in rows[1:]:
 first, last = max(map(float, rows[1][1:])), max(map(float, rows[-1][1:]))
 assert last < 0.1 * first, ("IterIS did not converge on the demo", first, last)
 print("convergence plot ok: largest change %.2e at iteration 2, %.2e at iteration 5" % (first, last))
+# the third table: the held-out kl_ratio after each iteration, as the report has it; the last is the final one
+rows = [l.split() for l in open(d + "/convergence.dat").read().split("\n\n\n")[2].splitlines() if l and l[0] != "#"]
+assert len(rows) == 6, rows
+for i, t in enumerate(r["tasks"]):
+    assert len(t["kl_ratio_per_iteration"]) == 5 and t["kl_ratio_per_iteration"][-1] == t["kl_ratio"], t
+    for k in range(5):
+        assert abs(float(rows[1 + k][1 + i]) - t["kl_ratio_per_iteration"][k]) <= 1e-6 * t["kl_ratio"], (k, i)
+print("fidelity per iteration ok:", [round(x, 4) for x in r["tasks"][0]["kl_ratio_per_iteration"]])
+PY
+# independent of the per-iteration evaluation: a 2-iteration merge's final fidelity (-fidelity_per_iter 0) is the 5-iteration
+# merge's fidelity after iteration 2 (a planted evaluation of the previous iteration's model fails this)
+sed -e "s#max_iter: 5#max_iter: 2#" -e "s#merged-iteris#merged-2#" "$W/jobs/demo.yaml" > "$W/jobs/demo2.yaml"
+mpirun -np 2 "$BIN" -options_file "$W/jobs/demo2.yaml" -plots 0 -fidelity_per_iter 0 >/dev/null
+/usr/bin/python3 - "$W/demo/merged-iteris/merge_report.json" "$W/demo/merged-2/merge_report.json" <<'PY'
+import json, sys
+r5, r2 = (json.load(open(p)) for p in sys.argv[1:3])
+for t5, t2 in zip(r5["tasks"], r2["tasks"]):
+    a, b = t5["kl_ratio_per_iteration"][1], t2["kl_ratio"]
+    assert abs(a - b) <= 1e-12 * b, ("fidelity after iteration 2 differs from a 2-iteration merge", a, b)
+    a, b = t5["top1_per_iteration"][1], t2["top1"]
+    assert abs(a - b) <= 1e-12, (a, b)
+print("fidelity after iteration 2 = a 2-iteration merge's: ok")
 PY
 mpirun -np 1 "$BIN" -base "$W/demo/base" -adapters "$W/demo/adapter_0,$W/demo/adapter_1" \
   -calib "$W/demo/calib_0.jsonl,$W/demo/calib_1.jsonl" -max_iter 2 -max_tokens 4 -plots 0 -out "$W/noplot" >/dev/null
