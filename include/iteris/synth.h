@@ -72,6 +72,10 @@ itr_err itr_synth_tokens_write_band(const char *path, int vocab, int band_lo, in
  *   DIR/base           Llama, D 64, F 172, L 4, 4 heads (2 key/value heads), vocab 256, BF16, untied
  *   DIR/calib_{0,1,2}.jsonl (32 sequences) and DIR/heldout_{0,1,2}.jsonl (16), lengths 16..48;
  *                      task i draws 90% of its ids from its own third of the vocabulary.
+ *   DIR/base/tokenizer.json  a Hugging Face byte-level BPE tokenizer: the 256 byte symbols, byte b = id b
+ *   DIR/calib_text_{0,1,2}.jsonl (32) and DIR/heldout_text_{0,1,2}.jsonl (16): {"text": ...} lines of 16..48
+ *                      bytes whose bytes fall mostly in task i's third (capitals and digits, lower case,
+ *                      Cyrillic), for the demo merged from text (jobs/demo-text.yaml).
  *   DIR/adapter_{0,1,2} LoRA on all seven modules: r 4 (alpha 8, BF16), r 8 (alpha 16, F32),
  *                      r 16 (alpha 16, use_rslora, F16), each aimed at its task's inputs
  *                      (itr_synth_adapter_write_aimed with task i's token distribution, aim

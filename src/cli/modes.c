@@ -24,8 +24,9 @@ itr_err itr_cli_make_demo(const itr_options *opt, MPI_Comm comm) {
     err = itr_synth_demo_write(opt->make_demo);
     if (err == ITR_OK)
       itr_log(ITR_LOG_INFO,
-              "demo case written to %s: base/ (tiny Llama), adapter_{0,1,2}/ (ranks 4, 8, 16), "
-              "calib_{0,1,2}.jsonl, heldout_{0,1,2}.jsonl",
+              "demo case written to %s: base/ (tiny Llama, byte-level tokenizer.json), adapter_{0,1,2}/ "
+              "(ranks 4, 8, 16), calib_{0,1,2}.jsonl, heldout_{0,1,2}.jsonl (token ids), "
+              "calib_text_{0,1,2}.jsonl, heldout_text_{0,1,2}.jsonl (text)",
               opt->make_demo);
   }
   return itr_dist_agree(comm, err);

@@ -61,3 +61,33 @@ mpirun -np 1 "$BIN" -base "$W/demo/base" -adapters "$W/demo/adapter_0,$W/demo/ad
 [ -f "$W/noplot/merge_report.json" ] && [ ! -e "$W/noplot/convergence.png" ] || { echo "-plots 0 wrote a plot"; exit 1; }
 echo "-plots 0: no plot"
 
+# The demo merged from text (jobs/demo-text.yaml): demo/base/tokenizer.json is byte-level BPE with no merges, so
+# the ids must be the texts' UTF-8 bytes (checked in Python, independently of the C tokenizer); and the merge from
+# the text files must equal, bit for bit, the merge from the ids that -tokenize writes for them.
+sed "s#demo/#$W/demo/#g" jobs/demo-text.yaml > "$W/jobs/demo-text.yaml"
+mpirun -np 2 "$BIN" -options_file "$W/jobs/demo-text.yaml" -plots 0 >"$W/text.log" 2>&1 || { cat "$W/text.log"; exit 1; }
+ids=()
+for kind in calib heldout; do
+  for i in 0 1 2; do
+    "$BIN" -base "$W/demo/base" -tokenize "$W/demo/${kind}_text_$i.jsonl" -tokenize_out "$W/${kind}_ids_$i.jsonl" >/dev/null
+  done
+done
+/usr/bin/python3 - "$W" <<'PY'
+import json, sys
+w = sys.argv[1]
+n = 0
+for kind in ("calib", "heldout"):
+    for i in range(3):
+        texts = [json.loads(l)["text"] for l in open("%s/demo/%s_text_%d.jsonl" % (w, kind, i))]
+        ids = [json.loads(l)["input_ids"] for l in open("%s/%s_ids_%d.jsonl" % (w, kind, i))]
+        assert len(texts) == len(ids), (kind, i)
+        for t, x in zip(texts, ids):
+            assert x == list(t.encode("utf-8")), (t, x)
+            n += 1
+print("demo tokenizer: %d texts give their UTF-8 bytes" % n)
+PY
+mpirun -np 2 "$BIN" -options_file "$W/jobs/demo-text.yaml" -plots 0 -out "$W/demo/merged-from-ids" \
+  -calib "$W/calib_ids_0.jsonl,$W/calib_ids_1.jsonl,$W/calib_ids_2.jsonl" \
+  -heldout "$W/heldout_ids_0.jsonl,$W/heldout_ids_1.jsonl,$W/heldout_ids_2.jsonl" >/dev/null 2>&1
+cmp "$W/demo/merged-iteris-text/adapter_model.safetensors" "$W/demo/merged-from-ids/adapter_model.safetensors"
+echo "demo from text: the adapter equals the merge from the same ids, bit for bit"
