@@ -141,11 +141,15 @@ void itr_lora_set_clear_modules(itr_lora_set *s, unsigned mask);
 /* Removes every term and dense update (keeps the allocation of the slot table). */
 void itr_lora_set_clear(itr_lora_set *s);
 /* A set with the same terms (layer, module, rank, scaling) as s, every factor zero, no dense
- * updates: the shape of a gradient or an optimizer moment. Not Collective. */
+ * updates, and the same MixLoRA layers (E, top_k, expert ranks) with zero routers and experts: the
+ * shape of a gradient or an optimizer moment. Not Collective. */
 itr_err itr_lora_set_create_like(const itr_lora_set *s, itr_lora_set **out);
-/* Number of floats in all factors of s (sum over terms of r (d_in + d_out)). */
+/* Number of floats in all factors of s (sum over terms of r (d_in + d_out)), routers (E D) and
+ * experts included. */
 size_t itr_lora_set_n_params(const itr_lora_set *s);
-/* Copies every factor to flat (n_params) / from flat, in the order layer, module, term, A, B. */
+/* Copies every factor to flat (n_params) / from flat, in the order layer, module, term, A, B; then
+ * each MixLoRA layer in order: its router, then expert e's gate, up, down (A, B) for e = 0, 1, ...
+ * (terms of rank 0 skipped). itr_lora_set_zero zeroes the same floats. */
 void itr_lora_set_pack(const itr_lora_set *s, float *flat);
 void itr_lora_set_unpack(itr_lora_set *s, const float *flat);
 /* Sets every factor to zero. */
