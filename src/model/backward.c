@@ -414,6 +414,55 @@ static void loss_chunk(float *dxn, float *logits, const float *xn, const float *
   if (ghead) cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, V, D, c, 1.0f, logits, V, xn, D, 1.0f, ghead, D);
 }
 
+/* ---- the routing counts of a block (the load-balancing loss's f, itr_model_moe_counts; here, not in moe.c,
+ * which model.c calls: it runs model.c's forward) ---------------------------------------------------------- */
+
+typedef struct {
+  const itr_lora_set *lora;
+  int E;
+  double *counts, *n_routed;
+} count_ctx;
+
+static itr_err count_sink(int layer, itr_site site, const float *rows, int64_t T, int64_t d_in, void *vctx) {
+  count_ctx *c = vctx;
+  if (site != ITR_SITE_MLP_IN || !c->lora->moe || c->lora->moe[layer].E == 0) return ITR_OK;
+  const itr_lora_moe *mo = &c->lora->moe[layer];
+  const int E = mo->E, k = mo->top_k;
+  float *z = NULL, *w = NULL;
+  int *sel = NULL;
+  itr_err err = itr_calloc((size_t)T * E, sizeof(float), "router logits", &z);
+  if (err == ITR_OK) err = itr_calloc((size_t)T * k, sizeof(float), "routing weights", &w);
+  if (err == ITR_OK) err = itr_calloc((size_t)T * k, sizeof(int), "routes", &sel);
+  if (err == ITR_OK) {
+    /* the same product and routing as model_moe_forward, so the same choices */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, E, (int)d_in, 1.0f, rows, (int)d_in, mo->router,
+                (int)d_in, 0.0f, z, E);
+    model_moe_route(z, T, E, k, sel, w);
+    for (int64_t i = 0; i < T * k; i++) c->counts[sel[i]] += 1;
+    *c->n_routed += (double)T;
+  }
+  free(z);
+  free(w);
+  free(sel);
+  return err;
+}
+
+itr_err itr_model_moe_counts(const itr_model *m, const int32_t *ids, int64_t T, const itr_seq_layout *seqs,
+                             const itr_lora_set *lora, int E, double *counts, double *n_routed) {
+  const itr_model_dims *d = itr_model_dims_of(m);
+  ITR_CHECK(lora && lora->moe, ITR_ERR_INPUT, "MixLoRA counts: the LoRA set has no MixLoRA layer");
+  for (int l = 0; l < lora->num_layers; l++)
+    ITR_CHECK(lora->moe[l].E == 0 || lora->moe[l].E == E, ITR_ERR_INPUT,
+              "MixLoRA counts: layer %d has %d experts, expected %d in every MixLoRA layer", l, lora->moe[l].E, E);
+  float *h = NULL;
+  ITR_TRY(itr_calloc((size_t)T, (size_t)d->D * sizeof(float), "residual stream", &h));
+  count_ctx c = {lora, E, counts, n_routed};
+  itr_err err = itr_model_embed(m, ids, T, h);
+  if (err == ITR_OK) err = itr_model_run_layers(m, 0, d->L, h, T, seqs, lora, count_sink, &c);
+  free(h);
+  return err;
+}
+
 itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
                             const itr_seq_layout *seqs, const itr_lora_set *lora,
                             const itr_lora_dropout *drop, itr_lora_set *grad, double *loss_sum,
