@@ -141,11 +141,15 @@ void itr_lora_set_clear_modules(itr_lora_set *s, unsigned mask);
 /* Removes every term and dense update (keeps the allocation of the slot table). */
 void itr_lora_set_clear(itr_lora_set *s);
 /* A set with the same terms (layer, module, rank, scaling) as s, every factor zero, no dense
- * updates: the shape of a gradient or an optimizer moment. Not Collective. */
+ * updates, and the same MixLoRA layers (E, top_k, expert ranks) with zero routers and experts: the
+ * shape of a gradient or an optimizer moment. Not Collective. */
 itr_err itr_lora_set_create_like(const itr_lora_set *s, itr_lora_set **out);
-/* Number of floats in all factors of s (sum over terms of r (d_in + d_out)). */
+/* Number of floats in all factors of s (sum over terms of r (d_in + d_out)), routers (E D) and
+ * experts included. */
 size_t itr_lora_set_n_params(const itr_lora_set *s);
-/* Copies every factor to flat (n_params) / from flat, in the order layer, module, term, A, B. */
+/* Copies every factor to flat (n_params) / from flat, in the order layer, module, term, A, B; then
+ * each MixLoRA layer in order: its router, then expert e's gate, up, down (A, B) for e = 0, 1, ...
+ * (terms of rank 0 skipped). itr_lora_set_zero zeroes the same floats. */
 void itr_lora_set_pack(const itr_lora_set *s, float *flat);
 void itr_lora_set_unpack(itr_lora_set *s, const float *flat);
 /* Sets every factor to zero. */
@@ -236,6 +240,28 @@ typedef struct {
   const int64_t *seq_ids; /* (n_seqs) global index of each sequence of the block; NULL: 0, 1, ... */
 } itr_lora_dropout;
 
+/* MixLoRA's auxiliary load-balancing loss (the reference's 'mixtral' router loss, TUDB-Labs/MixLoRA
+ * mlora/mix_lora.py _mixtral_load_balancing_loss_func, as Hugging Face's Mixtral): over the N routed
+ * (layer, token) pairs of a batch (the router logits of every MixLoRA layer concatenated, every token),
+ *   aux = E sum_e f_e P_e,  f_e = c_e / N (c_e: pairs with e among their top_k),  P_e = mean of p_e,
+ * p = softmax(router logits). f is piecewise constant (no gradient): c comes from a counting pass over
+ * the whole batch (itr_model_moe_counts, summed over ranks), so a training call adds
+ * weight E / N^2 sum_e c_e S_e (S_e: the sum of p_e over its own pairs) to the loss sum and its gradient,
+ * and the sum of these over the batch's calls is weight * aux, whatever the ranks and micro-batches. */
+typedef struct {
+  double weight;        /* coefficient times what the caller divides the loss sum by (its target count) */
+  int E;                /* experts of every MixLoRA layer */
+  const double *counts; /* (E) c_e over the batch */
+  double n_routed;      /* N > 0 */
+  double *aux_part;     /* out, +=: E / N^2 sum_e c_e S_e of this call (without weight) */
+} itr_moe_aux;
+
+/* The routing counts of a block: counts (E) += the number of (layer, token) pairs of the MixLoRA layers
+ * of lora whose top_k holds e; *n_routed += their number. Every MixLoRA layer must have E experts.
+ * Needs every layer and the embedding. Not Collective. */
+itr_err itr_model_moe_counts(const itr_model *m, const int32_t *ids, int64_t T, const itr_seq_layout *seqs,
+                             const itr_lora_set *lora, int E, double *counts, double *n_routed);
+
 /* Next-token cross-entropy of a block and its gradient with respect to every LoRA factor of lora.
  * ids (T) are the inputs; labels (T) the target of each position (the next token id), or a
  * negative value where no loss is taken (the last token of a sequence, a prompt). *loss_sum gets
@@ -256,11 +282,17 @@ itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_
  * LoRA gradient) and lora NULL (the base model alone). Full-rank training.
  * teacher (T, V) f32 logits or NULL: distillation. Then the loss at a position with labels[t] >= 0
  * is KL(q_t || p_t), q_t = softmax(teacher row t), p_t the model's next-token distribution (the
- * label's value is not used). Not Collective. */
+ * label's value is not used).
+ * MixLoRA (lora->moe): the gradient of every router and expert factor too (grad from
+ * itr_lora_set_create_like). The chosen experts are piecewise constant: the gradient is that of the
+ * loss with the selection of this point held fixed (ties: the lower index, as the forward); through the
+ * renormalised weights w = softmax of the chosen logits, dz_i = w_i (dw_i - sum_j w_j dw_j) for chosen i.
+ * Experts see no dropout (drop applies to the attention terms); gm must be NULL. aux (NULL: none) adds
+ * the load-balancing loss (itr_moe_aux) to *loss_sum and its gradient. Not Collective. */
 itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
                                  const itr_seq_layout *seqs, const itr_lora_set *lora,
-                                 const itr_lora_dropout *drop, const float *teacher, itr_lora_set *grad,
-                                 itr_model *gm, double *loss_sum, int64_t *n_targets);
+                                 const itr_lora_dropout *drop, const float *teacher, const itr_moe_aux *aux,
+                                 itr_lora_set *grad, itr_model *gm, double *loss_sum, int64_t *n_targets);
 /* Every parameter the model owns as one array (the one allocation: layers in order, then the
  * embedding, the final norm and a separate head), and its length. Not Collective. */
 float *itr_model_params(itr_model *m, size_t *n);

@@ -79,6 +79,15 @@ typedef struct {
      measured every eval_every steps (0: steps / 20) and at the end; the parameters of the best are written */
   double val_fraction;
   int eval_every;
+  /* MixLoRA (Li et al. 2024): with mixlora_experts E > 0, the gate/up/down modules of -targets become E
+     LoRA experts of rank r per layer behind a router (E, D) that picks mixlora_top_k of them per token
+     (src/model/moe.c); the attention modules of -targets get plain LoRA. Initialisation as the reference:
+     router N(0, 0.02^2), expert A as PEFT's, B 0. The loss adds mixlora_aux_coef times the load-balancing
+     loss over each step's batch (itr_moe_aux). OUT is a MixLoRA adapter. Also with an -init_adapter that
+     is a MixLoRA adapter (its experts and top_k; mixlora_experts must then be 0). */
+  int mixlora_experts;
+  int mixlora_top_k;
+  double mixlora_aux_coef;
   int verbose;
 } itr_train_opts;
 

@@ -140,7 +140,13 @@ static const opt_entry table_[] = {
      "-train -distil: leave out each token (but the first) with this probability, anew every step: more inputs from the same rows"},
     {"distil_data", T_STRLIST, OFF(t.teacher_data), OFF(t.n_teacher_data), 0, "", U_TRAIN,
      "-train -distil: one JSONL per teacher (its calibration sequences)"},
-    {"mixlora_top_k", T_INT, OFF(m.mixlora_top_k), 0, 0, "1", U_MERGE, "-method mixlora: experts per token"},
+    {"mixlora_top_k", T_INT, OFF(m.mixlora_top_k), 0, 0, "1", U_MERGE | U_TRAIN,
+     "-method mixlora, -train -mixlora_experts: experts per token (the reference trains with 2)"},
+    {"mixlora_experts", T_INT, OFF(t.mixlora_experts), 0, 0, "0", U_TRAIN,
+     "-train: train a MixLoRA adapter: the gate/up/down modules of -targets become this many rank -r LoRA experts "
+     "per layer behind a router (0: plain LoRA)"},
+    {"mixlora_aux_coef", T_REAL, OFF(t.mixlora_aux_coef), 0, 0, "0.001", U_TRAIN,
+     "-train: MixLoRA's load-balancing loss coefficient (router_aux_loss_coef; the reference's default 0.001)"},
     {"mixlora_ridge", T_REAL, OFF(m.mixlora_ridge), 0, 0, "1e-3", U_MERGE,
      "-method mixlora: the routers' ridge (relative to the mean diagonal of the FFN inputs' Gram matrix)"},
     {"refine_steps", T_INT, OFF(refine_steps), 0, 0, "0", U_MERGE,
@@ -351,6 +357,7 @@ static itr_err train_opts(itr_options *opt) {
   t->seed = opt->m.seed;
   t->verbose = opt->m.verbose;
   t->restart = opt->m.restart;
+  t->mixlora_top_k = opt->m.mixlora_top_k;
   ITR_CHECK(t->base[0], ITR_ERR_INPUT, "-train needs -base DIR (the Hugging Face model folder); see -help");
   ITR_CHECK(t->data[0] || t->n_teachers, ITR_ERR_INPUT, "-train needs -data FILE.jsonl (or -distil); see -help");
   ITR_CHECK(t->out[0] || t->grad_out[0], ITR_ERR_INPUT, "-train needs -out DIR (where the adapter goes); see -help");

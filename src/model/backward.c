@@ -12,7 +12,11 @@
  *            dP = dO V^T, dV += P^T dO, dS = P .* (dP - rowsum(dP .* P)),
  *            dQ = dS K / sqrt(hd), dK += dS^T Q / sqrt(hd)   (K, V shared by a group of heads)
  *   SwiGLU   m = silu(g) u                    dg = dm u sig(g) (1 + g (1 - sig(g))),  du = dm silu(g)
- *   loss     l = logsumexp(z) - z_y           dz = softmax(z) - onehot(y) */
+ *   loss     l = logsumexp(z) - z_y           dz = softmax(z) - onehot(y)
+ *   MixLoRA  out = sum_j w_j y_{e_j},  w = softmax of the chosen logits z_{e_1..e_k} (the selection fixed)
+ *            dw_j = dout . y_{e_j},  dy_{e_j} = w_j dout (then down, SwiGLU, gate/up of expert e_j as above),
+ *            dz_i = w_i (dw_i - sum_j w_j dw_j) for chosen i (0 otherwise),  dR += dz^T x,  dx += dz R;
+ *            load balancing (itr_moe_aux): dz_t += p_t .* (a - p_t . a),  a_e = weight E c_e / N^2 */
 #include <cblas.h>
 #include <limits.h>
 #include <math.h>
@@ -222,6 +226,148 @@ static itr_err check_grad_set(const itr_lora_set *lora, const itr_lora_set *grad
                 "loss_grad: layer %d module %d term %d has rank %d but its gradient %d", i / ITR_MODULE_COUNT,
                 i % ITR_MODULE_COUNT, k, a->terms[k].r, g->terms[k].r);
   }
+  ITR_CHECK(!lora->moe == !grad->moe, ITR_ERR_INPUT,
+            "loss_grad: the LoRA set %s MixLoRA layers but its gradient set %s (use itr_lora_set_create_like)",
+            lora->moe ? "has" : "has no", grad->moe ? "has" : "has none");
+  for (int l = 0; lora->moe && l < d->L; l++) {
+    const itr_lora_moe *a = &lora->moe[l], *g = &grad->moe[l];
+    int same = a->E == g->E;
+    for (int i = 0; same && i < 3 * a->E; i++) same = a->experts[i].r == g->experts[i].r;
+    ITR_CHECK(same, ITR_ERR_INPUT, "loss_grad: layer %d's MixLoRA experts (%d) differ from its gradient's (%d)", l,
+              a->E, g->E);
+  }
+  return ITR_OK;
+}
+
+/* ---- the MixLoRA feed-forward -------------------------------------------------------------------------- */
+
+/* The backward of one MixLoRA layer (itr_lora_moe; the forward is moe.c's, recomputed here from its input).
+ * dx (T, D) = the gradient of xn (T, D), the FFN input, for dout (T, D), the gradient of the block's output;
+ * gmo (may be NULL) gets the router's and every expert's factor gradients added; aux (may be NULL) adds the
+ * load-balancing term. W*, b*: the base gate, up, down weights and biases (b NULL: none). */
+static itr_err moe_backward(float *dx, const float *dout, const float *xn, const float *Wg, const float *bg,
+                            const float *Wu, const float *bu, const float *Wd, const float *bd, const itr_lora_moe *mo,
+                            itr_lora_moe *gmo, const itr_moe_aux *aux, double *loss, int T, int D, int F) {
+  const int E = mo->E, k = mo->top_k;
+  int max_r = 1;
+  for (int i = 0; i < 3 * E; i++) max_r = mo->experts[i].r > max_r ? mo->experts[i].r : max_r;
+  size_t TE = (size_t)T * E, Tk = (size_t)T * k, TF = (size_t)T * F, TD = (size_t)T * D, Tr = (size_t)T * max_r,
+         TW = (size_t)T * (D > F ? D : F);
+  size_t total = 3 * TE + 2 * Tk + 8 * TF + 4 * TD + 2 * Tr + TW;
+  float *ws = NULL;
+  int *sel = NULL, *rows = NULL, *slot = NULL;
+  ITR_TRY(itr_calloc(total, sizeof(float), "MixLoRA backward workspace", &ws));
+  itr_err err = itr_calloc(Tk, sizeof(int), "MixLoRA routes", &sel);
+  if (err == ITR_OK) err = itr_calloc((size_t)T, sizeof(int), "MixLoRA rows", &rows);
+  if (err == ITR_OK) err = itr_calloc((size_t)T, sizeof(int), "MixLoRA route slots", &slot);
+  if (err != ITR_OK) {
+    free(ws);
+    free(sel);
+    free(rows);
+    return itr_error_frame(err, __func__, __FILE__, __LINE__);
+  }
+  float *z = ws, *pr = z + TE, *dz = pr + TE, *w = dz + TE, *dw = w + Tk, *g0 = dw + Tk, *u0 = g0 + TF, *G = u0 + TF,
+        *U = G + TF, *M = U + TF, *dM = M + TF, *dG = dM + TF, *dU = dG + TF, *X = dU + TF, *Y = X + TD, *dY = Y + TD,
+        *dX = dY + TD, *t1 = dX + TD, *t2 = t1 + Tr, *dxl = t2 + Tr;
+  /* the routing of the forward (same product, same choices) and the full softmax */
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, D, 1.0f, xn, D, mo->router, D, 0.0f, z, E);
+  model_moe_route(z, T, E, k, sel, w);
+  for (int t = 0; t < T; t++) {
+    const float *zt = z + (size_t)t * E;
+    float mx = zt[0];
+    for (int e = 1; e < E; e++) mx = zt[e] > mx ? zt[e] : mx;
+    double tot = 0;
+    for (int e = 0; e < E; e++) tot += exp((double)zt[e] - mx);
+    for (int e = 0; e < E; e++) pr[(size_t)t * E + e] = (float)(exp((double)zt[e] - mx) / tot);
+  }
+  /* the shared base products */
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, F, D, 1.0f, xn, D, Wg, D, 0.0f, g0, F);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, F, D, 1.0f, xn, D, Wu, D, 0.0f, u0, F);
+  for (int t = 0; t < T; t++)
+    for (int f = 0; f < F; f++) {
+      if (bg) g0[(size_t)t * F + f] += bg[f];
+      if (bu) u0[(size_t)t * F + f] += bu[f];
+    }
+  memset(dx, 0, TD * sizeof(float));
+  for (int e = 0; e < E; e++) {
+    int n = 0;
+    for (int t = 0; t < T; t++)
+      for (int j = 0; j < k; j++)
+        if (sel[(size_t)t * k + j] == e) rows[n] = t, slot[n++] = t * k + j;
+    if (n == 0) continue;
+    for (int i = 0; i < n; i++) {
+      memcpy(X + (size_t)i * D, xn + (size_t)rows[i] * D, (size_t)D * sizeof(float));
+      memcpy(G + (size_t)i * F, g0 + (size_t)rows[i] * F, (size_t)F * sizeof(float));
+      memcpy(U + (size_t)i * F, u0 + (size_t)rows[i] * F, (size_t)F * sizeof(float));
+    }
+    /* expert e's gate, up and down as one-term slots (rank 0: none) */
+    itr_lora_slot sl[3], gs[3];
+    for (int q = 0; q < 3; q++) {
+      memset(&sl[q], 0, sizeof sl[q]);
+      memset(&gs[q], 0, sizeof gs[q]);
+      sl[q].n_terms = mo->experts[3 * e + q].r > 0;
+      sl[q].terms = (itr_lora_term *)&mo->experts[3 * e + q];
+      gs[q].n_terms = sl[q].n_terms;
+      gs[q].terms = gmo ? &gmo->experts[3 * e + q] : NULL;
+    }
+    float *dst[2] = {G, U};
+    for (int q = 0; q < 2; q++)
+      if (sl[q].n_terms) { /* += s (X A^T) B^T */
+        const itr_lora_term *tm = sl[q].terms;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, tm->r, D, 1.0f, X, D, tm->A, D, 0.0f, t1, tm->r);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F, tm->r, tm->scaling, t1, tm->r, tm->B, tm->r, 1.0f,
+                    dst[q], F);
+      }
+    for (size_t i = 0; i < (size_t)n * F; i++) M[i] = G[i] / (1.0f + expf(-G[i])) * U[i];
+    /* y (n, D) = M Wd^T + bd + s (M Ad^T) Bd^T */
+    model_linear_forward(Y, M, M, Wd, bd, &sl[2], t1, n, D, F, 0, NULL, NULL);
+    for (int i = 0; i < n; i++) {
+      const float *dh = dout + (size_t)rows[i] * D, *y = Y + (size_t)i * D;
+      double acc = 0;
+      for (int c = 0; c < D; c++) acc += (double)dh[c] * y[c];
+      dw[slot[i]] = (float)acc;
+      for (int c = 0; c < D; c++) dY[(size_t)i * D + c] = w[slot[i]] * dh[c];
+    }
+    linear_backward(dM, dY, M, M, NULL, Wd, &sl[2], gmo ? &gs[2] : NULL, NULL, NULL, t1, t2, dxl, n, D, F, 0);
+    for (size_t i = 0; i < (size_t)n * F; i++) {
+      float g = G[i], sg = 1.0f / (1.0f + expf(-g));
+      dG[i] = dM[i] * U[i] * sg * (1.0f + g * (1.0f - sg));
+      dU[i] = dM[i] * g * sg;
+    }
+    linear_backward(dX, dG, X, X, NULL, Wg, &sl[0], gmo ? &gs[0] : NULL, NULL, NULL, t1, t2, dxl, n, F, D, 0);
+    linear_backward(dX, dU, X, X, NULL, Wu, &sl[1], gmo ? &gs[1] : NULL, NULL, NULL, t1, t2, dxl, n, F, D, 1);
+    for (int i = 0; i < n; i++)
+      for (int c = 0; c < D; c++) dx[(size_t)rows[i] * D + c] += dX[(size_t)i * D + c];
+  }
+  /* the router: through the renormalisation over the chosen, then the load-balancing term */
+  memset(dz, 0, TE * sizeof(float));
+  for (int t = 0; t < T; t++) {
+    double sdw = 0;
+    for (int j = 0; j < k; j++) sdw += (double)w[(size_t)t * k + j] * dw[(size_t)t * k + j];
+    for (int j = 0; j < k; j++)
+      dz[(size_t)t * E + sel[(size_t)t * k + j]] = (float)(w[(size_t)t * k + j] * (dw[(size_t)t * k + j] - sdw));
+  }
+  if (aux && aux->weight != 0) {
+    double part = 0, scale = (double)E / (aux->n_routed * aux->n_routed);
+    for (int t = 0; t < T; t++) {
+      const float *pt = pr + (size_t)t * E;
+      double pa = 0;
+      for (int e = 0; e < E; e++) {
+        part += scale * aux->counts[e] * pt[e];
+        pa += (double)pt[e] * aux->weight * scale * aux->counts[e];
+      }
+      for (int e = 0; e < E; e++)
+        dz[(size_t)t * E + e] += (float)(pt[e] * (aux->weight * scale * aux->counts[e] - pa));
+    }
+    *aux->aux_part += part;
+    *loss += aux->weight * part;
+  }
+  if (gmo) cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, D, T, 1.0f, dz, E, xn, D, 1.0f, gmo->router, D);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, E, 1.0f, dz, E, mo->router, D, 1.0f, dx, D);
+  free(ws);
+  free(sel);
+  free(rows);
+  free(slot);
   return ITR_OK;
 }
 
@@ -268,18 +414,67 @@ static void loss_chunk(float *dxn, float *logits, const float *xn, const float *
   if (ghead) cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, V, D, c, 1.0f, logits, V, xn, D, 1.0f, ghead, D);
 }
 
+/* ---- the routing counts of a block (the load-balancing loss's f, itr_model_moe_counts; here, not in moe.c,
+ * which model.c calls: it runs model.c's forward) ---------------------------------------------------------- */
+
+typedef struct {
+  const itr_lora_set *lora;
+  int E;
+  double *counts, *n_routed;
+} count_ctx;
+
+static itr_err count_sink(int layer, itr_site site, const float *rows, int64_t T, int64_t d_in, void *vctx) {
+  count_ctx *c = vctx;
+  if (site != ITR_SITE_MLP_IN || !c->lora->moe || c->lora->moe[layer].E == 0) return ITR_OK;
+  const itr_lora_moe *mo = &c->lora->moe[layer];
+  const int E = mo->E, k = mo->top_k;
+  float *z = NULL, *w = NULL;
+  int *sel = NULL;
+  itr_err err = itr_calloc((size_t)T * E, sizeof(float), "router logits", &z);
+  if (err == ITR_OK) err = itr_calloc((size_t)T * k, sizeof(float), "routing weights", &w);
+  if (err == ITR_OK) err = itr_calloc((size_t)T * k, sizeof(int), "routes", &sel);
+  if (err == ITR_OK) {
+    /* the same product and routing as model_moe_forward, so the same choices */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, E, (int)d_in, 1.0f, rows, (int)d_in, mo->router,
+                (int)d_in, 0.0f, z, E);
+    model_moe_route(z, T, E, k, sel, w);
+    for (int64_t i = 0; i < T * k; i++) c->counts[sel[i]] += 1;
+    *c->n_routed += (double)T;
+  }
+  free(z);
+  free(w);
+  free(sel);
+  return err;
+}
+
+itr_err itr_model_moe_counts(const itr_model *m, const int32_t *ids, int64_t T, const itr_seq_layout *seqs,
+                             const itr_lora_set *lora, int E, double *counts, double *n_routed) {
+  const itr_model_dims *d = itr_model_dims_of(m);
+  ITR_CHECK(lora && lora->moe, ITR_ERR_INPUT, "MixLoRA counts: the LoRA set has no MixLoRA layer");
+  for (int l = 0; l < lora->num_layers; l++)
+    ITR_CHECK(lora->moe[l].E == 0 || lora->moe[l].E == E, ITR_ERR_INPUT,
+              "MixLoRA counts: layer %d has %d experts, expected %d in every MixLoRA layer", l, lora->moe[l].E, E);
+  float *h = NULL;
+  ITR_TRY(itr_calloc((size_t)T, (size_t)d->D * sizeof(float), "residual stream", &h));
+  count_ctx c = {lora, E, counts, n_routed};
+  itr_err err = itr_model_embed(m, ids, T, h);
+  if (err == ITR_OK) err = itr_model_run_layers(m, 0, d->L, h, T, seqs, lora, count_sink, &c);
+  free(h);
+  return err;
+}
+
 itr_err itr_model_loss_grad(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
                             const itr_seq_layout *seqs, const itr_lora_set *lora,
                             const itr_lora_dropout *drop, itr_lora_set *grad, double *loss_sum,
                             int64_t *n_targets) {
   ITR_CHECK(grad, ITR_ERR_INPUT, "loss_grad: the gradient set is required");
-  return itr_model_loss_grad_full(m, ids, labels, T, seqs, lora, drop, NULL, grad, NULL, loss_sum, n_targets);
+  return itr_model_loss_grad_full(m, ids, labels, T, seqs, lora, drop, NULL, NULL, grad, NULL, loss_sum, n_targets);
 }
 
 itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const int32_t *labels, int64_t T,
                                  const itr_seq_layout *seqs, const itr_lora_set *lora,
-                                 const itr_lora_dropout *drop, const float *teacher, itr_lora_set *grad,
-                                 itr_model *gm, double *loss_sum, int64_t *n_targets) {
+                                 const itr_lora_dropout *drop, const float *teacher, const itr_moe_aux *aux,
+                                 itr_lora_set *grad, itr_model *gm, double *loss_sum, int64_t *n_targets) {
   const itr_model_dims *d = itr_model_dims_of(m);
   int lb, le;
   itr_model_layers(m, &lb, &le);
@@ -292,7 +487,13 @@ itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const i
   ITR_CHECK(!drop || (drop->p >= 0 && drop->p < 1), ITR_ERR_INPUT,
             "loss_grad: LoRA dropout %g must be in [0, 1)", drop ? drop->p : 0.0);
   ITR_CHECK(grad || gm, ITR_ERR_INPUT, "loss_grad: give a LoRA gradient set, a weight-gradient model, or both");
-  ITR_CHECK(!lora || !lora->moe, ITR_ERR_INPUT, "loss_grad: training a MixLoRA feed-forward (routers, experts) is not supported yet");
+  ITR_CHECK(!gm || !lora || !lora->moe, ITR_ERR_INPUT,
+            "loss_grad: full-rank weight gradients with a MixLoRA feed-forward are not supported");
+  ITR_CHECK(!aux || (lora && lora->moe && aux->counts && aux->aux_part && aux->n_routed > 0), ITR_ERR_INPUT,
+            "loss_grad: the load-balancing loss needs MixLoRA layers, the batch's counts and N > 0");
+  for (int l = 0; aux && l < d->L; l++)
+    ITR_CHECK(lora->moe[l].E == 0 || lora->moe[l].E == aux->E, ITR_ERR_INPUT,
+              "loss_grad: layer %d has %d experts but the load-balancing counts %d", l, lora->moe[l].E, aux->E);
   if (grad) ITR_TRY(check_grad_set(lora, grad, d));
   if (gm) {
     int gb, ge;
@@ -394,6 +595,14 @@ itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const i
                          itr_model_weight(mm, l, ITR_O_PROJ), itr_model_bias(mm, l, ITR_O_PROJ), sl, t1, Ti, D, qd, 1, prod, NULL);
     memcpy(tp->h_mid, h, TD * sizeof(float));
     model_rmsnorm_forward(tp->xn2, tp->inv2, h, itr_model_norm(mm, l, 1), T, D, d->eps);
+    if (lora && lora->moe && lora->moe[l].E > 0) { /* MixLoRA: the backward recomputes from xn2 */
+      ITR_TRY_GOTO(model_moe_forward(h, tp->xn2, itr_model_weight(mm, l, ITR_GATE_PROJ), itr_model_bias(mm, l, ITR_GATE_PROJ),
+                                     itr_model_weight(mm, l, ITR_UP_PROJ), itr_model_bias(mm, l, ITR_UP_PROJ),
+                                     itr_model_weight(mm, l, ITR_DOWN_PROJ), itr_model_bias(mm, l, ITR_DOWN_PROJ),
+                                     &lora->moe[l], Ti, D, F),
+                   err, done);
+      continue;
+    }
     sl = model_lora_slot(lora, l, ITR_GATE_PROJ);
     model_linear_forward(tp->g, tp->xn2, lora_input(xd, keep, tp->xn2, sl, drop, seqs, l, ITR_GATE_PROJ, T, D),
                          itr_model_weight(mm, l, ITR_GATE_PROJ), itr_model_bias(mm, l, ITR_GATE_PROJ), sl, t1, Ti, F, D, 0, NULL, NULL);
@@ -424,6 +633,14 @@ itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const i
     const itr_lora_slot *sl;
     itr_lora_slot *gs = grad ? grad->slots + (size_t)l * ITR_MODULE_COUNT : NULL;
     const float *xl;
+    if (lora && lora->moe && lora->moe[l].E > 0) { /* MixLoRA: dx = the gradient of xn2 */
+      ITR_TRY_GOTO(moe_backward(dx, dh, tp->xn2, itr_model_weight(mm, l, ITR_GATE_PROJ), itr_model_bias(mm, l, ITR_GATE_PROJ),
+                                itr_model_weight(mm, l, ITR_UP_PROJ), itr_model_bias(mm, l, ITR_UP_PROJ),
+                                itr_model_weight(mm, l, ITR_DOWN_PROJ), itr_model_bias(mm, l, ITR_DOWN_PROJ), &lora->moe[l],
+                                grad ? &grad->moe[l] : NULL, aux, &loss, Ti, D, F),
+                   err, done);
+      goto post_attention_norm;
+    }
     /* down: dmlp = dh Wd (+ LoRA) */
     sl = model_lora_slot(lora, l, ITR_DOWN_PROJ);
     xl = lora_input(xd, keep, tp->mlp, sl, drop, seqs, l, ITR_DOWN_PROJ, T, F);
@@ -444,6 +661,7 @@ itr_err itr_model_loss_grad_full(const itr_model *m, const int32_t *ids, const i
     xl = lora_input(xd, keep, tp->xn2, sl, drop, seqs, l, ITR_UP_PROJ, T, D);
     linear_backward(dx, dmlp, tp->xn2, xl, xl == tp->xn2 ? NULL : keep, itr_model_weight(mm, l, ITR_UP_PROJ), sl,
                     gs ? &gs[ITR_UP_PROJ] : NULL, GW(ITR_UP_PROJ), GB(ITR_UP_PROJ), t1, t2, dxl, Ti, F, D, 1);
+  post_attention_norm:
     /* dh (now the gradient of h_mid) += through the post-attention norm */
     rmsnorm_backward(dh, dx, tp->h_mid, tp->inv2, itr_model_norm(mm, l, 1), gm ? itr_model_norm(gm, l, 1) : NULL, T, D, 1);
     /* o: datt (T, qd) = dh Wo (+ LoRA) */

@@ -205,6 +205,27 @@ itr_err itr_lora_set_create_like(const itr_lora_set *s, itr_lora_set **out) {
       return itr_error_frame(err, __func__, __FILE__, __LINE__);
     }
   }
+  for (int l = 0; s->moe && l < s->num_layers; l++) { /* MixLoRA: a zero router and zero experts */
+    const itr_lora_moe *mo = &s->moe[l];
+    if (mo->E == 0) continue;
+    int64_t D = s->cfg.hidden_size, F = s->cfg.intermediate_size, wide = D > F ? D : F;
+    int max_r = 1;
+    for (int i = 0; i < 3 * mo->E; i++) max_r = mo->experts[i].r > max_r ? mo->experts[i].r : max_r;
+    size_t nz = (size_t)mo->E * (size_t)D > (size_t)max_r * (size_t)wide ? (size_t)mo->E * (size_t)D
+                                                                          : (size_t)max_r * (size_t)wide;
+    float *zero = NULL;
+    itr_err err = itr_calloc(nz, sizeof(float), "zero router and experts", &zero);
+    if (err == ITR_OK) err = itr_lora_set_set_moe(g, l, mo->E, mo->top_k, zero);
+    for (int i = 0; err == ITR_OK && i < 3 * mo->E; i++)
+      if (mo->experts[i].r > 0)
+        err = itr_lora_set_set_expert(g, l, i / 3, (itr_module)(ITR_GATE_PROJ + i % 3), mo->experts[i].r,
+                                      mo->experts[i].scaling, zero, zero);
+    free(zero);
+    if (err != ITR_OK) {
+      itr_lora_set_destroy(g);
+      return itr_error_frame(err, __func__, __FILE__, __LINE__);
+    }
+  }
   *out = g;
   return ITR_OK;
 }
@@ -217,6 +238,16 @@ size_t itr_lora_set_n_params(const itr_lora_set *s) {
     int64_t d_out, d_in;
     term_dims(s, i, &d_out, &d_in);
     for (int k = 0; k < sl->n_terms; k++) n += (size_t)sl->terms[k].r * (size_t)(d_in + d_out);
+  }
+  for (int l = 0; s->moe && l < s->num_layers; l++) {
+    const itr_lora_moe *mo = &s->moe[l];
+    if (mo->E == 0) continue;
+    n += (size_t)mo->E * (size_t)s->cfg.hidden_size;
+    for (int i = 0; i < 3 * mo->E; i++) {
+      int64_t d_out, d_in;
+      itr_module_shape(&s->cfg, (itr_module)(ITR_GATE_PROJ + i % 3), &d_out, &d_in);
+      n += (size_t)mo->experts[i].r * (size_t)(d_in + d_out);
+    }
   }
   return n;
 }
@@ -241,6 +272,30 @@ static void lora_set_copy_flat(itr_lora_set *s, float *flat, int dir) {
       off += na + nb;
     }
   }
+  /* then each MixLoRA layer: its router, then expert e's gate, up, down (A, B) for e = 0, 1, ... */
+  for (int l = 0; s->moe && l < s->num_layers; l++) {
+    itr_lora_moe *mo = &s->moe[l];
+    if (mo->E == 0) continue;
+    size_t nr = (size_t)mo->E * (size_t)s->cfg.hidden_size;
+    if (dir == 0) memcpy(flat + off, mo->router, nr * sizeof(float));
+    else memcpy(mo->router, flat + off, nr * sizeof(float));
+    off += nr;
+    for (int i = 0; i < 3 * mo->E; i++) {
+      itr_lora_term *tm = &mo->experts[i];
+      if (tm->r == 0) continue;
+      int64_t d_out, d_in;
+      itr_module_shape(&s->cfg, (itr_module)(ITR_GATE_PROJ + i % 3), &d_out, &d_in);
+      size_t na = (size_t)tm->r * (size_t)d_in, nb = (size_t)tm->r * (size_t)d_out;
+      if (dir == 0) {
+        memcpy(flat + off, tm->A, na * sizeof(float));
+        memcpy(flat + off + na, tm->B, nb * sizeof(float));
+      } else {
+        memcpy(tm->A, flat + off, na * sizeof(float));
+        memcpy(tm->B, flat + off + na, nb * sizeof(float));
+      }
+      off += na + nb;
+    }
+  }
 }
 
 void itr_lora_set_pack(const itr_lora_set *s, float *flat) { lora_set_copy_flat((itr_lora_set *)s, flat, 0); }
@@ -255,6 +310,18 @@ void itr_lora_set_zero(itr_lora_set *s) {
     for (int k = 0; k < sl->n_terms; k++) {
       memset(sl->terms[k].A, 0, (size_t)sl->terms[k].r * (size_t)d_in * sizeof(float));
       memset(sl->terms[k].B, 0, (size_t)sl->terms[k].r * (size_t)d_out * sizeof(float));
+    }
+  }
+  for (int l = 0; s->moe && l < s->num_layers; l++) {
+    itr_lora_moe *mo = &s->moe[l];
+    if (mo->E == 0) continue;
+    memset(mo->router, 0, (size_t)mo->E * (size_t)s->cfg.hidden_size * sizeof(float));
+    for (int i = 0; i < 3 * mo->E; i++) {
+      if (mo->experts[i].r == 0) continue;
+      int64_t d_out, d_in;
+      itr_module_shape(&s->cfg, (itr_module)(ITR_GATE_PROJ + i % 3), &d_out, &d_in);
+      memset(mo->experts[i].A, 0, (size_t)mo->experts[i].r * (size_t)d_in * sizeof(float));
+      memset(mo->experts[i].B, 0, (size_t)mo->experts[i].r * (size_t)d_out * sizeof(float));
     }
   }
 }

@@ -26,7 +26,9 @@ typedef struct {
                         the gradient of every tensor but the -targets projections, which are trained too */
   itr_switch *sw;    /* -switch_lora */
   float *params;     /* (n) f32, packed from lora (and the model); -full_rank: the model's own */
-  double *gbuf;      /* (n + 2): gradient, loss sum, target count */
+  double *gbuf;      /* (n + 3): gradient, loss sum (with the load-balancing term), target count, that term */
+  int moe_E;         /* MixLoRA: experts per layer (0: no MixLoRA layer) */
+  double aux_coef;   /* MixLoRA: the load-balancing coefficient (0: none) */
   float *gflat;      /* (n) f32 staging of the packed gradient */
   itr_adamw opt;
   int fold_scaling;  /* started from an adapter: write with scaling 1 */

@@ -57,6 +57,7 @@ itr_err train_write_gradient(const trainer *t, const char *path) {
   }
   double count = t->gbuf[t->n + 1];
   size_t off = 0;
+  int mix = t->lora->moe != NULL; /* a MixLoRA set: the MixLoRA format's names */
   for (int l = 0; err == ITR_OK && l < t->cfg.num_hidden_layers; l++)
     for (int m = 0; err == ITR_OK && m < ITR_MODULE_COUNT; m++) {
       const itr_lora_slot *sl = itr_lora_set_slot(t->lora, l, (itr_module)m);
@@ -69,15 +70,48 @@ itr_err train_write_gradient(const trainer *t, const char *path) {
         size_t cnt = (size_t)shape[0] * (size_t)shape[1];
         for (size_t i = 0; i < cnt; i++) t->gbuf[off + i] /= count;
         char name[160];
-        itr_name_lora(l, (itr_module)m, which ? 'B' : 'A', name, sizeof name);
+        if (mix) itr_mixlora_name(l, -1, (itr_module)m, which ? 'B' : 'A', name, sizeof name);
+        else itr_name_lora(l, (itr_module)m, which ? 'B' : 'A', name, sizeof name);
         err = itr_st_writer_add(w, name, ITR_F64, 2, shape, t->gbuf + off);
         off += cnt;
       }
     }
+  /* MixLoRA layers, in the pack order: the router, then each expert's gate, up, down (A, B) */
+  for (int l = 0; mix && err == ITR_OK && l < t->cfg.num_hidden_layers; l++) {
+    const itr_lora_moe *mo = &t->lora->moe[l];
+    if (mo->E == 0) continue;
+    int64_t sr[2] = {mo->E, t->cfg.hidden_size};
+    char name[160];
+    for (size_t i = 0; i < (size_t)(sr[0] * sr[1]); i++) t->gbuf[off + i] /= count;
+    itr_mixlora_router_name(l, name, sizeof name);
+    err = itr_st_writer_add(w, name, ITR_F64, 2, sr, t->gbuf + off);
+    off += (size_t)(sr[0] * sr[1]);
+    for (int i = 0; err == ITR_OK && i < 3 * mo->E; i++) {
+      int r = mo->experts[i].r;
+      if (r == 0) continue;
+      itr_module m = (itr_module)(ITR_GATE_PROJ + i % 3);
+      int64_t d_out, d_in;
+      itr_module_shape(&t->cfg, m, &d_out, &d_in);
+      for (int which = 0; err == ITR_OK && which < 2; which++) {
+        int64_t shape[2] = {which ? d_out : r, which ? r : d_in};
+        size_t cnt = (size_t)shape[0] * (size_t)shape[1];
+        for (size_t j = 0; j < cnt; j++) t->gbuf[off + j] /= count;
+        itr_mixlora_name(l, i / 3, m, which ? 'B' : 'A', name, sizeof name);
+        err = itr_st_writer_add(w, name, ITR_F64, 2, shape, t->gbuf + off);
+        off += cnt;
+      }
+    }
+  }
   if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "format", "iteris-mpi LoRA gradient of the mean loss");
   if (err == ITR_OK) err = itr_st_writer_write(w, path);
   itr_st_writer_destroy(w);
   return err;
+}
+
+static int train_top_k(const trainer *t) {
+  for (int l = 0; t->lora && t->lora->moe && l < t->cfg.num_hidden_layers; l++)
+    if (t->lora->moe[l].E) return t->lora->moe[l].top_k;
+  return 0;
 }
 
 static itr_err write_report(const trainer *t, const char *dir) {
@@ -105,6 +139,9 @@ static itr_err write_report(const trainer *t, const char *dir) {
         o->switch_interval, o->switch_descent, o->switch_warm);
     PUT("\t\"vectors_switched\":\t%lld,\n\t\"candidates_held\":\t%lld,\n", (long long)sw, (long long)held);
   }
+  if (t->moe_E)
+    PUT("\t\"mixlora_experts\":\t%d,\n\t\"mixlora_top_k\":\t%d,\n\t\"mixlora_aux_coef\":\t%g,\n", t->moe_E,
+        train_top_k(t), t->aux_coef);
   PUT("\t\"trainable_parameters\":\t%zu,\n\t\"tokens_per_second\":\t%.1f,\n\t\"wall_seconds\":\t%.3f,\n", t->n,
       t->tokens_per_s, t->wall_s);
   if (t->n_val) {
@@ -122,6 +159,83 @@ static itr_err write_report(const trainer *t, const char *dir) {
   itr_err err = len < cap ? itr_iofile_write_atomic(path, buf, len)
                           : itr_error_set(ITR_ERR_INTERNAL, "train report longer than its buffer");
   free(buf);
+  return err;
+}
+
+/* A MixLoRA set: adapter_model.safetensors in the reference's names (every factor's scaling folded into B, as
+ * itr_mixlora_write_config's scaling 1 says) and adapter_config.json. */
+static itr_err write_mixlora(const trainer *t, const char *dir) {
+  char name[160], path[ITR_PATH_MAX + 64];
+  int attn_r = 0, expert_r = 0, E = 0, top_k = 1;
+  unsigned mask = 0;
+  size_t big = 1;
+  for (int l = 0; l < t->cfg.num_hidden_layers; l++) {
+    for (int m = 0; m < ITR_MODULE_COUNT; m++) {
+      const itr_lora_slot *sl = itr_lora_set_slot(t->lora, l, (itr_module)m);
+      if (!sl || sl->n_terms == 0) continue;
+      ITR_CHECK(sl->n_terms == 1 && m < ITR_GATE_PROJ && (!attn_r || attn_r == sl->terms[0].r), ITR_ERR_INTERNAL,
+                "MixLoRA output: layer %d %s has %d terms of rank %d (one attention term of one rank expected)", l,
+                itr_module_name((itr_module)m), sl->n_terms, sl->terms[0].r);
+      attn_r = sl->terms[0].r;
+      mask |= 1u << m;
+    }
+    const itr_lora_moe *mo = &t->lora->moe[l];
+    if (mo->E) E = mo->E, top_k = mo->top_k;
+    for (int i = 0; i < 3 * mo->E; i++) {
+      if (mo->experts[i].r == 0) continue;
+      ITR_CHECK(!expert_r || expert_r == mo->experts[i].r, ITR_ERR_INTERNAL,
+                "MixLoRA output: experts of ranks %d and %d (one rank expected)", expert_r, mo->experts[i].r);
+      expert_r = mo->experts[i].r;
+      mask |= 1u << (ITR_GATE_PROJ + i % 3);
+    }
+  }
+  big = (size_t)(t->cfg.intermediate_size > t->cfg.hidden_size ? t->cfg.intermediate_size : t->cfg.hidden_size) *
+        (size_t)(attn_r > expert_r ? attn_r : expert_r);
+  itr_st_writer *w = NULL;
+  ITR_TRY(itr_st_writer_create(&w));
+  float *B = NULL;
+  itr_err err = itr_calloc(big > 0 ? big : 1, sizeof(float), "scaled B", &B);
+  for (int l = 0; err == ITR_OK && l < t->cfg.num_hidden_layers; l++) {
+    for (int m = 0; err == ITR_OK && m < ITR_GATE_PROJ; m++) {
+      const itr_lora_slot *sl = itr_lora_set_slot(t->lora, l, (itr_module)m);
+      if (!sl || sl->n_terms == 0) continue;
+      const itr_lora_term *tm = &sl->terms[0];
+      int64_t d_out, d_in;
+      itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
+      for (int64_t i = 0; i < d_out * tm->r; i++) B[i] = tm->B[i] * tm->scaling;
+      int64_t sa[2] = {tm->r, d_in}, sb[2] = {d_out, tm->r};
+      itr_mixlora_name(l, -1, (itr_module)m, 'A', name, sizeof name);
+      err = itr_st_writer_add_f32(w, name, ITR_F32, 2, sa, tm->A);
+      itr_mixlora_name(l, -1, (itr_module)m, 'B', name, sizeof name);
+      if (err == ITR_OK) err = itr_st_writer_add_f32(w, name, ITR_F32, 2, sb, B);
+    }
+    const itr_lora_moe *mo = &t->lora->moe[l];
+    if (mo->E == 0) continue;
+    for (int i = 0; err == ITR_OK && i < 3 * mo->E; i++) {
+      const itr_lora_term *tm = &mo->experts[i];
+      if (tm->r == 0) continue;
+      itr_module m = (itr_module)(ITR_GATE_PROJ + i % 3);
+      int64_t d_out, d_in;
+      itr_module_shape(&t->cfg, m, &d_out, &d_in);
+      for (int64_t j = 0; j < d_out * tm->r; j++) B[j] = tm->B[j] * tm->scaling;
+      int64_t sa[2] = {tm->r, d_in}, sb[2] = {d_out, tm->r};
+      itr_mixlora_name(l, i / 3, m, 'A', name, sizeof name);
+      err = itr_st_writer_add_f32(w, name, ITR_F32, 2, sa, tm->A);
+      itr_mixlora_name(l, i / 3, m, 'B', name, sizeof name);
+      if (err == ITR_OK) err = itr_st_writer_add_f32(w, name, ITR_F32, 2, sb, B);
+    }
+    int64_t sr[2] = {mo->E, t->cfg.hidden_size};
+    itr_mixlora_router_name(l, name, sizeof name);
+    if (err == ITR_OK) err = itr_st_writer_add_f32(w, name, ITR_F32, 2, sr, mo->router);
+  }
+  free(B);
+  snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+  if (err == ITR_OK) err = itr_st_writer_set_metadata(w, "format", "pt");
+  if (err == ITR_OK) err = itr_st_writer_write(w, path);
+  itr_st_writer_destroy(w);
+  snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+  if (err == ITR_OK)
+    err = itr_mixlora_write_config(path, t->o->base, E, top_k, attn_r ? attn_r : expert_r, expert_r, mask);
   return err;
 }
 
@@ -198,6 +312,7 @@ itr_err train_write_out(const trainer *t) {
   ITR_TRY(itr_iofile_mkdirs(partial));
   (void)unlink(ck); /* the finished adapter carries no checkpoint */
   if (t->gmodel) ITR_TRY(write_model(t, partial));
+  else if (t->lora->moe) ITR_TRY(write_mixlora(t, partial));
   else ITR_TRY(write_adapter(t, partial));
   ITR_TRY(write_report(t, partial));
   return itr_iofile_commit_dir(partial, t->o->out);

@@ -32,6 +32,8 @@ void itr_train_opts_defaults(itr_train_opts *o) {
   o->switch_interval = 40;
   o->switch_descent = 0.1;
   o->switch_warm = 5;
+  o->mixlora_top_k = 2;
+  o->mixlora_aux_coef = 0.001;
 }
 
 /* ---- setup ----------------------------------------------------------------------------------------- */
@@ -73,8 +75,51 @@ static itr_err check_opts(const itr_train_opts *o) {
             "-val_fraction %g must be in [0, 0.5] and -eval_every %d >= 0", o->val_fraction, o->eval_every);
   ITR_CHECK(o->val_fraction == 0 || (!o->switch_lora && !o->grad_out[0]), ITR_ERR_INPUT,
             "-val_fraction does not combine with -switch_lora (the switches change W) or -grad_out");
+  ITR_CHECK(o->mixlora_experts >= 0 && o->mixlora_experts <= 1024 && o->mixlora_aux_coef >= 0 &&
+                isfinite(o->mixlora_aux_coef),
+            ITR_ERR_INPUT, "-mixlora_experts %d must be in 0..1024 and -mixlora_aux_coef %g >= 0", o->mixlora_experts,
+            o->mixlora_aux_coef);
+  ITR_CHECK(!o->mixlora_experts || (o->mixlora_top_k >= 1 && o->mixlora_top_k <= o->mixlora_experts), ITR_ERR_INPUT,
+            "-mixlora_top_k %d must be in 1..%d (-mixlora_experts)", o->mixlora_top_k, o->mixlora_experts);
+  ITR_CHECK(!o->mixlora_experts || (o->targets & ((1u << ITR_GATE_PROJ) | (1u << ITR_UP_PROJ) | (1u << ITR_DOWN_PROJ))),
+            ITR_ERR_INPUT, "-mixlora_experts: -targets names no feed-forward module (gate_proj, up_proj, down_proj) "
+            "for the experts");
+  ITR_CHECK(!o->mixlora_experts || (!o->init_adapter[0] && !o->n_teachers && !o->full_rank && !o->from_scratch &&
+                                    !o->switch_lora),
+            ITR_ERR_INPUT, "-mixlora_experts trains a fresh MixLoRA adapter: it does not combine with -init_adapter "
+            "(a MixLoRA -init_adapter brings its own experts), -distil, -full_rank, -from_scratch or -switch_lora");
   ITR_CHECK(o->max_grad_norm >= 0, ITR_ERR_INPUT, "-max_grad_norm %g must be >= 0 (0: no clipping)", o->max_grad_norm);
   return ITR_OK;
+}
+
+/* MixLoRA as the reference initialises it: each layer's router (E, D) ~ N(0, 0.02^2) (router_init_range),
+ * each expert's gate/up/down of -targets A as PEFT's, B = 0; every (layer, expert, module) its own stream.
+ * A, B: scratch of r * (widest module) floats, B zero. */
+static itr_err init_experts(trainer *t, float scaling, float *A, const float *B) {
+  const itr_train_opts *o = t->o;
+  const int E = o->mixlora_experts, L = t->cfg.num_hidden_layers;
+  const int64_t D = t->cfg.hidden_size;
+  float *router = NULL;
+  ITR_TRY(itr_calloc((size_t)E * (size_t)D, sizeof(float), "router init", &router));
+  itr_err err = ITR_OK;
+  for (int l = 0; err == ITR_OK && l < L; l++) {
+    itr_rng g;
+    itr_rng_init_stream(&g, (uint64_t)o->seed, 0x726f7574ull * 4096 + (uint64_t)l);
+    for (int64_t i = 0; i < (int64_t)E * D; i++) router[i] = (float)(0.02 * itr_rng_normal(&g));
+    err = itr_lora_set_set_moe(t->lora, l, E, o->mixlora_top_k, router);
+    for (int e = 0; err == ITR_OK && e < E; e++)
+      for (int m = ITR_GATE_PROJ; err == ITR_OK && m <= ITR_DOWN_PROJ; m++) {
+        if (!(o->targets & (1u << m))) continue;
+        int64_t d_out, d_in;
+        itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
+        itr_rng_init_stream(&g, (uint64_t)o->seed, 0x65787074ull * 65536 + ((uint64_t)l * 1024 + (uint64_t)e) * 8 + (uint64_t)m);
+        double bound = 1.0 / sqrt((double)d_in);
+        for (int64_t i = 0; i < (int64_t)o->r * d_in; i++) A[i] = (float)((2 * itr_rng_uniform(&g) - 1) * bound);
+        err = itr_lora_set_set_expert(t->lora, l, e, (itr_module)m, o->r, scaling, A, B);
+      }
+  }
+  free(router);
+  return err;
 }
 
 /* PEFT's initialisation: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0;
@@ -95,6 +140,7 @@ static itr_err init_fresh(trainer *t) {
   for (int l = 0; err == ITR_OK && l < t->cfg.num_hidden_layers; l++)
     for (int m = 0; err == ITR_OK && m < ITR_MODULE_COUNT; m++) {
       if (!(o->targets & (1u << m))) continue;
+      if (o->mixlora_experts && m >= ITR_GATE_PROJ) continue; /* experts, below */
       int64_t d_out, d_in;
       itr_module_shape(&t->cfg, (itr_module)m, &d_out, &d_in);
       itr_rng g;
@@ -103,6 +149,7 @@ static itr_err init_fresh(trainer *t) {
       for (int64_t i = 0; i < (int64_t)o->r * d_in; i++) A[i] = (float)((2 * itr_rng_uniform(&g) - 1) * bound);
       err = itr_lora_set_add(t->lora, l, (itr_module)m, o->r, (float)scaling, A, B);
     }
+  if (err == ITR_OK && o->mixlora_experts) err = init_experts(t, (float)scaling, A, B);
   free(A);
   free(B);
   return err;
@@ -139,7 +186,7 @@ static itr_err setup_full_rank(trainer *t) {
   t->params = itr_model_params(t->model, &t->n);
   (void)itr_model_params(t->gmodel, &ng);
   ITR_CHECK(ng == t->n, ITR_ERR_INTERNAL, "-full_rank: gradient layout (%zu) differs from the model's (%zu)", ng, t->n);
-  ITR_TRY(itr_calloc(t->n + 2, sizeof(double), "weight gradient", &t->gbuf));
+  ITR_TRY(itr_calloc(t->n + 3, sizeof(double), "weight gradient", &t->gbuf));
   ITR_TRY(itr_calloc((size_t)(o->steps > 0 ? o->steps : 1), sizeof(double), "loss curve", &t->loss_curve));
   ITR_TRY(itr_adamw_init(&t->opt, t->n));
   return ITR_OK;
@@ -258,6 +305,17 @@ static itr_err setup_local(trainer *t) {
     itr_switch_opts so = {o->switch_interval, o->switch_descent, o->switch_warm, o->steps, (uint64_t)o->seed};
     ITR_TRY(itr_switch_create(&so, t->lora, &t->sw));
   }
+  for (int l = 0; t->lora->moe && l < t->cfg.num_hidden_layers; l++) {
+    int E = t->lora->moe[l].E;
+    ITR_CHECK(E == 0 || t->moe_E == 0 || E == t->moe_E, ITR_ERR_INPUT,
+              "%s: MixLoRA layers with %d and %d experts: training needs the same number in every layer",
+              o->init_adapter, t->moe_E, E);
+    if (E) t->moe_E = E;
+  }
+  if (t->moe_E) {
+    ITR_CHECK(o->dropout == 0, ITR_ERR_INPUT, "-lora_dropout %g: MixLoRA training has no dropout (use 0)", o->dropout);
+    t->aux_coef = o->mixlora_aux_coef;
+  }
   ITR_TRY(itr_lora_set_create_like(t->lora, &t->grad));
   t->n_lora = t->n = itr_lora_set_n_params(t->lora);
   ITR_CHECK(t->n > 0, ITR_ERR_INPUT, "-train: nothing to train (no LoRA module)");
@@ -269,7 +327,7 @@ static itr_err setup_local(trainer *t) {
   }
   ITR_TRY(itr_calloc(t->n, sizeof(float), "trained parameters", &t->params));
   ITR_TRY(itr_calloc(t->n_lora, sizeof(float), "LoRA gradient (f32)", &t->gflat));
-  ITR_TRY(itr_calloc(t->n + 2, sizeof(double), "gradient", &t->gbuf));
+  ITR_TRY(itr_calloc(t->n + 3, sizeof(double), "gradient", &t->gbuf));
   ITR_TRY(itr_calloc((size_t)(o->steps > 0 ? o->steps : 1), sizeof(double), "loss curve", &t->loss_curve));
   ITR_TRY(itr_adamw_init(&t->opt, t->n));
   if (t->sw) ITR_TRY(itr_adamw_enable_age(&t->opt));
@@ -328,8 +386,10 @@ typedef struct {
   int64_t *seq_ids;      /* (n_seqs) */
 } micro_buf;
 
+/* route (MixLoRA's counting pass, not NULL): only the routing, route[0..E) += the counts, route[E] += the routed
+ * pairs, route[E + 1] += the targets; aux: the load-balancing term of the training pass (NULL: none). */
 static itr_err micro_batch(trainer *t, const int64_t *seqs, int n_seqs, long step, micro_buf *mb, double *loss,
-                           int64_t *count, int64_t *tokens) {
+                           int64_t *count, int64_t *tokens, const itr_moe_aux *aux, double *route) {
   const itr_token_set *d = &t->data;
   int64_t T = 0;
   mb->offsets[0] = 0;
@@ -352,6 +412,10 @@ static itr_err micro_batch(trainer *t, const int64_t *seqs, int n_seqs, long ste
     mb->seq_ids[s] = seqs[s];
   }
   itr_seq_layout lay = {n_seqs, mb->offsets};
+  if (route) {
+    for (int64_t i = 0; i < T; i++) route[t->moe_E + 1] += mb->labels[i] >= 0;
+    return itr_model_moe_counts(t->model, mb->ids, T, &lay, t->lora, t->moe_E, route, &route[t->moe_E]);
+  }
   float *teacher = NULL;
   if (t->teachers) { /* each sequence's teacher logits, (T, V) */
     const int64_t V = t->cfg.vocab_size;
@@ -369,7 +433,8 @@ static itr_err micro_batch(trainer *t, const int64_t *seqs, int n_seqs, long ste
   double l = 0;
   int64_t c = 0;
   itr_err e = itr_model_loss_grad_full(t->model, mb->ids, mb->labels, T, &lay, t->lora,
-                                       t->o->dropout > 0 && t->lora && !t->eval_mode ? &dr : NULL, teacher, t->grad, t->gmodel, &l, &c);
+                                       t->o->dropout > 0 && t->lora && !t->eval_mode ? &dr : NULL, teacher, aux,
+                                       t->grad, t->gmodel, &l, &c);
   free(teacher);
   ITR_TRY(e);
   *loss += l;
@@ -396,10 +461,28 @@ static itr_err gradient(trainer *t, const int64_t *mine, int n_mine, long step, 
   if (err == ITR_OK) err = itr_calloc((size_t)n_mine + 1, sizeof(int64_t), "batch offsets", &mb.offsets);
   if (err == ITR_OK) err = itr_calloc((size_t)n_mine + 1, sizeof(int64_t), "batch sequence ids", &mb.seq_ids);
   int K = t->o->grad_accum;
+  /* MixLoRA's load balancing: the routing counts of the whole batch first (a forward pass), summed over ranks */
+  double *route = NULL, aux_part = 0;
+  itr_moe_aux aux = {0};
+  if (t->moe_E && t->aux_coef > 0) { /* every rank enters (the same trainer), so the agreement below pairs up */
+    if (err == ITR_OK) err = itr_calloc((size_t)t->moe_E + 2, sizeof(double), "routing counts", &route);
+    int64_t unused = 0;
+    for (int a = 0; err == ITR_OK && a < K; a++) {
+      int lo = (int)((int64_t)n_mine * a / K), hi = (int)((int64_t)n_mine * (a + 1) / K);
+      if (hi > lo) err = micro_batch(t, mine + lo, hi - lo, step, &mb, NULL, NULL, &unused, NULL, route);
+    }
+    err = itr_dist_agree(t->comm, err);
+    if (err == ITR_OK) err = itr_dist_allreduce_sum(route, (int64_t)t->moe_E + 2, t->comm, "routing counts");
+    /* the trainer divides the loss sum by the batch's targets: weight = coef * targets gives coef * aux */
+    if (err == ITR_OK) aux = (itr_moe_aux){t->aux_coef * route[t->moe_E + 1], t->moe_E, route, route[t->moe_E], &aux_part};
+  }
   for (int a = 0; err == ITR_OK && a < K; a++) {
     int lo = (int)((int64_t)n_mine * a / K), hi = (int)((int64_t)n_mine * (a + 1) / K);
-    if (hi > lo) err = micro_batch(t, mine + lo, hi - lo, step, &mb, &loss, &count, tokens);
+    if (hi > lo)
+      err = micro_batch(t, mine + lo, hi - lo, step, &mb, &loss, &count, tokens, route && aux.n_routed > 0 ? &aux : NULL,
+                        NULL);
   }
+  free(route);
   free(mb.ids);
   free(mb.labels);
   free(mb.offsets);
@@ -410,7 +493,8 @@ static itr_err gradient(trainer *t, const int64_t *mine, int n_mine, long step, 
   for (size_t i = 0; i < ng; i++) t->gbuf[t->n_lora + i] = gw[i];
   t->gbuf[t->n] = loss;
   t->gbuf[t->n + 1] = (double)count;
-  ITR_TRY(itr_dist_allreduce_sum(t->gbuf, (int64_t)t->n + 2, t->comm, "LoRA gradient"));
+  t->gbuf[t->n + 2] = aux_part;
+  ITR_TRY(itr_dist_allreduce_sum(t->gbuf, (int64_t)t->n + 3, t->comm, "LoRA gradient"));
   return ITR_OK;
 }
 
@@ -443,7 +527,7 @@ static itr_err validation_loss(trainer *t, double *out) {
   for (int64_t i = t->rank; err == ITR_OK && i < t->n_val; i += t->size) {
     mine[n++] = t->val[i];
     if (n == chunk || i + t->size >= t->n_val) {
-      err = micro_batch(t, mine, n, 0, &mb, &sums[0], &count, &tokens);
+      err = micro_batch(t, mine, n, 0, &mb, &sums[0], &count, &tokens, NULL, NULL);
       n = 0;
     }
   }
@@ -549,9 +633,11 @@ static itr_err train_loop(trainer *t) {
     MPI_Allreduce(MPI_IN_PLACE, &all_tokens, 1, MPI_DOUBLE, MPI_SUM, t->comm);
     tokens_total += all_tokens;
     if (t->rank == 0 && o->log_every > 0 && ((s + 1) % o->log_every == 0 || s + 1 == o->steps || s == 0)) {
+      char aux_note[64] = "";
+      if (t->moe_E && t->aux_coef > 0) snprintf(aux_note, sizeof aux_note, " (load balancing %.4f)", t->gbuf[t->n + 2]);
       double el = itr_wtime() - t0, per = el / (s + 1 - t->step0);
-      itr_log(ITR_LOG_INFO, "step %d/%d  loss %.4f  grad norm %.3g  lr %.3g  %.0f tokens/s  ETA %.0f s", s + 1,
-              o->steps, loss, gnorm, lr, tokens_total / (el > 0 ? el : 1e-9), per * (o->steps - s - 1));
+      itr_log(ITR_LOG_INFO, "step %d/%d  loss %.4f%s  grad norm %.3g  lr %.3g  %.0f tokens/s  ETA %.0f s", s + 1,
+              o->steps, loss, aux_note, gnorm, lr, tokens_total / (el > 0 ? el : 1e-9), per * (o->steps - s - 1));
     }
   }
   t->wall_s = itr_wtime() - t0;

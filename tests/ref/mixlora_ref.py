@@ -14,6 +14,15 @@ llama_ref.py with, in every layer that has a router, the feed-forward replaced b
         with its tensor names); --tie makes router rows 0 and 1 of the first routed layer equal
   compare MODEL_DIR TOKENS.jsonl CANDIDATE.safetensors --adapter DIR [--tol 1e-4]
         the logits of base + MixLoRA adapter against the candidate's logits.K
+  grad MODEL_DIR DATA.jsonl CANDIDATE.safetensors --adapter DIR [--aux-coef 0.001 --loss L --samples 2 --tol 1e-4]
+        training (-train -init_adapter DIR -grad_out CANDIDATE): the gradient of
+            mean next-token loss over DATA (train_ref.py's targets) + aux_coef * aux
+        with respect to every factor, router and expert, against central differences (h 1e-6) of that
+        loss with the selection of the point held fixed (it is piecewise constant; ties: the lower index).
+        aux is the reference's 'mixtral' router loss (mlora/mix_lora.py _mixtral_load_balancing_loss_func)
+        over all of DATA as one batch: the router probabilities of every routed layer and token
+        concatenated (N rows), f_e = (rows with e among their top_k) / N, P_e = mean p_e, aux = E sum f_e P_e;
+        --loss: also the candidate's mean loss (printed by -grad_out) against the reference's
 """
 import argparse
 import json
@@ -106,6 +115,152 @@ def forward(cfg, W, ids, mix, stop_at=None):
     x = R.rmsnorm(h, W["model.norm.weight"], cfg.eps)
     head = W["model.embed_tokens.weight"] if cfg.tied else W["lm_head.weight"]
     return x @ head.T
+
+
+def forward_train(cfg, W, ids, mix, frozen=None, probs=None):
+    """forward() with a recorded (frozen None: filled in) or given selection, frozen {layer: (n, k) experts};
+    probs: a list that gets (layer, p (n, E)) of every routed layer. Vectorised per expert."""
+    s_att, s_ex, E, k, layers = mix
+    n = len(ids)
+    h = W["model.embed_tokens.weight"][np.asarray(ids)]
+    mask = np.triu(np.full((n, n), -np.inf), 1)
+    sel = {} if frozen is None else frozen
+
+    def lin(x, key, bias, lora=None, s=0.0):
+        y = x @ W[key + ".weight"].T
+        if lora is not None:
+            A, B = lora
+            y = y + s * (x @ A.T) @ B.T
+        return y + W[key + ".bias"] if bias else y
+
+    for l in range(cfg.L):
+        p = "model.layers.%d." % l
+        att, router, experts = layers[l]
+        x = R.rmsnorm(h, W[p + "input_layernorm.weight"], cfg.eps)
+        q = lin(x, p + "self_attn.q_proj", cfg.qkv_bias, att.get("q_proj"), s_att).reshape(n, cfg.H, cfg.hd)
+        kk = lin(x, p + "self_attn.k_proj", cfg.qkv_bias, att.get("k_proj"), s_att).reshape(n, cfg.Hkv, cfg.hd)
+        v = lin(x, p + "self_attn.v_proj", cfg.qkv_bias, att.get("v_proj"), s_att).reshape(n, cfg.Hkv, cfg.hd)
+        q, kk = R.rope(q, cfg.theta), R.rope(kk, cfg.theta)
+        rep = cfg.H // cfg.Hkv
+        kk, v = np.repeat(kk, rep, axis=1), np.repeat(v, rep, axis=1)
+        sc = np.einsum("thd,shd->hts", q, kk) / math.sqrt(cfg.hd) + mask[None]
+        sc = np.exp(sc - sc.max(axis=-1, keepdims=True))
+        sc /= sc.sum(axis=-1, keepdims=True)
+        a = np.einsum("hts,shd->thd", sc, v).reshape(n, cfg.H * cfg.hd)
+        h = h + lin(a, p + "self_attn.o_proj", cfg.o_bias, att.get("o_proj"), s_att)
+        x = R.rmsnorm(h, W[p + "post_attention_layernorm.weight"], cfg.eps)
+        if router is None:
+            g, u = lin(x, p + "mlp.gate_proj", cfg.mlp_bias), lin(x, p + "mlp.up_proj", cfg.mlp_bias)
+            h = h + lin(g / (1 + np.exp(-g)) * u, p + "mlp.down_proj", cfg.mlp_bias)
+            continue
+        z = x @ router.T
+        pr = np.exp(z - z.max(axis=1, keepdims=True))
+        pr /= pr.sum(axis=1, keepdims=True)
+        if probs is not None:
+            probs.append((l, pr))
+        if frozen is None:
+            sel[l] = np.stack([np.argsort(-pr[t], kind="stable")[:k] for t in range(n)])
+        order = sel[l]
+        pc = np.take_along_axis(pr, order, axis=1)
+        w = pc / pc.sum(axis=1, keepdims=True)
+        out = np.zeros_like(h)
+        for e in range(E):
+            rows, slots = np.nonzero(order == e)
+            if len(rows) == 0:
+                continue
+            xt, ex = x[rows], experts[e]
+            g = lin(xt, p + "mlp.gate_proj", cfg.mlp_bias, ex.get("gate_proj"), s_ex)
+            u = lin(xt, p + "mlp.up_proj", cfg.mlp_bias, ex.get("up_proj"), s_ex)
+            y = lin(g / (1 + np.exp(-g)) * u, p + "mlp.down_proj", cfg.mlp_bias, ex.get("down_proj"), s_ex)
+            np.add.at(out, rows, w[rows, slots][:, None] * y)
+        h = h + out
+    x = R.rmsnorm(h, W["model.norm.weight"], cfg.eps)
+    head = W["model.embed_tokens.weight"] if cfg.tied else W["lm_head.weight"]
+    return x @ head.T, sel
+
+
+def train_loss(cfg, W, mix, seqs, coef, frozen):
+    """Mean next-token loss over seqs [(ids, first)] + coef * aux (the batch: all of seqs). frozen: a list
+    of per-sequence selections (None entries are recorded at this point)."""
+    E, k = mix[2], mix[3]
+    total, count, probs = 0.0, 0, []
+    for si, (ids, first) in enumerate(seqs):
+        z, sel = forward_train(cfg, W, ids, mix, frozen[si], probs)
+        frozen[si] = sel
+        if len(ids) > first:
+            z = z[first - 1:-1]
+            mx = z.max(axis=1, keepdims=True)
+            lse = mx[:, 0] + np.log(np.exp(z - mx).sum(axis=1))
+            total += float(np.sum(lse - z[np.arange(len(ids) - first), np.asarray(ids[first:])]))
+            count += len(ids) - first
+    aux = 0.0
+    if coef:
+        P = np.concatenate([p for _, p in probs])  # (N, E): every routed layer and token
+        chosen = np.concatenate([frozen[si][l] for si in range(len(seqs)) for l in sorted(frozen[si])])
+        f = np.bincount(chosen.ravel(), minlength=E) / P.shape[0]
+        aux = E * float(np.sum(f * P.mean(axis=0)))
+    return total / count + coef * aux, aux
+
+
+def cmd_grad(a):
+    import train_ref as TR
+    cfg, W = R.Cfg(a.model), R.load_model_tensors(a.model)
+    mix = load_mixlora(cfg, a.adapter)
+    seqs = TR.read_train(a.data)
+    frozen = [None] * len(seqs)
+    loss0, aux0 = train_loss(cfg, W, mix, seqs, a.aux_coef, frozen)  # records the selection
+    print("reference mean loss %.9g (load balancing %.6g)" % (loss0, aux0))
+    bad = 0
+    if a.loss is not None:
+        e = abs(a.loss - loss0) / abs(loss0)
+        print("%-10s %-24s relative error %.3e" % ("FAIL" if e > a.tol else "ok", "mean loss", e))
+        bad += e > a.tol
+    params = {}
+    for l, (att, router, experts) in mix[4].items():
+        pre = "mixlora.layers.%d." % l
+        for m, (A, B) in att.items():
+            params[pre + "self_attn.%s.lora_A.weight" % m] = ("attn.%s.A" % m, A)
+            params[pre + "self_attn.%s.lora_B.weight" % m] = ("attn.%s.B" % m, B)
+        if router is not None:
+            params[pre + "gate.weight"] = ("router", router)
+        for e, ex in enumerate(experts):
+            for m, (A, B) in ex.items():
+                params[pre + "experts.%d.%s.lora_A.weight" % (e, m)] = ("expert.%s.A" % m, A)
+                params[pre + "experts.%d.%s.lora_B.weight" % (e, m)] = ("expert.%s.B" % m, B)
+    cand = R.st_read(a.candidate)
+    if set(cand) != set(params):
+        print("grad: the candidate's tensors differ from the adapter's: missing %s, extra %s" %
+              (sorted(set(params) - set(cand))[:4], sorted(set(cand) - set(params))[:4]))
+        return 1
+    rng = np.random.RandomState(0)
+    worst = {}
+    for name in sorted(params):
+        kind, arr = params[name]
+        g = cand[name]
+        if g.shape != arr.shape:
+            print("grad: %s has shape %s, the adapter %s" % (name, g.shape, arr.shape))
+            bad += 1
+            continue
+        picks = [np.unravel_index(int(np.argmax(np.abs(g))), g.shape)]
+        picks += [tuple(rng.randint(0, n) for n in g.shape) for _ in range(a.samples)]
+        ref = []
+        for ix in picks:
+            old = arr[ix]
+            arr[ix] = old + a.h
+            up = train_loss(cfg, W, mix, seqs, a.aux_coef, frozen)[0]
+            arr[ix] = old - a.h
+            dn = train_loss(cfg, W, mix, seqs, a.aux_coef, frozen)[0]
+            arr[ix] = old
+            ref.append((up - dn) / (2 * a.h))
+        ref = np.array(ref)
+        got = np.array([g[ix] for ix in picks])
+        err = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12))
+        worst[kind] = max(worst.get(kind, 0.0), err)
+    for kind in sorted(worst):
+        flag = "FAIL" if worst[kind] > a.tol else "ok"
+        print("%-10s %-24s worst relative error %.3e" % (flag, kind, worst[kind]))
+        bad += worst[kind] > a.tol
+    return 1 if bad else 0
 
 
 def cmd_adapter(a):
@@ -212,8 +367,16 @@ def main(argv):
     p.add_argument("--ridge", type=float, default=1e-3)
     p.add_argument("--max-tokens", type=int, default=0)
     p.add_argument("--tol", type=float, default=1e-5)
+    p = sub.add_parser("grad")
+    p.add_argument("model"); p.add_argument("data"); p.add_argument("candidate")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--aux-coef", type=float, default=0.001)
+    p.add_argument("--loss", type=float, default=None)
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--h", type=float, default=1e-6)
+    p.add_argument("--tol", type=float, default=1e-4)
     a = ap.parse_args(argv)
-    return {"adapter": cmd_adapter, "compare": cmd_compare, "routers": cmd_routers}[a.cmd](a) or 0
+    return {"adapter": cmd_adapter, "compare": cmd_compare, "routers": cmd_routers, "grad": cmd_grad}[a.cmd](a) or 0
 
 
 if __name__ == "__main__":
