@@ -1,5 +1,7 @@
-/* Text to token ids with llama2.c's tokenizer.bin (karpathy/llama2.c, run.c: build_tokenizer,
- * encode). The file is read whole and treated as hostile (layout in include/iteris/io.h); the
+/* Text to token ids. A SentencePiece tokenizer.model goes to tokenizer_spm.c (tok_spm.h): this file
+ * finds the tokenizer of a folder (tokenizer.json, refused for now; tokenizer.model; tokenizer.bin;
+ * tok*.bin) and dispatches to it.
+ * llama2.c's tokenizer.bin (karpathy/llama2.c, run.c: build_tokenizer, encode): the file is read whole and treated as hostile (layout in include/iteris/io.h); the
  * encoder gives exactly llama2.c's ids:
  *   1. BOS (when asked), then the dummy prefix " " when the text is not empty;
  *   2. the text cut into UTF-8 code points the way llama2.c cuts it (a lead or ASCII byte starts a

@@ -11,7 +11,8 @@
  *   SentencePiece   1 piece (string), 2 score (float), 3 type (1 NORMAL, 2 UNKNOWN, 3 CONTROL,
  *                   4 USER_DEFINED, 5 UNUSED, 6 BYTE; default NORMAL)
  *   TrainerSpec     3 model_type (1 UNIGRAM default, 2 BPE, 3 WORD, 4 CHAR), 24
- *                   treat_whitespace_as_suffix, 35 byte_fallback, 45..48 unk/bos/eos/pad_piece
+ *                   treat_whitespace_as_suffix, 35 byte_fallback, 46 / 47 bos / eos_piece (<unk> is
+ *                   the one UNKNOWN piece, as in sentencepiece)
  *   NormalizerSpec  1 name, 2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces,
  *                   5 escape_whitespaces (the three default to true)
  * Other fields are skipped by wire type; a known field with the wrong wire type, a value out of its
@@ -77,7 +78,7 @@ struct itr_spm {
   int model_type, byte_fallback, ws_suffix;
   int add_dummy_prefix, remove_extra_ws, escape_ws;
   size_t charsmap_len;
-  char norm_name[SPM_NAME_MAX], unk_piece[SPM_NAME_MAX], bos_piece[SPM_NAME_MAX], eos_piece[SPM_NAME_MAX];
+  char norm_name[SPM_NAME_MAX], bos_piece[SPM_NAME_MAX], eos_piece[SPM_NAME_MAX];
   /* tokenizer_config.json beside the model */
   int add_bos_token, add_eos_token;
 };
@@ -271,10 +272,9 @@ static itr_err read_trainer(itr_spm *m, const unsigned char *buf, size_t start, 
     case 3: ITR_TRY(get_enum(m, w, &f, "model_type", M_UNIGRAM, M_CHAR, &m->model_type)); break;
     case 24: ITR_TRY(get_bool(m, w, &f, "treat_whitespace_as_suffix", &m->ws_suffix)); break;
     case 35: ITR_TRY(get_bool(m, w, &f, "byte_fallback", &m->byte_fallback)); break;
-    case 45: ITR_TRY(get_string(m, &r, w, &f, "unk_piece", m->unk_piece)); break;
     case 46: ITR_TRY(get_string(m, &r, w, &f, "bos_piece", m->bos_piece)); break;
     case 47: ITR_TRY(get_string(m, &r, w, &f, "eos_piece", m->eos_piece)); break;
-    default: break; /* unk_id, bos_id, ... : the pieces above name the tokens, as in sentencepiece */
+    default: break; /* unk_id, bos_id, ...: sentencepiece finds the tokens by type and piece, not by id */
     }
   }
   return ITR_OK;
@@ -403,7 +403,10 @@ static itr_err build_index(itr_spm *m) {
                 "%s: trainer_spec.byte_fallback is true but there is no BYTE piece %s (all 256 are needed)", p, name);
       m->byte_id[b] = id;
     }
-  /* BOS / EOS: bos_id() of sentencepiece: PieceToId(bos_piece) when that is a CONTROL piece */
+  /* BOS / EOS: bos_id() of sentencepiece: PieceToId(bos_piece) when that is a CONTROL piece; an
+   * empty bos_piece / eos_piece means the default, as in model_interface.cc */
+  if (!m->bos_piece[0]) snprintf(m->bos_piece, sizeof m->bos_piece, "<s>");
+  if (!m->eos_piece[0]) snprintf(m->eos_piece, sizeof m->eos_piece, "</s>");
   const int bos = piece_to_id(m, m->bos_piece, strlen(m->bos_piece));
   const int eos = piece_to_id(m, m->eos_piece, strlen(m->eos_piece));
   m->bos = m->type[bos] == T_CONTROL ? bos : -1;
@@ -508,7 +511,6 @@ itr_err itr_spm_open(const char *path, int vocab_size, itr_spm **out) {
   m->vocab = vocab_size;
   m->model_type = M_UNIGRAM; /* the proto's defaults */
   m->add_dummy_prefix = m->remove_extra_ws = m->escape_ws = 1;
-  snprintf(m->unk_piece, sizeof m->unk_piece, "<unk>");
   snprintf(m->bos_piece, sizeof m->bos_piece, "<s>");
   snprintf(m->eos_piece, sizeof m->eos_piece, "</s>");
   m->add_bos_token = 1;
