@@ -2,7 +2,8 @@
 # Install everything iteris-mpi needs from Debian's apt. Idempotent: does nothing when all is there.
 # Usage: scripts/install-deps.sh [--slurm] [--python]
 #   --slurm   also install slurm-wlm and munge (needed by `make test-slurm`)
-#   --python  also install python3-numpy / python3-h5py (independent reference checks in the tests)
+#   --python  also install python3-numpy / python3-h5py / python3-sentencepiece (independent reference checks in
+#             the tests; tests/e2e/tokenize_spm.sh is skipped without python3-sentencepiece)
 set -euo pipefail
 
 pkgs=(openmpi-bin libopenmpi-dev libscalapack-openmpi-dev libopenblas-dev liblapacke-dev
@@ -12,8 +13,8 @@ pkgs=(openmpi-bin libopenmpi-dev libscalapack-openmpi-dev libopenblas-dev liblap
 for a in "$@"; do
   case "$a" in
     --slurm) pkgs+=(slurm-wlm munge) ;;
-    --python) pkgs+=(python3-numpy python3-h5py) ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    --python) pkgs+=(python3-numpy python3-h5py python3-sentencepiece) ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
     *) echo "install-deps: unknown argument '$a' (try --help)" >&2; exit 2 ;;
   esac
 done

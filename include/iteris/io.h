@@ -1,6 +1,6 @@
 /* iteris-mpi io: safetensors (mmap'd reader, sharded folders, atomic writer), Hugging Face
  * config.json, PEFT LoRA adapters (reader and writer), calibration JSONL (token ids, or text through
- * llama2.c's tokenizer.bin), and the one table of
+ * a SentencePiece tokenizer.model or llama2.c's tokenizer.bin), and the one table of
  * Hugging Face / PEFT tensor names. Every file is treated as hostile: each length is bounded by
  * the bytes left, products are checked for overflow, errors name the file and the field.
  * Not Collective: nothing here calls MPI. Files are written to a temporary name, synced and
@@ -25,6 +25,13 @@
  *                       len bytes: the piece (UTF-8, no NUL; SentencePiece's U+2581 written as ' ')
  *   nothing after the V-th token. Ids 0, 1, 2 are <unk>, BOS and EOS; ids 3..258 the byte
  *   fallback pieces <0x00>..<0xFF>.
+ *
+ * SentencePiece tokenizer.model: a protobuf ModelProto (google/sentencepiece,
+ * src/sentencepiece_model.proto), read in C by src/io/tokenizer_spm.c (libsentencepiece is C++ only;
+ * Debian's python3-sentencepiece is the reference in the tests). Fields used: pieces (piece, score,
+ * type NORMAL/UNKNOWN/CONTROL/USER_DEFINED/UNUSED/BYTE), trainer_spec (model_type, byte_fallback,
+ * treat_whitespace_as_suffix, unk/bos/eos_piece), normalizer_spec (precompiled_charsmap,
+ * add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces). Piece i is token id i.
  */
 #ifndef ITERIS_IO_H
 #define ITERIS_IO_H
@@ -308,19 +315,30 @@ itr_err itr_token_set_write(const char *path, const itr_token_set *ts);
 
 /* ---- tokenizers (text in) --------------------------------------------------------------------- */
 
-/* llama2.c's tokenizer.bin (layout at the top of this file) and its encoder (run.c, encode()). */
+/* A SentencePiece tokenizer.model with libsentencepiece's encoder, or llama2.c's tokenizer.bin with
+ * its encoder (run.c, encode()); layouts at the top of this file. */
 typedef struct itr_tokenizer itr_tokenizer;
 
-/* Opens a tokenizer: base_dir_or_file is a tokenizer.bin, or a model folder holding tokenizer.bin or
- * (only that) one tok*.bin. A folder with tokenizer.json or tokenizer.model, or such a file, is
- * ITR_ERR_INPUT "not supported yet" naming the file. The file must hold exactly vocab_size tokens
- * (config.json's); every malformed field is ITR_ERR_INPUT naming the file and the token index. */
+/* Opens a tokenizer: base_dir_or_file is a *.model (SentencePiece) or a tokenizer.bin, or a model
+ * folder, where the first found is used: tokenizer.json (ITR_ERR_INPUT "not supported yet" naming
+ * the file), tokenizer.model, tokenizer.bin, (only that) one tok*.bin. A tokenizer.bin must hold
+ * exactly vocab_size tokens (config.json's); a tokenizer.model at most vocab_size pieces, of model_type
+ * BPE, with no precompiled_charsmap (the identity normaliser: Llama 2, Mistral, TinyLlama), else
+ * ITR_ERR_INPUT naming the file and what is unsupported. Beside a tokenizer.model,
+ * tokenizer_config.json's add_bos_token (default true) and add_eos_token (default false) are read.
+ * Every malformed field is ITR_ERR_INPUT naming the file and the field / token / piece index. */
 itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tokenizer **out);
 void itr_tokenizer_destroy(itr_tokenizer *t); /* accepts NULL */
 /* path = the tokenizer file itr_tokenizer_open would read in the folder dir, or "" when the folder
  * has none; ITR_ERR_INPUT (naming the file) when it holds an unsupported one, or several tok*.bin. */
 itr_err itr_tokenizer_find(const char *dir, char *path, size_t len);
-/* Encodes text[0..len) exactly as llama2.c's encode(): [BOS], the dummy prefix " " (when len > 0),
+/* tokenizer.model: encodes text[0..len) exactly as libsentencepiece 0.1.97's EncodeAsIds (malformed
+ * UTF-8 bytes become U+FFFD, as there; unknown characters go to byte fallback <0xXX> or, without it,
+ * one <unk> per run). add_bos asks for a whole sequence with the model's special tokens: BOS unless
+ * tokenizer_config.json says add_bos_token false, and EOS too when it says add_eos_token true;
+ * add_eos adds EOS. ITR_ERR_INPUT when BOS / EOS is wanted and the model has no such CONTROL piece,
+ * or when the text holds a CONTROL piece's text as a user-defined symbol (sentencepiece fails too).
+ * tokenizer.bin: encodes text[0..len) exactly as llama2.c's encode(): [BOS], the dummy prefix " " (when len > 0),
  * UTF-8 code points looked up in the vocabulary (bytes of unknown ones -> byte fallback byte + 3),
  * then the best-scoring adjacent merges (the leftmost pair on ties), [EOS]. Any bytes are accepted
  * (invalid UTF-8 goes to byte fallback; a NUL byte is byte fallback <0x00>, where llama2.c would
@@ -328,8 +346,8 @@ itr_err itr_tokenizer_find(const char *dir, char *path, size_t len);
  * ITR_ERR_INPUT when a byte needs a fallback id >= vocab_size (a vocabulary without byte tokens). */
 itr_err itr_tokenizer_encode(const itr_tokenizer *t, const char *text, size_t len, int add_bos, int add_eos,
                              int32_t **ids, int64_t *n);
-int itr_tokenizer_bos(const itr_tokenizer *t); /* 1 */
-int itr_tokenizer_eos(const itr_tokenizer *t); /* 2 */
+int itr_tokenizer_bos(const itr_tokenizer *t); /* 1 (tokenizer.model: its bos_piece's id, or -1) */
+int itr_tokenizer_eos(const itr_tokenizer *t); /* 2 (tokenizer.model: its eos_piece's id, or -1) */
 int itr_tokenizer_vocab_size(const itr_tokenizer *t);
 const char *itr_tokenizer_path(const itr_tokenizer *t); /* the file read */
 

@@ -82,7 +82,8 @@ static itr_err append_text(const cJSON *text, const char *line, size_t len, cons
     itr_err e = itr_tokenizer_find(src->dir, path, sizeof path);
     if (e == ITR_OK && !path[0])
       return itr_error_set(ITR_ERR_INPUT, "%s:%ld: has 'text', but the base folder %s has no tokenizer (looked for "
-                           "llama2.c's tokenizer.bin and tok*.bin); give {\"input_ids\": [...]} rows instead",
+                           "a SentencePiece tokenizer.model, llama2.c's tokenizer.bin and tok*.bin); give "
+                           "{\"input_ids\": [...]} rows instead",
                            file, lineno, src->dir);
     if (e == ITR_OK) e = itr_tokenizer_open(path, b->vocab, src->tok);
     if (e != ITR_OK) {

@@ -1,5 +1,7 @@
-/* Text to token ids with llama2.c's tokenizer.bin (karpathy/llama2.c, run.c: build_tokenizer,
- * encode). The file is read whole and treated as hostile (layout in include/iteris/io.h); the
+/* Text to token ids. A SentencePiece tokenizer.model goes to tokenizer_spm.c (tok_spm.h): this file
+ * finds the tokenizer of a folder (tokenizer.json, refused for now; tokenizer.model; tokenizer.bin;
+ * tok*.bin) and dispatches to it.
+ * llama2.c's tokenizer.bin (karpathy/llama2.c, run.c: build_tokenizer, encode): the file is read whole and treated as hostile (layout in include/iteris/io.h); the
  * encoder gives exactly llama2.c's ids:
  *   1. BOS (when asked), then the dummy prefix " " when the text is not empty;
  *   2. the text cut into UTF-8 code points the way llama2.c cuts it (a lead or ASCII byte starts a
@@ -20,6 +22,7 @@
 #include <string.h>
 
 #include "io/iofile.h"
+#include "io/tok_spm.h"
 #include "iteris/io.h"
 
 #define TOK_FILE_CAP ((size_t)1 << 30) /* largest tokenizer.bin accepted (Llama 2's is 0.4 MB) */
@@ -38,6 +41,7 @@ struct itr_tokenizer {
   float *score;       /* (V) */
   int32_t *slot;      /* (n_slot) open-addressing hash of the pieces: a token id, or -1 */
   size_t n_slot;      /* power of two, >= 2 V */
+  itr_spm *spm;       /* a SentencePiece tokenizer.model (tokenizer_spm.c): the fields above are unused */
 };
 
 /* ---- reading ---------------------------------------------------------------------------------- */
@@ -170,15 +174,13 @@ itr_err itr_tokenizer_find(const char *dir, char *path, size_t len) {
   ITR_CHECK(len > 0, ITR_ERR_INTERNAL, "itr_tokenizer_find: no room for the path");
   path[0] = '\0';
   char p[ITR_PATH_MAX + 64];
-  static const char *const unsupported[] = {"tokenizer.json", "tokenizer.model"};
-  for (int k = 0; k < 2; k++) {
-    ITR_TRY(itr_iofile_join(p, sizeof p, dir, unsupported[k]));
-    ITR_CHECK(!itr_iofile_is_file(p), ITR_ERR_INPUT,
-              "%s: %s is not supported yet; only llama2.c's tokenizer.bin is. Tokenize the data elsewhere and "
-              "give {\"input_ids\": [...]} rows",
-              p, k == 0 ? "a Hugging Face tokenizer.json" : "a SentencePiece tokenizer.model");
-  }
-  ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.bin"));
+  /* the order: tokenizer.json, tokenizer.model, tokenizer.bin, tok*.bin */
+  ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.json"));
+  ITR_CHECK(!itr_iofile_is_file(p), ITR_ERR_INPUT,
+            "%s: a Hugging Face tokenizer.json is not supported yet; only a SentencePiece tokenizer.model and "
+            "llama2.c's tokenizer.bin are. Tokenize the data elsewhere and give {\"input_ids\": [...]} rows", p);
+  ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.model"));
+  if (!itr_iofile_is_file(p)) ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.bin"));
   if (!itr_iofile_is_file(p)) {
     /* tok*.bin (llama2.c's custom vocabularies, e.g. tok512.bin): exactly one */
     DIR *d = opendir(dir);
@@ -208,28 +210,48 @@ itr_err itr_tokenizer_find(const char *dir, char *path, size_t len) {
   return ITR_OK;
 }
 
+/* Opens the file path by its name: *.model is SentencePiece, anything else llama2.c's format. */
+static itr_err open_any(const char *path, int vocab_size, itr_tokenizer **out) {
+  ITR_CHECK(!ends_with(path, ".json"), ITR_ERR_INPUT,
+            "%s: a Hugging Face tokenizer.json is not supported yet; only a SentencePiece tokenizer.model and "
+            "llama2.c's tokenizer.bin are", path);
+  if (!ends_with(path, ".model")) {
+    ITR_CHECK(vocab_size >= BYTE_FALLBACK0, ITR_ERR_INPUT,
+              "tokenizer %s: vocab_size %d is too small (ids 0, 1, 2 are <unk>, BOS and EOS)", path, vocab_size);
+    ITR_TRY(open_file(path, vocab_size, out));
+    return ITR_OK;
+  }
+  ITR_CHECK(vocab_size >= 1, ITR_ERR_INPUT, "tokenizer %s: vocab_size %d is too small", path, vocab_size);
+  itr_tokenizer *t = NULL;
+  ITR_TRY(itr_calloc(1, sizeof *t, "tokenizer", &t));
+  snprintf(t->path, sizeof t->path, "%s", path);
+  t->vocab = vocab_size;
+  const itr_err e = itr_spm_open(path, vocab_size, &t->spm);
+  if (e != ITR_OK) {
+    free(t);
+    return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  }
+  *out = t;
+  return ITR_OK;
+}
+
 itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tokenizer **out) {
-  ITR_CHECK(vocab_size >= BYTE_FALLBACK0, ITR_ERR_INPUT,
-            "tokenizer %s: vocab_size %d is too small (ids 0, 1, 2 are <unk>, BOS and EOS)", base_dir_or_file,
-            vocab_size);
   if (!itr_iofile_is_dir(base_dir_or_file)) {
-    ITR_CHECK(!ends_with(base_dir_or_file, ".json") && !ends_with(base_dir_or_file, ".model"), ITR_ERR_INPUT,
-              "%s: %s is not supported yet; only llama2.c's tokenizer.bin is", base_dir_or_file,
-              ends_with(base_dir_or_file, ".json") ? "a Hugging Face tokenizer.json" : "a SentencePiece .model");
-    ITR_TRY(open_file(base_dir_or_file, vocab_size, out));
+    ITR_TRY(open_any(base_dir_or_file, vocab_size, out));
     return ITR_OK;
   }
   char path[ITR_PATH_MAX];
   ITR_TRY(itr_tokenizer_find(base_dir_or_file, path, sizeof path));
   ITR_CHECK(path[0], ITR_ERR_INPUT,
-            "the folder %s has no tokenizer (looked for tokenizer.bin and tok*.bin, llama2.c's format)",
+            "the folder %s has no tokenizer (looked for tokenizer.model, tokenizer.bin and tok*.bin)",
             base_dir_or_file);
-  ITR_TRY(open_file(path, vocab_size, out));
+  ITR_TRY(open_any(path, vocab_size, out));
   return ITR_OK;
 }
 
 void itr_tokenizer_destroy(itr_tokenizer *t) {
   if (!t) return;
+  itr_spm_destroy(t->spm);
   free(t->pool);
   free(t->off);
   free(t->score);
@@ -237,8 +259,8 @@ void itr_tokenizer_destroy(itr_tokenizer *t) {
   free(t);
 }
 
-int itr_tokenizer_bos(const itr_tokenizer *t) { return t ? BOS_ID : -1; }
-int itr_tokenizer_eos(const itr_tokenizer *t) { return t ? EOS_ID : -1; }
+int itr_tokenizer_bos(const itr_tokenizer *t) { return !t ? -1 : t->spm ? itr_spm_bos(t->spm) : BOS_ID; }
+int itr_tokenizer_eos(const itr_tokenizer *t) { return !t ? -1 : t->spm ? itr_spm_eos(t->spm) : EOS_ID; }
 int itr_tokenizer_vocab_size(const itr_tokenizer *t) { return t->vocab; }
 const char *itr_tokenizer_path(const itr_tokenizer *t) { return t->path; }
 
@@ -345,6 +367,10 @@ static itr_err split_text(const itr_tokenizer *t, const unsigned char *text, siz
 itr_err itr_tokenizer_encode(const itr_tokenizer *t, const char *text, size_t len, int add_bos, int add_eos,
                              int32_t **ids, int64_t *n) {
   ITR_CHECK(t && (text || len == 0) && ids && n, ITR_ERR_INTERNAL, "itr_tokenizer_encode: NULL argument");
+  if (t->spm) {
+    ITR_TRY(itr_spm_encode(t->spm, text, len, add_bos, add_eos, ids, n));
+    return ITR_OK;
+  }
   ITR_CHECK(len <= TOK_TEXT_MAX, ITR_ERR_INPUT, "text of %zu bytes is too long to tokenize (at most %zu)", len,
             TOK_TEXT_MAX);
   const size_t cap = len + 3; /* BOS, the dummy prefix, one symbol per byte, EOS */
