@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "io/iofile.h"
+#include "io/tok_internal.h"
 #include "iteris/io.h"
 
 #define TOK_FILE_CAP ((size_t)1 << 30) /* largest tokenizer.bin accepted (Llama 2's is 0.4 MB) */
@@ -38,6 +39,7 @@ struct itr_tokenizer {
   float *score;       /* (V) */
   int32_t *slot;      /* (n_slot) open-addressing hash of the pieces: a token id, or -1 */
   size_t n_slot;      /* power of two, >= 2 V */
+  itr_tok_json *json; /* a Hugging Face tokenizer.json (tokenizer_json.c): everything above unused */
 };
 
 /* ---- reading ---------------------------------------------------------------------------------- */
@@ -166,19 +168,35 @@ static int ends_with(const char *s, const char *suffix) {
   return n >= k && strcmp(s + n - k, suffix) == 0;
 }
 
+/* A Hugging Face tokenizer.json (tokenizer_json.c) as an itr_tokenizer. */
+static itr_err open_json(const char *path, int vocab_size, itr_tokenizer **out) {
+  itr_tokenizer *t = NULL;
+  ITR_TRY(itr_calloc(1, sizeof *t, "tokenizer", &t));
+  snprintf(t->path, sizeof t->path, "%s", path);
+  t->vocab = vocab_size;
+  itr_err e = itr_tok_json_open(path, vocab_size, &t->json);
+  if (e != ITR_OK) {
+    itr_tokenizer_destroy(t);
+    return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  }
+  *out = t;
+  return ITR_OK;
+}
+
 itr_err itr_tokenizer_find(const char *dir, char *path, size_t len) {
   ITR_CHECK(len > 0, ITR_ERR_INTERNAL, "itr_tokenizer_find: no room for the path");
   path[0] = '\0';
   char p[ITR_PATH_MAX + 64];
-  static const char *const unsupported[] = {"tokenizer.json", "tokenizer.model"};
-  for (int k = 0; k < 2; k++) {
-    ITR_TRY(itr_iofile_join(p, sizeof p, dir, unsupported[k]));
+  /* the first present of: tokenizer.json, tokenizer.model, tokenizer.bin, one tok*.bin */
+  ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.json"));
+  if (!itr_iofile_is_file(p)) {
+    ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.model"));
     ITR_CHECK(!itr_iofile_is_file(p), ITR_ERR_INPUT,
-              "%s: %s is not supported yet; only llama2.c's tokenizer.bin is. Tokenize the data elsewhere and "
-              "give {\"input_ids\": [...]} rows",
-              p, k == 0 ? "a Hugging Face tokenizer.json" : "a SentencePiece tokenizer.model");
+              "%s: a SentencePiece tokenizer.model is not supported yet; give the model's tokenizer.json, or "
+              "tokenize the data elsewhere and give {\"input_ids\": [...]} rows",
+              p);
+    ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.bin"));
   }
-  ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.bin"));
   if (!itr_iofile_is_file(p)) {
     /* tok*.bin (llama2.c's custom vocabularies, e.g. tok512.bin): exactly one */
     DIR *d = opendir(dir);
@@ -212,24 +230,25 @@ itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tok
   ITR_CHECK(vocab_size >= BYTE_FALLBACK0, ITR_ERR_INPUT,
             "tokenizer %s: vocab_size %d is too small (ids 0, 1, 2 are <unk>, BOS and EOS)", base_dir_or_file,
             vocab_size);
-  if (!itr_iofile_is_dir(base_dir_or_file)) {
-    ITR_CHECK(!ends_with(base_dir_or_file, ".json") && !ends_with(base_dir_or_file, ".model"), ITR_ERR_INPUT,
-              "%s: %s is not supported yet; only llama2.c's tokenizer.bin is", base_dir_or_file,
-              ends_with(base_dir_or_file, ".json") ? "a Hugging Face tokenizer.json" : "a SentencePiece .model");
-    ITR_TRY(open_file(base_dir_or_file, vocab_size, out));
-    return ITR_OK;
-  }
+  const char *file = base_dir_or_file;
   char path[ITR_PATH_MAX];
-  ITR_TRY(itr_tokenizer_find(base_dir_or_file, path, sizeof path));
-  ITR_CHECK(path[0], ITR_ERR_INPUT,
-            "the folder %s has no tokenizer (looked for tokenizer.bin and tok*.bin, llama2.c's format)",
-            base_dir_or_file);
-  ITR_TRY(open_file(path, vocab_size, out));
+  if (itr_iofile_is_dir(base_dir_or_file)) {
+    ITR_TRY(itr_tokenizer_find(base_dir_or_file, path, sizeof path));
+    ITR_CHECK(path[0], ITR_ERR_INPUT,
+              "the folder %s has no tokenizer (looked for tokenizer.json, tokenizer.bin and tok*.bin)",
+              base_dir_or_file);
+    file = path;
+  }
+  ITR_CHECK(!ends_with(file, ".model"), ITR_ERR_INPUT,
+            "%s: a SentencePiece .model is not supported yet; give the model's tokenizer.json", file);
+  if (ends_with(file, ".json")) ITR_TRY(open_json(file, vocab_size, out));
+  else ITR_TRY(open_file(file, vocab_size, out));
   return ITR_OK;
 }
 
 void itr_tokenizer_destroy(itr_tokenizer *t) {
   if (!t) return;
+  itr_tok_json_destroy(t->json);
   free(t->pool);
   free(t->off);
   free(t->score);
@@ -237,8 +256,8 @@ void itr_tokenizer_destroy(itr_tokenizer *t) {
   free(t);
 }
 
-int itr_tokenizer_bos(const itr_tokenizer *t) { return t ? BOS_ID : -1; }
-int itr_tokenizer_eos(const itr_tokenizer *t) { return t ? EOS_ID : -1; }
+int itr_tokenizer_bos(const itr_tokenizer *t) { return !t ? -1 : t->json ? itr_tok_json_bos(t->json) : BOS_ID; }
+int itr_tokenizer_eos(const itr_tokenizer *t) { return !t ? -1 : t->json ? itr_tok_json_eos(t->json) : EOS_ID; }
 int itr_tokenizer_vocab_size(const itr_tokenizer *t) { return t->vocab; }
 const char *itr_tokenizer_path(const itr_tokenizer *t) { return t->path; }
 
@@ -345,6 +364,10 @@ static itr_err split_text(const itr_tokenizer *t, const unsigned char *text, siz
 itr_err itr_tokenizer_encode(const itr_tokenizer *t, const char *text, size_t len, int add_bos, int add_eos,
                              int32_t **ids, int64_t *n) {
   ITR_CHECK(t && (text || len == 0) && ids && n, ITR_ERR_INTERNAL, "itr_tokenizer_encode: NULL argument");
+  if (t->json) { /* add_bos: the special tokens the model adds by default (see include/iteris/io.h) */
+    ITR_TRY(itr_tok_json_encode(t->json, text, len, add_bos, add_eos, ids, n));
+    return ITR_OK;
+  }
   ITR_CHECK(len <= TOK_TEXT_MAX, ITR_ERR_INPUT, "text of %zu bytes is too long to tokenize (at most %zu)", len,
             TOK_TEXT_MAX);
   const size_t cap = len + 3; /* BOS, the dummy prefix, one symbol per byte, EOS */
