@@ -296,21 +296,30 @@ static void init_bytes_to_unicode(itr_tok_json *t) {
 
 /* ---- regexes ----------------------------------------------------------------------------------- */
 
-/* Rewrites a tokenizers-crate (Oniguruma) pattern for PCRE2: \s -> [\s\x{85}] and \S -> [^\s\x{85}]
- * outside a class, \s -> \s\x{85} inside one (Oniguruma's \s is Unicode White_Space, which holds
- * U+0085; PCRE2's UCP \s does not). */
+/* Unicode White_Space as class members: Oniguruma's \s (and Rust's, and Python's regex module's).
+ * PCRE2 10.42's UCP \s also matches U+180E, which is no longer White_Space. */
+static const char WHITE_SPACE[] = "\\t\\n\\x{0B}\\f\\r\\x{20}\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}"
+                                  "\\x{202F}\\x{205F}\\x{3000}";
+
+/* Rewrites a tokenizers-crate (Oniguruma) pattern for PCRE2: \s -> [WHITE_SPACE] and \S ->
+ * [^WHITE_SPACE] outside a class, \s -> WHITE_SPACE inside one. */
 static itr_err rewrite_regex(const char *file, const char *field, const char *pat, tj_buf *out) {
+  const size_t ws = sizeof WHITE_SPACE - 1;
   int in_class = 0;
   size_t class_start = 0; /* out position just after '[' or '[^' */
   for (size_t i = 0; pat[i]; i++) {
     const char c = pat[i];
     if (c == '\\' && pat[i + 1]) {
       const char d = pat[i + 1];
-      if (d == 's') ITR_TRY(in_class ? buf_add(out, "\\s\\x{85}", 8) : buf_add(out, "[\\s\\x{85}]", 10));
-      else if (d == 'S') {
-        ITR_CHECK(!in_class, ITR_ERR_INPUT, "%s: %s: \\S inside a character class is not supported", file, field);
-        ITR_TRY(buf_add(out, "[^\\s\\x{85}]", 11));
-      } else ITR_TRY(buf_add(out, pat + i, 2));
+      if (d == 's' || d == 'S') {
+        ITR_CHECK(!(in_class && d == 'S'), ITR_ERR_INPUT, "%s: %s: \\S inside a character class is not supported", file,
+                  field);
+        if (!in_class) ITR_TRY(buf_add(out, d == 's' ? "[" : "[^", d == 's' ? 1 : 2));
+        ITR_TRY(buf_add(out, WHITE_SPACE, ws));
+        if (!in_class) ITR_TRY(buf_add(out, "]", 1));
+      } else {
+        ITR_TRY(buf_add(out, pat + i, 2));
+      }
       i++;
       continue;
     }
