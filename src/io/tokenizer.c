@@ -227,8 +227,7 @@ itr_err itr_tokenizer_find(const char *dir, char *path, size_t len) {
 }
 
 itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tokenizer **out) {
-  ITR_CHECK(vocab_size >= BYTE_FALLBACK0, ITR_ERR_INPUT,
-            "tokenizer %s: vocab_size %d is too small (ids 0, 1, 2 are <unk>, BOS and EOS)", base_dir_or_file,
+  ITR_CHECK(vocab_size >= 1, ITR_ERR_INPUT, "tokenizer %s: vocab_size %d must be positive", base_dir_or_file,
             vocab_size);
   const char *file = base_dir_or_file;
   char path[ITR_PATH_MAX];
@@ -241,8 +240,13 @@ itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tok
   }
   ITR_CHECK(!ends_with(file, ".model"), ITR_ERR_INPUT,
             "%s: a SentencePiece .model is not supported yet; give the model's tokenizer.json", file);
-  if (ends_with(file, ".json")) ITR_TRY(open_json(file, vocab_size, out));
-  else ITR_TRY(open_file(file, vocab_size, out));
+  if (ends_with(file, ".json")) {
+    ITR_TRY(open_json(file, vocab_size, out));
+    return ITR_OK;
+  }
+  ITR_CHECK(vocab_size >= BYTE_FALLBACK0, ITR_ERR_INPUT,
+            "tokenizer %s: vocab_size %d is too small (ids 0, 1, 2 are <unk>, BOS and EOS)", file, vocab_size);
+  ITR_TRY(open_file(file, vocab_size, out));
   return ITR_OK;
 }
 

@@ -532,12 +532,13 @@ static itr_err read_merges(itr_tok_json *t, const cJSON *model) {
     if ((err = buf_add(&cat, a, la)) != ITR_OK || (err = buf_add(&cat, b, lb)) != ITR_OK) break;
     m->merged = vocab_id(t, cat.p, cat.n);
     if (m->merged < 0) {
-      err = itr_error_set(ITR_ERR_INPUT, "%s: model.merges[%zu] merges '%.80s' and '%.80s' into '%.160s', which is not "
-                          "in model.vocab", t->path, i, a, b, cat.p);
+      err = itr_error_set(ITR_ERR_INPUT, "%s: model.merges[%zu] merges '%.*s' and '%.*s' into '%.160s', which is not "
+                          "in model.vocab", t->path, i, (int)(la > 80 ? 80 : la), a, (int)(lb > 80 ? 80 : lb), b, cat.p);
       break;
     }
     if (merge_find(t, m->a, m->b)) {
-      err = itr_error_set(ITR_ERR_INPUT, "%s: model.merges[%zu] repeats the merge '%.80s' '%.80s'", t->path, i, a, b);
+      err = itr_error_set(ITR_ERR_INPUT, "%s: model.merges[%zu] repeats the merge '%.*s' '%.*s'", t->path, i,
+                          (int)(la > 80 ? 80 : la), a, (int)(lb > 80 ? 80 : lb), b);
       break;
     }
     m->rank = (int32_t)t->n_mrg;
