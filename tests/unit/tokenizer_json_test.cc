@@ -152,7 +152,7 @@ TEST(TokenizerJson, IgnoreMergesEmitsAVocabularyWordWhole) {
 TEST(TokenizerJson, ByteFallbackAndUnk) {
   std::string bytes;
   for (int b = 0; b < 256; b++) {
-    char name[16];
+    char name[32];
     std::snprintf(name, sizeof name, ", \"<0x%02X>\": %d", b, 3 + b);
     bytes += name;
   }
