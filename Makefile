@@ -8,7 +8,7 @@ BUILD  ?= build
 OPT    ?= -O2 -g
 WERROR ?= 0
 SAN    ?= 0
-PKGS   := petsc hdf5-openmpi scalapack-openmpi lapacke openblas libcjson
+PKGS   := petsc hdf5-openmpi scalapack-openmpi lapacke openblas libcjson libpcre2-8 icu-uc
 
 CC  := mpicc
 CXX := mpicxx

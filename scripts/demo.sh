@@ -21,6 +21,7 @@ for m in iteris regmean task_arithmetic iteris-text; do
   t1=$(grep -A3 '"fidelity_mean"' "$r" | sed -n 's/.*"top1":[[:space:]]*\([^,]*\),*/\1/p')
   printf "%-18s %10.4f %8.4f\n" "${m/-text/ (from text)}" "$kl" "$t1"
 done
-echo "(from text: calibration and held-out files of {\"text\": ...} lines, tokenised by demo/base/tokenizer.json)"
+echo "(from text: calibration and held-out files of {\"text\": ...} lines, tokenised by demo/base/tokenizer.json;"
+echo " other sequences than the id files' (words, not sampled ids), so its row is not comparable with the others)"
 echo "merged adapters: demo/merged-*/ (PEFT format); reports: demo/merged-*/merge_report.json;"
 echo "plots: demo/merged-iteris/convergence.png, demo/merged-iteris-text/convergence.png"

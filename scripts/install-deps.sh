@@ -8,6 +8,7 @@ set -euo pipefail
 
 pkgs=(openmpi-bin libopenmpi-dev libscalapack-openmpi-dev libopenblas-dev liblapacke-dev
       petsc-dev libhdf5-openmpi-dev hdf5-tools libgtest-dev libcjson-dev pkg-config
+      libpcre2-dev libicu-dev python3-regex  # tokenizer.json: regexes, NFC; tests/ref/hf_bpe_ref.py
       gcc g++ gfortran make gnuplot-nox python3-numpy time
       clang libclang-rt-14-dev)  # clang + libFuzzer: make fuzz
 for a in "$@"; do

@@ -1,6 +1,6 @@
 /* iteris-mpi io: safetensors (mmap'd reader, sharded folders, atomic writer), Hugging Face
  * config.json, PEFT LoRA adapters (reader and writer), calibration JSONL (token ids, or text through
- * a SentencePiece tokenizer.model or llama2.c's tokenizer.bin), and the one table of
+ * a Hugging Face tokenizer.json, a SentencePiece tokenizer.model or llama2.c's tokenizer.bin), and the one table of
  * Hugging Face / PEFT tensor names. Every file is treated as hostile: each length is bounded by
  * the bytes left, products are checked for overflow, errors name the file and the field.
  * Not Collective: nothing here calls MPI. Files are written to a temporary name, synced and
@@ -315,44 +315,64 @@ itr_err itr_token_set_write(const char *path, const itr_token_set *ts);
 
 /* ---- tokenizers (text in) --------------------------------------------------------------------- */
 
-/* A SentencePiece tokenizer.model with libsentencepiece's encoder, or llama2.c's tokenizer.bin with
- * its encoder (run.c, encode()); layouts at the top of this file. */
+/* A tokenizer: a Hugging Face tokenizer.json (model BPE, encoded exactly as the `tokenizers` crate:
+ * added tokens, normalizers Sequence/Prepend/Replace/NFC/NFD/NFKC/NFKD, pre-tokenizers
+ * Sequence/Split/ByteLevel/Metaspace, byte_fallback, ignore_merges, TemplateProcessing; see
+ * src/io/tokenizer_json.c), a SentencePiece tokenizer.model with libsentencepiece's BPE encoder
+ * (src/io/tokenizer_spm.c), or llama2.c's tokenizer.bin (layout at the top of this file) with its
+ * encoder (run.c, encode()). */
 typedef struct itr_tokenizer itr_tokenizer;
 
-/* Opens a tokenizer: base_dir_or_file is a *.model (SentencePiece) or a tokenizer.bin, or a model
- * folder, where the first found is used: tokenizer.json (ITR_ERR_INPUT "not supported yet" naming
- * the file), tokenizer.model, tokenizer.bin, (only that) one tok*.bin. A tokenizer.bin must hold
- * exactly vocab_size tokens (config.json's); a tokenizer.model at most vocab_size pieces, of model_type
- * BPE, with no precompiled_charsmap (the identity normaliser: Llama 2, Mistral, TinyLlama), else
- * ITR_ERR_INPUT naming the file and what is unsupported. Beside a tokenizer.model,
+/* Opens a tokenizer: base_dir_or_file is a tokenizer.json, a *.model (SentencePiece) or a
+ * tokenizer.bin, or a model folder; a folder uses the first present of tokenizer.json,
+ * tokenizer.model, tokenizer.bin, its one tok*.bin. tokenizer.json: tokenizer_config.json beside it
+ * is read too (bos_token, eos_token, add_bos_token, add_eos_token); every id must be below vocab_size
+ * (config.json's, which may be larger than the tokenizer's vocabulary). tokenizer.model: at most
+ * vocab_size pieces, of model_type BPE, with no precompiled_charsmap (the identity normaliser: Llama 2,
+ * Mistral, TinyLlama), else ITR_ERR_INPUT naming the file and what is unsupported;
  * tokenizer_config.json's add_bos_token (default true) and add_eos_token (default false) are read.
- * Every malformed field is ITR_ERR_INPUT naming the file and the field / token / piece index. */
+ * tokenizer.bin: the file must hold exactly vocab_size tokens. Every malformed or unsupported field
+ * is ITR_ERR_INPUT naming the file and the field, token or piece index. Not Collective. */
 itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tokenizer **out);
 void itr_tokenizer_destroy(itr_tokenizer *t); /* accepts NULL */
 /* path = the tokenizer file itr_tokenizer_open would read in the folder dir, or "" when the folder
  * has none; ITR_ERR_INPUT (naming the file) when it holds an unsupported one, or several tok*.bin. */
 itr_err itr_tokenizer_find(const char *dir, char *path, size_t len);
-/* tokenizer.model: encodes text[0..len) exactly as libsentencepiece 0.1.97's EncodeAsIds (malformed
- * UTF-8 bytes become U+FFFD, as there; unknown characters go to byte fallback <0xXX> or, without it,
- * one <unk> per run). add_bos asks for a whole sequence with the model's special tokens: BOS unless
+/* Encodes text[0..len). *ids is allocated here (at least *n entries; the caller free()s it), *n the
+ * count. Not Collective.
+ * tokenizer.json: the ids of Hugging Face's tokenizer.encode(text, add_special_tokens=add_bos):
+ * add_bos = 1 adds the special tokens the model adds by default (the post_processor's template,
+ * with tokenizer_config.json's add_bos_token / add_eos_token applied: <s> for Llama 2, <|begin_of_text|>
+ * for Llama 3, nothing for GPT-2 or Qwen2), 0 none; add_eos = 1 then ends the ids with the EOS token
+ * (tokenizer_config.json's eos_token, else the template's last special token) unless they already
+ * end with it (ITR_ERR_INPUT when no EOS is named). The text must be valid UTF-8 (ITR_ERR_INPUT
+ * naming the byte offset otherwise, as Hugging Face cannot take it either); truncation and padding
+ * in the file are not applied.
+ * tokenizer.model: exactly as libsentencepiece 0.1.97's EncodeAsIds (malformed UTF-8 bytes become
+ * U+FFFD, as there; unknown characters go to byte fallback <0xXX> or, without it, one <unk> per run).
+ * add_bos asks for a whole sequence with the model's special tokens: BOS unless
  * tokenizer_config.json says add_bos_token false, and EOS too when it says add_eos_token true;
  * add_eos adds EOS. ITR_ERR_INPUT when BOS / EOS is wanted and the model has no such CONTROL piece,
  * or when the text holds a CONTROL piece's text as a user-defined symbol (sentencepiece fails too).
- * tokenizer.bin: encodes text[0..len) exactly as llama2.c's encode(): [BOS], the dummy prefix " " (when len > 0),
- * UTF-8 code points looked up in the vocabulary (bytes of unknown ones -> byte fallback byte + 3),
- * then the best-scoring adjacent merges (the leftmost pair on ties), [EOS]. Any bytes are accepted
+ * tokenizer.bin: exactly as llama2.c's encode(): [BOS], the dummy prefix " " (when len > 0), UTF-8
+ * code points looked up in the vocabulary (bytes of unknown ones -> byte fallback byte + 3), then
+ * the best-scoring adjacent merges (the leftmost pair on ties), [EOS]. Any bytes are accepted
  * (invalid UTF-8 goes to byte fallback; a NUL byte is byte fallback <0x00>, where llama2.c would
- * stop). *ids is allocated here (at least *n entries; the caller free()s it), *n the count.
- * ITR_ERR_INPUT when a byte needs a fallback id >= vocab_size (a vocabulary without byte tokens). */
+ * stop). ITR_ERR_INPUT when a byte needs a fallback id >= vocab_size (a vocabulary without byte
+ * tokens). */
 itr_err itr_tokenizer_encode(const itr_tokenizer *t, const char *text, size_t len, int add_bos, int add_eos,
                              int32_t **ids, int64_t *n);
-int itr_tokenizer_bos(const itr_tokenizer *t); /* 1 (tokenizer.model: its bos_piece's id, or -1) */
-int itr_tokenizer_eos(const itr_tokenizer *t); /* 2 (tokenizer.model: its eos_piece's id, or -1) */
+/* BOS / EOS ids: 1 / 2 for tokenizer.bin; for tokenizer.json tokenizer_config.json's bos_token /
+ * eos_token, else the template's first / last special token, else -1; for tokenizer.model its
+ * bos_piece's / eos_piece's id, or -1. */
+int itr_tokenizer_bos(const itr_tokenizer *t);
+int itr_tokenizer_eos(const itr_tokenizer *t);
 int itr_tokenizer_vocab_size(const itr_tokenizer *t);
 const char *itr_tokenizer_path(const itr_tokenizer *t); /* the file read */
 
 /* Reads a token file like itr_token_set_read, where a line may give {"text": "..."} instead of
- * input_ids: the text is encoded with BOS (no EOS) by *tok. A line with both keys uses input_ids.
+ * input_ids: the text is encoded with add_bos = 1 (BOS, or a tokenizer.json's default special
+ * tokens), no EOS, by *tok; a text that gives no tokens at all is ITR_ERR_INPUT naming the line. A line with both keys uses input_ids.
  * The tokenizer is opened lazily: when *tok is NULL and a line has text, *tok = the tokenizer of the
  * folder tokenizer_dir (the base model's; kept for the next file; the caller destroys it). With
  * tokenizer_dir NULL, or a folder without a tokenizer, a text line is ITR_ERR_INPUT naming the file

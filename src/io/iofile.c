@@ -173,14 +173,35 @@ itr_err itr_iofile_mkdirs(const char *dir) {
 
 /* ---- JSON ------------------------------------------------------------------------------------ */
 
-/* Rejects duplicate keys in every object (cJSON keeps the first silently). */
+static int cmp_key(const void *a, const void *b) {
+  return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Rejects duplicate keys in every object (cJSON keeps the first silently). Small objects compare
+ * every pair; large ones (a tokenizer.json vocabulary: 10^5 keys) sort the keys. */
 static itr_err check_duplicates(const cJSON *v, const char *file) {
   if (cJSON_IsObject(v)) {
-    for (const cJSON *a = v->child; a; a = a->next)
-      for (const cJSON *b = a->next; b; b = b->next)
-        ITR_CHECK(!(a->string && b->string && strcmp(a->string, b->string) == 0), ITR_ERR_INPUT,
-                  "%s: key '%s' appears twice in the same object; which one is meant is ambiguous",
-                  file, a->string);
+    size_t n = 0;
+    for (const cJSON *a = v->child; a; a = a->next) n++;
+    if (n <= 64) {
+      for (const cJSON *a = v->child; a; a = a->next)
+        for (const cJSON *b = a->next; b; b = b->next)
+          ITR_CHECK(!(a->string && b->string && strcmp(a->string, b->string) == 0), ITR_ERR_INPUT,
+                    "%s: key '%s' appears twice in the same object; which one is meant is ambiguous", file,
+                    a->string);
+    } else {
+      const char **keys = NULL;
+      ITR_TRY(itr_calloc(n, sizeof *keys, "JSON keys", &keys));
+      size_t k = 0;
+      for (const cJSON *a = v->child; a; a = a->next) keys[k++] = a->string ? a->string : "";
+      qsort(keys, n, sizeof *keys, cmp_key);
+      const char *dup = NULL;
+      for (size_t i = 1; i < n && !dup; i++)
+        if (strcmp(keys[i - 1], keys[i]) == 0) dup = keys[i];
+      free(keys);
+      ITR_CHECK(!dup, ITR_ERR_INPUT, "%s: key '%.200s' appears twice in the same object; which one is meant is ambiguous",
+                file, dup);
+    }
   }
   if (cJSON_IsObject(v) || cJSON_IsArray(v))
     for (const cJSON *c = v->child; c; c = c->next) ITR_TRY(check_duplicates(c, file));

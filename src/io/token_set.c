@@ -82,7 +82,7 @@ static itr_err append_text(const cJSON *text, const char *line, size_t len, cons
     itr_err e = itr_tokenizer_find(src->dir, path, sizeof path);
     if (e == ITR_OK && !path[0])
       return itr_error_set(ITR_ERR_INPUT, "%s:%ld: has 'text', but the base folder %s has no tokenizer (looked for "
-                           "a SentencePiece tokenizer.model, llama2.c's tokenizer.bin and tok*.bin); give "
+                           "tokenizer.json, a SentencePiece tokenizer.model, llama2.c's tokenizer.bin and tok*.bin); give "
                            "{\"input_ids\": [...]} rows instead",
                            file, lineno, src->dir);
     if (e == ITR_OK) e = itr_tokenizer_open(path, b->vocab, src->tok);
@@ -99,6 +99,11 @@ static itr_err append_text(const cJSON *text, const char *line, size_t len, cons
     char head[2048];
     itr_error_headline(head, sizeof head);
     return itr_error_set(e, "%s:%ld: cannot tokenize 'text': %s", file, lineno, head);
+  }
+  if (n == 0 && add_bos) { /* a Hugging Face tokenizer without BOS (GPT-2, Qwen2) on an empty text */
+    free(ids);
+    return itr_error_set(ITR_ERR_INPUT, "%s:%ld: 'text' gives no tokens (%s adds no BOS); drop the line or give text",
+                         file, lineno, itr_tokenizer_path(*src->tok));
   }
   e = grow((void **)&b->ids, &b->cap_ids, b->n_ids + (size_t)n, sizeof(int32_t), file);
   if (e == ITR_OK) {

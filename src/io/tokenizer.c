@@ -1,6 +1,7 @@
-/* Text to token ids. A SentencePiece tokenizer.model goes to tokenizer_spm.c (tok_spm.h): this file
- * finds the tokenizer of a folder (tokenizer.json, refused for now; tokenizer.model; tokenizer.bin;
- * tok*.bin) and dispatches to it.
+/* Text to token ids. This file finds the tokenizer of a folder (the first present of tokenizer.json,
+ * tokenizer.model, tokenizer.bin, one tok*.bin) and dispatches to it: a Hugging Face tokenizer.json to
+ * tokenizer_json.c (tok_internal.h), a SentencePiece tokenizer.model to tokenizer_spm.c (tok_spm.h),
+ * and llama2.c's tokenizer.bin is read and encoded here.
  * llama2.c's tokenizer.bin (karpathy/llama2.c, run.c: build_tokenizer, encode): the file is read whole and treated as hostile (layout in include/iteris/io.h); the
  * encoder gives exactly llama2.c's ids:
  *   1. BOS (when asked), then the dummy prefix " " when the text is not empty;
@@ -22,6 +23,7 @@
 #include <string.h>
 
 #include "io/iofile.h"
+#include "io/tok_internal.h"
 #include "io/tok_spm.h"
 #include "iteris/io.h"
 
@@ -42,6 +44,7 @@ struct itr_tokenizer {
   int32_t *slot;      /* (n_slot) open-addressing hash of the pieces: a token id, or -1 */
   size_t n_slot;      /* power of two, >= 2 V */
   itr_spm *spm;       /* a SentencePiece tokenizer.model (tokenizer_spm.c): the fields above are unused */
+  itr_tok_json *json; /* a Hugging Face tokenizer.json (tokenizer_json.c): everything above unused */
 };
 
 /* ---- reading ---------------------------------------------------------------------------------- */
@@ -170,16 +173,28 @@ static int ends_with(const char *s, const char *suffix) {
   return n >= k && strcmp(s + n - k, suffix) == 0;
 }
 
+/* A Hugging Face tokenizer.json (tokenizer_json.c) as an itr_tokenizer. */
+static itr_err open_json(const char *path, int vocab_size, itr_tokenizer **out) {
+  itr_tokenizer *t = NULL;
+  ITR_TRY(itr_calloc(1, sizeof *t, "tokenizer", &t));
+  snprintf(t->path, sizeof t->path, "%s", path);
+  t->vocab = vocab_size;
+  itr_err e = itr_tok_json_open(path, vocab_size, &t->json);
+  if (e != ITR_OK) {
+    itr_tokenizer_destroy(t);
+    return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  }
+  *out = t;
+  return ITR_OK;
+}
+
 itr_err itr_tokenizer_find(const char *dir, char *path, size_t len) {
   ITR_CHECK(len > 0, ITR_ERR_INTERNAL, "itr_tokenizer_find: no room for the path");
   path[0] = '\0';
   char p[ITR_PATH_MAX + 64];
-  /* the order: tokenizer.json, tokenizer.model, tokenizer.bin, tok*.bin */
+  /* the first present of: tokenizer.json, tokenizer.model, tokenizer.bin, one tok*.bin */
   ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.json"));
-  ITR_CHECK(!itr_iofile_is_file(p), ITR_ERR_INPUT,
-            "%s: a Hugging Face tokenizer.json is not supported yet; only a SentencePiece tokenizer.model and "
-            "llama2.c's tokenizer.bin are. Tokenize the data elsewhere and give {\"input_ids\": [...]} rows", p);
-  ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.model"));
+  if (!itr_iofile_is_file(p)) ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.model"));
   if (!itr_iofile_is_file(p)) ITR_TRY(itr_iofile_join(p, sizeof p, dir, "tokenizer.bin"));
   if (!itr_iofile_is_file(p)) {
     /* tok*.bin (llama2.c's custom vocabularies, e.g. tok512.bin): exactly one */
@@ -210,11 +225,13 @@ itr_err itr_tokenizer_find(const char *dir, char *path, size_t len) {
   return ITR_OK;
 }
 
-/* Opens the file path by its name: *.model is SentencePiece, anything else llama2.c's format. */
+/* Opens the file path by its name: *.json is Hugging Face's, *.model SentencePiece, anything else
+ * llama2.c's format. */
 static itr_err open_any(const char *path, int vocab_size, itr_tokenizer **out) {
-  ITR_CHECK(!ends_with(path, ".json"), ITR_ERR_INPUT,
-            "%s: a Hugging Face tokenizer.json is not supported yet; only a SentencePiece tokenizer.model and "
-            "llama2.c's tokenizer.bin are", path);
+  if (ends_with(path, ".json")) {
+    ITR_TRY(open_json(path, vocab_size, out));
+    return ITR_OK;
+  }
   if (!ends_with(path, ".model")) {
     ITR_CHECK(vocab_size >= BYTE_FALLBACK0, ITR_ERR_INPUT,
               "tokenizer %s: vocab_size %d is too small (ids 0, 1, 2 are <unk>, BOS and EOS)", path, vocab_size);
@@ -236,6 +253,8 @@ static itr_err open_any(const char *path, int vocab_size, itr_tokenizer **out) {
 }
 
 itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tokenizer **out) {
+  ITR_CHECK(vocab_size >= 1, ITR_ERR_INPUT, "tokenizer %s: vocab_size %d must be positive", base_dir_or_file,
+            vocab_size);
   if (!itr_iofile_is_dir(base_dir_or_file)) {
     ITR_TRY(open_any(base_dir_or_file, vocab_size, out));
     return ITR_OK;
@@ -243,7 +262,7 @@ itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tok
   char path[ITR_PATH_MAX];
   ITR_TRY(itr_tokenizer_find(base_dir_or_file, path, sizeof path));
   ITR_CHECK(path[0], ITR_ERR_INPUT,
-            "the folder %s has no tokenizer (looked for tokenizer.model, tokenizer.bin and tok*.bin)",
+            "the folder %s has no tokenizer (looked for tokenizer.json, tokenizer.model, tokenizer.bin and tok*.bin)",
             base_dir_or_file);
   ITR_TRY(open_any(path, vocab_size, out));
   return ITR_OK;
@@ -252,6 +271,7 @@ itr_err itr_tokenizer_open(const char *base_dir_or_file, int vocab_size, itr_tok
 void itr_tokenizer_destroy(itr_tokenizer *t) {
   if (!t) return;
   itr_spm_destroy(t->spm);
+  itr_tok_json_destroy(t->json);
   free(t->pool);
   free(t->off);
   free(t->score);
@@ -259,8 +279,12 @@ void itr_tokenizer_destroy(itr_tokenizer *t) {
   free(t);
 }
 
-int itr_tokenizer_bos(const itr_tokenizer *t) { return !t ? -1 : t->spm ? itr_spm_bos(t->spm) : BOS_ID; }
-int itr_tokenizer_eos(const itr_tokenizer *t) { return !t ? -1 : t->spm ? itr_spm_eos(t->spm) : EOS_ID; }
+int itr_tokenizer_bos(const itr_tokenizer *t) {
+  return !t ? -1 : t->json ? itr_tok_json_bos(t->json) : t->spm ? itr_spm_bos(t->spm) : BOS_ID;
+}
+int itr_tokenizer_eos(const itr_tokenizer *t) {
+  return !t ? -1 : t->json ? itr_tok_json_eos(t->json) : t->spm ? itr_spm_eos(t->spm) : EOS_ID;
+}
 int itr_tokenizer_vocab_size(const itr_tokenizer *t) { return t->vocab; }
 const char *itr_tokenizer_path(const itr_tokenizer *t) { return t->path; }
 
@@ -367,6 +391,10 @@ static itr_err split_text(const itr_tokenizer *t, const unsigned char *text, siz
 itr_err itr_tokenizer_encode(const itr_tokenizer *t, const char *text, size_t len, int add_bos, int add_eos,
                              int32_t **ids, int64_t *n) {
   ITR_CHECK(t && (text || len == 0) && ids && n, ITR_ERR_INTERNAL, "itr_tokenizer_encode: NULL argument");
+  if (t->json) { /* add_bos: the special tokens the model adds by default (see include/iteris/io.h) */
+    ITR_TRY(itr_tok_json_encode(t->json, text, len, add_bos, add_eos, ids, n));
+    return ITR_OK;
+  }
   if (t->spm) {
     ITR_TRY(itr_spm_encode(t->spm, text, len, add_bos, add_eos, ids, n));
     return ITR_OK;

@@ -223,6 +223,8 @@ void merge_report_plot(const merge_ctx *c, const char *dir) {
     return;
   }
   if (per_iter) plot_table(c, f, "||dW_k - dW_k-1||_F / ||dW_k||_F, largest over the layers", c->change, K, 1, 1);
+  int change_pos = 0; /* a log scale needs a positive value: a fixed point from iteration 2 on (one adapter) has none */
+  for (size_t q = NSLOTS(c); per_iter && q < (size_t)K * NSLOTS(c); q++) change_pos |= c->change[q] > 0;
   plot_table(c, f, per_iter ? "scaled residual (HPL) of the solves, largest over the layers"
                             : "scaled residual (HPL) of the solves",
              c->resid, K, 0, per_iter);
@@ -269,11 +271,12 @@ void merge_report_plot(const merge_ctx *c, const char *dir) {
   if (per_iter) {
     fprintf(g,
             "set multiplot layout %d,1 title 'iteris-mpi -method %s: %d adapters, %d layers, %d iterations'\n"
-            "set ylabel 'relative change of dW'\nset xlabel 'iteration'\n"
+            "set ylabel 'relative change of dW'\nset xlabel 'iteration'\n%s"
             "plot for [col=2:*] '%s' index 0 using 1:col with linespoints lw 2 pt 7\n"
-            "set ylabel 'scaled residual (PASSED < 16)'\n"
+            "set logscale y\nset format y '%%.0e'\nset autoscale y\nset ylabel 'scaled residual (PASSED < 16)'\n"
             "plot for [col=2:*] '%s' index 1 using 1:col with linespoints lw 2 pt 7\n",
-            fid ? 3 : 2, c->opt->method, c->N, L, K, dat, dat);
+            fid ? 3 : 2, c->opt->method, c->N, L, K,
+            change_pos ? "" : "unset logscale y\nset format y '%.1f'\nset yrange [0:1]\n", dat, dat);
     if (fid)
       fprintf(g,
               "set ylabel 'held-out kl_ratio (0: task adapter, 1: base)'\nunset logscale y\nset format y '%%.3f'\n"

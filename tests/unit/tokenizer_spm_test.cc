@@ -233,10 +233,10 @@ TEST(TokenizerSpm, FolderPrefersTokenizerModelOverTokenizerBin) {
   char path[ITR_PATH_MAX];
   ASSERT_EQ(itr_tokenizer_find(t.path().c_str(), path, sizeof path), ITR_OK) << itr_error_message();
   EXPECT_EQ(std::string(path), t.file("tokenizer.model"));
-  write_text(t.file("tokenizer.json"), "{}");  // tokenizer.json comes first, and is not supported yet
+  write_text(t.file("tokenizer.json"), "{}");  // tokenizer.json comes first (here a malformed one)
   itr_tokenizer *tok = nullptr;
   EXPECT_TRUE(failed_with(itr_tokenizer_open(t.path().c_str(), 9, &tok), ITR_ERR_INPUT,
-                          {t.file("tokenizer.json"), "not supported yet"}));
+                          {t.file("tokenizer.json"), "'model' must be an object"}));
 }
 
 // ---- hostile files -------------------------------------------------------------------------------------

@@ -261,17 +261,28 @@ TEST(Tokenizer, FindsTheFileInAFolder) {
                             {t.path(), "several tokenizers", "tok1.bin", "tok2.bin"}));
     EXPECT_EQ(tok, nullptr);
   }
-  for (const char *name : {"tokenizer.json"}) {
-    TempDir t;  // not supported yet, even beside a tokenizer.bin (tokenizer.model: tokenizer_spm_test.cc)
+  {
+    TempDir t;  // tokenizer.model comes before tokenizer.bin (and is read as one: tokenizer_spm_test.cc)
     write_text(t.file("tokenizer.bin"), bin);
-    write_text(t.file(name), "{}");
+    write_text(t.file("tokenizer.model"), "{}");
+    char path[ITR_PATH_MAX];
+    ASSERT_EQ(itr_tokenizer_find(t.path().c_str(), path, sizeof path), ITR_OK) << itr_error_message();
+    EXPECT_EQ(std::string(path), t.file("tokenizer.model"));
+    itr_tokenizer *tok = nullptr;
+    EXPECT_TRUE(failed_with(itr_tokenizer_open(t.path().c_str(), V, &tok), ITR_ERR_INPUT, {t.file("tokenizer.model")}));
+    EXPECT_EQ(tok, nullptr);
+  }
+  {
+    TempDir t;  // tokenizer.json comes first (and is read as one: tokenizer_json_test.cc)
+    write_text(t.file("tokenizer.bin"), bin);
+    write_text(t.file("tokenizer.model"), "{}");
+    write_text(t.file("tokenizer.json"), "{}");
+    char path[ITR_PATH_MAX];
+    ASSERT_EQ(itr_tokenizer_find(t.path().c_str(), path, sizeof path), ITR_OK) << itr_error_message();
+    EXPECT_EQ(std::string(path), t.file("tokenizer.json"));
     itr_tokenizer *tok = nullptr;
     EXPECT_TRUE(failed_with(itr_tokenizer_open(t.path().c_str(), V, &tok), ITR_ERR_INPUT,
-                            {t.file(name), "not supported yet"}));
-    EXPECT_TRUE(failed_with(itr_tokenizer_open(t.file(name).c_str(), V, &tok), ITR_ERR_INPUT,
-                            {t.file(name), "not supported yet"}));
-    char path[ITR_PATH_MAX];
-    EXPECT_EQ(itr_tokenizer_find(t.path().c_str(), path, sizeof path), ITR_ERR_INPUT);
+                            {t.file("tokenizer.json"), "'model' must be an object"}));
   }
   {
     TempDir t;  // none
