@@ -38,7 +38,7 @@ done
 refine_rows=()
 [ "$REFINE_STEPS" -gt 0 ] && refine_rows=("1 all" "2 all" "2 routers" "2 routers,attention" "2 attention,experts")
 for spec in "${refine_rows[@]}"; do
-  k=${spec% *} g=${spec#* } d="$OUT/mixlora_top${k}_refined_${spec#* }"
+  k=${spec% *} g=${spec#* } d="$OUT/mixlora_top${k}_refined_${g//,/+}"
   only=(); [ "$g" = all ] || only=(-refine_train_only "$g")
   cmd=(mpirun -np "$NP" "$BIN" -base "$BASE" -adapters "$A" -calib "$C" -method mixlora -mixlora_top_k "$k" -plots 0
        -refine_steps "$REFINE_STEPS" "${only[@]}" -out "$d")
