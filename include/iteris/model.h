@@ -154,6 +154,11 @@ void itr_lora_set_pack(const itr_lora_set *s, float *flat);
 void itr_lora_set_unpack(itr_lora_set *s, const float *flat);
 /* Sets every factor to zero. */
 void itr_lora_set_zero(itr_lora_set *s);
+/* The parameter groups of a set, for freezing some in training (-train_only): plain LoRA terms (a MixLoRA
+ * layer's attention), MixLoRA routers, MixLoRA experts. */
+enum { ITR_LORA_GROUP_ATTENTION = 1, ITR_LORA_GROUP_ROUTERS = 2, ITR_LORA_GROUP_EXPERTS = 4 };
+/* group (n_params): each float's ITR_LORA_GROUP_*, in itr_lora_set_pack's order. Not Collective. */
+void itr_lora_set_groups(const itr_lora_set *s, unsigned char *group);
 const itr_lora_slot *itr_lora_set_slot(const itr_lora_set *s, int layer, itr_module m);
 
 /* ---- the model --------------------------------------------------------------------------------- */

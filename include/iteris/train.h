@@ -88,6 +88,9 @@ typedef struct {
   int mixlora_experts;
   int mixlora_top_k;
   double mixlora_aux_coef;
+  /* -train_only: with a MixLoRA adapter, train only these parameter groups (bits ITR_LORA_GROUP_*:
+     attention, routers, experts); the others keep their starting values. 0: train everything. */
+  unsigned train_only;
   int verbose;
 } itr_train_opts;
 

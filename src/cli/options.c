@@ -147,6 +147,8 @@ static const opt_entry table_[] = {
      "per layer behind a router (0: plain LoRA)"},
     {"mixlora_aux_coef", T_REAL, OFF(t.mixlora_aux_coef), 0, 0, "0.001", U_TRAIN,
      "-train: MixLoRA's load-balancing loss coefficient (router_aux_loss_coef; the reference's default 0.001)"},
+    {"train_only", T_STR, OFF(train_only), 0, sizeof(((itr_options *)0)->train_only), "", U_TRAIN,
+     "-train with a MixLoRA adapter: train only these groups (attention, routers, experts; comma-separated), freeze the rest"},
     {"mixlora_ridge", T_REAL, OFF(m.mixlora_ridge), 0, 0, "1e-3", U_MERGE,
      "-method mixlora: the routers' ridge (relative to the mean diagonal of the FFN inputs' Gram matrix)"},
     {"refine_steps", T_INT, OFF(refine_steps), 0, 0, "0", U_MERGE,
@@ -158,6 +160,8 @@ static const opt_entry table_[] = {
      "-refine_steps: leave out each calibration token with this probability, anew every step (as -distil_drop)"},
     {"refine_val", T_REAL, OFF(refine_val), 0, 0, "0.2", U_MERGE,
      "-refine_steps: hold out this fraction of each -calib file and keep the refinement step of lowest KL on it"},
+    {"refine_train_only", T_STR, OFF(refine_train_only), 0, sizeof(((itr_options *)0)->refine_train_only), "", U_MERGE,
+     "-method mixlora -refine_steps: refine only these groups (attention, routers, experts), as -train_only"},
     {"val_fraction", T_REAL, OFF(t.val_fraction), 0, 0, "0", U_TRAIN,
      "-train: hold out this fraction of the sequences (of each -distil_data file), measure their loss every "
      "-eval_every steps, write the parameters of the lowest (early stopping)"},
@@ -349,6 +353,23 @@ void itr_options_defaults(itr_options *opt) {
     if (table_[i].def[0]) (void)set_value(opt, &table_[i], table_[i].def);
 }
 
+/* -train_only / -refine_train_only: a comma-separated list of groups into ITR_LORA_GROUP_* bits ("": 0, all). */
+static itr_err parse_groups(const char *opt_name, const char *value, unsigned *out) {
+  static const char *const group[] = {"attention", "routers", "experts"}; /* bit g: group[g] */
+  char list[64];
+  snprintf(list, sizeof list, "%s", value);
+  unsigned bits = 0;
+  for (char *save = NULL, *w = strtok_r(list, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
+    int g = 0;
+    while (g < 3 && strcmp(group[g], w) != 0) g++;
+    ITR_CHECK(g < 3, ITR_ERR_INPUT, "-%s: unknown parameter group '%s' (attention, routers, experts)", opt_name, w);
+    bits |= 1u << g;
+  }
+  ITR_CHECK(bits || !value[0], ITR_ERR_INPUT, "-%s '%s' names no group (attention, routers, experts)", opt_name, value);
+  *out = bits;
+  return ITR_OK;
+}
+
 /* -train: the shared options copied in, -targets parsed; the trainer checks the rest. */
 static itr_err train_opts(itr_options *opt) {
   itr_train_opts *t = &opt->t;
@@ -377,7 +398,7 @@ static itr_err train_opts(itr_options *opt) {
     t->targets |= 1u << m;
   }
   ITR_CHECK(t->targets != 0, ITR_ERR_INPUT, "-targets names no module");
-  return ITR_OK;
+  return parse_groups("train_only", opt->train_only, &t->train_only);
 }
 
 static int is_petsc_option(const char *name) {
@@ -468,6 +489,11 @@ itr_err itr_options_parse(itr_options *opt) {
     ITR_CHECK(opt->logits_out[0], ITR_ERR_INPUT, "-logits needs -logits_out OUT.safetensors");
   }
   if (opt->mode == ITR_MODE_TRAIN) ITR_TRY(train_opts(opt));
+  if (opt->mode == ITR_MODE_MERGE) {
+    ITR_TRY(parse_groups("refine_train_only", opt->refine_train_only, &opt->refine_only));
+    ITR_CHECK(!opt->refine_only || (opt->mixlora && opt->refine_steps > 0), ITR_ERR_INPUT,
+              "-refine_train_only freezes groups of a composed MixLoRA adapter: it needs -method mixlora -refine_steps K");
+  }
   if (opt->mode == ITR_MODE_ENSEMBLE) {
     ITR_CHECK(opt->m.base[0], ITR_ERR_INPUT, "-ensemble needs -base DIR");
     ITR_CHECK(opt->m.n_heldout == 1, ITR_ERR_INPUT, "-ensemble needs one -heldout FILE.jsonl (got %d)", opt->m.n_heldout);

@@ -41,6 +41,9 @@ typedef struct {
   double refine_lr;   /* and the fraction of each -calib file held out for early stopping */
   int refine_batch;
   double refine_weight_decay, refine_val, refine_drop;
+  char train_only[64];        /* -train_only attention,routers,experts (parsed into t.train_only) */
+  char refine_train_only[64]; /* -refine_train_only: the same, parsed into refine_only (-method mixlora) */
+  unsigned refine_only;       /* bits ITR_LORA_GROUP_*; 0: all */
 } itr_options;
 
 /* Not Collective (reads PETSc's options database, identical on every rank).

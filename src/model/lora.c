@@ -301,6 +301,36 @@ static void lora_set_copy_flat(itr_lora_set *s, float *flat, int dir) {
 void itr_lora_set_pack(const itr_lora_set *s, float *flat) { lora_set_copy_flat((itr_lora_set *)s, flat, 0); }
 void itr_lora_set_unpack(itr_lora_set *s, const float *flat) { lora_set_copy_flat(s, (float *)flat, 1); }
 
+void itr_lora_set_groups(const itr_lora_set *s, unsigned char *group) {
+  size_t off = 0;
+  for (int i = 0; i < s->num_layers * ITR_MODULE_COUNT; i++) {
+    const itr_lora_slot *sl = &s->slots[i];
+    if (sl->n_terms == 0) continue;
+    int64_t d_out, d_in;
+    term_dims(s, i, &d_out, &d_in);
+    for (int k = 0; k < sl->n_terms; k++) {
+      size_t n = (size_t)sl->terms[k].r * (size_t)(d_in + d_out);
+      memset(group + off, ITR_LORA_GROUP_ATTENTION, n);
+      off += n;
+    }
+  }
+  for (int l = 0; s->moe && l < s->num_layers; l++) { /* pack's order: router, then the experts */
+    const itr_lora_moe *mo = &s->moe[l];
+    if (mo->E == 0) continue;
+    size_t nr = (size_t)mo->E * (size_t)s->cfg.hidden_size;
+    memset(group + off, ITR_LORA_GROUP_ROUTERS, nr);
+    off += nr;
+    for (int i = 0; i < 3 * mo->E; i++) {
+      if (mo->experts[i].r == 0) continue;
+      int64_t d_out, d_in;
+      itr_module_shape(&s->cfg, (itr_module)(ITR_GATE_PROJ + i % 3), &d_out, &d_in);
+      size_t n = (size_t)mo->experts[i].r * (size_t)(d_in + d_out);
+      memset(group + off, ITR_LORA_GROUP_EXPERTS, n);
+      off += n;
+    }
+  }
+}
+
 void itr_lora_set_zero(itr_lora_set *s) {
   for (int i = 0; i < s->num_layers * ITR_MODULE_COUNT; i++) {
     itr_lora_slot *sl = &s->slots[i];

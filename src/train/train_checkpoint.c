@@ -18,12 +18,12 @@ static void checkpoint_key(const trainer *t, char *buf, size_t len) {
   snprintf(buf, len,
            "base=%s data=%s init=%s r=%d alpha=%.17g rslora=%d targets=%u dropout=%.17g steps=%d batch=%d lr=%.17g "
            "warmup=%d min_lr_ratio=%.17g betas=%.17g,%.17g eps=%.17g wd=%.17g clip=%.17g seed=%ld n=%zu full=%d,%d "
-           "teachers=%d,%.17g switch=%d,%d,%.17g,%d val=%.17g,%d mixlora=%d,%d,%.17g",
+           "teachers=%d,%.17g switch=%d,%d,%.17g,%d val=%.17g,%d mixlora=%d,%d,%.17g only=%u",
            o->base, o->data, o->init_adapter, o->r, o->lora_alpha, o->rslora, o->targets, o->dropout, o->steps,
            o->batch, o->lr, o->warmup, o->min_lr_ratio, o->beta1, o->beta2, o->eps, o->weight_decay,
            o->max_grad_norm, o->seed, t->n, o->full_rank, o->from_scratch, o->n_teachers, o->distil_drop, o->switch_lora,
            o->switch_interval, o->switch_descent, o->switch_warm, o->val_fraction, o->eval_every, o->mixlora_experts,
-           o->mixlora_top_k, o->mixlora_aux_coef);
+           o->mixlora_top_k, o->mixlora_aux_coef, o->train_only);
 }
 
 /* Rank 0: the state after `done` steps. */

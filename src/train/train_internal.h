@@ -30,6 +30,9 @@ typedef struct {
   int moe_E;         /* MixLoRA: experts per layer (0: no MixLoRA layer) */
   double aux_coef;   /* MixLoRA: the load-balancing coefficient (0: none) */
   float *gflat;      /* (n) f32 staging of the packed gradient */
+  unsigned char *frozen; /* -train_only: (n) 1 where a float is not trained; NULL: all are */
+  float *fixed;          /* -train_only: (n) the starting parameters, the frozen floats' values */
+  size_t n_trained;      /* floats the optimizer moves (n, or fewer with -train_only) */
   itr_adamw opt;
   int fold_scaling;  /* started from an adapter: write with scaling 1 */
   itr_model *gmodel; /* -full_rank: the weights' gradient, laid out as the model */

@@ -142,7 +142,14 @@ static itr_err write_report(const trainer *t, const char *dir) {
   if (t->moe_E)
     PUT("\t\"mixlora_experts\":\t%d,\n\t\"mixlora_top_k\":\t%d,\n\t\"mixlora_aux_coef\":\t%g,\n", t->moe_E,
         train_top_k(t), t->aux_coef);
-  PUT("\t\"trainable_parameters\":\t%zu,\n\t\"tokens_per_second\":\t%.1f,\n\t\"wall_seconds\":\t%.3f,\n", t->n,
+  if (o->train_only) {
+    static const char *const group[] = {"attention", "routers", "experts"}; /* ITR_LORA_GROUP_* bits */
+    PUT("\t\"train_only\":\t[");
+    for (int g = 0, k = 0; g < 3; g++)
+      if (o->train_only & (1u << g)) PUT("%s\"%s\"", k++ ? ", " : "", group[g]);
+    PUT("],\n");
+  }
+  PUT("\t\"trainable_parameters\":\t%zu,\n\t\"tokens_per_second\":\t%.1f,\n\t\"wall_seconds\":\t%.3f,\n", t->n_trained,
       t->tokens_per_s, t->wall_s);
   if (t->n_val) {
     PUT("\t\"validation\":\t{\"fraction\":\t%g,\t\"sequences\":\t%lld,\t\"best_step\":\t%d,\t\"best_loss\":\t%.9g,\t"

@@ -64,6 +64,8 @@ static itr_err check_opts(const itr_train_opts *o) {
   ITR_CHECK(o->weight_decay >= 0, ITR_ERR_INPUT, "-weight_decay %g must be >= 0", o->weight_decay);
   ITR_CHECK(!(o->from_scratch || o->switch_lora) || (!o->init_adapter[0] && !o->n_teachers && !o->grad_out[0]),
             ITR_ERR_INPUT, "-from_scratch and -switch_lora train a model: -init_adapter, -distil and -grad_out do not apply");
+  ITR_CHECK((o->train_only & ~7u) == 0 && (!o->train_only || !(o->full_rank || o->from_scratch || o->switch_lora)),
+            ITR_ERR_INPUT, "-train_only freezes groups of a MixLoRA adapter: not with -full_rank, -from_scratch or -switch_lora");
   ITR_CHECK(!o->switch_lora || !o->full_rank, ITR_ERR_INPUT,
             "-switch_lora trains LoRA factors: it does not combine with -full_rank");
   ITR_CHECK(!o->switch_lora || (o->switch_interval >= 1 && o->switch_warm >= 0 && o->switch_descent >= 0), ITR_ERR_INPUT,
@@ -312,6 +314,10 @@ static itr_err setup_local(trainer *t) {
               o->init_adapter, t->moe_E, E);
     if (E) t->moe_E = E;
   }
+  if (o->train_only)
+    ITR_CHECK(t->moe_E, ITR_ERR_INPUT,
+              "-train_only: %s is not a MixLoRA adapter (the groups attention, routers, experts are MixLoRA's)",
+              o->init_adapter[0] ? o->init_adapter : "the adapter trained");
   if (t->moe_E) {
     ITR_CHECK(o->dropout == 0, ITR_ERR_INPUT, "-lora_dropout %g: MixLoRA training has no dropout (use 0)", o->dropout);
     t->aux_coef = o->mixlora_aux_coef;
@@ -333,6 +339,20 @@ static itr_err setup_local(trainer *t) {
   if (t->sw) ITR_TRY(itr_adamw_enable_age(&t->opt));
   itr_lora_set_pack(t->lora, t->params);
   if (t->dense) train_dense_copy(t, t->params + t->n_lora, 0);
+  t->n_trained = t->n;
+  if (o->train_only) { /* not dense (check_opts): every float is a LoRA one */
+    ITR_TRY(itr_calloc(t->n, 1, "frozen mask", &t->frozen));
+    ITR_TRY(itr_calloc(t->n, sizeof(float), "frozen parameters", &t->fixed));
+    itr_lora_set_groups(t->lora, t->frozen);
+    t->n_trained = 0;
+    for (size_t i = 0; i < t->n; i++) {
+      t->frozen[i] = (t->frozen[i] & o->train_only) == 0;
+      t->n_trained += !t->frozen[i];
+    }
+    memcpy(t->fixed, t->params, t->n * sizeof(float));
+    ITR_CHECK(t->n_trained > 0, ITR_ERR_INPUT, "-train_only: %s has no parameter in the groups named",
+              o->init_adapter[0] ? o->init_adapter : "the adapter");
+  }
   return ITR_OK;
 }
 
@@ -353,6 +373,8 @@ static void trainer_fini(trainer *t) {
   free(t->teachers);
   free(t->task);
   free(t->gflat);
+  free(t->frozen);
+  free(t->fixed);
   free(t->gbuf);
   free(t->loss_curve);
   itr_adamw_fini(&t->opt);
@@ -609,6 +631,8 @@ static itr_err train_loop(trainer *t) {
     if (err != ITR_OK) break;
     double count = t->gbuf[t->n + 1];
     for (size_t i = 0; i < t->n; i++) t->gbuf[i] /= count > 0 ? count : 1;
+    for (size_t i = 0; t->frozen && i < t->n; i++) /* -train_only: no gradient, so no share of the clipping norm */
+      if (t->frozen[i]) t->gbuf[i] = 0;
     double loss = count > 0 ? t->gbuf[t->n] / count : 0;
     double gnorm = itr_clip_grad_norm(t->gbuf, t->n, o->max_grad_norm);
     double lr = o->lr * itr_train_lr_factor(s, o->steps, o->warmup, o->min_lr_ratio);
@@ -618,6 +642,8 @@ static itr_err train_loop(trainer *t) {
       itr_lora_set_pack(t->lora, t->params);
     }
     itr_adamw_step(&t->opt, t->params, t->gbuf, lr, o->beta1, o->beta2, o->eps, o->weight_decay);
+    for (size_t i = 0; t->frozen && i < t->n; i++) /* undo the weight decay of the frozen floats */
+      if (t->frozen[i]) t->params[i] = t->fixed[i];
     if (t->lora) itr_lora_set_unpack(t->lora, t->params);
     if (t->dense) train_dense_copy(t, t->params + t->n_lora, 1);
     t->loss_curve[s] = loss;
@@ -677,7 +703,7 @@ itr_err itr_train_run(const itr_train_opts *o, MPI_Comm comm) {
   }
   if (err == ITR_OK) {
     if (t.rank == 0)
-      itr_log(ITR_LOG_INFO, "training %zu %s on %lld sequences (%lld tokens), %d ranks, %d steps of %d", t.n,
+      itr_log(ITR_LOG_INFO, "training %zu %s on %lld sequences (%lld tokens), %d ranks, %d steps of %d", t.n_trained,
               o->full_rank ? "weights (full rank)" : "LoRA parameters", (long long)t.n_use, (long long)t.data.n_tokens,
               t.size, o->steps, o->batch);
     if (o->restart) err = train_checkpoint_restore(&t);

@@ -8,7 +8,11 @@
 #  3. expert i's updates s B A are task i's, and the attention's are those of an IterIS merge of the same
 #     adapters (run separately);
 #  4. np 1 and np 3 write the same adapter (within 1e-5);
-#  5. bad options: exit 2, nothing written.
+#  5. bad options: exit 2, nothing written;
+#  6. -refine_steps (compose, then distil; src/cli/refine.c): np 1 and np 2 give the same adapter, a MixLoRA
+#     adapter whose -logits NumPy reproduces; its distillation KL(base + A_i || student) on -calib i, computed by
+#     NumPy, is below the plain composition's; -refine_train_only routers moves the routers only; a stop and
+#     -restart 1 give the uninterrupted run's bytes; bad combinations exit 2.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${ITERIS_BIN:-build/bin/iteris-mpi}
@@ -105,12 +109,103 @@ then pass "np 1 and np 3 compose the same adapter"
 else fail "-method mixlora depends on the rank count"; fi
 
 # 5. bad options
-for opt in "-mixlora_top_k 4" "-mixlora_ridge 0" "-refine_steps 5"; do
+for opt in "-mixlora_top_k 4" "-mixlora_ridge 0" "-refine_steps 5 -refine_lr -1" "-refine_train_only routers" \
+           "-refine_steps 5 -refine_train_only bogus" "-refine_steps 5 -refine_train_only ,"; do
   # shellcheck disable=SC2086
   run 2 -method mixlora $opt -out "$W/bad" >"$W/bad.log" 2>&1; rc=$?
   [ $rc -eq 2 ] && [ ! -e "$W/bad" ] && [ ! -e "$W/bad.merge" ] && [ ! -e "$W/bad.partial" ] &&
     pass "-method mixlora $opt: exit 2, nothing written" || { fail "-method mixlora $opt: exit $rc"; tail -n 2 "$W/bad.log"; }
 done
+
+# 6. compose, then distil
+rf=(-method mixlora -refine_steps 6 -refine_lr 0.02 -refine_batch 4 -refine_val 0)
+run 2 "${rf[@]}" -out "$W/ref2" >"$W/ref2.log" 2>&1 && run 1 "${rf[@]}" -out "$W/ref1" >/dev/null 2>&1 ||
+  { fail "-method mixlora -refine_steps"; tail -n 5 "$W/ref2.log"; }
+[ -f "$W/ref2/compose_report.json" ] && [ -f "$W/ref2/train_report.json" ] && [ ! -e "$W/ref2.merge" ] &&
+  [ ! -e "$W/ref2.compose" ] && [ ! -e "$W/ref2.partial" ] && grep -q '"peft_type":[[:space:]]*"MIXLORA"' "$W/ref2/adapter_config.json" &&
+  pass "-refine_steps: OUT holds a MixLoRA adapter, compose_report.json and train_report.json; no stage folder left" ||
+  fail "-method mixlora -refine_steps: the output folder"
+if "$BIN" -base "$W/m" -adapter "$W/ref2" -logits "$W/t.jsonl" -logits_out "$W/lr.safetensors" >/dev/null 2>&1 &&
+   $PY $MREF compare "$W/m" "$W/t.jsonl" "$W/lr.safetensors" --adapter "$W/ref2" >"$W/c.log" 2>&1; then
+  pass "the refined adapter loads (-logits): $(tail -n 1 "$W/c.log")"
+else fail "the refined adapter's logits"; tail -n 3 "$W/c.log"; fi
+# the distillation objective, recomputed: mean over -calib i's targets of KL(base + A_i || student), float64
+kl() {
+  $PY - "$W" "$@" <<'PY'
+import sys
+import numpy as np
+sys.path.insert(0, "tests/ref")
+import llama_ref as R
+import mixlora_ref as M
+w, names = sys.argv[1], sys.argv[2:]
+cfg, W = R.Cfg(w + "/m"), R.load_model_tensors(w + "/m")
+def logp(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+students = [M.load_mixlora(cfg, w + "/" + n) for n in names]
+tot, cnt = np.zeros(len(names)), 0
+for i in range(3):
+    Wt = dict(W)
+    R.fold_adapter(Wt, cfg, w + "/a%d" % i)
+    for ids in R.read_tokens(w + "/c%d.jsonl" % i):
+        pt = logp(R.forward(cfg, Wt, ids))[:-1]  # targets: every position but the last
+        for j, s in enumerate(students):
+            tot[j] += (np.exp(pt) * (pt - logp(M.forward(cfg, W, ids, s))[:-1])).sum()
+        cnt += len(ids) - 1
+print(" ".join("%.6f" % (x / cnt) for x in tot))
+PY
+}
+read -r k_mix k_ref < <(kl mix ref2)
+if $PY -c "import sys; sys.exit(0 if $k_ref < 0.9 * $k_mix else 1)" 2>/dev/null; then
+  pass "distillation KL on the calibration rows (NumPy): composition $k_mix, refined $k_ref"
+else fail "the refinement did not lower the distillation KL: composition $k_mix, refined ${k_ref:-?}"; fi
+if $PY - "$W/ref1" "$W/ref2" <<'PY'
+import sys
+import numpy as np
+sys.path.insert(0, "tests/ref")
+import llama_ref as R
+a, b = (R.st_read(p + "/adapter_model.safetensors") for p in sys.argv[1:3])
+worst = max(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-30) for k in a)
+print("  np 1 vs np 2: worst relative difference %.2e" % worst)
+sys.exit(0 if a.keys() == b.keys() and worst <= 1e-5 else 1)
+PY
+then pass "np 1 and np 2 refine to the same adapter"
+else fail "-method mixlora -refine_steps depends on the rank count"; fi
+# -refine_train_only routers: the routers move, attention and experts keep the composition's values
+run 2 "${rf[@]}" -refine_train_only routers -out "$W/rto" >"$W/rto.log" 2>&1 || { fail "-refine_train_only routers"; tail -n 3 "$W/rto.log"; }
+if $PY - "$W/mix" "$W/rto" <<'PY'
+import sys
+import numpy as np
+sys.path.insert(0, "tests/ref")
+import llama_ref as R
+a, b = (R.st_read(p + "/adapter_model.safetensors") for p in sys.argv[1:3])
+rt = [k for k in a if k.endswith("gate.weight")]
+moved = max(float(np.abs(a[k] - b[k]).max()) for k in rt)
+kept = max(float(np.abs(a[k] - b[k]).max()) for k in a if k not in rt)
+print("  routers moved up to %.3g; every other tensor up to %.3g" % (moved, kept))
+sys.exit(0 if a.keys() == b.keys() and moved > 1e-4 and kept == 0 else 1)
+PY
+then pass "-refine_train_only routers: only the routers change"
+else fail "-refine_train_only routers changed other tensors or none"; fi
+# a stop during the refinement keeps OUT.compose/; -restart 1 skips the merge and composition
+ITERIS_FAULT_TRAIN_STOP_AT=3 run 2 "${rf[@]}" -out "$W/stop" >"$W/stop.log" 2>&1; rc=$?
+[ $rc -eq 5 ] && [ -d "$W/stop.compose" ] && [ ! -e "$W/stop" ] && [ ! -e "$W/stop.merge" ] &&
+  run 2 "${rf[@]}" -restart 1 -out "$W/stop" >"$W/restart.log" 2>&1 && grep -q "is complete; continuing" "$W/restart.log" &&
+  cmp -s "$W/stop/adapter_model.safetensors" "$W/ref2/adapter_model.safetensors" && [ ! -e "$W/stop.compose" ] &&
+  pass "stop (exit 5) keeps OUT.compose/; -restart 1 continues to the uninterrupted run's bytes" ||
+  { fail "compose + refine stop/restart (stop exit $rc)"; tail -n 3 "$W/restart.log"; }
+# bad combinations
+for opt in "-method iteris -refine_steps 5 -refine_train_only routers" "-method mixlora -refine_steps 5 -refine_batch 0"; do
+  # shellcheck disable=SC2086
+  mpirun -np 2 "$BIN" -base "$W/m" -adapters "$A" -calib "$C" -max_iter 2 -plots 0 $opt -out "$W/bad" >"$W/bad.log" 2>&1; rc=$?
+  [ $rc -eq 2 ] && [ ! -e "$W/bad" ] && [ ! -e "$W/bad.merge" ] && [ ! -e "$W/bad.compose" ] &&
+    pass "$opt: exit 2, nothing written ($(grep -m1 '^error:' "$W/bad.log" | cut -c8-90)...)" ||
+    { fail "$opt: exit $rc"; tail -n 2 "$W/bad.log"; }
+done
+mpirun -np 2 "$BIN" -train -base "$W/m" -init_adapter "$W/a0" -distil "$W/a0" -distil_data "$W/c0.jsonl" -steps 2 \
+  -train_only routers -out "$W/bad" >"$W/bad.log" 2>&1; rc=$?
+[ $rc -eq 2 ] && [ ! -e "$W/bad" ] && grep -q "train_only.*not a MixLoRA adapter" "$W/bad.log" &&
+  pass "-train -train_only on a plain LoRA adapter: exit 2" || { fail "-train_only on plain LoRA: exit $rc"; tail -n 2 "$W/bad.log"; }
 
 echo "mixlora_compose: $ok passed, $bad failed"
 [ $bad -eq 0 ]
