@@ -311,6 +311,11 @@ typedef struct {
  * without BOS and appended to the encoded "text"). */
 itr_err itr_token_set_read(const char *path, int vocab_size, itr_token_set *out);
 void itr_token_set_fini(itr_token_set *ts);
+/* Writes ts (atomically) as JSONL that itr_token_set_read reads back to the same set: a line
+ * {"input_ids": [...]} per sequence, with "prompt_len" when it has a prompt (a completion's or a
+ * prompt_len line's); a question as one line {"input_ids": prompt, "choices": [[...], ...], "label": j}.
+ * ITR_ERR_INPUT when ts is malformed (empty sequences, negative ids, a question without a shared prompt
+ * or without a labelled choice). Not Collective. */
 itr_err itr_token_set_write(const char *path, const itr_token_set *ts);
 
 /* ---- tokenizers (text in) --------------------------------------------------------------------- */

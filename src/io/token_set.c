@@ -379,21 +379,51 @@ itr_err itr_token_set_write(const char *path, const itr_token_set *ts) {
   for (int64_t i = 0; i < ts->n_tokens; i++)
     ITR_CHECK(ts->ids[i] >= 0, ITR_ERR_INPUT, "token set for %s: id %lld is negative (%d)", path, (long long)i,
               (int)ts->ids[i]);
-  /* At most 12 characters per id ("2147483647, ") and 20 per line of framing. */
+  for (int s = 0; ts->group && s < ts->n_seqs; s++) /* a question's choices are consecutive, after one prompt */
+    ITR_CHECK(ts->group[s] < 0 || (ts->prompt_len && ts->prompt_len[s] >= 1 &&
+                                   ts->prompt_len[s] < ts->offsets[s + 1] - ts->offsets[s] &&
+                                   (s == 0 || ts->group[s - 1] != ts->group[s] ||
+                                    ts->prompt_len[s - 1] == ts->prompt_len[s])),
+              ITR_ERR_INPUT, "token set for %s: sequence %d is a choice without a shared prompt", path, s);
+  /* At most 12 characters per id ("2147483647, ") and 64 per sequence of framing (keys, prompt_len, label). */
   size_t cap, t1;
-  ITR_CHECK(itr_mul_size((size_t)ts->n_tokens, 12, &t1) && itr_mul_size((size_t)ts->n_seqs, 20, &cap) &&
+  ITR_CHECK(itr_mul_size((size_t)ts->n_tokens, 12, &t1) && itr_mul_size((size_t)ts->n_seqs, 64, &cap) &&
                 cap <= SIZE_MAX - t1 - 1,
             ITR_ERR_INPUT, "token set for %s is too large", path);
   cap += t1 + 1;
   char *buf = NULL;
   ITR_TRY(itr_calloc(cap, 1, "token file text", &buf));
   size_t pos = 0;
-  for (int s = 0; s < ts->n_seqs; s++) {
+#define PUT_IDS(a, b)                                                                                       \
+  for (int64_t i = (a); i < (b); i++) pos += (size_t)snprintf(buf + pos, cap - pos, "%s%d", i > (a) ? ", " : "", (int)ts->ids[i])
+  for (int s = 0; s < ts->n_seqs;) {
+    const int64_t o = ts->offsets[s], k = ts->prompt_len ? ts->prompt_len[s] : 0;
+    const int32_t g = ts->group ? ts->group[s] : -1;
     pos += (size_t)snprintf(buf + pos, cap - pos, "{\"input_ids\": [");
-    for (int64_t i = ts->offsets[s]; i < ts->offsets[s + 1]; i++)
-      pos += (size_t)snprintf(buf + pos, cap - pos, "%s%d", i > ts->offsets[s] ? ", " : "", (int)ts->ids[i]);
-    pos += (size_t)snprintf(buf + pos, cap - pos, "]}\n");
+    if (g < 0) { /* a sequence, with the prompt_len its line gave (a completion's prompt, or prompt_len) */
+      PUT_IDS(o, ts->offsets[s + 1]);
+      if (k > 0) pos += (size_t)snprintf(buf + pos, cap - pos, "], \"prompt_len\": %lld}\n", (long long)k);
+      else pos += (size_t)snprintf(buf + pos, cap - pos, "]}\n");
+      s++;
+      continue;
+    }
+    /* a question: the prompt once, each choice's ids after it, the label: the line it was read from */
+    PUT_IDS(o, o + k);
+    pos += (size_t)snprintf(buf + pos, cap - pos, "], \"choices\": [");
+    int c = 0, label = -1;
+    for (; s < ts->n_seqs && ts->group[s] == g; s++, c++) {
+      pos += (size_t)snprintf(buf + pos, cap - pos, "%s[", c ? ", " : "");
+      PUT_IDS(ts->offsets[s] + k, ts->offsets[s + 1]);
+      pos += (size_t)snprintf(buf + pos, cap - pos, "]");
+      if (ts->is_label && ts->is_label[s]) label = c;
+    }
+    if (label < 0) {
+      free(buf);
+      return itr_error_set(ITR_ERR_INPUT, "token set for %s: question %d has no labelled choice", path, (int)g);
+    }
+    pos += (size_t)snprintf(buf + pos, cap - pos, "], \"label\": %d}\n", label);
   }
+#undef PUT_IDS
   itr_err e = itr_iofile_write_atomic(path, buf, pos);
   free(buf);
   if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);

@@ -20,7 +20,8 @@ bad=0
 
 # run_logits BASE TOKENS OUT [ADAPTER...]: the binary's -logits mode, or, when the binary lacks it,
 # a 10-line driver of itr_model_write_logits linked against $BUILD/lib/libiteris.a.
-if [ -x "$BIN" ] && "$BIN" -help 2>&1 | grep -q -- "logits_out"; then
+help=$([ -x "$BIN" ] && "$BIN" -help 2>&1 || true)  # whole, then grepped: grep -q on a pipe can SIGPIPE the writer
+if grep -q -- "logits_out" <<<"$help"; then
   run_logits() {
     local base=$1 tokens=$2 out=$3; shift 3
     local ad=(); [ $# -gt 0 ] && ad=(-adapter "$(IFS=,; echo "$*")")
@@ -40,7 +41,7 @@ int main(int argc, char **argv) {
 }
 EOF
   mpicc -std=c11 -O2 -Iinclude -o "$W/driver" "$W/driver.c" "$BUILD/lib/libiteris.a" \
-    $(pkg-config --libs openblas libcjson) -lgfortran -lm || { echo "cannot build the driver"; exit 1; }
+    $(pkg-config --libs openblas libcjson libpcre2-8 icu-uc) -lgfortran -lm || { echo "cannot build the driver"; exit 1; }
   run_logits() { "$W/driver" "$@"; }
   echo "using a driver of itr_model_write_logits ($BIN has no -logits mode)"
 fi

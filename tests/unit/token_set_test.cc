@@ -49,6 +49,41 @@ TEST(TokenSet, WriteReadRoundTrip) {
   EXPECT_TRUE(failed_with(itr_token_set_write(t.file("bad.jsonl").c_str(), &bad), ITR_ERR_INPUT, {"sequence 1"}));
 }
 
+// Supervision survives the round trip (what -tokenize writes): prompt_len, a completion (written as its
+// ids with prompt_len) and a question (one line: the prompt once, the choices, the label). The expected
+// text is derived by hand; the set read back must equal the set first read, field by field.
+TEST(TokenSet, WriteKeepsPromptsAndQuestions) {
+  TempDir t;
+  write_text(t.file("s.jsonl"),
+             "{\"input_ids\": [5, 6, 7], \"prompt_len\": 1}\n"
+             "{\"input_ids\": [1, 2], \"completion_ids\": [3, 4]}\n"
+             "{\"input_ids\": [8, 9], \"choices\": [[10], [11, 12], [13]], \"label\": 2}\n"
+             "{\"input_ids\": [4]}\n");
+  itr_token_set a, b;
+  ASSERT_EQ(itr_token_set_read(t.file("s.jsonl").c_str(), 64, &a), ITR_OK) << itr_error_message();
+  ASSERT_EQ(itr_token_set_write(t.file("w.jsonl").c_str(), &a), ITR_OK) << itr_error_message();
+  EXPECT_EQ(io_test::read_text(t.file("w.jsonl")),
+            "{\"input_ids\": [5, 6, 7], \"prompt_len\": 1}\n"
+            "{\"input_ids\": [1, 2, 3, 4], \"prompt_len\": 2}\n"
+            "{\"input_ids\": [8, 9], \"choices\": [[10], [11, 12], [13]], \"label\": 2}\n"
+            "{\"input_ids\": [4]}\n");
+  ASSERT_EQ(itr_token_set_read(t.file("w.jsonl").c_str(), 64, &b), ITR_OK) << itr_error_message();
+  ASSERT_EQ(a.n_seqs, 6);
+  ASSERT_EQ(b.n_seqs, a.n_seqs);
+  ASSERT_EQ(b.n_tokens, a.n_tokens);
+  ASSERT_TRUE(a.prompt_len && b.prompt_len && a.group && b.group && a.is_label && b.is_label);
+  const int n = a.n_seqs;
+  EXPECT_EQ(std::vector<int64_t>(b.offsets, b.offsets + n + 1), std::vector<int64_t>(a.offsets, a.offsets + n + 1));
+  EXPECT_EQ(std::vector<int32_t>(b.ids, b.ids + b.n_tokens), std::vector<int32_t>(a.ids, a.ids + a.n_tokens));
+  EXPECT_EQ(std::vector<int64_t>(b.prompt_len, b.prompt_len + n), std::vector<int64_t>(a.prompt_len, a.prompt_len + n));
+  EXPECT_EQ(std::vector<int32_t>(b.group, b.group + n), (std::vector<int32_t>{-1, -1, 0, 0, 0, -1}));
+  EXPECT_EQ(std::vector<int32_t>(a.group, a.group + n), (std::vector<int32_t>{-1, -1, 0, 0, 0, -1}));
+  EXPECT_EQ(std::vector<int32_t>(b.is_label, b.is_label + n), (std::vector<int32_t>{0, 0, 0, 0, 1, 0}));
+  EXPECT_EQ(b.n_groups, 1);
+  itr_token_set_fini(&a);
+  itr_token_set_fini(&b);
+}
+
 struct BadTokens {
   const char *what;
   std::string text;
