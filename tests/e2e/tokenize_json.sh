@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Text in through a Hugging Face tokenizer.json, end to end: `iteris-mpi -base DIR -tokenize IN
 # -tokenize_out OUT` on a model folder holding a (trimmed, real) tokenizer.json of each family in
-# tests/data/tokenizers (GPT-2, Llama 3, Llama 2, TinyLlama, Qwen2-style), against
+# tests/data/tokenizers (GPT-2, Llama 3, Llama 2, TinyLlama, Qwen2), against
 # tests/ref/hf_bpe_ref.py, an independent Python implementation (ids with the model's special tokens,
 # as calibration reads text: Hugging Face's add_special_tokens=True). Then:
 #   - tokenizer.json wins over a tokenizer.bin in the same folder;
@@ -36,7 +36,7 @@ EOF
 
 # ---- every family: the binary against the reference ---------------------------------------------
 grep -v '"text": ""' "$DATA/hard_texts.jsonl" > "$W/texts.jsonl"  # "" gives no tokens without a BOS: below
-for fam in gpt2:50257 llama3:128256 llama2:32000 tinyllama:32000 qwen2style:151936; do
+for fam in gpt2:50257 llama3:128256 llama2:32000 tinyllama:32000 qwen2:151936; do
   f=${fam%%:*}; V=${fam##*:}; D=$W/$f
   base "$D" "$V"
   cp "$DATA/$f"/tokenizer*.json "$D/"
@@ -59,6 +59,11 @@ echo '{"text": "Hello"}' > "$W/hello.jsonl"
 "$BIN" -base "$W/llama3" -tokenize "$W/hello.jsonl" -tokenize_out "$W/hello_ids.jsonl" >/dev/null 2>&1
 grep -qE '"input_ids": ?\[128000, ?9906\]' "$W/hello_ids.jsonl" && pass "Llama 3: Hello -> [128000, 9906]" ||
   fail "Llama 3 Hello: $(cat "$W/hello_ids.jsonl" 2>/dev/null)"
+# and Qwen2 (Qwen1.5-7B's tokenizer in llama.cpp's ggml-vocab-qwen2.gguf.out): "Hello world" = 9707 1879, no BOS
+echo '{"text": "Hello world"}' > "$W/hello.jsonl"
+"$BIN" -base "$W/qwen2" -tokenize "$W/hello.jsonl" -tokenize_out "$W/hello_ids.jsonl" >/dev/null 2>&1
+grep -qE '"input_ids": ?\[9707, ?1879\]' "$W/hello_ids.jsonl" && pass "Qwen2: Hello world -> [9707, 1879]" ||
+  fail "Qwen2 Hello world: $(cat "$W/hello_ids.jsonl" 2>/dev/null)"
 
 # ---- tokenizer.json before tokenizer.bin -----------------------------------------------------------
 printf '\x05\x00\x00\x00' > "$W/gpt2/tokenizer.bin"  # would be refused if it were read

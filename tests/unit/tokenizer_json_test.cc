@@ -1,6 +1,6 @@
 // Hugging Face tokenizer.json (src/io/tokenizer_json.c) through the itr_tokenizer API:
 //   - the ids of every case of tests/data/tokenizers/<family>/cases.jsonl (GPT-2, Llama 3, Llama 2,
-//     TinyLlama, a Qwen2-style pipeline): llama.cpp's test vectors (ids Hugging Face produced) and
+//     TinyLlama, Qwen2): llama.cpp's test vectors (ids Hugging Face produced) and
 //     hard texts with the ids of tests/ref/hf_bpe_ref.py, an independent Python implementation;
 //   - hand-derived cases on tiny vocabularies (merge rank order, leftmost on equal rank,
 //     ignore_merges, byte fallback, unk fusing, added tokens, BOS/EOS from the template and
@@ -67,7 +67,7 @@ struct Family {
 
 TEST(TokenizerJson, GivesTheIndependentIdsOnRealFiles) {
   const Family families[] = {{"gpt2", 50257, 84},      {"llama3", 128256, 84},    {"llama2", 32000, 84},
-                             {"tinyllama", 32000, 38}, {"qwen2style", 151936, 38}};
+                             {"tinyllama", 32000, 38}, {"qwen2", 151936, 84}};
   int total = 0, wrong = 0;
   for (const Family &f : families) {
     const std::string dir = data_dir() + "/" + f.dir;
