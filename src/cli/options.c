@@ -43,7 +43,7 @@ typedef struct {
 _Static_assert(ITR_EVAL_MAX == ITR_MAX_TASKS && ITR_TRAIN_PATH == ITR_OPT_PATH, "-ensemble list layout");
 static const opt_entry table_[] = {
     {"base", T_STR, OFF(m.base), 0, sizeof(((itr_options *)0)->m.base), "", U_MERGE | U_LOGITS | U_TRAIN | U_TOKENIZE | U_ENSEMBLE,
-     "Hugging Face model folder (config.json + safetensors; llama2.c's tokenizer.bin for text lines)"},
+     "Hugging Face model folder (config.json + safetensors; its tokenizer.json, tokenizer.model or tokenizer.bin for text lines)"},
     {"adapters", T_STRLIST, OFF(m.adapters), OFF(m.n_adapters), 0, "", U_MERGE | U_FEATURES, "PEFT LoRA adapter folders, comma-separated"},
     {"calib", T_STRLIST, OFF(m.calib), OFF(m.n_calib), 0, "", U_MERGE,
      "calibration JSONL files, one per adapter, same order ({\"input_ids\": [...]} or {\"text\": \"...\"} per line)"},
@@ -170,9 +170,11 @@ static const opt_entry table_[] = {
      "-train: also write the checkpoint every N steps (it is always written when a signal stops the run)"},
     {"log_every", T_INT, OFF(t.log_every), 0, 0, "10", U_TRAIN, "-train: print loss, tokens/s and ETA every N steps"},
     {"tokenize", T_STR, OFF(tokenize), 0, sizeof(((itr_options *)0)->tokenize), "", U_TOKENIZE,
-     "JSONL file of {\"text\": ...} (or input_ids) lines: tokenize with -base's tokenizer.bin (BOS first)"},
+     "JSONL file of {\"text\": ...} (or input_ids) lines: tokenize with -base's tokenizer (tokenizer.json, "
+     "tokenizer.model or tokenizer.bin; special tokens as the model adds them)"},
     {"tokenize_out", T_STR, OFF(tokenize_out), 0, sizeof(((itr_options *)0)->tokenize_out), "", U_TOKENIZE,
-     "JSONL file written by -tokenize ({\"input_ids\": [...]} per line)"},
+     "JSONL file written by -tokenize: a line per input line ({\"input_ids\": [...]}, with prompt_len, or a "
+     "question's choices and label)"},
     {"ensemble", T_STRLIST, OFF(e.adapters), OFF(e.n_adapters), 0, "", U_ENSEMBLE,
      "score these adapters and their probability-averaged ensemble on -heldout (NLL, accuracy, ECE)"},
     {"eval_out", T_STR, OFF(e.out), 0, sizeof(((itr_options *)0)->e.out), "", U_ENSEMBLE, "-ensemble: also write the table as JSON here"},
