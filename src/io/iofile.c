@@ -261,6 +261,20 @@ itr_err itr_json_read_object(const char *file, cJSON **out) {
   return e;
 }
 
+itr_err itr_json_read_beside(const char *file, const char *name, char *path, size_t len, cJSON **out) {
+  char dir[ITR_PATH_MAX];
+  *out = NULL;
+  ITR_CHECK(strlen(file) < sizeof dir, ITR_ERR_INPUT, "path too long: '%s'", file);
+  snprintf(dir, sizeof dir, "%s", file);
+  char *slash = strrchr(dir, '/');
+  if (slash) *slash = '\0';
+  else snprintf(dir, sizeof dir, ".");
+  ITR_TRY(itr_iofile_join(path, len, dir, name));
+  if (!itr_iofile_is_file(path)) return ITR_OK;
+  ITR_TRY(itr_json_read_object(path, out));
+  return ITR_OK;
+}
+
 void itr_json_describe(const cJSON *v, char *buf, size_t len) {
   if (!v) {
     snprintf(buf, len, "nothing");

@@ -33,6 +33,10 @@ itr_err itr_json_parse_object(const char *text, size_t len, const char *file, cJ
 /* Reads file (at most ITR_IOFILE_JSON_CAP bytes) and parses it as one JSON object (as above). */
 itr_err itr_json_read_object(const char *file, cJSON **out);
 
+/* The JSON object name in the folder that holds file (e.g. the tokenizer_config.json beside a
+ * tokenizer file): path = its path (len bytes), *out = the object, or NULL when there is no such file. */
+itr_err itr_json_read_beside(const char *file, const char *name, char *path, size_t len, cJSON **out);
+
 /* Typed getters. A field that is absent (or null, when null_is_absent) takes the default when
  * required is 0; otherwise absent is an error. Messages: "FILE: 'key' must be ..., got ...". */
 itr_err itr_json_int(const cJSON *obj, const char *key, const char *file, int required, int def,

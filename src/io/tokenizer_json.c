@@ -876,15 +876,10 @@ static int list_has(const int32_t *l, int n, int32_t id) {
  * add_eos_token (true: the template's prefix starts with BOS / suffix ends with EOS; false: they
  * are taken out of it). */
 static itr_err read_config(itr_tok_json *t) {
-  char dir[ITR_PATH_MAX], cfile[ITR_PATH_MAX + 32];
-  snprintf(dir, sizeof dir, "%s", t->path);
-  char *slash = strrchr(dir, '/');
-  if (slash) *slash = '\0';
-  else snprintf(dir, sizeof dir, ".");
-  ITR_TRY(itr_iofile_join(cfile, sizeof cfile, dir, "tokenizer_config.json"));
-  if (!itr_iofile_is_file(cfile)) return ITR_OK;
+  char cfile[ITR_PATH_MAX + 32];
   cJSON *cfg = NULL;
-  ITR_TRY(itr_json_read_object(cfile, &cfg));
+  ITR_TRY(itr_json_read_beside(t->path, "tokenizer_config.json", cfile, sizeof cfile, &cfg));
+  if (!cfg) return ITR_OK;
   int32_t bos, eos;
   int add_bos = -1, add_eos = -1;
   itr_err e = config_token(t, cfg, cfile, "bos_token", &bos);

@@ -442,32 +442,14 @@ static itr_err build_index(itr_spm *m) {
 
 /* tokenizer_config.json beside the model: add_bos_token / add_eos_token (booleans) when present. */
 static itr_err read_tokenizer_config(itr_spm *m) {
-  char dir[ITR_PATH_MAX], cfg[ITR_PATH_MAX + 32];
-  snprintf(dir, sizeof dir, "%s", m->path);
-  char *slash = strrchr(dir, '/');
-  if (slash) *slash = '\0';
-  else snprintf(dir, sizeof dir, ".");
-  ITR_TRY(itr_iofile_join(cfg, sizeof cfg, dir, "tokenizer_config.json"));
-  if (!itr_iofile_is_file(cfg)) return ITR_OK;
-  char *text = NULL;
-  size_t size = 0;
-  ITR_TRY(itr_iofile_read(cfg, (size_t)64 << 20, &text, &size));
-  cJSON *root = cJSON_ParseWithLength(text, size);
-  free(text);
-  ITR_CHECK(root, ITR_ERR_INPUT, "%s: not valid JSON", cfg);
-  static const char *const keys[] = {"add_bos_token", "add_eos_token"};
-  int *const dst[] = {&m->add_bos_token, &m->add_eos_token};
-  for (int k = 0; k < 2; k++) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, keys[k]);
-    if (!v || cJSON_IsNull(v)) continue;
-    if (!cJSON_IsBool(v)) {
-      cJSON_Delete(root);
-      return itr_error_set(ITR_ERR_INPUT, "%s: %s must be true or false", cfg, keys[k]);
-    }
-    *dst[k] = cJSON_IsTrue(v);
-  }
+  char cfg[ITR_PATH_MAX + 32];
+  cJSON *root = NULL;
+  ITR_TRY(itr_json_read_beside(m->path, "tokenizer_config.json", cfg, sizeof cfg, &root));
+  if (!root) return ITR_OK;
+  itr_err e = itr_json_bool(root, "add_bos_token", cfg, m->add_bos_token, &m->add_bos_token);
+  if (e == ITR_OK) e = itr_json_bool(root, "add_eos_token", cfg, m->add_eos_token, &m->add_eos_token);
   cJSON_Delete(root);
-  return ITR_OK;
+  return e;
 }
 
 static itr_err parse(itr_spm *m, const unsigned char *buf, size_t size) {
