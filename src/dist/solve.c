@@ -3,6 +3,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
+#include <cblas.h>
 #include <lapacke.h>
 #include <string.h>
 
@@ -115,8 +116,12 @@ itr_err itr_dist_solve_spd(const char *label, const itr_dist_matrix *T2, const i
   /* Residual on the unfactorised T2: Res = RHS - T2 Y (pdsymm reads T2's lower triangle). */
   const double minus_one = -1.0, plus_one = 1.0;
   memcpy(Res.a, RHS->a, sizeof(double) * (size_t)RHS->lld * (size_t)RHS->n_loc);
-  pdsymm_("L", "L", &d, &R, &minus_one, T2->a, &one, &one, T2->desc, Y->a, &one, &one, Y->desc, &plus_one, Res.a,
-          &one, &one, Res.desc);
+  if (g->size == 1) /* one process: the whole matrices, and OpenBLAS's dsymm */
+    cblas_dsymm(CblasColMajor, CblasLeft, CblasLower, d, R, minus_one, T2->a, T2->lld, Y->a, Y->lld, plus_one, Res.a,
+                Res.lld);
+  else
+    pdsymm_("L", "L", &d, &R, &minus_one, T2->a, &one, &one, T2->desc, Y->a, &one, &one, Y->desc, &plus_one, Res.a,
+            &one, &one, Res.desc);
   double res_norm = pdlange_("I", &d, &R, Res.a, &one, &one, Res.desc, work);
   double t2_norm = pdlansy_("I", "L", &d, T2->a, &one, &one, T2->desc, work);
   double y_norm = pdlange_("I", &d, &R, Y->a, &one, &one, Y->desc, work);

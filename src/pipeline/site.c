@@ -480,6 +480,13 @@ done:
   return e;
 }
 
+/* Flops of itr_dist_cross_norm2 on n x d rows (same: A == B): one or two (n, n) kernels when n < d,
+ * else the (d, d) Gram. */
+static double cross_norm_flops(int64_t n, int64_t d, int same) {
+  const double nn = (double)n, dd = (double)d;
+  return n < d ? (same ? 1.0 : 2.0) * nn * nn * dd : (same ? 1.0 : 2.0) * nn * dd * dd;
+}
+
 /* Assembles every targeted module at site s of layer l (iteration k) into jobs[*nj...]: the
  * statistics of one task at a time, formed in the block-cyclic layout and freed before the next. */
 static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs, int *nj_total) {
@@ -518,14 +525,19 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     (void)PetscLogEventBegin(c->ev_gram, 0, 0, 0, 0);
     e = itr_dist_rows_create(c->grid, T, d_in, x, 1.0, NULL, 0.0, &Xd);
     if (e == ITR_OK && xt) e = itr_dist_rows_create(c->grid, T, d_in, xt, 1.0 - rho, x, rho, &Xm);
-    if (e == ITR_OK && tokens) /* no Gram: its norm through the (n_i, n_i) kernels */
+    if (e == ITR_OK && tokens) { /* no Gram: its norm through the (n_i, n_i) kernel */
       e = itr_dist_cross_norm2(xt ? &Xm : &Xd, xt ? &Xm : &Xd, &n2);
+      (void)PetscLogFlops(cross_norm_flops(c->calib[i].n_tokens, d_in, 1) / c->grid->size);
+    }
     if (e == ITR_OK && !tokens) e = itr_dist_agree(c->comm, itr_dist_matrix_init(&G, c->grid, (int)d_in, (int)d_in));
     if (e == ITR_OK && !tokens) e = itr_dist_gram(1.0, xt ? &Xm : &Xd, xt ? &Xm : &Xd, 0.0, &G);
     if (e == ITR_OK && !tokens) e = itr_dist_frob2(&G, 1, &n2);
     n2 = sqrt(n2);
     n1 = n2; /* iteration 1: Xt' = X */
-    if (e == ITR_OK && xt) e = itr_dist_cross_norm2(&Xd, &Xm, &n1);
+    if (e == ITR_OK && xt) {
+      e = itr_dist_cross_norm2(&Xd, &Xm, &n1);
+      (void)PetscLogFlops(cross_norm_flops(c->calib[i].n_tokens, d_in, 0) / c->grid->size);
+    }
     if (xt) n1 = sqrt(n1);
     itr_dist_matrix_fini(&Xd);
     itr_dist_matrix_fini(&Xm);
