@@ -118,22 +118,33 @@ itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, co
     e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: MPI_Alltoallv of the rows failed");
     goto done;
   }
-  /* unpack in the packing order: source rank, column block, row, column */
+  /* unpack in the packing order: source rank, column block, row, column. The rows of source p that
+   * this process owns have consecutive local indices (g2l is increasing and dense over the owned
+   * rows), so each column block is one (nr, wdt) row-major tile to transpose into the column-major
+   * local array: done 16 rows at a time, so that each column receives a run of 16 values. */
   for (int p = 0; p < size; p++) {
-    const double *in = rbuf + rdispl[p];
-    const float *in32 = r32 + rdispl[p];
-    const int64_t g0 = (int64_t)p * tmax;
+    const int64_t g0 = (int64_t)p * tmax, nr = rows_owned(g0, Ts[p], mb, grid->myrow, pr);
+    if (nr == 0) continue;
+    int64_t first = g0;
+    while ((first / mb) % pr != grid->myrow) first++;
+    const int64_t lr0 = g2l(first, mb, pr);
     size_t w = 0;
     for (int64_t j0 = (int64_t)grid->mycol * mb; j0 < d; j0 += (int64_t)mb * pc) {
-      const int64_t j1 = j0 + mb < d ? j0 + mb : d, lc0 = g2l(j0, mb, pc);
-      for (int64_t t = 0; t < Ts[p]; t++) {
-        const int64_t g = g0 + t;
-        if ((g / mb) % pr != grid->myrow) continue;
-        double *dst = z.a + lc0 * z.lld + g2l(g, mb, pr);
-        if (wide)
-          for (int64_t j = 0; j < j1 - j0; j++) dst[j * z.lld] = in[w++];
-        else
-          for (int64_t j = 0; j < j1 - j0; j++) dst[j * z.lld] = a * (double)in32[w++];
+      const int64_t wdt = j0 + mb < d ? mb : d - j0;
+      double *dst = z.a + g2l(j0, mb, pc) * z.lld + lr0;
+      for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+        const int64_t rn = nr - r0 < 16 ? nr - r0 : 16;
+        for (int64_t j = 0; j < wdt; j++) {
+          double *col = dst + j * z.lld + r0;
+          if (wide) {
+            const double *in = rbuf + rdispl[p] + w + j;
+            for (int64_t r = 0; r < rn; r++) col[r] = in[r * wdt];
+          } else {
+            const float *in = r32 + rdispl[p] + w + j;
+            for (int64_t r = 0; r < rn; r++) col[r] = a * (double)in[r * wdt];
+          }
+        }
+        w += (size_t)(rn * wdt);
       }
     }
   }
