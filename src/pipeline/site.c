@@ -381,6 +381,27 @@ done:
   return e;
 }
 
+/* ||K0_ii||_F^2 for every task i, summed over the ranks: the norm of task i's kernel X_i X_i^T, which
+ * in iteration 1 (Xt' = X) is the (i, i) block of K0 (lower triangle held: off-diagonal entries
+ * count twice). Collective on c->comm. */
+static itr_err token_block_norms(const merge_ctx *c, const token_site *ts, double *nrm2) {
+  const itr_dist_matrix *K = &ts->K0;
+  memset(nrm2, 0, sizeof(double) * (size_t)c->N);
+  for (int lc = 0; lc < K->n_loc; lc++) {
+    const int gc = itr_dist_global_col(K, lc), tc = ts->task_of[gc];
+    if (tc < 0) continue;
+    const double *col = K->a + (size_t)lc * (size_t)K->lld;
+    double sum = 0.0;
+    for (int li = 0; li < K->m_loc; li++) {
+      const int gr = itr_dist_global_row(K, li);
+      if (gr < gc || ts->task_of[gr] != tc) continue;
+      sum += (gr == gc ? 1.0 : 2.0) * col[li] * col[li];
+    }
+    nrm2[tc] += sum;
+  }
+  return itr_dist_allreduce_sum(nrm2, c->N, c->comm, "the token-space kernel norms");
+}
+
 /* Solves module j at the site in token space: sys.rhs receives Y (R x d_in) on every rank, rep the
  * scaled residual of the n x n solve. Collective on c->comm. */
 static itr_err token_solve(merge_ctx *c, const token_site *ts, module_job *j) {
@@ -514,6 +535,18 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
   e = itr_dist_agree(c->comm, e);
   if (nj == 0 || e != ITR_OK) return e;
 
+  /* token space: the kernel of the site's rows first; in iteration 1 the tasks' norms are its blocks */
+  token_site ts;
+  memset(&ts, 0, sizeof ts);
+  double kn2[ITR_MAX_TASKS] = {0};
+  if (tokens) {
+    PetscLogStagePush(c->stage_stats);
+    (void)PetscLogEventBegin(c->ev_gram, 0, 0, 0, 0);
+    e = token_site_init(c, k, s, k >= 2 ? rho : 0.0, &ts);
+    if (e == ITR_OK && k == 1) e = itr_dist_agree(c->comm, token_block_norms(c, &ts, kn2));
+    (void)PetscLogEventEnd(c->ev_gram, 0, 0, 0, 0);
+    PetscLogStagePop();
+  }
   int64_t row[ITR_ARCH_MAX_MODULES] = {0};
   for (int i = 0; i < N && e == ITR_OK; i++) {
     const int64_t T = c->calib_sh[i].T;
@@ -523,9 +556,11 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     /* the Gram of the (mixed) merged-model rows and the two norms, in the block-cyclic layout */
     PetscLogStagePush(c->stage_stats);
     (void)PetscLogEventBegin(c->ev_gram, 0, 0, 0, 0);
-    e = itr_dist_rows_create(c->grid, T, d_in, x, 1.0, NULL, 0.0, &Xd);
+    if (!tokens || xt) e = itr_dist_rows_create(c->grid, T, d_in, x, 1.0, NULL, 0.0, &Xd);
     if (e == ITR_OK && xt) e = itr_dist_rows_create(c->grid, T, d_in, xt, 1.0 - rho, x, rho, &Xm);
-    if (e == ITR_OK && tokens) { /* no Gram: its norm through the (n_i, n_i) kernel */
+    if (e == ITR_OK && tokens && !xt) /* iteration 1: the (i, i) block of the site's kernel */
+      n2 = kn2[i];
+    else if (e == ITR_OK && tokens) { /* no Gram: its norm through the (n_i, n_i) kernel */
       e = itr_dist_cross_norm2(xt ? &Xm : &Xd, xt ? &Xm : &Xd, &n2);
       (void)PetscLogFlops(cross_norm_flops(c->calib[i].n_tokens, d_in, 1) / c->grid->size);
     }
@@ -588,20 +623,13 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     free(diag);
     itr_dist_matrix_fini(&G);
   }
-  /* token space: the kernel of the site's rows, then each module's n x n solve (Y in sys.rhs) */
+  /* token space: each module's n x n solve (Y in sys.rhs) */
   if (tokens && e == ITR_OK) {
-    token_site ts;
-    memset(&ts, 0, sizeof ts);
-    PetscLogStagePush(c->stage_stats);
-    (void)PetscLogEventBegin(c->ev_gram, 0, 0, 0, 0);
-    e = token_site_init(c, k, s, k >= 2 ? rho : 0.0, &ts);
-    (void)PetscLogEventEnd(c->ev_gram, 0, 0, 0, 0);
-    PetscLogStagePop();
     PetscLogStagePush(c->stage_solve);
     for (int q = 0; q < nj && e == ITR_OK; q++) e = token_solve(c, &ts, &site_jobs[q]);
     PetscLogStagePop();
-    token_site_fini(&ts);
   }
+  token_site_fini(&ts);
   /* assembled: only T2, the rhs and (with_pretrain) W0 are needed from here on */
   for (int q = 0; q < nj; q++) {
     module_job *j = &site_jobs[q];
