@@ -547,11 +547,15 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     (void)PetscLogEventEnd(c->ev_gram, 0, 0, 0, 0);
     PetscLogStagePop();
   }
+  /* input space: one (d_in, d_in) Gram for the site, overwritten by each task's (its lower triangle;
+   * the upper one is never read) */
+  itr_dist_matrix G = {0};
+  if (!tokens && e == ITR_OK) e = itr_dist_agree(c->comm, itr_dist_matrix_init(&G, c->grid, (int)d_in, (int)d_in));
   int64_t row[ITR_ARCH_MAX_MODULES] = {0};
   for (int i = 0; i < N && e == ITR_OK; i++) {
     const int64_t T = c->calib_sh[i].T;
     const float *x = c->X[i][s], *xt = k >= 2 ? c->Xt[i][s] : NULL;
-    itr_dist_matrix Xd = {0}, Xm = {0}, G = {0};
+    itr_dist_matrix Xd = {0}, Xm = {0};
     double *diag = NULL, n1 = 0.0, n2 = 0.0, xw[ITR_ARCH_MAX_MODULES] = {0}, ww[ITR_ARCH_MAX_MODULES] = {0};
     /* the Gram of the (mixed) merged-model rows and the two norms, in the block-cyclic layout */
     PetscLogStagePush(c->stage_stats);
@@ -564,7 +568,6 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
       e = itr_dist_cross_norm2(xt ? &Xm : &Xd, xt ? &Xm : &Xd, &n2);
       (void)PetscLogFlops(cross_norm_flops(c->calib[i].n_tokens, d_in, 1) / c->grid->size);
     }
-    if (e == ITR_OK && !tokens) e = itr_dist_agree(c->comm, itr_dist_matrix_init(&G, c->grid, (int)d_in, (int)d_in));
     if (e == ITR_OK && !tokens) e = itr_dist_gram(1.0, xt ? &Xm : &Xd, xt ? &Xm : &Xd, 0.0, &G);
     if (e == ITR_OK && !tokens) e = itr_dist_frob2(&G, 1, &n2);
     n2 = sqrt(n2);
@@ -621,8 +624,8 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
       row[q] += t->r;
     }
     free(diag);
-    itr_dist_matrix_fini(&G);
   }
+  itr_dist_matrix_fini(&G);
   /* token space: each module's n x n solve (Y in sys.rhs) */
   if (tokens && e == ITR_OK) {
     PetscLogStagePush(c->stage_solve);
