@@ -74,14 +74,19 @@ static void weight_panel(const float *W0, const itr_merge_task *t, int64_t d_in,
                 t->A, (int)d_in, 1.0, wp, (int)d_in);
 }
 
-/* ||W0 + s B A||_F^2 (the numerator of c_i) in float64 from the float32 W0 (d_out, d_in) of the
- * held layer, W_PANEL rows at a time. The denominator ||X (W0 + s B A)^T||_F^2 comes from the
- * source model's forward (c->ynorm), which forms those products anyway. */
-static itr_err weight_norm2(int64_t d_in, int64_t d_out, const float *W0, const itr_merge_task *t, double *ww) {
+/* This rank's part of ||W0 + s B A||_F^2 (the numerator of c_i) in float64 from the float32 W0
+ * (d_out, d_in) of the held layer, a panel of at most W_PANEL rows at a time: panels rank, rank +
+ * size, ... (the caller sums over the ranks). The denominator ||X (W0 + s B A)^T||_F^2 comes from the source model's
+ * forward (c->ynorm), which forms those products anyway. */
+static itr_err weight_norm2(int64_t d_in, int64_t d_out, const float *W0, const itr_merge_task *t, int rank, int size,
+                            double *ww) {
   double *wp = NULL, sw = 0.0;
-  ITR_TRY(itr_calloc((size_t)W_PANEL * (size_t)d_in, sizeof(double), "W0 + dW panel f64", &wp));
-  for (int64_t o0 = 0; o0 < d_out; o0 += W_PANEL) {
-    const int64_t no = d_out - o0 < W_PANEL ? d_out - o0 : W_PANEL;
+  int64_t rows = (d_out + size - 1) / size; /* every rank gets panels even when d_out < W_PANEL size */
+  if (rows > W_PANEL) rows = W_PANEL;
+  if (rows < 1) rows = 1;
+  ITR_TRY(itr_calloc((size_t)rows * (size_t)d_in, sizeof(double), "W0 + dW panel f64", &wp));
+  for (int64_t o0 = (int64_t)rank * rows; o0 < d_out; o0 += rows * size) {
+    const int64_t no = d_out - o0 < rows ? d_out - o0 : rows;
     weight_panel(W0, t, d_in, o0, no, wp);
     for (int64_t q = 0; q < no * d_in; q++) sw += wp[q] * wp[q];
   }
@@ -589,13 +594,18 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     /* iteration 1: the numerators of c_i, and the denominators, summed over the ranks, from the
      * source model's forward of this layer */
     if (e == ITR_OK && (c->method->flags & ITR_METHOD_ADAPTIVE) && k == 1) {
+      double sums[2 * ITR_ARCH_MAX_MODULES];
       for (int q = 0; q < nj && e == ITR_OK; q++) {
-        xw[q] = c->ynorm[i][site_jobs[q].m];
-        e = weight_norm2(d_in, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i], &ww[q]);
+        sums[q] = c->ynorm[i][site_jobs[q].m];
+        e = weight_norm2(d_in, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i], c->rank, c->size,
+                         &sums[nj + q]);
+        /* this rank's panels of s B A added to W0 (2 r per entry) and their sum of squares (2 per entry) */
+        (void)PetscLogFlops((2.0 * site_jobs[q].tasks[i].r + 2.0) * (double)d_in * (double)site_jobs[q].d_out / c->size);
       }
       e = itr_dist_agree(c->comm, e);
-      if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, xw, nj, MPI_DOUBLE, MPI_SUM, c->comm) != MPI_SUCCESS)
+      if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, sums, 2 * nj, MPI_DOUBLE, MPI_SUM, c->comm) != MPI_SUCCESS)
         e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the adaptive weights failed");
+      for (int q = 0; q < nj; q++) xw[q] = sums[q], ww[q] = sums[nj + q];
     }
     PetscLogStagePop();
     for (int q = 0; q < nj && e == ITR_OK; q++) {
