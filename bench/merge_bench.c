@@ -10,7 +10,7 @@
  * they are the machine's BLAS peak for the shape, not a first touch.
  * Rates are per rank; "vs dgemm" divides by the dgemm rate per rank measured in this run (the same
  * threads, the same machine load), so the ratio is what the phase keeps of the machine's BLAS.
- * Usage: mpirun -np P merge_bench [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1]
+ * Usage: mpirun -np P merge_bench [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1] [-grid_rows 0 (squarest)]
  * Threads: OPENBLAS_NUM_THREADS (1 per rank for MPI runs). Prints a Markdown table on rank 0. */
 #include <cblas.h>
 #include <math.h>
@@ -51,20 +51,21 @@ int main(int argc, char **argv) {
   itr_log_set_quiet(1);
   char dlist[256] = "4096,8192,14336";
   long T = 2048, R = 64;
-  int reps = 1;
+  int reps = 1, grid_rows = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "-d")) snprintf(dlist, sizeof dlist, "%s", argv[i + 1]);
     else if (!strcmp(argv[i], "-T")) T = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "-R")) R = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "-reps")) reps = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "-grid_rows")) grid_rows = atoi(argv[i + 1]);
     else {
-      if (rank == 0) fprintf(stderr, "usage: %s [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1]\n", argv[0]);
+      if (rank == 0) fprintf(stderr, "usage: %s [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1] [-grid_rows 0]\n", argv[0]);
       MPI_Finalize();
       return 2;
     }
   }
   itr_dist_grid *grid = NULL;
-  if (itr_dist_grid_create(MPI_COMM_WORLD, 0, &grid) != ITR_OK) return fail(rank, "grid");
+  if (itr_dist_grid_create_shape(MPI_COMM_WORLD, 0, grid_rows, &grid) != ITR_OK) return fail(rank, "grid");
   const char *thr = getenv("OPENBLAS_NUM_THREADS");
   if (rank == 0) {
     printf("%d rank(s), grid %d x %d, block %d, OPENBLAS_NUM_THREADS %s; T = %ld rows per rank, R = %ld right-hand "

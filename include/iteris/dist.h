@@ -42,7 +42,7 @@ typedef struct {
   MPI_Comm comm;    /* owned duplicate of the communicator given to create */
   int rank, size;   /* in comm */
   int ctxt;         /* BLACS context */
-  int nprow, npcol; /* nprow * npcol == size, nprow <= npcol, as square as size allows */
+  int nprow, npcol; /* nprow * npcol == size; by default nprow <= npcol, as square as size allows */
   int myrow, mycol; /* this process; row-major order: rank == myrow * npcol + mycol */
   int mb;           /* block size, rows and columns (mb == nb) */
   int is_sub;       /* made by itr_dist_grid_split (its process numbers are the parent's ranks) */
@@ -54,6 +54,9 @@ void itr_dist_grid_shape(int size, int *nprow, int *npcol);
 /* A BLACS grid over every process of comm (any size, any sub-communicator); mb <= 0 means
  * ITR_DIST_MB_DEFAULT [same on all ranks]. Collective on comm. */
 itr_err itr_dist_grid_create(MPI_Comm comm, int mb, itr_dist_grid **out);
+/* The same with nprow process rows (npcol = size / nprow; nprow must divide size, ITR_ERR_INPUT if
+ * not); nprow <= 0 means itr_dist_grid_shape's [same on all ranks]. Collective on comm. */
+itr_err itr_dist_grid_create_shape(MPI_Comm comm, int mb, int nprow, itr_dist_grid **out);
 /* Collective on the grid's comm; accepts NULL (then not collective). */
 void itr_dist_grid_destroy(itr_dist_grid *grid);
 /* Splits the parent's ranks into n_groups contiguous groups (group g holds the ranks r with

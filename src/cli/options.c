@@ -80,6 +80,9 @@ static const opt_entry table_[] = {
      "the site's calibration rows: cheaper when n < d_in; docs/ALGORITHM.md); auto chooses per site by cost"},
     {"block_size", T_INT, OFF(m.block_size), 0, 0, "64", U_MERGE | U_FEATURES,
      "ScaLAPACK block size of the distributed statistics and solves (16 .. 1024)"},
+    {"grid_rows", T_INT, OFF(m.grid_rows), 0, 0, "0", U_MERGE | U_FEATURES,
+     "process rows of the ScaLAPACK grid (a divisor of the rank count, or of each stage's with -stages); 0: the "
+     "squarest grid with rows <= columns (1 x 2, 2 x 2, 2 x 4, 4 x 4, ...)"},
     {"plots", T_BOOL, OFF(m.plots), 0, 0, "1", U_MERGE,
      "write OUT/convergence.png (gnuplot): the solves' scaled residuals per iteration and module (0: no plot)"},
     {"fidelity_per_iter", T_BOOL, OFF(m.fidelity_per_iter), 0, 0, "1", U_METHOD,

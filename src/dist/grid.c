@@ -13,6 +13,10 @@ void itr_dist_grid_shape(int size, int *nprow, int *npcol) {
 }
 
 itr_err itr_dist_grid_create(MPI_Comm comm, int mb, itr_dist_grid **out) {
+  return itr_dist_grid_create_shape(comm, mb, 0, out);
+}
+
+itr_err itr_dist_grid_create_shape(MPI_Comm comm, int mb, int rows, itr_dist_grid **out) {
   ITR_CHECK(comm != MPI_COMM_NULL, ITR_ERR_INTERNAL,
             "itr_dist_grid_create: the communicator is MPI_COMM_NULL (a rank outside the process "
             "group called it)");
@@ -20,6 +24,10 @@ itr_err itr_dist_grid_create(MPI_Comm comm, int mb, itr_dist_grid **out) {
   MPI_Comm_size(comm, &size);
   MPI_Comm_rank(comm, &rank);
   if (mb <= 0) mb = ITR_DIST_MB_DEFAULT;
+  ITR_CHECK(rows <= 0 || size % rows == 0, ITR_ERR_INPUT,
+            "-grid_rows %d does not divide the %d ranks: give a divisor of the rank count (process rows of the "
+            "ScaLAPACK grid), or 0 for the squarest grid",
+            rows, size);
   itr_dist_grid *g = NULL;
   itr_err e = itr_calloc(1, sizeof *g, "BLACS grid", &g);
   e = itr_dist_agree(comm, e);
@@ -43,6 +51,7 @@ itr_err itr_dist_grid_create(MPI_Comm comm, int mb, itr_dist_grid **out) {
   g->size = size;
   g->mb = mb;
   itr_dist_grid_shape(size, &g->nprow, &g->npcol);
+  if (rows > 0) g->nprow = rows, g->npcol = size / rows;
   /* The system handle is only needed by gridinit (which builds its own communicators from it),
    * so it is released at once: BLACS compacts its handle table on free, which would renumber
    * handles kept for later. */

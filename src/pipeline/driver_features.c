@@ -423,7 +423,7 @@ itr_err itr_pipeline_features(const itr_merge_opts *o, MPI_Comm comm) {
   if (e == ITR_OK) e = itr_h5_open(o->features, &c.h5);
   if (e == ITR_OK && (c.method->flags & ITR_METHOD_STATS)) e = check_tasks(&c);
   e = itr_dist_agree(comm, e);
-  if (e == ITR_OK) e = itr_dist_agree(comm, itr_dist_grid_create(comm, o->block_size, &c.grid));
+  if (e == ITR_OK) e = itr_dist_agree(comm, itr_dist_grid_create_shape(comm, o->block_size, o->grid_rows, &c.grid));
   if (e == ITR_OK)
     itr_log(ITR_LOG_INFO, "features: %d adapters, %d modules, -method %s, from %s on %d rank(s)", c.N, c.n_mod,
             o->method, o->features, c.size);

@@ -308,7 +308,7 @@ static itr_err setup(merge_ctx *c) {
     if (e == ITR_OK) e = merge_alloc_site_buffers(c);
   }
   ITR_TRY(itr_dist_agree(c->world, e));
-  ITR_TRY(itr_dist_agree(c->world, itr_dist_grid_create(c->comm, o->block_size, &c->grid)));
+  ITR_TRY(itr_dist_agree(c->world, itr_dist_grid_create_shape(c->comm, o->block_size, o->grid_rows, &c->grid)));
   c->n_groups = o->solve_groups < c->size ? o->solve_groups : c->size;
   if (c->n_groups > 1) {
     for (int g = 0; g < c->n_groups; g++) c->group_root[g] = itr_dist_group_first(g, c->n_groups, c->size);

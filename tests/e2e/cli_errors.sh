@@ -28,6 +28,8 @@ expect 2 "unknown method 'magic'" "${base[@]}" -method magic
 expect 2 "-system must be auto, inputs or tokens, got 'bogus'" "${base[@]}" -system bogus
 expect 2 "-system tokens needs a system that is a Gram of rows plus a ridge" "${base[@]}" -system tokens -alpha_2 0
 expect 2 "-block_size must be in 16..1024, got 8" "${base[@]}" -block_size 8
+expect 2 "-grid_rows 3 does not divide the 2 ranks" "${base[@]}" -grid_rows 3
+expect 2 "option -grid_rows: -1 is out of range" "${base[@]}" -grid_rows -1
 expect 2 "cannot read the job file" -options_file "$W/nope.yaml"
 # job files PETSc cannot read (issue 13, defect 3: banner and a hang, or "exiting improperly"): exit 2 naming file and line
 mkdir -p "$W/jobdir.yaml"
