@@ -193,6 +193,17 @@ itr_err itr_model_create_except(const itr_model_config *cfg, unsigned no_weight,
  * shape against cfg and names the tensor on error. Not Collective. */
 itr_err itr_model_load(const itr_model_config *cfg, itr_tensor_store *store, int layer_begin,
                        int layer_end, int with_embed, int with_head, itr_model **out);
+/* The number of floats the parameters of such a model take (one block). Not Collective. */
+itr_err itr_model_param_floats(const itr_model_config *cfg, int layer_begin, int layer_end, int with_embed,
+                               int with_head, size_t *n);
+/* itr_model_create over the caller's memory mem of n floats (at least itr_model_param_floats'): not
+ * zeroed, not freed by itr_model_destroy; it must outlive the model. Not Collective. */
+itr_err itr_model_create_in(const itr_model_config *cfg, int layer_begin, int layer_end, int with_embed, int with_head,
+                            float *mem, size_t n, itr_model **out);
+/* itr_model_load into the caller's memory (itr_model_create_in): every parameter is overwritten, so a
+ * caller that streams layers of one shape reuses one block and its pages. Not Collective. */
+itr_err itr_model_load_into(const itr_model_config *cfg, itr_tensor_store *store, int layer_begin, int layer_end,
+                            int with_embed, int with_head, float *mem, size_t n, itr_model **out);
 void itr_model_destroy(itr_model *m); /* accepts NULL */
 
 const itr_model_config *itr_model_config_of(const itr_model *m);

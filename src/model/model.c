@@ -26,6 +26,7 @@ struct itr_model {
   float *lm_head;       /* (V, D) or NULL; == embed when tied and with_embed */
   float *mem;           /* the one allocation every parameter lives in */
   size_t n_params;      /* its length in floats */
+  int owns_mem;         /* 0: mem is the caller's (itr_model_load_into) */
 };
 
 /* ---- configuration ------------------------------------------------------------------------- */
@@ -92,9 +93,12 @@ int itr_model_has_bias(const itr_model_config *c, itr_module m) {
 
 /* ---- creation and accessors ------------------------------------------------------------------ */
 
-/* no_weight: bit k set = module k's weight matrices are not allocated (itr_model_weight gives NULL). */
+/* no_weight: bit k set = module k's weight matrices are not allocated (itr_model_weight gives NULL).
+ * ext: the caller's memory of ext_floats floats (not owned, not zeroed), or NULL: allocated here. With
+ * out NULL only *floats is set (the parameter count). */
 static itr_err model_create(const itr_model_config *cfg, int layer_begin, int layer_end, int with_embed,
-                            int with_head, unsigned no_weight, itr_model **out) {
+                            int with_head, unsigned no_weight, float *ext, size_t ext_floats, size_t *floats,
+                            itr_model **out) {
   itr_model_dims d;
   ITR_TRY(itr_model_dims_from_config(cfg, &d));
   ITR_CHECK(0 <= layer_begin && layer_begin <= layer_end && layer_end <= d.L, ITR_ERR_INPUT,
@@ -114,13 +118,23 @@ static itr_err model_create(const itr_model_config *cfg, int layer_begin, int la
     return itr_error_set(ITR_ERR_INPUT, "model: parameter count overflows");
   int head_separate = with_head && !(cfg->tie_word_embeddings && with_embed);
   total += (with_embed ? vd : 0) + (head_separate ? vd : 0) + (with_head ? (size_t)d.D : 0);
+  if (floats) *floats = total;
+  if (!out) return ITR_OK;
+  ITR_CHECK(!ext || ext_floats >= total, ITR_ERR_INTERNAL,
+            "model: the memory given holds %zu floats, the layers [%d, %d) need %zu", ext_floats, layer_begin,
+            layer_end, total);
 
   itr_model *m = NULL;
   ITR_TRY(itr_calloc(1, sizeof *m, "model", &m));
-  itr_err err = itr_calloc(total, sizeof(float), "model parameters (f32)", &m->mem);
+  itr_err err = ITR_OK;
+  if (ext)
+    m->mem = ext;
+  else
+    err = itr_calloc(total, sizeof(float), "model parameters (f32)", &m->mem);
+  m->owns_mem = !ext;
   if (err == ITR_OK) err = itr_calloc((size_t)(nl > 0 ? nl : 1), sizeof(layer_params), "model layers", &m->layers);
   if (err != ITR_OK) {
-    free(m->mem);
+    if (m->owns_mem) free(m->mem);
     free(m);
     return itr_error_frame(err, __func__, __FILE__, __LINE__);
   }
@@ -156,18 +170,29 @@ static itr_err model_create(const itr_model_config *cfg, int layer_begin, int la
 
 itr_err itr_model_create(const itr_model_config *cfg, int layer_begin, int layer_end, int with_embed,
                          int with_head, itr_model **out) {
-  return model_create(cfg, layer_begin, layer_end, with_embed, with_head, 0, out);
+  return model_create(cfg, layer_begin, layer_end, with_embed, with_head, 0, NULL, 0, NULL, out);
+}
+
+itr_err itr_model_param_floats(const itr_model_config *cfg, int layer_begin, int layer_end, int with_embed,
+                               int with_head, size_t *n) {
+  return model_create(cfg, layer_begin, layer_end, with_embed, with_head, 0, NULL, 0, n, NULL);
+}
+
+itr_err itr_model_create_in(const itr_model_config *cfg, int layer_begin, int layer_end, int with_embed, int with_head,
+                            float *mem, size_t n, itr_model **out) {
+  ITR_CHECK(mem, ITR_ERR_INTERNAL, "itr_model_create_in: no memory given");
+  return model_create(cfg, layer_begin, layer_end, with_embed, with_head, 0, mem, n, NULL, out);
 }
 
 itr_err itr_model_create_except(const itr_model_config *cfg, unsigned no_weight, itr_model **out) {
   itr_model_dims d;
   ITR_TRY(itr_model_dims_from_config(cfg, &d));
-  return model_create(cfg, 0, d.L, 1, 1, no_weight & ((1u << ITR_MODULE_COUNT) - 1), out);
+  return model_create(cfg, 0, d.L, 1, 1, no_weight & ((1u << ITR_MODULE_COUNT) - 1), NULL, 0, NULL, out);
 }
 
 void itr_model_destroy(itr_model *m) {
   if (!m) return;
-  free(m->mem);
+  if (m->owns_mem) free(m->mem);
   free(m->layers);
   free(m);
 }

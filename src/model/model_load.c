@@ -57,8 +57,16 @@ static itr_err load_weights(itr_model *m, itr_tensor_store *store) {
 
 itr_err itr_model_load(const itr_model_config *cfg, itr_tensor_store *store, int layer_begin, int layer_end,
                        int with_embed, int with_head, itr_model **out) {
+  return itr_model_load_into(cfg, store, layer_begin, layer_end, with_embed, with_head, NULL, 0, out);
+}
+
+itr_err itr_model_load_into(const itr_model_config *cfg, itr_tensor_store *store, int layer_begin, int layer_end,
+                            int with_embed, int with_head, float *mem, size_t n, itr_model **out) {
   itr_model *m = NULL;
-  ITR_TRY(itr_model_create(cfg, layer_begin, layer_end, with_embed, with_head, &m));
+  if (mem)
+    ITR_TRY(itr_model_create_in(cfg, layer_begin, layer_end, with_embed, with_head, mem, n, &m));
+  else
+    ITR_TRY(itr_model_create(cfg, layer_begin, layer_end, with_embed, with_head, &m));
   itr_err err = load_weights(m, store);
   if (err != ITR_OK) {
     itr_model_destroy(m);

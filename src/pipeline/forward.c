@@ -64,7 +64,11 @@ static itr_err load_layer(merge_ctx *c, int l) {
   c->layer = NULL;
   c->layer_index = -1;
   PetscLogStagePush(c->stage_load);
-  itr_err e = itr_model_load(&c->cfg, c->store, l, l + 1, 0, 0, &c->layer);
+  /* one block for every layer (they have one shape): its pages are faulted in once, not per layer */
+  itr_err e = ITR_OK;
+  if (!c->layer_mem) e = itr_model_param_floats(&c->cfg, l, l + 1, 0, 0, &c->layer_floats);
+  if (e == ITR_OK && !c->layer_mem) e = itr_calloc(c->layer_floats, sizeof(float), "decoder layer (f32)", &c->layer_mem);
+  if (e == ITR_OK) e = itr_model_load_into(&c->cfg, c->store, l, l + 1, 0, 0, c->layer_mem, c->layer_floats, &c->layer);
   PetscLogStagePop();
   ITR_TRY(e);
   c->layer_index = l;

@@ -58,6 +58,8 @@ typedef struct {
   itr_model *model;      /* the embedding (and the head with -heldout): no decoder layer */
   itr_model *layer;      /* the one decoder layer this rank holds now (see load_layer) */
   int layer_index;       /* its index, -1: none */
+  float *layer_mem;      /* the block every held layer is loaded into (layer_floats floats) */
+  size_t layer_floats;
   itr_adapter *ad[ITR_MAX_TASKS];
   itr_token_set calib[ITR_MAX_TASKS], heldout[ITR_MAX_TASKS];
   itr_shard calib_sh[ITR_MAX_TASKS];

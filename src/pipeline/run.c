@@ -248,6 +248,7 @@ static void ctx_fini(merge_ctx *c) {
   itr_lora_set_destroy(c->lora_merged);
   itr_model_destroy(c->model);
   itr_model_destroy(c->layer);
+  free(c->layer_mem);
   itr_tensor_store_destroy(c->store);
   itr_dist_grid_destroy(c->group_grid);
   itr_dist_grid_destroy(c->grid);

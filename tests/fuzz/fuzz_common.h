@@ -14,19 +14,37 @@
 
 #include "iteris/core.h"
 
-/* The folder (made once per process) and DIR/name with data written to it; returns the path. */
-static inline const char *fuzz_dir(void) {
-  static char dir[64] = "";
-  if (!dir[0]) {
-    snprintf(dir, sizeof dir, "/tmp/iteris-fuzz.XXXXXX");
-    if (!mkdtemp(dir)) abort();
-    itr_log_set_quiet(1);
+/* The folder (made once per process), the names written in it, and their removal when the process
+ * exits normally (libFuzzer's end of -max_total_time); after a crash the folder stays, with the input. */
+static char fuzz_dir_[64] = "", fuzz_names_[16][48];
+static int fuzz_n_names_;
+
+static inline void fuzz_cleanup(void) {
+  char path[128];
+  for (int i = 0; i < fuzz_n_names_; i++) {
+    snprintf(path, sizeof path, "%s/%s", fuzz_dir_, fuzz_names_[i]);
+    unlink(path);
   }
-  return dir;
+  rmdir(fuzz_dir_);
 }
 
+static inline const char *fuzz_dir(void) {
+  if (!fuzz_dir_[0]) {
+    snprintf(fuzz_dir_, sizeof fuzz_dir_, "/tmp/iteris-fuzz.XXXXXX");
+    if (!mkdtemp(fuzz_dir_)) abort();
+    atexit(fuzz_cleanup);
+    itr_log_set_quiet(1);
+  }
+  return fuzz_dir_;
+}
+
+/* DIR/name with data written to it; returns the path. */
 static inline const char *fuzz_file(const char *name, const uint8_t *data, size_t n) {
   static char path[128];
+  int known = 0;
+  for (int i = 0; i < fuzz_n_names_ && !known; i++) known = !strcmp(fuzz_names_[i], name);
+  if (!known && fuzz_n_names_ < 16 && strlen(name) < sizeof fuzz_names_[0])
+    strcpy(fuzz_names_[fuzz_n_names_++], name);
   snprintf(path, sizeof path, "%s/%s", fuzz_dir(), name);
   FILE *f = fopen(path, "wb");
   if (!f || (n && fwrite(data, 1, n, f) != n)) abort();
