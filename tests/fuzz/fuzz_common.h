@@ -38,14 +38,20 @@ static inline const char *fuzz_dir(void) {
   return fuzz_dir_;
 }
 
-/* DIR/name with data written to it; returns the path. */
-static inline const char *fuzz_file(const char *name, const uint8_t *data, size_t n) {
+/* DIR/name, remembered for the removal at exit (a target that writes a file itself names it here). */
+static inline const char *fuzz_path(const char *name) {
   static char path[128];
   int known = 0;
   for (int i = 0; i < fuzz_n_names_ && !known; i++) known = !strcmp(fuzz_names_[i], name);
   if (!known && fuzz_n_names_ < 16 && strlen(name) < sizeof fuzz_names_[0])
     strcpy(fuzz_names_[fuzz_n_names_++], name);
   snprintf(path, sizeof path, "%s/%s", fuzz_dir(), name);
+  return path;
+}
+
+/* DIR/name with data written to it; returns the path. */
+static inline const char *fuzz_file(const char *name, const uint8_t *data, size_t n) {
+  const char *path = fuzz_path(name);
   FILE *f = fopen(path, "wb");
   if (!f || (n && fwrite(data, 1, n, f) != n)) abort();
   fclose(f);

@@ -50,9 +50,7 @@ static void write_tensors(const itr_model_config *c) {
         itr_mixlora_name(0, e, (itr_module)m, which, name, sizeof name);
         if (itr_st_writer_add_f32(w, name, ITR_F32, 2, sh, zeros) != ITR_OK) abort();
       }
-  char path[128];
-  snprintf(path, sizeof path, "%s/adapter_model.safetensors", fuzz_dir());
-  if (itr_st_writer_write(w, path) != ITR_OK) abort();
+  if (itr_st_writer_write(w, fuzz_path("adapter_model.safetensors")) != ITR_OK) abort();
   itr_st_writer_destroy(w);
 }
 
