@@ -23,6 +23,8 @@ void merge_log_register(merge_ctx *c) {
   PetscLogEventRegister("ItrGram", cid, &c->ev_gram);         /* rows in, Gram (pdsyrk) and its norms */
   PetscLogEventRegister("ItrAssemble", cid, &c->ev_assemble); /* right-hand side terms and T2 += ... */
   PetscLogEventRegister("ItrSolve", cid, &c->ev_solve);       /* Cholesky, solves and residual */
+  PetscLogEventRegister("ItrRows", cid, &c->ev_rows);         /* inside ItrGram: rows into the block-cyclic layout */
+  PetscLogEventRegister("ItrWeights", cid, &c->ev_weights);   /* numerators of the adaptive weights */
 }
 
 double merge_forward_flops(const merge_ctx *c, int64_t T) {

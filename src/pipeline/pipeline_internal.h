@@ -91,6 +91,7 @@ typedef struct {
   double seconds_merge;
   PetscLogStage stage_load, stage_forward, stage_stats, stage_reduce, stage_assemble, stage_solve, stage_write, stage_eval;
   PetscLogEvent ev_forward, ev_gram, ev_assemble, ev_solve; /* -log_view: time and flops per phase */
+  PetscLogEvent ev_rows, ev_weights;                         /* parts of the statistics */
 } merge_ctx;
 
 /* Slot of module m (index in c->arch) of layer l in the per-module arrays; their count. */

@@ -330,11 +330,14 @@ static itr_err token_site_init(merge_ctx *c, int k, int s, double rho, token_sit
   int64_t *counts = NULL; /* [P][N] every rank's rows per task */
   float *xc = NULL, *xtc = NULL;
   itr_dist_matrix Z = {0};
+  int in_rows = 0; /* the ItrRows event is open (ended at done: on an error) */
   itr_err e = itr_calloc((size_t)P * (size_t)N, sizeof(int64_t), "row counts", &counts);
   if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(double), "token-space rows", &ts->zm);
   if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(float), "stacked rows", &xc);
   if (e == ITR_OK && k >= 2) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(float), "stacked rows", &xtc);
   ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
+  in_rows = 1;
+  (void)PetscLogEventBegin(c->ev_rows, 0, 0, 0, 0);
   for (int i = 0; i < N; i++) {
     const size_t n = (size_t)c->calib_sh[i].T * (size_t)d, at = (size_t)ts->off[i] * (size_t)d;
     if (n == 0) continue;
@@ -369,6 +372,8 @@ static itr_err token_site_init(merge_ctx *c, int k, int s, double rho, token_sit
   ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
   e = xtc ? itr_dist_rows_create(c->grid, ts->T, d, xtc, 1.0 - rho, xc, rho, &Z)
           : itr_dist_rows_create(c->grid, ts->T, d, xc, 1.0, NULL, 0.0, &Z);
+  (void)PetscLogEventEnd(c->ev_rows, 0, 0, 0, 0);
+  in_rows = 0;
   ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
   if (Z.m != ts->n_pad) {
     e = itr_error_set(ITR_ERR_INTERNAL, "token-space rows: %d rows laid out, %lld expected", Z.m, (long long)ts->n_pad);
@@ -379,6 +384,7 @@ static itr_err token_site_init(merge_ctx *c, int k, int s, double rho, token_sit
   /* this rank's share of pdsyrk: n^2 d */
   (void)PetscLogFlops((double)ts->n_pad * (double)ts->n_pad * (double)d / c->grid->size);
 done:
+  if (in_rows) (void)PetscLogEventEnd(c->ev_rows, 0, 0, 0, 0);
   itr_dist_matrix_fini(&Z);
   free(counts);
   ts->x = xc; /* kept: the source rows (float32) of the P terms */
@@ -565,8 +571,10 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     /* the Gram of the (mixed) merged-model rows and the two norms, in the block-cyclic layout */
     PetscLogStagePush(c->stage_stats);
     (void)PetscLogEventBegin(c->ev_gram, 0, 0, 0, 0);
+    (void)PetscLogEventBegin(c->ev_rows, 0, 0, 0, 0);
     if (!tokens || xt) e = itr_dist_rows_create(c->grid, T, d_in, x, 1.0, NULL, 0.0, &Xd);
     if (e == ITR_OK && xt) e = itr_dist_rows_create(c->grid, T, d_in, xt, 1.0 - rho, x, rho, &Xm);
+    (void)PetscLogEventEnd(c->ev_rows, 0, 0, 0, 0);
     if (e == ITR_OK && tokens && !xt) /* iteration 1: the (i, i) block of the site's kernel */
       n2 = kn2[i];
     else if (e == ITR_OK && tokens) { /* no Gram: its norm through the (n_i, n_i) kernel */
@@ -594,6 +602,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     /* iteration 1: the numerators of c_i, and the denominators, summed over the ranks, from the
      * source model's forward of this layer */
     if (e == ITR_OK && (c->method->flags & ITR_METHOD_ADAPTIVE) && k == 1) {
+      (void)PetscLogEventBegin(c->ev_weights, 0, 0, 0, 0);
       double sums[2 * ITR_ARCH_MAX_MODULES];
       for (int q = 0; q < nj && e == ITR_OK; q++) {
         sums[q] = c->ynorm[i][site_jobs[q].m];
@@ -606,6 +615,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
       if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, sums, 2 * nj, MPI_DOUBLE, MPI_SUM, c->comm) != MPI_SUCCESS)
         e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the adaptive weights failed");
       for (int q = 0; q < nj; q++) xw[q] = sums[q], ww[q] = sums[nj + q];
+      (void)PetscLogEventEnd(c->ev_weights, 0, 0, 0, 0);
     }
     PetscLogStagePop();
     for (int q = 0; q < nj && e == ITR_OK; q++) {
