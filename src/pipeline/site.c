@@ -66,33 +66,50 @@ fail:
  * float64 (0.9 GiB for Llama-3-8B's gate/up site, 3.8 GiB at 70B). */
 enum { W_PANEL = 256 };
 
-/* wp (n, d_in) f64 = rows [o0, o0 + n) of W0 + s B A; W0 (d_out, d_in) f32. */
-static void weight_panel(const float *W0, const itr_merge_task *t, int64_t d_in, int64_t o0, int64_t n, double *wp) {
-  to_f64(W0 + o0 * d_in, (size_t)(n * d_in), wp);
-  if (t->r > 0)
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_in, t->r, t->scale, t->B + o0 * t->r, t->r,
-                t->A, (int)d_in, 1.0, wp, (int)d_in);
-}
-
-/* This rank's part of ||W0 + s B A||_F^2 (the numerator of c_i) in float64 from the float32 W0
- * (d_out, d_in) of the held layer, a panel of at most W_PANEL rows at a time: panels rank, rank +
- * size, ... (the caller sums over the ranks). The denominator ||X (W0 + s B A)^T||_F^2 comes from the source model's
- * forward (c->ynorm), which forms those products anyway. */
-static itr_err weight_norm2(int64_t d_in, int64_t d_out, const float *W0, const itr_merge_task *t, int rank, int size,
-                            double *ww) {
-  double *wp = NULL, sw = 0.0;
+/* This rank's part of ||W0 + s_i B_i A_i||_F^2 for every task i (the numerators of c_i), in float64
+ * from the float32 W0 (d_out, d_in) of the held layer, through
+ *   ||W0 + s B A||^2 = ||W0||^2 + 2 s <B^T W0, A> + s^2 <B^T B, A A^T>:
+ * W0 is read once for all tasks, a panel of at most W_PANEL rows at a time (panels rank, rank + size,
+ * ...: the caller sums over the ranks), and B^T W0 of every task is one GEMM of the stacked B's
+ * (R = sum r_i rows) per panel. The last term (r x r Grams) is rank 0's. ww[i] receives task i's part. */
+static itr_err weight_norms(int N, int64_t d_in, int64_t d_out, const float *W0, const itr_merge_task *tasks, int rank,
+                            int size, double *ww) {
+  int64_t R = 0, off[ITR_MAX_TASKS + 1] = {0};
+  for (int i = 0; i < N; i++) off[i + 1] = off[i] + tasks[i].r;
+  R = off[N];
   int64_t rows = (d_out + size - 1) / size; /* every rank gets panels even when d_out < W_PANEL size */
   if (rows > W_PANEL) rows = W_PANEL;
   if (rows < 1) rows = 1;
-  ITR_TRY(itr_calloc((size_t)rows * (size_t)d_in, sizeof(double), "W0 + dW panel f64", &wp));
-  for (int64_t o0 = (int64_t)rank * rows; o0 < d_out; o0 += rows * size) {
+  double *wp = NULL, *bp = NULL, *M = NULL, s0 = 0.0;
+  itr_err e = itr_calloc((size_t)rows * (size_t)d_in, sizeof(double), "W0 panel f64", &wp);
+  if (e == ITR_OK) e = itr_calloc((size_t)(rows * R) + 1, sizeof(double), "stacked B panel", &bp);
+  if (e == ITR_OK) e = itr_calloc((size_t)(R * d_in) + 1, sizeof(double), "B^T W0", &M);
+  for (int64_t o0 = (int64_t)rank * rows; e == ITR_OK && o0 < d_out; o0 += rows * size) {
     const int64_t no = d_out - o0 < rows ? d_out - o0 : rows;
-    weight_panel(W0, t, d_in, o0, no, wp);
-    for (int64_t q = 0; q < no * d_in; q++) sw += wp[q] * wp[q];
+    to_f64(W0 + o0 * d_in, (size_t)(no * d_in), wp);
+    for (int64_t q = 0; q < no * d_in; q++) s0 += wp[q] * wp[q];
+    if (R == 0) continue;
+    for (int i = 0; i < N; i++) /* bp (no, R): rows o0.. of every B_i side by side */
+      for (int64_t o = 0; o < no; o++)
+        for (int k = 0; k < tasks[i].r; k++) bp[o * R + off[i] + k] = tasks[i].B[(o0 + o) * tasks[i].r + k];
+    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)R, (int)d_in, (int)no, 1.0, bp, (int)R, wp, (int)d_in,
+                1.0, M, (int)d_in);
+  }
+  for (int i = 0; i < N && e == ITR_OK; i++) {
+    const itr_merge_task *t = &tasks[i];
+    double cross = 0.0, sq = 0.0;
+    for (int k = 0; k < t->r; k++) cross += cblas_ddot((int)d_in, M + (off[i] + k) * d_in, 1, t->A + k * d_in, 1);
+    if (rank == 0) /* <B^T B, A A^T> */
+      for (int k = 0; k < t->r; k++)
+        for (int m = 0; m < t->r; m++)
+          sq += cblas_ddot((int)d_out, t->B + k, t->r, t->B + m, t->r) *
+                cblas_ddot((int)d_in, t->A + k * d_in, 1, t->A + m * d_in, 1);
+    ww[i] = s0 + 2.0 * t->scale * cross + t->scale * t->scale * sq;
   }
   free(wp);
-  *ww = sw;
-  return ITR_OK;
+  free(bp);
+  free(M);
+  return e;
 }
 
 /* The system of one module at a site, filled task by task: T2 in the block-cyclic layout (lower
@@ -562,6 +579,28 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
    * the upper one is never read) */
   itr_dist_matrix G = {0};
   if (!tokens && e == ITR_OK) e = itr_dist_agree(c->comm, itr_dist_matrix_init(&G, c->grid, (int)d_in, (int)d_in));
+  /* iteration 1: the numerators of every c_i, and the denominators from the source model's forward of
+   * this layer, summed over the ranks */
+  double wsum[2][ITR_MAX_TASKS][ITR_ARCH_MAX_MODULES] = {{{0}}};
+  if (e == ITR_OK && (c->method->flags & ITR_METHOD_ADAPTIVE) && k == 1) {
+    PetscLogStagePush(c->stage_stats);
+    (void)PetscLogEventBegin(c->ev_weights, 0, 0, 0, 0);
+    double part[ITR_MAX_TASKS];
+    for (int q = 0; q < nj && e == ITR_OK; q++) {
+      const module_job *j = &site_jobs[q];
+      e = weight_norms(N, d_in, j->d_out, j->W0f, j->tasks, c->rank, c->size, part);
+      int64_t R = 0;
+      for (int i = 0; i < N; i++) wsum[0][i][q] = c->ynorm[i][j->m], wsum[1][i][q] = part[i], R += j->tasks[i].r;
+      /* this rank's panels: B^T W0 (2 R per entry of W0) and ||W0||^2 (2 per entry) */
+      (void)PetscLogFlops((2.0 * (double)R + 2.0) * (double)d_in * (double)j->d_out / c->size);
+    }
+    e = itr_dist_agree(c->comm, e);
+    if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, wsum, 2 * ITR_MAX_TASKS * ITR_ARCH_MAX_MODULES, MPI_DOUBLE, MPI_SUM,
+                                     c->comm) != MPI_SUCCESS)
+      e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the adaptive weights failed");
+    (void)PetscLogEventEnd(c->ev_weights, 0, 0, 0, 0);
+    PetscLogStagePop();
+  }
   int64_t row[ITR_ARCH_MAX_MODULES] = {0};
   for (int i = 0; i < N && e == ITR_OK; i++) {
     const int64_t T = c->calib_sh[i].T;
@@ -599,24 +638,8 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
       e = itr_dist_agree(c->comm, itr_calloc((size_t)d_in, sizeof(double), "diagonal of X^T X", &diag));
       if (e == ITR_OK) e = itr_dist_matrix_diag(&G, diag);
     }
-    /* iteration 1: the numerators of c_i, and the denominators, summed over the ranks, from the
-     * source model's forward of this layer */
-    if (e == ITR_OK && (c->method->flags & ITR_METHOD_ADAPTIVE) && k == 1) {
-      (void)PetscLogEventBegin(c->ev_weights, 0, 0, 0, 0);
-      double sums[2 * ITR_ARCH_MAX_MODULES];
-      for (int q = 0; q < nj && e == ITR_OK; q++) {
-        sums[q] = c->ynorm[i][site_jobs[q].m];
-        e = weight_norm2(d_in, site_jobs[q].d_out, site_jobs[q].W0f, &site_jobs[q].tasks[i], c->rank, c->size,
-                         &sums[nj + q]);
-        /* this rank's panels of s B A added to W0 (2 r per entry) and their sum of squares (2 per entry) */
-        (void)PetscLogFlops((2.0 * site_jobs[q].tasks[i].r + 2.0) * (double)d_in * (double)site_jobs[q].d_out / c->size);
-      }
-      e = itr_dist_agree(c->comm, e);
-      if (e == ITR_OK && MPI_Allreduce(MPI_IN_PLACE, sums, 2 * nj, MPI_DOUBLE, MPI_SUM, c->comm) != MPI_SUCCESS)
-        e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Allreduce of the adaptive weights failed");
-      for (int q = 0; q < nj; q++) xw[q] = sums[q], ww[q] = sums[nj + q];
-      (void)PetscLogEventEnd(c->ev_weights, 0, 0, 0, 0);
-    }
+    if ((c->method->flags & ITR_METHOD_ADAPTIVE) && k == 1)
+      for (int q = 0; q < nj; q++) xw[q] = wsum[0][i][q], ww[q] = wsum[1][i][q];
     PetscLogStagePop();
     for (int q = 0; q < nj && e == ITR_OK; q++) {
       module_job *j = &site_jobs[q];
