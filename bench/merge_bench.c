@@ -1,7 +1,7 @@
 /* merge_bench: the merge's two heavy phases on the path the product runs (src/pipeline/site.c),
  * against dgemm measured in the same run, on a BLACS grid over all ranks:
- *   stats  itr_dist_rows_create (every rank's T rows of X into the block-cyclic layout, one
- *          Alltoallv) + itr_dist_gram (pdsyrk) + itr_dist_frob2          n d (d + 1) flops, n = P T
+ *   stats  itr_dist_gram_rows (every rank's T rows of X, its partial Gram summed into the
+ *          block-cyclic layout by MPI_Reduce_scatter) + itr_dist_frob2  n d (d + 1) flops, n = P T
  *   solve  itr_dist_solve_spd: pdpotrf, pdpotrs with R right-hand sides and the residual (pdsymm)
  *                                                                        d^3 / 3 + 4 d^2 R flops
  *   dgemm  on every rank at once, C (d, d) += X^T X with X (T, d)         2 T d^2 flops per rank
@@ -71,7 +71,7 @@ int main(int argc, char **argv) {
     printf("%d rank(s), grid %d x %d, block %d, OPENBLAS_NUM_THREADS %s; T = %ld rows per rank, R = %ld right-hand "
            "sides, best of %d; GFLOP/s per rank\n\n",
            size, grid->nprow, grid->npcol, grid->mb, thr ? thr : "(default)", T, R, reps);
-    printf("| d_in | dgemm | stats (rows + pdsyrk + norm) | stats s | solve (pdpotrf + pdpotrs + residual) | solve s | "
+    printf("| d_in | dgemm | stats (gram_rows + norm) | stats s | solve (pdpotrf + pdpotrs + residual) | solve s | "
            "stats vs dgemm | solve vs dgemm | sgemm |\n");
     printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     fflush(stdout);
@@ -108,16 +108,14 @@ int main(int argc, char **argv) {
                   Cs, (int)d);
       best_sgemm = fmin(best_sgemm, max_time(itr_wtime() - t));
       /* statistics as site.c forms them */
-      itr_dist_matrix Xd = {0}, G = {0}, B = {0}, Y = {0};
+      itr_dist_matrix G = {0}, B = {0}, Y = {0};
       double n2 = 0;
       MPI_Barrier(MPI_COMM_WORLD);
       t = itr_wtime();
-      if (itr_dist_rows_create(grid, T, d, x, 1.0, NULL, 0.0, &Xd) != ITR_OK ||
-          itr_dist_matrix_init(&G, grid, (int)d, (int)d) != ITR_OK || itr_dist_gram(1.0, &Xd, &Xd, 0.0, &G) != ITR_OK ||
-          itr_dist_frob2(&G, 1, &n2) != ITR_OK)
+      if (itr_dist_matrix_init(&G, grid, (int)d, (int)d) != ITR_OK ||
+          itr_dist_gram_rows(grid, T, d, x, 1.0, NULL, 0.0, &G) != ITR_OK || itr_dist_frob2(&G, 1, &n2) != ITR_OK)
         return fail(rank, "statistics");
       best_stats = fmin(best_stats, max_time(itr_wtime() - t));
-      itr_dist_matrix_fini(&Xd);
       /* T2 = G + 1e-7 ||G|| I and R right-hand sides, solved as site.c does */
       itr_dist_matrix_add(&G, 0.0, &G, 1.0, 1e-7 * sqrt(n2), 1);
       if (itr_dist_matrix_init(&B, grid, (int)d, (int)R) != ITR_OK || itr_dist_matrix_init(&Y, grid, (int)d, (int)R) != ITR_OK)

@@ -110,6 +110,18 @@ itr_err itr_dist_gram(double alpha, const itr_dist_matrix *A, const itr_dist_mat
 /* buf (n doubles, replicated layout) = its sum over comm's ranks, in place, in chunks of 2^26 (MPI's int
  * counts); what names it in the error message. Collective on comm. */
 itr_err itr_dist_allreduce_sum(double *buf, int64_t n, MPI_Comm comm, const char *what);
+/* C (d, d) = sum over the ranks of Z_p^T Z_p, Z_p = a x + b y the T rows this rank holds ((T, d) f32
+ * row-major, T may be 0; y may be NULL): the Gram of rows spread over the ranks without moving the
+ * rows. Each rank forms its partial product (OpenBLAS, in panels of columns of at most 64 MiB) and
+ * the partials are summed straight into the block-cyclic layout (MPI_Reduce_scatter). Lower
+ * triangle; the strict upper triangle holds no defined values. Collective on the grid. */
+itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
+                           double b, itr_dist_matrix *C);
+/* The largest partial panel of itr_dist_gram_rows in bytes (0: the default, 64 MiB) [same on all
+ * ranks]; for tests. Not Collective. */
+void itr_dist_gram_rows_panel(size_t bytes);
+/* Frees the buffers itr_dist_gram_rows keeps between calls (itr_dist_grid_destroy calls it). */
+void itr_dist_scratch_release(void);
 /* C (n, n) = alpha A A^T + beta C for tall A (n, d) on C's grid: the kernel of A's rows (pdsyrk),
  * lower triangle only (the strict upper triangle of C is left as it was). Collective on the grid. */
 itr_err itr_dist_kernel(double alpha, const itr_dist_matrix *A, double beta, itr_dist_matrix *C);

@@ -137,6 +137,7 @@ itr_err itr_dist_grid_split(const itr_dist_grid *parent, int n_groups, itr_dist_
 }
 
 void itr_dist_grid_destroy(itr_dist_grid *grid) {
+  itr_dist_scratch_release();
   if (!grid) return;
   if (grid->myrow >= 0) Cblacs_gridexit(grid->ctxt);
   MPI_Comm_free(&grid->comm);

@@ -611,7 +611,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
     PetscLogStagePush(c->stage_stats);
     (void)PetscLogEventBegin(c->ev_gram, 0, 0, 0, 0);
     (void)PetscLogEventBegin(c->ev_rows, 0, 0, 0, 0);
-    if (!tokens || xt) e = itr_dist_rows_create(c->grid, T, d_in, x, 1.0, NULL, 0.0, &Xd);
+    if (xt) e = itr_dist_rows_create(c->grid, T, d_in, x, 1.0, NULL, 0.0, &Xd); /* for the cross norm */
     if (e == ITR_OK && xt) e = itr_dist_rows_create(c->grid, T, d_in, xt, 1.0 - rho, x, rho, &Xm);
     (void)PetscLogEventEnd(c->ev_rows, 0, 0, 0, 0);
     if (e == ITR_OK && tokens && !xt) /* iteration 1: the (i, i) block of the site's kernel */
@@ -620,7 +620,10 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
       e = itr_dist_cross_norm2(xt ? &Xm : &Xd, xt ? &Xm : &Xd, &n2);
       (void)PetscLogFlops(cross_norm_flops(c->calib[i].n_tokens, d_in, 1) / c->grid->size);
     }
-    if (e == ITR_OK && !tokens) e = itr_dist_gram(1.0, xt ? &Xm : &Xd, xt ? &Xm : &Xd, 0.0, &G);
+    /* the Gram of the rows where they are (partial products summed into the layout) */
+    if (e == ITR_OK && !tokens)
+      e = itr_dist_agree(c->comm, xt ? itr_dist_gram_rows(c->grid, T, d_in, xt, 1.0 - rho, x, rho, &G)
+                                     : itr_dist_gram_rows(c->grid, T, d_in, x, 1.0, NULL, 0.0, &G));
     if (e == ITR_OK && !tokens) e = itr_dist_frob2(&G, 1, &n2);
     n2 = sqrt(n2);
     n1 = n2; /* iteration 1: Xt' = X */
