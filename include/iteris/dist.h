@@ -117,6 +117,14 @@ itr_err itr_dist_allreduce_sum(double *buf, int64_t n, MPI_Comm comm, const char
  * triangle; the strict upper triangle holds no defined values. Collective on the grid. */
 itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
                            double b, itr_dist_matrix *C);
+/* K (n, n) lower = Z Z^T, the kernel of the rows of every rank stacked (n = size x T_max: rank p's row
+ * t is row p T_max + t, the rows between the ranks' are zero, as itr_dist_rows_create lays them
+ * out), Z = a x + b y from each rank's T rows ((T, d) f32 row-major, y may be NULL). The rows travel
+ * once (MPI_Alltoallv, float32) so that each rank holds every row's slice d / size of the columns;
+ * each forms its partial kernel (dsyrk) and the partials are summed into K's owners as in
+ * itr_dist_gram_rows. Collective on the grid. */
+itr_err itr_dist_kernel_rows(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
+                             double b, itr_dist_matrix *K);
 /* The largest partial panel of itr_dist_gram_rows in bytes (0: the default, 64 MiB) [same on all
  * ranks]; for tests. Not Collective. */
 void itr_dist_gram_rows_panel(size_t bytes);

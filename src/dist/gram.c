@@ -229,46 +229,45 @@ void itr_dist_scratch_release(void) {
   for (int k = 0; k < SCR_N; k++) free(scratch_[k]), scratch_[k] = NULL, scratch_n_[k] = 0;
 }
 
-itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
-                           double b, itr_dist_matrix *C) {
-  ITR_CHECK(C->grid == grid && C->m == d && C->n == d && T >= 0 && (T == 0 || x), ITR_ERR_INTERNAL,
-            "gram_rows: C is %d x %d for rows of %lld (C must be d x d on the grid)", C->m, C->n, (long long)d);
-  const int size = grid->size, mb = grid->mb, pr = grid->nprow, pc = grid->npcol, zero = 0;
-  const int di = (int)d;
-  double *z = NULL, *gp = NULL, *sbuf = NULL, *rbuf = NULL, *xbuf = NULL;
-  int *counts = NULL;
-  /* this rank's rows in float64, row-major (T, d): column-major (d, T), whose A A^T is Z^T Z */
-  itr_err e = scratch(SCR_ROWS, (size_t)(T * d) + 1, &z);
-  for (int64_t q = 0; e == ITR_OK && q < T * d; q++) z[q] = y && b != 0.0 ? a * (double)x[q] + b * (double)y[q] : a * (double)x[q];
+/* C (n, n) lower = sum over the ranks of A_p A_p^T, A_p (n, k) column-major (lda) this rank's operand:
+ * one dsyrk on one process; else panels of w columns of C, rows [j0, n) of each from A_p (the diagonal
+ * block by dsyrk, the rows below by dgemm: n^2 k flops in all), each owner's share packed in the order
+ * of its local array (its columns in the panel, in each its rows), sent to it (MPI_Alltoallv:
+ * pairwise exchanges, several times faster than Open MPI's MPI_Reduce_scatter for panels this large)
+ * and summed there. Collective on the grid. */
+static itr_err sum_syrk(const itr_dist_grid *grid, int64_t n, int64_t k, const double *A, int64_t lda,
+                        itr_dist_matrix *C) {
+  const int size = grid->size, mb = grid->mb, pr = grid->nprow, pc = grid->npcol, zero = 0, ni = (int)n;
   if (size == 1) { /* one process: the local array is the whole C */
-    if (e == ITR_OK) cblas_dsyrk(CblasColMajor, CblasLower, CblasNoTrans, di, (int)T, 1.0, z, di, 0.0, C->a, C->lld);
-    return e;
+    if (k > 0) cblas_dsyrk(CblasColMajor, CblasLower, CblasNoTrans, ni, (int)k, 1.0, A, (int)lda, 0.0, C->a, C->lld);
+    else
+      for (int64_t j = 0; j < n; j++) memset(C->a + j * C->lld + j, 0, (size_t)(n - j) * sizeof(double));
+    return ITR_OK;
   }
-  /* panels of w columns: rows [j0, d) of C[:, j0:j0+w] from this rank's rows (n d^2 flops in all), each
-   * owner's share packed in the order of its local array (its columns in the panel, in each its rows),
-   * sent to it, and summed there */
-  int64_t w = (int64_t)(gram_panel_bytes_ / (size_t)(8 * d));
+  double *gp = NULL, *sbuf = NULL, *rbuf = NULL, *xbuf = NULL;
+  int *counts = NULL;
+  int64_t w = (int64_t)(gram_panel_bytes_ / (size_t)(8 * n));
   w = w / mb * mb;
   if (w < mb) w = mb;
-  if (w > d) w = d;
-  if (e == ITR_OK) e = scratch(SCR_PANEL, (size_t)(d * w), &gp);
-  if (e == ITR_OK) e = itr_calloc((size_t)size * 4, sizeof(int), "panel counts", &counts);
-  int *sdispl = counts ? counts + size : NULL, *rcount = counts ? counts + 2 * size : NULL,
-      *rdispl = counts ? counts + 3 * size : NULL;
-  if (e == ITR_OK) e = scratch(SCR_SEND, (size_t)(d * w), &sbuf);
+  if (w > n) w = n;
   /* my share of a panel: my rows x at most my_cols of its columns; received from every rank */
-  const int64_t my_rows = numroc_(&di, &mb, &grid->myrow, &zero, &pr), my_cols = ((w / mb + pc - 1) / pc + 1) * mb;
+  const int64_t my_rows = numroc_(&ni, &mb, &grid->myrow, &zero, &pr), my_cols = ((w / mb + pc - 1) / pc + 1) * mb;
+  itr_err e = scratch(SCR_PANEL, (size_t)(n * w), &gp);
+  if (e == ITR_OK) e = scratch(SCR_SEND, (size_t)(n * w), &sbuf);
   if (e == ITR_OK) e = scratch(SCR_SUM, (size_t)(my_rows * my_cols) + 1, &rbuf);
   if (e == ITR_OK) e = scratch(SCR_RECV, (size_t)size * (size_t)(my_rows * my_cols) + 1, &xbuf);
+  if (e == ITR_OK) e = itr_calloc((size_t)size * 4, sizeof(int), "panel counts", &counts);
   e = itr_dist_agree(grid->comm, e);
-  for (int64_t j0 = 0; e == ITR_OK && j0 < d; j0 += w) {
-    const int64_t wp = d - j0 < w ? d - j0 : w;
-    memset(gp, 0, (size_t)(d * wp) * sizeof(double));
-    if (T > 0) { /* the panel's diagonal block (lower, dsyrk), then the rows below it (dgemm) */
-      cblas_dsyrk(CblasColMajor, CblasLower, CblasNoTrans, (int)wp, (int)T, 1.0, z + j0, di, 0.0, gp + j0, di);
-      if (j0 + wp < d)
-        cblas_dgemm(CblasColMajor, CblasNoTrans, CblasTrans, (int)(d - j0 - wp), (int)wp, (int)T, 1.0, z + j0 + wp, di,
-                    z + j0, di, 0.0, gp + j0 + wp, di);
+  int *sdispl = counts ? counts + size : NULL, *rcount = counts ? counts + 2 * size : NULL,
+      *rdispl = counts ? counts + 3 * size : NULL;
+  for (int64_t j0 = 0; e == ITR_OK && j0 < n; j0 += w) {
+    const int64_t wp = n - j0 < w ? n - j0 : w;
+    memset(gp, 0, (size_t)(n * wp) * sizeof(double));
+    if (k > 0) {
+      cblas_dsyrk(CblasColMajor, CblasLower, CblasNoTrans, (int)wp, (int)k, 1.0, A + j0, (int)lda, 0.0, gp + j0, ni);
+      if (j0 + wp < n)
+        cblas_dgemm(CblasColMajor, CblasNoTrans, CblasTrans, (int)(n - j0 - wp), (int)wp, (int)k, 1.0, A + j0 + wp,
+                    (int)lda, A + j0, (int)lda, 0.0, gp + j0 + wp, ni);
     }
     int64_t at = 0;
     for (int q = 0; q < size; q++) {
@@ -276,28 +275,25 @@ itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, cons
       const int64_t start = at;
       for (int64_t gj = j0; gj < j0 + wp; gj++) {
         if ((gj / mb) % pc != c) continue;
-        const double *col = gp + (gj - j0) * d;
-        for (int64_t g0 = (int64_t)r * mb; g0 < d; g0 += (int64_t)mb * pr) {
-          const int64_t g1 = g0 + mb < d ? g0 + mb : d;
+        const double *col = gp + (gj - j0) * n;
+        for (int64_t g0 = (int64_t)r * mb; g0 < n; g0 += (int64_t)mb * pr) {
+          const int64_t g1 = g0 + mb < n ? g0 + mb : n;
           memcpy(sbuf + at, col + g0, (size_t)(g1 - g0) * sizeof(double));
           at += g1 - g0;
         }
       }
       counts[q] = (int)(at - start);
     }
-    /* every rank's share for me, side by side (MPI_Alltoallv: pairwise exchanges, several times
-     * faster than Open MPI's MPI_Reduce_scatter for panels this large), then summed here */
     const int mine = counts[grid->rank];
     for (int q = 0, o = 0; q < size; q++) sdispl[q] = o, o += counts[q], rcount[q] = mine, rdispl[q] = q * mine;
     if (MPI_Alltoallv(sbuf, counts, sdispl, MPI_DOUBLE, xbuf, rcount, rdispl, MPI_DOUBLE, grid->comm) != MPI_SUCCESS) {
-      e = itr_error_set(ITR_ERR_INTERNAL, "gram_rows: MPI_Alltoallv of a Gram panel failed");
+      e = itr_error_set(ITR_ERR_INTERNAL, "MPI_Alltoallv of a Gram panel failed");
       break;
     }
     memcpy(rbuf, xbuf, (size_t)mine * sizeof(double));
     for (int q = 1; q < size; q++)
-      for (int k = 0; k < mine; k++) rbuf[k] += xbuf[(size_t)q * (size_t)mine + (size_t)k];
-    /* my columns of the panel, each my_rows long, into the local array */
-    int64_t got = 0;
+      for (int t = 0; t < mine; t++) rbuf[t] += xbuf[(size_t)q * (size_t)mine + (size_t)t];
+    int64_t got = 0; /* my columns of the panel, each my_rows long, into the local array */
     for (int64_t gj = j0; gj < j0 + wp; gj++) {
       if ((gj / mb) % pc != grid->mycol) continue;
       memcpy(C->a + g2l(gj, mb, pc) * C->lld, rbuf + got * my_rows, (size_t)my_rows * sizeof(double));
@@ -305,6 +301,95 @@ itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, cons
     }
   }
   free(counts);
+  return e;
+}
+
+itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
+                           double b, itr_dist_matrix *C) {
+  ITR_CHECK(C->grid == grid && C->m == d && C->n == d && T >= 0 && (T == 0 || x), ITR_ERR_INTERNAL,
+            "gram_rows: C is %d x %d for rows of %lld (C must be d x d on the grid)", C->m, C->n, (long long)d);
+  /* this rank's rows in float64, row-major (T, d): column-major (d, T), whose A A^T is Z^T Z */
+  double *z = NULL;
+  itr_err e = scratch(SCR_ROWS, (size_t)(T * d) + 1, &z);
+  for (int64_t q = 0; e == ITR_OK && q < T * d; q++) z[q] = y && b != 0.0 ? a * (double)x[q] + b * (double)y[q] : a * (double)x[q];
+  e = itr_dist_agree(grid->comm, e);
+  if (e == ITR_OK) e = sum_syrk(grid, d, T, z, d, C);
+  if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
+  return ITR_OK;
+}
+
+itr_err itr_dist_kernel_rows(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
+                             double b, itr_dist_matrix *K) {
+  const int size = grid->size;
+  int64_t *Ts = NULL, tmax = 1;
+  int *cnt = NULL;
+  float *sbuf = NULL, *rbuf = NULL;
+  double *zq = NULL;
+  itr_err e = itr_calloc((size_t)size, sizeof(int64_t), "row counts", &Ts);
+  if (e == ITR_OK) e = itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &cnt);
+  e = itr_dist_agree(grid->comm, e);
+  if (e != ITR_OK) goto done;
+  if (MPI_Allgather(&T, 1, MPI_INT64_T, Ts, 1, MPI_INT64_T, grid->comm) != MPI_SUCCESS) {
+    e = itr_error_set(ITR_ERR_INTERNAL, "kernel_rows: MPI_Allgather of the row counts failed");
+    goto done;
+  }
+  for (int p = 0; p < size; p++)
+    if (Ts[p] > tmax) tmax = Ts[p];
+  const int64_t n = (int64_t)size * tmax; /* rank p's row t is row p tmax + t; the others are zero */
+  /* columns [c0(q), c0(q + 1)) go to rank q: every rank's rows of them, in float32 */
+#define C0(q) (d * (int64_t)(q) / size)
+  const int64_t dq = C0(grid->rank + 1) - C0(grid->rank);
+  if (K->m != n || K->n != n || K->grid != grid || n * (dq > 0 ? dq : 1) > INT_MAX || T * d > INT_MAX)
+    e = itr_error_set(ITR_ERR_INTERNAL, "kernel_rows: K is %d x %d for %lld rows (expected %lld x %lld), or more than "
+                      "2^31 values move", K->m, K->n, (long long)n, (long long)n, (long long)n);
+  if (e == ITR_OK) e = itr_calloc((size_t)(T * d) + 1, sizeof(float), "rows to send", &sbuf);
+  if (e == ITR_OK) e = itr_calloc((size_t)(n * dq) + 1, sizeof(float), "rows received", &rbuf);
+  if (e == ITR_OK) e = scratch(SCR_ROWS, (size_t)(n * dq) + 1, &zq);
+  e = itr_dist_agree(grid->comm, e);
+  if (e != ITR_OK) goto done;
+  int *scount = cnt, *sdispl = cnt + size, *rcount = cnt + 2 * size, *rdispl = cnt + 3 * size;
+  for (int q = 0, o = 0; q < size; q++) { /* to q: my T rows of its columns, row by row */
+    const int64_t w = C0(q + 1) - C0(q);
+    for (int64_t t = 0; t < T; t++) memcpy(sbuf + o + t * w, x + t * d + C0(q), (size_t)w * sizeof(float));
+    scount[q] = (int)(T * w), sdispl[q] = o, o += (int)(T * w);
+  }
+  for (int p = 0, o = 0; p < size; p++) rcount[p] = (int)(Ts[p] * dq), rdispl[p] = o, o += rcount[p];
+  if (MPI_Alltoallv(sbuf, scount, sdispl, MPI_FLOAT, rbuf, rcount, rdispl, MPI_FLOAT, grid->comm) != MPI_SUCCESS) {
+    e = itr_error_set(ITR_ERR_INTERNAL, "kernel_rows: MPI_Alltoallv of the rows failed");
+    goto done;
+  }
+  if (y && b != 0.0) { /* the second term, the same way, added in float64 below */
+    for (int q = 0, o = 0; q < size; q++) {
+      const int64_t w = C0(q + 1) - C0(q);
+      for (int64_t t = 0; t < T; t++) memcpy(sbuf + o + t * w, y + t * d + C0(q), (size_t)w * sizeof(float));
+      o += (int)(T * w);
+    }
+  }
+  /* zq (n, dq) column-major: a x (+ b y) of every rank's rows, zero rows between the ranks' */
+  memset(zq, 0, (size_t)(n * dq) * sizeof(double));
+  for (int p = 0; p < size; p++)
+    for (int64_t t = 0; t < Ts[p]; t++) {
+      const float *in = rbuf + rdispl[p] + t * dq;
+      for (int64_t j = 0; j < dq; j++) zq[j * n + (int64_t)p * tmax + t] = a * (double)in[j];
+    }
+  if (y && b != 0.0) {
+    if (MPI_Alltoallv(sbuf, scount, sdispl, MPI_FLOAT, rbuf, rcount, rdispl, MPI_FLOAT, grid->comm) != MPI_SUCCESS) {
+      e = itr_error_set(ITR_ERR_INTERNAL, "kernel_rows: MPI_Alltoallv of the rows failed");
+      goto done;
+    }
+    for (int p = 0; p < size; p++)
+      for (int64_t t = 0; t < Ts[p]; t++) {
+        const float *in = rbuf + rdispl[p] + t * dq;
+        for (int64_t j = 0; j < dq; j++) zq[j * n + (int64_t)p * tmax + t] += b * (double)in[j];
+      }
+  }
+#undef C0
+  e = sum_syrk(grid, n, dq, zq, n, K);
+done:
+  free(Ts);
+  free(cnt);
+  free(sbuf);
+  free(rbuf);
   if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
   return ITR_OK;
 }

@@ -346,7 +346,6 @@ static itr_err token_site_init(merge_ctx *c, int k, int s, double rho, token_sit
   ts->T = ts->off[N];
   int64_t *counts = NULL; /* [P][N] every rank's rows per task */
   float *xc = NULL, *xtc = NULL;
-  itr_dist_matrix Z = {0};
   int in_rows = 0; /* the ItrRows event is open (ended at done: on an error) */
   itr_err e = itr_calloc((size_t)P * (size_t)N, sizeof(int64_t), "row counts", &counts);
   if (e == ITR_OK) e = itr_calloc((size_t)(ts->T * d) + 1, sizeof(double), "token-space rows", &ts->zm);
@@ -387,22 +386,18 @@ static itr_err token_site_init(merge_ctx *c, int k, int s, double rho, token_sit
         for (int64_t t = 0; t < counts[(size_t)p * N + i]; t++) ts->task_of[g++] = i;
     }
   ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
-  e = xtc ? itr_dist_rows_create(c->grid, ts->T, d, xtc, 1.0 - rho, xc, rho, &Z)
-          : itr_dist_rows_create(c->grid, ts->T, d, xc, 1.0, NULL, 0.0, &Z);
   (void)PetscLogEventEnd(c->ev_rows, 0, 0, 0, 0);
   in_rows = 0;
-  ITR_TRY_GOTO(itr_dist_agree(c->comm, e), e, done);
-  if (Z.m != ts->n_pad) {
-    e = itr_error_set(ITR_ERR_INTERNAL, "token-space rows: %d rows laid out, %lld expected", Z.m, (long long)ts->n_pad);
-    goto done;
-  }
+  /* K0 from the rows where they are: each rank's slice of the columns of every row, partial kernels
+   * summed into the layout (itr_dist_kernel_rows) */
   e = itr_dist_agree(c->comm, itr_dist_matrix_init(&ts->K0, c->grid, (int)ts->n_pad, (int)ts->n_pad));
-  if (e == ITR_OK) e = itr_dist_agree(c->comm, itr_dist_kernel(1.0, &Z, 0.0, &ts->K0));
-  /* this rank's share of pdsyrk: n^2 d */
+  if (e == ITR_OK)
+    e = itr_dist_agree(c->comm, xtc ? itr_dist_kernel_rows(c->grid, ts->T, d, xtc, 1.0 - rho, xc, rho, &ts->K0)
+                                    : itr_dist_kernel_rows(c->grid, ts->T, d, xc, 1.0, NULL, 0.0, &ts->K0));
+  /* this rank's share of the kernel: n^2 d */
   (void)PetscLogFlops((double)ts->n_pad * (double)ts->n_pad * (double)d / c->grid->size);
 done:
   if (in_rows) (void)PetscLogEventEnd(c->ev_rows, 0, 0, 0, 0);
-  itr_dist_matrix_fini(&Z);
   free(counts);
   ts->x = xc; /* kept: the source rows (float32) of the P terms */
   free(xtc);

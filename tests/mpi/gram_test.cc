@@ -173,6 +173,52 @@ TEST(DistGram, GramOfRowsMatchesFloat64Loops) {
     }
 }
 
+// The kernel of every rank's rows, laid out as itr_dist_rows_create does (rank p's row t at p T_max +
+// t, zero rows between), from the rows where they are; in one panel and in panels of one block.
+TEST(DistGram, KernelOfRowsMatchesFloat64Loops) {
+  for (const Case &c : kCases)
+    for (int small = 0; small < 2; small++) {
+      itr_dist_grid *g = nullptr;
+      ASSERT_EQ(itr_dist_grid_create(MPI_COMM_WORLD, c.mb, &g), ITR_OK) << itr_error_message();
+      Rows R(c.n, c.d, 23 + c.n);
+      int r0, T, tmax = 1;
+      for (int p = 0; p < g->size; p++) {
+        R.share(p, g->size, &r0, &T);
+        tmax = T > tmax ? T : tmax;
+      }
+      const int n = g->size * tmax;
+      itr_dist_gram_rows_panel(small ? (size_t)8 * n * c.mb : 0);
+      std::vector<double> want((size_t)n * n, 0.0);
+      for (int p = 0; p < g->size; p++)
+        for (int q = 0; q < g->size; q++) {
+          int rp, Tp, rq, Tq;
+          R.share(p, g->size, &rp, &Tp);
+          R.share(q, g->size, &rq, &Tq);
+          for (int t = 0; t < Tp; t++)
+            for (int u = 0; u < Tq; u++) {
+              double sum = 0;
+              for (int j = 0; j < c.d; j++) {
+                const size_t a = (size_t)(rp + t) * c.d + j, b = (size_t)(rq + u) * c.d + j;
+                sum += (0.3 * R.x[a] + 0.7 * R.y[a]) * (0.3 * R.x[b] + 0.7 * R.y[b]);
+              }
+              want[(size_t)(p * tmax + t) * n + (q * tmax + u)] = sum;
+            }
+        }
+      R.share(g->rank, g->size, &r0, &T);
+      itr_dist_matrix K;
+      ASSERT_EQ(itr_dist_matrix_init(&K, g, n, n), ITR_OK);
+      ASSERT_EQ(itr_dist_kernel_rows(g, T, c.d, R.x.data() + (size_t)r0 * c.d, 0.3, R.y.data() + (size_t)r0 * c.d, 0.7, &K),
+                ITR_OK)
+          << itr_error_message();
+      std::vector<double> out((size_t)n * n);
+      ASSERT_EQ(itr_dist_matrix_gather(&K, -1, out.data()), ITR_OK);
+      EXPECT_LT(max_rel(out, want, n, true), 1e-13) << c.n << " x " << c.d << " small " << small;
+      itr_dist_gram_rows_panel(0);
+      itr_dist_matrix_fini(&K);
+      itr_dist_grid_destroy(g);
+    }
+}
+
 TEST(DistGram, RankCountDoesNotChangeTheGramBeyondRounding) {
   // the same rows on a grid of all ranks and on a grid of rank 0 alone
   Rows R(33, 29, 77);
