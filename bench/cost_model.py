@@ -54,28 +54,36 @@ def layer_cost(a, k, system="auto"):
     seqs = n_i // a.seq
     fwd_passes = 1 if k == 1 else 2  # the source models' forward; from k = 2 also the merged model's
     f = {"forward": fwd_passes * N * seqs * (2 * a.seq * layer_params(D, F, heads, kv) + 4 * a.seq ** 2 * D),
-         "gram": 0.0, "norms": 0.0, "assemble": 0.0, "solve": 0.0}
+         "gram": 0.0, "norms": 0.0, "weights": 0.0, "assemble": 0.0, "solve": 0.0}
     mem = 4.0 * layer_params(D, F, heads, kv)  # the held layer, float32, on every rank
     rows = 0.0
     sent = 0.0
     space = {}
     for name, d, mods in sites(D, F, heads, kv):
         J = len(mods)
+        if k == 1:  # the adaptive weights' numerators: B^T W0 of the stacked tasks and ||W0||^2 (ItrWeights)
+            f["weights"] += sum((2 * R + 2) * d * d_out for _, d_out in mods)
         tok = system == "tokens" or (system == "auto" and tokens_cheaper(n, d, J, R))
         space[name] = "tokens" if tok else "inputs"
         rows += 4.0 * (n / P) * d * (1 if k == 1 else 2)  # captured X (and Xt), float32
-        sent += 8.0 * (n / P) * d * (1 if k == 1 else 2)   # the rows into the block-cyclic layout (Alltoallv)
+        share = (P - 1) / P  # of what a rank holds, the part that goes to the others
         r = a.rank
         if tok:
             npad = n  # padding ignored
-            f["gram"] += npad * npad * d  # the kernel (pdsyrk)
-            f["norms"] += N * 2 * n_i * n_i * d * (1 if k == 1 else 2)  # the tasks' kernels for ||G_i|| (not logged)
+            f["gram"] += npad * npad * d  # the kernel (itr_dist_kernel_rows: partial dsyrk per column slice)
+            # iteration 1: the tasks' norms are blocks of the kernel; then ||Xt_i'^T Xt_i'|| and ||X_i^T Xt_i'||
+            # through kernels of each task's rows (three (n_i, n_i) kernels, logged under ItrGram)
+            f["norms"] += 0 if k == 1 else N * 3 * n_i * n_i * d
+            sent += share * (4.0 * (n / P) * d * (1 if k == 1 else 2) + 8.0 * npad * npad)  # rows, partial kernel
             for _ in mods:
                 f["solve"] += npad ** 3 / 3 + 4 * npad * npad * R + 4 * npad * d * R + 2 * npad * d * r
             mem_site = 8.0 * 2 * npad * npad / P + 8.0 * 2 * npad * R
         else:
             f["gram"] += N * n_i * d * (d + 1)
-            f["norms"] += N * 2 * n_i * n_i * d * 2 if k >= 2 else 0  # ||X^T Xt'|| through kernels (not logged)
+            f["norms"] += N * 2 * n_i * n_i * d if k >= 2 else 0  # ||X^T Xt'|| through kernels (logged, ItrGram)
+            sent += share * N * 8.0 * d * d  # each task's partial Gram to the owners (itr_dist_gram_rows)
+            if k >= 2:
+                sent += share * 8.0 * (n / P) * d * 2  # X and Xt' into the layout for the cross norm
             for _ in mods:
                 f["solve"] += d ** 3 / 3 + 4 * d * d * R
                 f["assemble"] += 4 * n * d * r
@@ -88,9 +96,10 @@ def layer_cost(a, k, system="auto"):
 
 
 def cmd_case(a):
-    tot = {"forward": 0.0, "gram": 0.0, "norms": 0.0, "assemble": 0.0, "solve": 0.0}
+    tot = {"forward": 0.0, "gram": 0.0, "weights": 0.0, "assemble": 0.0, "solve": 0.0}
     for k in range(1, a.iters + 1):
         f, mem, sent, space = layer_cost(a, k, a.system)
+        f["gram"] += f.pop("norms")  # the norms are logged under ItrGram
         for key in tot:
             tot[key] += a.layers * f[key]
     print(f"case: {a.shape}, {a.layers} layer(s), N {a.tasks} x {a.tokens} tokens (sequences of {a.seq}), rank "
@@ -98,7 +107,7 @@ def cmd_case(a):
     print("| phase | model GFLOP (all ranks) |" + (" -log_view GFLOP | ratio |" if a.check else ""))
     print("|---|---:|" + ("---:|---:|" if a.check else ""))
     logged = parse_log(a.check, a.np) if a.check else {}
-    names = {"forward": "ItrForward", "gram": "ItrGram", "norms": "norms (not logged)", "assemble": "ItrAssemble",
+    names = {"forward": "ItrForward", "gram": "ItrGram", "weights": "ItrWeights", "assemble": "ItrAssemble",
              "solve": "ItrSolve"}
     for key, v in tot.items():
         line = f"| {names[key]} | {v / 1e9:.1f} |"
@@ -106,8 +115,8 @@ def cmd_case(a):
             got = logged.get(names[key])
             line += f" {got / 1e9:.1f} | {got / v:.3f} |" if got else " - | - |"
         print(line)
-    print(f"memory per rank (model, largest phase): {mem / 2 ** 30:.2f} GiB; rows sent per rank per iteration: "
-          f"{sent / 2 ** 20:.0f} MiB")
+    print(f"memory per rank (model, largest phase): {mem / 2 ** 30:.2f} GiB; sent per rank per layer and iteration "
+          f"(rows and partial Grams): {sent / 2 ** 20:.0f} MiB")
 
 
 def parse_log(path, ranks=1):
@@ -147,7 +156,7 @@ def cmd_project(a):
         P = nodes * 64
         S = max(1, min(L, P // seqs))
         a.np = P // S  # ranks per stage: the layout the per-layer costs see
-        flops = {"forward": 0.0, "gram": 0.0, "norms": 0.0, "assemble": 0.0, "solve": 0.0}
+        flops = {"forward": 0.0, "gram": 0.0, "norms": 0.0, "weights": 0.0, "assemble": 0.0, "solve": 0.0}
         mem = 0
         for k in range(1, a.iters + 1):
             f, mem, _, _ = layer_cost(a, k, "auto")
@@ -155,7 +164,7 @@ def cmd_project(a):
                 flops[key] += L * f[key]
         rate = a.rate * 1e9
         t_fwd = flops["forward"] / (min(P, seqs * S) * rate * a.eff_fwd)
-        t_gram = (flops["gram"] + flops["norms"] + flops["assemble"]) / (P * rate * a.eff_gram)
+        t_gram = (flops["gram"] + flops["norms"] + flops["weights"] + flops["assemble"]) / (P * rate * a.eff_gram)
         t_solve = flops["solve"] / (P * rate * a.eff_solve)
         tot = t_fwd + t_gram + t_solve
         print(f"| {nodes} | {P} | {S} | {sum(flops.values()) / 1e12:.0f} | {t_fwd / 3600:.2f} | {t_gram / 3600:.3f} | "
