@@ -111,10 +111,10 @@ itr_err itr_dist_gram(double alpha, const itr_dist_matrix *A, const itr_dist_mat
  * counts); what names it in the error message. Collective on comm. */
 itr_err itr_dist_allreduce_sum(double *buf, int64_t n, MPI_Comm comm, const char *what);
 /* C (d, d) = sum over the ranks of Z_p^T Z_p, Z_p = a x + b y the T rows this rank holds ((T, d) f32
- * row-major, T may be 0; y may be NULL): the Gram of rows spread over the ranks without moving the
- * rows. Each rank forms its partial product (OpenBLAS, in panels of columns of at most 64 MiB) and
- * the partials are summed straight into the block-cyclic layout (MPI_Reduce_scatter). Lower
- * triangle; the strict upper triangle holds no defined values. Collective on the grid. */
+ * row-major, T may be 0; y may be NULL): the Gram of rows spread over the ranks. One process: dsyrk.
+ * Several: as itr_dist_gram_rows_exchange says (the columns to their owners by default, or the
+ * partial Grams, in panels of columns of at most 64 MiB, summed by their owners). Lower triangle;
+ * the strict upper triangle holds no defined values. Collective on the grid. */
 itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
                            double b, itr_dist_matrix *C);
 /* K (n, n) lower = Z Z^T, the kernel of the rows of every rank stacked (n = size x T_max: rank p's row
@@ -125,6 +125,14 @@ itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, cons
  * itr_dist_gram_rows. Collective on the grid. */
 itr_err itr_dist_kernel_rows(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
                              double b, itr_dist_matrix *K);
+/* How itr_dist_gram_rows moves data between ranks [same on all ranks; not Collective]:
+ * ITR_GRAM_COLUMNS (the default): every rank's rows go, in the columns each owner needs (float32), to
+ *   the owners of C's blocks, which form them by dgemm: n d (1 / nprow + 1 / npcol) values per rank
+ *   for n rows, shrinking with the ranks;
+ * ITR_GRAM_PARTIAL: each rank forms the whole partial (d, d) Gram of its own rows and the partials are
+ *   summed by their owners: d^2 doubles per rank at every rank count, no row moves. */
+typedef enum { ITR_GRAM_COLUMNS = 0, ITR_GRAM_PARTIAL = 1 } itr_gram_exchange;
+void itr_dist_gram_rows_exchange(itr_gram_exchange how);
 /* The largest partial panel of itr_dist_gram_rows in bytes (0: the default, 64 MiB) [same on all
  * ranks]; for tests. Not Collective. */
 void itr_dist_gram_rows_panel(size_t bytes);

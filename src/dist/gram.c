@@ -209,7 +209,7 @@ void itr_dist_gram_rows_panel(size_t bytes) { gram_panel_bytes_ = bytes ? bytes 
 /* Buffers of itr_dist_gram_rows kept from call to call (grown, never zeroed on reuse): fresh pages
  * cost a fault each, and on a first touch MPI's single-copy transfers run at a tenth of their
  * speed (measured here: a 64 MB exchange 0.25 s cold, 0.02 s warm). Released with the grids. */
-enum { SCR_ROWS, SCR_PANEL, SCR_SEND, SCR_RECV, SCR_SUM, SCR_ROWS_SEND, SCR_ROWS_RECV, SCR_N };
+enum { SCR_ROWS, SCR_COLS, SCR_PANEL, SCR_SEND, SCR_RECV, SCR_SUM, SCR_ROWS_SEND, SCR_ROWS_RECV, SCR_N };
 static double *scratch_[SCR_N];
 static size_t scratch_n_[SCR_N];
 
@@ -304,10 +304,194 @@ static itr_err sum_syrk(const itr_dist_grid *grid, int64_t n, int64_t k, const d
   return e;
 }
 
+/* ---- the Gram from columns gathered to their owners -------------------------------------------- */
+
+static itr_gram_exchange gram_exchange_ = ITR_GRAM_COLUMNS;
+
+void itr_dist_gram_rows_exchange(itr_gram_exchange how) { gram_exchange_ = how; }
+
+/* Process row r's column blocks or process column c's: the columns of Z that the owner (r, c) of C's
+ * local blocks needs (C's row blocks of r and column blocks of c). */
+static int wants_block(int64_t k, int r, int pr, int c, int pc) { return k % pr == r || k % pc == c; }
+
+/* Rows [t0, t0 + R) of each rank (R = rows per rank per round) of Z = a x + b y, as the (n_r, m) and
+ * (n_r, n) column-major operands of this process's local C: A_r = Z[:, C's rows here], A_c = Z[:, C's
+ * columns here]. Each rank packs, for each process, its rows of the columns that process wants (whole
+ * blocks, in global order; x then y, float32) and one MPI_Alltoallv moves them; the receiver writes
+ * them 16 rows at a time into A_r and A_c. On the diagonal of a square grid A_c is A_r. */
+typedef struct {
+  const itr_dist_grid *grid;
+  int64_t d, T, R, *Ts;
+  const float *x, *y;
+  double a, b;
+  int wide;                          /* y present: x and y both travel */
+  int *cnt;                          /* scount, sdispl, rcount, rdispl (4 size) */
+  float *sbuf, *rbuf;
+  double *Ar, *Ac;                   /* (n_r, mloc), (n_r, nloc) column-major, ld n_r */
+  int64_t mloc, nloc, n_r;
+} cols_round;
+
+/* Columns of the union of process (r, c)'s blocks: sum of their widths. */
+static int64_t union_width(int64_t d, int mb, int r, int pr, int c, int pc) {
+  int64_t w = 0;
+  for (int64_t k = 0; k * mb < d; k++)
+    if (wants_block(k, r, pr, c, pc)) w += (k + 1) * mb < d ? mb : d - k * mb;
+  return w;
+}
+
+static itr_err cols_exchange(cols_round *s, int64_t t0) {
+  const itr_dist_grid *g = s->grid;
+  const int size = g->size, mb = g->mb, pr = g->nprow, pc = g->npcol;
+  const int64_t d = s->d, nv = s->wide ? 2 : 1;
+  int *scount = s->cnt, *sdispl = s->cnt + size, *rcount = s->cnt + 2 * size, *rdispl = s->cnt + 3 * size;
+  const int64_t mine = s->T - t0 < s->R ? (s->T - t0 > 0 ? s->T - t0 : 0) : s->R;
+  const int64_t uw_me = union_width(d, mb, g->myrow, pr, g->mycol, pc);
+  int64_t o = 0;
+  for (int q = 0; q < size; q++) { /* to q: my rows of its columns, row by row, x then y */
+    const int r = q / pc, c = q % pc;
+    const int64_t start = o;
+    for (int v = 0; v < nv; v++) {
+      const float *src = v ? s->y : s->x;
+      for (int64_t t = t0; t < t0 + mine; t++)
+        for (int64_t k = 0; k * mb < d; k++)
+          if (wants_block(k, r, pr, c, pc)) {
+            const int64_t w = (k + 1) * mb < d ? mb : d - k * mb;
+            memcpy(s->sbuf + o, src + t * d + k * mb, (size_t)w * sizeof(float));
+            o += w;
+          }
+    }
+    scount[q] = (int)(o - start), sdispl[q] = (int)start;
+  }
+  s->n_r = 0;
+  for (int p = 0, ro = 0; p < size; p++) {
+    const int64_t rp = s->Ts[p] - t0 < s->R ? (s->Ts[p] - t0 > 0 ? s->Ts[p] - t0 : 0) : s->R;
+    rcount[p] = (int)(rp * uw_me * nv), rdispl[p] = ro, ro += rcount[p];
+    s->n_r += rp;
+  }
+  ITR_CHECK(MPI_Alltoallv(s->sbuf, scount, sdispl, MPI_FLOAT, s->rbuf, rcount, rdispl, MPI_FLOAT, g->comm) ==
+                MPI_SUCCESS,
+            ITR_ERR_INTERNAL, "gram_rows: MPI_Alltoallv of the rows' columns failed");
+  /* unpack: source p's rp rows (consecutive in A_r, A_c), each uw_me values (then the y part) */
+  const int64_t ld = s->n_r > 0 ? s->n_r : 1;
+  const int same = s->Ac == s->Ar;
+  int64_t row0 = 0;
+  for (int p = 0; p < size; p++) {
+    const int64_t rp = s->Ts[p] - t0 < s->R ? (s->Ts[p] - t0 > 0 ? s->Ts[p] - t0 : 0) : s->R;
+    const float *in = s->rbuf + rdispl[p], *iny = s->wide ? in + rp * uw_me : NULL;
+    for (int64_t r0 = 0; r0 < rp; r0 += 16) {
+      const int64_t rn = rp - r0 < 16 ? rp - r0 : 16;
+      int64_t off = 0;
+      for (int64_t k = 0; k * mb < d; k++) {
+        const int in_r = k % pr == g->myrow, in_c = k % pc == g->mycol;
+        if (!in_r && !in_c) continue;
+        const int64_t w = (k + 1) * mb < d ? mb : d - k * mb;
+        double *dr = in_r ? s->Ar + ((k / pr) * mb) * ld + row0 + r0 : NULL;
+        double *dc = in_c && !same ? s->Ac + ((k / pc) * mb) * ld + row0 + r0 : NULL;
+        for (int64_t j = 0; j < w; j++) {
+          double col[16];
+          const float *ix = in + r0 * uw_me + off + j;
+          if (iny) {
+            const float *iy = iny + r0 * uw_me + off + j;
+            for (int64_t r = 0; r < rn; r++) col[r] = s->a * (double)ix[r * uw_me] + s->b * (double)iy[r * uw_me];
+          } else
+            for (int64_t r = 0; r < rn; r++) col[r] = s->a * (double)ix[r * uw_me];
+          if (dr) memcpy(dr + j * ld, col, (size_t)rn * sizeof(double));
+          if (dc) memcpy(dc + j * ld, col, (size_t)rn * sizeof(double));
+        }
+        off += w;
+      }
+    }
+    row0 += rp;
+  }
+  return ITR_OK;
+}
+
+/* C's local blocks on or below the diagonal (+)= A_r^T A_c: local column block jb (global block
+ * jb pc + mycol) needs the local row blocks from ib0(jb) on (global block ib pr + myrow >= its own).
+ * Column blocks go four at a time: one dgemm for the rows all four need, one per block for the rest. */
+static void cols_product(const itr_dist_grid *g, const cols_round *s, double beta, itr_dist_matrix *C) {
+  const int mb = g->mb, pr = g->nprow, pc = g->npcol;
+  const int64_t ld = s->n_r > 0 ? s->n_r : 1, nbc = (s->nloc + mb - 1) / mb, G = mb >= 256 ? 1 : 256 / mb;
+#define IB0(jb) ((int64_t)(jb) * pc + g->mycol <= g->myrow ? 0 : (((int64_t)(jb) * pc + g->mycol - g->myrow) + pr - 1) / pr)
+#define ROW0(jb) (IB0(jb) * mb < s->mloc ? IB0(jb) * mb : s->mloc)
+  for (int64_t j0 = 0; j0 < nbc; j0 += G) {
+    const int64_t j1 = j0 + G < nbc ? j0 + G : nbc, c0 = j0 * mb, c1 = j1 * mb < s->nloc ? j1 * mb : s->nloc;
+    const int64_t rl = ROW0(j1 - 1);
+    if (rl < s->mloc)
+      cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, (int)(s->mloc - rl), (int)(c1 - c0), (int)s->n_r, 1.0,
+                  s->Ar + rl * ld, (int)ld, s->Ac + c0 * ld, (int)ld, beta, C->a + c0 * C->lld + rl, C->lld);
+    for (int64_t jb = j0; jb < j1 - 1; jb++) {
+      const int64_t r0 = ROW0(jb), b0 = jb * mb, b1 = (jb + 1) * mb;
+      if (r0 < rl)
+        cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, (int)(rl - r0), (int)(b1 - b0), (int)s->n_r, 1.0,
+                    s->Ar + r0 * ld, (int)ld, s->Ac + b0 * ld, (int)ld, beta, C->a + b0 * C->lld + r0, C->lld);
+    }
+  }
+#undef ROW0
+#undef IB0
+}
+
+/* C (d, d) lower = sum over the ranks' rows of z^T z, the columns of the rows gathered to C's owners:
+ * process (r, c) receives every rank's rows in the columns of its row and column blocks (float32,
+ * n d (1 / pr + 1 / pc) values for n rows: fewer bytes than a (d, d) partial per rank whenever
+ * n < d / (1 / pr + 1 / pc) / 2) and forms its blocks by dgemm, in rounds of rows that bound the
+ * operands to 4 panels' bytes. Collective on the grid. */
+static itr_err gram_cols(const itr_dist_grid *g, int64_t T, int64_t d, const float *x, double a, const float *y,
+                         double b, itr_dist_matrix *C) {
+  const int size = g->size, mb = g->mb, pr = g->nprow, pc = g->npcol, zero = 0, di = (int)d;
+  cols_round s;
+  memset(&s, 0, sizeof s);
+  s.grid = g, s.d = d, s.T = T, s.x = x, s.y = y, s.a = a, s.b = b, s.wide = y && b != 0.0;
+  s.mloc = numroc_(&di, &mb, &g->myrow, &zero, &pr), s.nloc = numroc_(&di, &mb, &g->mycol, &zero, &pc);
+  int64_t tmax = 1;
+  itr_err e = itr_calloc((size_t)size, sizeof(int64_t), "row counts", &s.Ts);
+  if (e == ITR_OK) e = itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &s.cnt);
+  e = itr_dist_agree(g->comm, e);
+  if (e == ITR_OK && MPI_Allgather(&T, 1, MPI_INT64_T, s.Ts, 1, MPI_INT64_T, g->comm) != MPI_SUCCESS)
+    e = itr_error_set(ITR_ERR_INTERNAL, "gram_rows: MPI_Allgather of the row counts failed");
+  for (int p = 0; e == ITR_OK && p < size; p++)
+    if (s.Ts[p] > tmax) tmax = s.Ts[p];
+  /* rows per rank per round: A_r and A_c within 4 panels' bytes */
+  const int same = pr == pc && g->myrow == g->mycol;
+  int64_t cols_max = 0; /* the largest A_r + A_c over the processes, so that every rank agrees on R */
+  for (int q = 0; q < size; q++) {
+    const int r = q / pc, c = q % pc;
+    const int64_t m = numroc_(&di, &mb, &r, &zero, &pr) + (pr == pc && r == c ? 0 : numroc_(&di, &mb, &c, &zero, &pc));
+    if (m > cols_max) cols_max = m;
+  }
+  s.R = (int64_t)(4 * gram_panel_bytes_ / (size_t)(8 * cols_max * size));
+  if (s.R < 1) s.R = 1;
+  if (s.R > tmax) s.R = tmax;
+  const int64_t nmax = s.R * size, ws = s.R * d * size * (s.wide ? 2 : 1);
+  if (e == ITR_OK && (ws > INT_MAX || nmax * d * (s.wide ? 2 : 1) > INT_MAX))
+    e = itr_error_set(ITR_ERR_INTERNAL, "gram_rows: %lld rows of %lld on %d ranks: more than 2^31 values move in one "
+                      "exchange", (long long)s.R, (long long)d, size);
+  double *sb = NULL, *rb = NULL;
+  if (e == ITR_OK) e = scratch(SCR_ROWS_SEND, (size_t)ws / 2 + 1, &sb);
+  if (e == ITR_OK) e = scratch(SCR_ROWS_RECV, (size_t)(nmax * d * (s.wide ? 2 : 1)) / 2 + 1, &rb);
+  if (e == ITR_OK) e = scratch(SCR_ROWS, (size_t)(nmax * s.mloc) + 1, &s.Ar);
+  if (e == ITR_OK && !same) e = scratch(SCR_COLS, (size_t)(nmax * s.nloc) + 1, &s.Ac);
+  if (same) s.Ac = s.Ar;
+  s.sbuf = (float *)sb, s.rbuf = (float *)rb;
+  e = itr_dist_agree(g->comm, e);
+  for (int64_t t0 = 0; e == ITR_OK && t0 < tmax; t0 += s.R) {
+    e = itr_dist_agree(g->comm, cols_exchange(&s, t0));
+    if (e == ITR_OK) cols_product(g, &s, t0 == 0 ? 0.0 : 1.0, C);
+  }
+  free(s.Ts);
+  free(s.cnt);
+  return e;
+}
+
 itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
                            double b, itr_dist_matrix *C) {
   ITR_CHECK(C->grid == grid && C->m == d && C->n == d && T >= 0 && (T == 0 || x), ITR_ERR_INTERNAL,
             "gram_rows: C is %d x %d for rows of %lld (C must be d x d on the grid)", C->m, C->n, (long long)d);
+  if (grid->size > 1 && gram_exchange_ == ITR_GRAM_COLUMNS) {
+    itr_err e = gram_cols(grid, T, d, x, a, y, b, C);
+    if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
+    return ITR_OK;
+  }
   /* this rank's rows in float64, row-major (T, d): column-major (d, T), whose A A^T is Z^T Z */
   double *z = NULL;
   itr_err e = scratch(SCR_ROWS, (size_t)(T * d) + 1, &z);

@@ -615,7 +615,7 @@ static itr_err assemble_site(merge_ctx *c, int k, int l, int s, module_job *jobs
       e = itr_dist_cross_norm2(xt ? &Xm : &Xd, xt ? &Xm : &Xd, &n2);
       (void)PetscLogFlops(cross_norm_flops(c->calib[i].n_tokens, d_in, 1) / c->grid->size);
     }
-    /* the Gram of the rows where they are (partial products summed into the layout) */
+    /* the Gram of the rows where they are (their columns to the Gram's owners, or -gram_exchange partial) */
     if (e == ITR_OK && !tokens)
       e = itr_dist_agree(c->comm, xt ? itr_dist_gram_rows(c->grid, T, d_in, xt, 1.0 - rho, x, rho, &G)
                                      : itr_dist_gram_rows(c->grid, T, d_in, x, 1.0, NULL, 0.0, &G));

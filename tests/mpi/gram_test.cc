@@ -144,33 +144,44 @@ TEST(DistGram, SyrkAndGemmMatchFloat64Loops) {
   }
 }
 
-// The Gram of rows that stay on their ranks (partial products summed into the layout), in one panel
-// and in panels of one block column (the packing of each owner's share, panel by panel).
+// The Gram of rows that stay on their ranks, both ways of moving them (the columns to their owners,
+// in one round and in rounds of a few rows; the partial products summed into the layout, in one panel
+// and in panels of one block column), on every grid shape of the rank count.
 TEST(DistGram, GramOfRowsMatchesFloat64Loops) {
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
   for (const Case &c : kCases)
-    for (int small = 0; small < 2; small++) {
-      itr_dist_grid *g = nullptr;
-      ASSERT_EQ(itr_dist_grid_create(MPI_COMM_WORLD, c.mb, &g), ITR_OK) << itr_error_message();
-      itr_dist_gram_rows_panel(small ? (size_t)8 * c.d * c.mb : 0);
-      Rows R(c.n, c.d, 11 + c.n);
-      int r0, T;
-      R.share(g->rank, g->size, &r0, &T);
-      itr_dist_matrix G;
-      ASSERT_EQ(itr_dist_matrix_init(&G, g, c.d, c.d), ITR_OK);
-      ASSERT_EQ(itr_dist_gram_rows(g, T, c.d, R.x.data() + (size_t)r0 * c.d, 0.3, R.y.data() + (size_t)r0 * c.d, 0.7, &G),
-                ITR_OK)
-          << itr_error_message();
-      std::vector<double> out((size_t)c.d * c.d);
-      ASSERT_EQ(itr_dist_matrix_gather(&G, -1, out.data()), ITR_OK);
-      EXPECT_LT(max_rel(out, R.product(0.3, 0.7, 0.3, 0.7), c.d, true), 1e-13) << c.n << " x " << c.d << " small " << small;
-      // plain rows (no y)
-      ASSERT_EQ(itr_dist_gram_rows(g, T, c.d, R.x.data() + (size_t)r0 * c.d, 2.0, nullptr, 0.0, &G), ITR_OK);
-      ASSERT_EQ(itr_dist_matrix_gather(&G, -1, out.data()), ITR_OK);
-      EXPECT_LT(max_rel(out, R.product(2.0, 0.0, 2.0, 0.0), c.d, true), 1e-13) << c.n << " x " << c.d;
-      itr_dist_gram_rows_panel(0);
-      itr_dist_matrix_fini(&G);
-      itr_dist_grid_destroy(g);
-    }
+    for (int how = 0; how < 2; how++)
+      for (int rows = 1; rows <= size; rows++)
+        for (int small = 0; small < 2; small++) {
+          if (size % rows) continue;
+          itr_dist_grid *g = nullptr;
+          ASSERT_EQ(itr_dist_grid_create_shape(MPI_COMM_WORLD, c.mb, rows, &g), ITR_OK) << itr_error_message();
+          itr_dist_gram_rows_exchange(how ? ITR_GRAM_PARTIAL : ITR_GRAM_COLUMNS);
+          itr_dist_gram_rows_panel(small ? (size_t)8 * c.d * c.mb : 0);
+          Rows R(c.n, c.d, 11 + c.n);
+          int r0, T;
+          R.share(g->rank, g->size, &r0, &T);
+          itr_dist_matrix G;
+          ASSERT_EQ(itr_dist_matrix_init(&G, g, c.d, c.d), ITR_OK);
+          ASSERT_EQ(itr_dist_gram_rows(g, T, c.d, R.x.data() + (size_t)r0 * c.d, 0.3, R.y.data() + (size_t)r0 * c.d, 0.7,
+                                       &G),
+                    ITR_OK)
+              << itr_error_message();
+          std::vector<double> out((size_t)c.d * c.d);
+          ASSERT_EQ(itr_dist_matrix_gather(&G, -1, out.data()), ITR_OK);
+          EXPECT_LT(max_rel(out, R.product(0.3, 0.7, 0.3, 0.7), c.d, true), 1e-13)
+              << c.n << " x " << c.d << " how " << how << " grid rows " << rows << " small " << small;
+          // plain rows (no y)
+          ASSERT_EQ(itr_dist_gram_rows(g, T, c.d, R.x.data() + (size_t)r0 * c.d, 2.0, nullptr, 0.0, &G), ITR_OK);
+          ASSERT_EQ(itr_dist_matrix_gather(&G, -1, out.data()), ITR_OK);
+          EXPECT_LT(max_rel(out, R.product(2.0, 0.0, 2.0, 0.0), c.d, true), 1e-13)
+              << c.n << " x " << c.d << " how " << how << " grid rows " << rows << " small " << small;
+          itr_dist_gram_rows_panel(0);
+          itr_dist_gram_rows_exchange(ITR_GRAM_COLUMNS);
+          itr_dist_matrix_fini(&G);
+          itr_dist_grid_destroy(g);
+        }
 }
 
 // The kernel of every rank's rows, laid out as itr_dist_rows_create does (rank p's row t at p T_max +
