@@ -35,6 +35,11 @@ def sites(D, F, heads, kv):
             ("mlp_out", F, [("down_proj", D)])]
 
 
+def grid_rows(P):
+    """The squarest process grid with rows <= columns (itr_dist_grid_shape): its rows."""
+    return max(r for r in range(1, int(P ** 0.5) + 1) if P % r == 0)
+
+
 def layer_params(D, F, heads, kv):
     return sum(d_in * d_out for _, d_in, mods in sites(D, F, heads, kv) for _, d_out in mods)
 
@@ -81,7 +86,12 @@ def layer_cost(a, k, system="auto"):
         else:
             f["gram"] += N * n_i * d * (d + 1)
             f["norms"] += N * 2 * n_i * n_i * d if k >= 2 else 0  # ||X^T Xt'|| through kernels (logged, ItrGram)
-            sent += share * N * 8.0 * d * d  # each task's partial Gram to the owners (itr_dist_gram_rows)
+            if getattr(a, "gram_exchange", "columns") == "partial":
+                sent += share * N * 8.0 * d * d  # each task's partial Gram to the owners (itr_dist_gram_rows)
+            else:  # the rows' columns to the Gram's owners: each goes to the processes of its row or column block
+                pr = grid_rows(P)
+                u = 1 / pr + 1 / (P // pr) - 1 / P
+                sent += share * 4.0 * n * d * u * (1 if k == 1 else 2)
             if k >= 2:
                 sent += share * 8.0 * (n / P) * d * 2  # X and Xt' into the layout for the cross norm
             for _ in mods:
@@ -116,7 +126,7 @@ def cmd_case(a):
             line += f" {got / 1e9:.1f} | {got / v:.3f} |" if got else " - | - |"
         print(line)
     print(f"memory per rank (model, largest phase): {mem / 2 ** 30:.2f} GiB; sent per rank per layer and iteration "
-          f"(rows and partial Grams): {sent / 2 ** 20:.0f} MiB")
+          f"(rows, their columns, partial kernels; -gram_exchange {a.gram_exchange}): {sent / 2 ** 20:.0f} MiB")
 
 
 def parse_log(path, ranks=1):
@@ -184,6 +194,7 @@ def main():
     c.add_argument("--iters", type=int, default=1)
     c.add_argument("--np", type=int, default=2)
     c.add_argument("--system", default="auto", choices=["auto", "inputs", "tokens"])
+    c.add_argument("--gram_exchange", default="columns", choices=["columns", "partial"])
     c.add_argument("--check", help="a -log_view log of the same case")
     q = sub.add_parser("project")
     q.add_argument("--iters", type=int, default=10)
