@@ -5,14 +5,15 @@
 # PNG (gnuplot: speed-up against ideal, and the phases' seconds per rank count).
 # Env: NPS ("1 2"; "1 2 4 8 16" on a 16-core machine), SHAPE (llama3-8b), LAYERS (1), SEQS x LEN per task (8 x 128),
 #      N adapters (4) of RANK (16), MAX_ITER (1), SYSTEM (auto), EXTRA (more options), CASE, BUILD (build),
-#      PNG (where the plot goes; default /tmp/iteris-scaling.png), BIND (mpirun binding, default "--bind-to none").
+#      PNG (where the plot goes; default /tmp/iteris-scaling.png), BIND (mpirun binding, default "--bind-to none"),
+#      KEEP_LOGS (a folder to keep each run's log in), COMMIT (printed in place of git's, where there is no git).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 NPS=${NPS:-1 2} SHAPE=${SHAPE:-llama3-8b} LAYERS=${LAYERS:-1} SEQS=${SEQS:-8} LEN=${LEN:-128} N=${N:-4} RANK=${RANK:-16}
 CASE=${CASE:-/tmp/iteris-token-$SHAPE-$LAYERS} PNG=${PNG:-/tmp/iteris-scaling.png}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src include || echo ' + uncommitted changes'); $(date -u +%F)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); commit ${COMMIT:-$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src include || echo ' + uncommitted changes')}; $(date -u +%F)"
 [ -f "$CASE/base/config.json" ] || "$BUILD/bench/make_case" "$CASE" "$SHAPE" "$LAYERS" "$N" "$RANK" "$SEQS" "$LEN"
 A=$(seq -s, -f "$CASE/adapter_%g" 0 $((N - 1)))
 C=$(seq -s, -f "$CASE/calib_%g.jsonl" 0 $((N - 1)))
@@ -30,6 +31,7 @@ for np in $NPS; do
   mpirun ${BIND:---bind-to none} -np "$np" env OPENBLAS_NUM_THREADS=1 "$BUILD/bin/iteris-mpi" -base "$CASE/base" \
     -adapters "$A" -calib "$C" -max_iter "${MAX_ITER:-1}" -system "${SYSTEM:-auto}" -plots 0 -out "$CASE/merged_scaling" \
     -log_view ${EXTRA:-} >"$W/np$np.log" 2>&1
+  [ -z "${KEEP_LOGS:-}" ] || cp "$W/np$np.log" "$KEEP_LOGS/scaling_np$np.log"
   wall=$(awk '/merged [0-9]+ adapters/ {for (i = 1; i <= NF; i++) if ($i == "in") print $(i + 1)}' "$W/np$np.log" | head -n 1)
   ph() { awk -v s="$1:" '$2 == s {print $3 + 0}' "$W/np$np.log" | head -n 1; }
   fw=$(ph forward) st=$(ph statistics) so=$(ph solve)
@@ -39,6 +41,7 @@ for np in $NPS; do
   printf '| %s | %.1f | %.1f | %.1f | %.1f | %s | %s |\n' "$np" "$wall" "$fw" "$st" "$so" "$sp" "$ef"
   echo "$np $wall $fw $st $so $sp" >>"$W/data"
 done
+command -v gnuplot >/dev/null || { echo "no gnuplot here: no plot (data: $(tr '\n' ';' <"$W/data"))"; exit 0; }
 gnuplot <<GP
 set terminal pngcairo size 1000,420 font ',11' noenhanced
 set output '$PNG'

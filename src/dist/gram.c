@@ -56,6 +56,35 @@ static void pack_rows(const float *x, double a, const float *y, double b, int64_
   }
 }
 
+/* Every rank's row count T (*Ts: size entries, the caller frees them) and their maximum (at least 1).
+ * Collective on the grid; ends agreed. */
+static itr_err gather_row_counts(const itr_dist_grid *grid, int64_t T, int64_t **Ts, int64_t *tmax, const char *who) {
+  *Ts = NULL, *tmax = 1;
+  ITR_TRY(itr_dist_agree(grid->comm, itr_calloc((size_t)grid->size, sizeof(int64_t), "row counts", Ts)));
+  ITR_CHECK(MPI_Allgather(&T, 1, MPI_INT64_T, *Ts, 1, MPI_INT64_T, grid->comm) == MPI_SUCCESS, ITR_ERR_INTERNAL,
+            "%s: MPI_Allgather of the row counts failed", who);
+  for (int p = 0; p < grid->size; p++)
+    if ((*Ts)[p] > *tmax) *tmax = (*Ts)[p];
+  return ITR_OK;
+}
+
+/* dst[j ld + t] = a x[t d + j] + b y[t d + j] (y may be NULL) for t < T, j < d: float32 rows into a
+ * column-major float64 array, 16 rows at a time, so that each column receives a run of 16 values. */
+static void rows_to_columns(const float *x, double a, const float *y, double b, int64_t T, int64_t d, double *dst,
+                            int64_t ld) {
+  for (int64_t t0 = 0; t0 < T; t0 += 16) {
+    const int64_t tn = T - t0 < 16 ? T - t0 : 16;
+    for (int64_t j = 0; j < d; j++) {
+      double *col = dst + j * ld + t0;
+      const float *xr = x + t0 * d + j, *yr = y && b != 0.0 ? y + t0 * d + j : NULL;
+      if (yr)
+        for (int64_t r = 0; r < tn; r++) col[r] = a * (double)xr[r * d] + b * (double)yr[r * d];
+      else
+        for (int64_t r = 0; r < tn; r++) col[r] = a * (double)xr[r * d];
+    }
+  }
+}
+
 itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
                              double b, itr_dist_matrix *Z) {
   itr_err e = ITR_OK;
@@ -65,16 +94,9 @@ itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, co
   int *scount = NULL, *sdispl = NULL, *rcount = NULL, *rdispl = NULL;
   itr_dist_matrix z;
   memset(&z, 0, sizeof z);
-  e = itr_calloc((size_t)size, sizeof(int64_t), "row counts", &Ts);
-  if (e == ITR_OK) e = itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &scount);
-  e = itr_dist_agree(grid->comm, e);
+  e = gather_row_counts(grid, T, &Ts, &tmax, "rows_create");
+  if (e == ITR_OK) e = itr_dist_agree(grid->comm, itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &scount));
   if (e != ITR_OK) goto done;
-  if (MPI_Allgather(&T, 1, MPI_INT64_T, Ts, 1, MPI_INT64_T, grid->comm) != MPI_SUCCESS) {
-    e = itr_error_set(ITR_ERR_INTERNAL, "rows_create: MPI_Allgather of the row counts failed");
-    goto done;
-  }
-  for (int p = 0; p < size; p++)
-    if (Ts[p] > tmax) tmax = Ts[p];
   sdispl = scount + size;
   rcount = sdispl + size;
   rdispl = rcount + size;
@@ -104,17 +126,7 @@ itr_err itr_dist_rows_create(const itr_dist_grid *grid, int64_t T, int64_t d, co
   }
   if (e == ITR_OK && size == 1) { /* one process: the rows go straight into the layout, 16 at a time */
     e = itr_dist_matrix_init(&z, grid, (int)tmax, (int)d);
-    for (int64_t t0 = 0; e == ITR_OK && t0 < T; t0 += 16) {
-      const int64_t tn = T - t0 < 16 ? T - t0 : 16;
-      for (int64_t j = 0; j < d; j++) {
-        double *col = z.a + j * z.lld + t0;
-        const float *xr = x + t0 * d + j, *yr = y && b != 0.0 ? y + t0 * d + j : NULL;
-        if (yr)
-          for (int64_t r = 0; r < tn; r++) col[r] = a * (double)xr[r * d] + b * (double)yr[r * d];
-        else
-          for (int64_t r = 0; r < tn; r++) col[r] = a * (double)xr[r * d];
-      }
-    }
+    if (e == ITR_OK) rows_to_columns(x, a, y, b, T, d, z.a, z.lld);
     if (e == ITR_OK) *Z = z, memset(&z, 0, sizeof z);
     goto done;
   }
@@ -444,13 +456,8 @@ static itr_err gram_cols(const itr_dist_grid *g, int64_t T, int64_t d, const flo
   s.grid = g, s.d = d, s.T = T, s.x = x, s.y = y, s.a = a, s.b = b, s.wide = y && b != 0.0;
   s.mloc = numroc_(&di, &mb, &g->myrow, &zero, &pr), s.nloc = numroc_(&di, &mb, &g->mycol, &zero, &pc);
   int64_t tmax = 1;
-  itr_err e = itr_calloc((size_t)size, sizeof(int64_t), "row counts", &s.Ts);
-  if (e == ITR_OK) e = itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &s.cnt);
-  e = itr_dist_agree(g->comm, e);
-  if (e == ITR_OK && MPI_Allgather(&T, 1, MPI_INT64_T, s.Ts, 1, MPI_INT64_T, g->comm) != MPI_SUCCESS)
-    e = itr_error_set(ITR_ERR_INTERNAL, "gram_rows: MPI_Allgather of the row counts failed");
-  for (int p = 0; e == ITR_OK && p < size; p++)
-    if (s.Ts[p] > tmax) tmax = s.Ts[p];
+  itr_err e = gather_row_counts(g, T, &s.Ts, &tmax, "gram_rows");
+  if (e == ITR_OK) e = itr_dist_agree(g->comm, itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &s.cnt));
   /* rows per rank per round: A_r and A_c within 4 panels' bytes */
   const int same = pr == pc && g->myrow == g->mycol;
   int64_t cols_max = 0; /* the largest A_r + A_c over the processes, so that every rank agrees on R */
@@ -509,16 +516,9 @@ itr_err itr_dist_kernel_rows(const itr_dist_grid *grid, int64_t T, int64_t d, co
   int *cnt = NULL;
   float *sbuf = NULL, *rbuf = NULL;
   double *zq = NULL;
-  itr_err e = itr_calloc((size_t)size, sizeof(int64_t), "row counts", &Ts);
-  if (e == ITR_OK) e = itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &cnt);
-  e = itr_dist_agree(grid->comm, e);
+  itr_err e = gather_row_counts(grid, T, &Ts, &tmax, "kernel_rows");
+  if (e == ITR_OK) e = itr_dist_agree(grid->comm, itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &cnt));
   if (e != ITR_OK) goto done;
-  if (MPI_Allgather(&T, 1, MPI_INT64_T, Ts, 1, MPI_INT64_T, grid->comm) != MPI_SUCCESS) {
-    e = itr_error_set(ITR_ERR_INTERNAL, "kernel_rows: MPI_Allgather of the row counts failed");
-    goto done;
-  }
-  for (int p = 0; p < size; p++)
-    if (Ts[p] > tmax) tmax = Ts[p];
   const int64_t n = (int64_t)size * tmax; /* rank p's row t is row p tmax + t; the others are zero */
   /* columns [c0(q), c0(q + 1)) go to rank q: every rank's rows of them, in float32 */
 #define C0(q) (d * (int64_t)(q) / size)
@@ -528,15 +528,7 @@ itr_err itr_dist_kernel_rows(const itr_dist_grid *grid, int64_t T, int64_t d, co
                       "2^31 values move", K->m, K->n, (long long)n, (long long)n, (long long)n);
   if (e == ITR_OK) e = scratch(SCR_ROWS, (size_t)(n * dq) + 1, &zq);
   if (e == ITR_OK && size == 1) { /* one process: the rows straight into zq, 16 at a time */
-    for (int64_t t0 = 0; t0 < T; t0 += 16) {
-      const int64_t tn = T - t0 < 16 ? T - t0 : 16;
-      for (int64_t j = 0; j < d; j++) {
-        double *col = zq + j * n + t0;
-        for (int64_t r = 0; r < tn; r++)
-          col[r] = y && b != 0.0 ? a * (double)x[(t0 + r) * d + j] + b * (double)y[(t0 + r) * d + j]
-                                 : a * (double)x[(t0 + r) * d + j];
-      }
-    }
+    rows_to_columns(x, a, y, b, T, d, zq, n);
     if (T == 0) memset(zq, 0, (size_t)(n * dq) * sizeof(double));
     e = sum_syrk(grid, n, dq, zq, n, K);
     goto done;
