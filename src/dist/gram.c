@@ -241,6 +241,14 @@ void itr_dist_scratch_release(void) {
   for (int k = 0; k < SCR_N; k++) free(scratch_[k]), scratch_[k] = NULL, scratch_n_[k] = 0;
 }
 
+/* The first global row >= j0 (a multiple of mb) in process row r's blocks: the start of its first block
+ * there (n or beyond if none). */
+static int64_t first_block_row(int64_t j0, int mb, int r, int pr) {
+  int64_t b = j0 / mb; /* the first block at or below j0 */
+  b += ((r - b) % pr + pr) % pr;
+  return b * mb;
+}
+
 /* C (n, n) lower = sum over the ranks of A_p A_p^T, A_p (n, k) column-major (lda) this rank's operand:
  * one dsyrk on one process; else panels of w columns of C, rows [j0, n) of each from A_p (the diagonal
  * block by dsyrk, the rows below by dgemm: n^2 k flops in all), each owner's share packed in the order
@@ -281,14 +289,15 @@ static itr_err sum_syrk(const itr_dist_grid *grid, int64_t n, int64_t k, const d
         cblas_dgemm(CblasColMajor, CblasNoTrans, CblasTrans, (int)(n - j0 - wp), (int)wp, (int)k, 1.0, A + j0 + wp,
                     (int)lda, A + j0, (int)lda, 0.0, gp + j0 + wp, ni);
     }
+    /* only the rows from j0 on (a multiple of mb): the blocks above the panel are zero */
     int64_t at = 0;
     for (int q = 0; q < size; q++) {
       const int r = q / pc, c = q % pc;
-      const int64_t start = at;
+      const int64_t start = at, first = first_block_row(j0, mb, r, pr);
       for (int64_t gj = j0; gj < j0 + wp; gj++) {
         if ((gj / mb) % pc != c) continue;
         const double *col = gp + (gj - j0) * n;
-        for (int64_t g0 = (int64_t)r * mb; g0 < n; g0 += (int64_t)mb * pr) {
+        for (int64_t g0 = first; g0 < n; g0 += (int64_t)mb * pr) {
           const int64_t g1 = g0 + mb < n ? g0 + mb : n;
           memcpy(sbuf + at, col + g0, (size_t)(g1 - g0) * sizeof(double));
           at += g1 - g0;
@@ -305,10 +314,12 @@ static itr_err sum_syrk(const itr_dist_grid *grid, int64_t n, int64_t k, const d
     memcpy(rbuf, xbuf, (size_t)mine * sizeof(double));
     for (int q = 1; q < size; q++)
       for (int t = 0; t < mine; t++) rbuf[t] += xbuf[(size_t)q * (size_t)mine + (size_t)t];
-    int64_t got = 0; /* my columns of the panel, each my_rows long, into the local array */
-    for (int64_t gj = j0; gj < j0 + wp; gj++) {
+    /* my columns of the panel into the local array, each from local row lr0 (global j0) on */
+    const int64_t lr0 = g2l(first_block_row(j0, mb, grid->myrow, pr), mb, pr), len = my_rows - lr0;
+    int64_t got = 0;
+    for (int64_t gj = j0; len > 0 && gj < j0 + wp; gj++) {
       if ((gj / mb) % pc != grid->mycol) continue;
-      memcpy(C->a + g2l(gj, mb, pc) * C->lld, rbuf + got * my_rows, (size_t)my_rows * sizeof(double));
+      memcpy(C->a + g2l(gj, mb, pc) * C->lld + lr0, rbuf + got * len, (size_t)len * sizeof(double));
       got++;
     }
   }
@@ -533,48 +544,37 @@ itr_err itr_dist_kernel_rows(const itr_dist_grid *grid, int64_t T, int64_t d, co
     e = sum_syrk(grid, n, dq, zq, n, K);
     goto done;
   }
+  const int two = y && b != 0.0; /* then y's rows travel too, into the second half of the receive buffer */
   double *sb = NULL, *rb = NULL; /* float32 buffers in the kept workspace */
   if (e == ITR_OK) e = scratch(SCR_ROWS_SEND, (size_t)(T * d) / 2 + 1, &sb);
-  if (e == ITR_OK) e = scratch(SCR_ROWS_RECV, (size_t)(n * dq) / 2 + 1, &rb);
+  if (e == ITR_OK) e = scratch(SCR_ROWS_RECV, (size_t)(n * dq) * (two ? 2 : 1) / 2 + 1, &rb);
   sbuf = (float *)sb;
   rbuf = (float *)rb;
   e = itr_dist_agree(grid->comm, e);
   if (e != ITR_OK) goto done;
   int *scount = cnt, *sdispl = cnt + size, *rcount = cnt + 2 * size, *rdispl = cnt + 3 * size;
-  for (int q = 0, o = 0; q < size; q++) { /* to q: my T rows of its columns, row by row */
-    const int64_t w = C0(q + 1) - C0(q);
-    for (int64_t t = 0; t < T; t++) memcpy(sbuf + o + t * w, x + t * d + C0(q), (size_t)w * sizeof(float));
-    scount[q] = (int)(T * w), sdispl[q] = o, o += (int)(T * w);
-  }
   for (int p = 0, o = 0; p < size; p++) rcount[p] = (int)(Ts[p] * dq), rdispl[p] = o, o += rcount[p];
-  if (MPI_Alltoallv(sbuf, scount, sdispl, MPI_FLOAT, rbuf, rcount, rdispl, MPI_FLOAT, grid->comm) != MPI_SUCCESS) {
-    e = itr_error_set(ITR_ERR_INTERNAL, "kernel_rows: MPI_Alltoallv of the rows failed");
-    goto done;
-  }
-  if (y && b != 0.0) { /* the second term, the same way, added in float64 below */
-    for (int q = 0, o = 0; q < size; q++) {
+  for (int v = 0; v <= two; v++) {
+    const float *src = v ? y : x;
+    for (int q = 0, o = 0; q < size; q++) { /* to q: my T rows of its columns, row by row */
       const int64_t w = C0(q + 1) - C0(q);
-      for (int64_t t = 0; t < T; t++) memcpy(sbuf + o + t * w, y + t * d + C0(q), (size_t)w * sizeof(float));
-      o += (int)(T * w);
+      for (int64_t t = 0; t < T; t++) memcpy(sbuf + o + t * w, src + t * d + C0(q), (size_t)w * sizeof(float));
+      scount[q] = (int)(T * w), sdispl[q] = o, o += (int)(T * w);
     }
-  }
-  /* zq (n, dq) column-major: a x (+ b y) of every rank's rows, zero rows between the ranks' */
-  memset(zq, 0, (size_t)(n * dq) * sizeof(double));
-  for (int p = 0; p < size; p++)
-    for (int64_t t = 0; t < Ts[p]; t++) {
-      const float *in = rbuf + rdispl[p] + t * dq;
-      for (int64_t j = 0; j < dq; j++) zq[j * n + (int64_t)p * tmax + t] = a * (double)in[j];
-    }
-  if (y && b != 0.0) {
-    if (MPI_Alltoallv(sbuf, scount, sdispl, MPI_FLOAT, rbuf, rcount, rdispl, MPI_FLOAT, grid->comm) != MPI_SUCCESS) {
+    if (MPI_Alltoallv(sbuf, scount, sdispl, MPI_FLOAT, rbuf + (size_t)v * (size_t)(n * dq), rcount, rdispl, MPI_FLOAT,
+                      grid->comm) != MPI_SUCCESS) {
       e = itr_error_set(ITR_ERR_INTERNAL, "kernel_rows: MPI_Alltoallv of the rows failed");
       goto done;
     }
-    for (int p = 0; p < size; p++)
-      for (int64_t t = 0; t < Ts[p]; t++) {
-        const float *in = rbuf + rdispl[p] + t * dq;
-        for (int64_t j = 0; j < dq; j++) zq[j * n + (int64_t)p * tmax + t] += b * (double)in[j];
-      }
+  }
+  /* zq (n, dq) column-major: a x (+ b y) of every rank's rows (each source's (T_p, dq) row-major block
+   * transposed 16 rows at a time), zero rows between the ranks' */
+  for (int p = 0; p < size; p++) {
+    const float *in = rbuf + rdispl[p];
+    rows_to_columns(in, a, two ? in + n * dq : NULL, b, Ts[p], dq, zq + (int64_t)p * tmax, n);
+    if (Ts[p] < tmax)
+      for (int64_t j = 0; j < dq; j++)
+        memset(zq + j * n + (int64_t)p * tmax + Ts[p], 0, (size_t)(tmax - Ts[p]) * sizeof(double));
   }
 #undef C0
   e = sum_syrk(grid, n, dq, zq, n, K);
