@@ -79,18 +79,21 @@ def layer_cost(a, k, system="auto"):
             # iteration 1: the tasks' norms are blocks of the kernel; then ||Xt_i'^T Xt_i'|| and ||X_i^T Xt_i'||
             # through kernels of each task's rows (three (n_i, n_i) kernels, logged under ItrGram)
             f["norms"] += 0 if k == 1 else N * 3 * n_i * n_i * d
-            sent += share * (4.0 * (n / P) * d * (1 if k == 1 else 2) + 8.0 * npad * npad)  # rows, partial kernel
+            sent += share * (4.0 * (n / P) * d * (1 if k == 1 else 2) + 4.0 * npad * npad)  # rows, partial kernel (lower)
             for _ in mods:
                 f["solve"] += npad ** 3 / 3 + 4 * npad * npad * R + 4 * npad * d * R + 2 * npad * d * r
             mem_site = 8.0 * 2 * npad * npad / P + 8.0 * 2 * npad * R
         else:
             f["gram"] += N * n_i * d * (d + 1)
             f["norms"] += N * 2 * n_i * n_i * d if k >= 2 else 0  # ||X^T Xt'|| through kernels (logged, ItrGram)
-            if getattr(a, "gram_exchange", "columns") == "partial":
-                sent += share * N * 8.0 * d * d  # each task's partial Gram to the owners (itr_dist_gram_rows)
-            else:  # the rows' columns to the Gram's owners: each goes to the processes of its row or column block
-                pr = grid_rows(P)
-                u = 1 / pr + 1 / (P // pr) - 1 / P
+            pr = grid_rows(P)
+            u = 1 / pr + 1 / (P // pr) - 1 / P  # the share of the columns a process needs
+            how = getattr(a, "gram_exchange", "auto")
+            if how == "auto":  # itr_dist_gram_rows: columns when under half the partials' bytes
+                how = "columns" if (2 if k == 1 else 4) * n_i * u < d else "partial"
+            if how == "partial":  # each task's partial Gram's lower triangle to the owners
+                sent += share * N * 4.0 * d * d
+            else:  # each task's rows' columns to the Gram's owners, float32 (x, and Xt' from k = 2)
                 sent += share * 4.0 * n * d * u * (1 if k == 1 else 2)
             if k >= 2:
                 sent += share * 8.0 * (n / P) * d * 2  # X and Xt' into the layout for the cross norm
@@ -194,7 +197,7 @@ def main():
     c.add_argument("--iters", type=int, default=1)
     c.add_argument("--np", type=int, default=2)
     c.add_argument("--system", default="auto", choices=["auto", "inputs", "tokens"])
-    c.add_argument("--gram_exchange", default="columns", choices=["columns", "partial"])
+    c.add_argument("--gram_exchange", default="auto", choices=["auto", "columns", "partial"])
     c.add_argument("--check", help="a -log_view log of the same case")
     q = sub.add_parser("project")
     q.add_argument("--iters", type=int, default=10)

@@ -1,8 +1,8 @@
 /* merge_bench: the merge's two heavy phases on the path the product runs (src/pipeline/site.c),
  * against dgemm measured in the same run, on a BLACS grid over all ranks:
  *   stats  itr_dist_gram_rows (every rank's T rows of X: their columns gathered to the owners of
- *          the Gram's blocks, or with -gram_exchange partial each rank's partial Gram summed by
- *          the owners) + itr_dist_frob2                                 n d (d + 1) flops, n = P T
+ *          the Gram's blocks, or each rank's partial Gram summed by the owners: -gram_exchange,
+ *          auto by default) + itr_dist_frob2                                 n d (d + 1) flops, n = P T
  *   solve  itr_dist_solve_spd: pdpotrf, pdpotrs with R right-hand sides and the residual (pdsymm)
  *                                                                        d^3 / 3 + 4 d^2 R flops
  *   dgemm  on every rank at once, C (d, d) += X^T X with X (T, d)         2 T d^2 flops per rank
@@ -12,7 +12,7 @@
  * Rates are per rank; "vs dgemm" divides by the dgemm rate per rank measured in this run (the same
  * threads, the same machine load), so the ratio is what the phase keeps of the machine's BLAS.
  * Usage: mpirun -np P merge_bench [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1] [-grid_rows 0 (squarest)]
- *                                   [-gram_exchange columns | partial]
+ *                                   [-gram_exchange auto | columns | partial]
  * Threads: OPENBLAS_NUM_THREADS (1 per rank for MPI runs). Prints a Markdown table on rank 0. */
 #include <cblas.h>
 #include <math.h>
@@ -53,30 +53,31 @@ int main(int argc, char **argv) {
   itr_log_set_quiet(1);
   char dlist[256] = "4096,8192,14336";
   long T = 2048, R = 64;
-  int reps = 1, grid_rows = 0, partial = 0;
+  int reps = 1, grid_rows = 0, partial = 2; /* 0 columns, 1 partial, 2 auto */
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "-d")) snprintf(dlist, sizeof dlist, "%s", argv[i + 1]);
     else if (!strcmp(argv[i], "-T")) T = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "-R")) R = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "-reps")) reps = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "-grid_rows")) grid_rows = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "-gram_exchange") && (!strcmp(argv[i + 1], "columns") || !strcmp(argv[i + 1], "partial")))
-      partial = !strcmp(argv[i + 1], "partial");
+    else if (!strcmp(argv[i], "-gram_exchange") && (!strcmp(argv[i + 1], "columns") || !strcmp(argv[i + 1], "partial") ||
+                                                     !strcmp(argv[i + 1], "auto")))
+      partial = !strcmp(argv[i + 1], "partial") ? 1 : !strcmp(argv[i + 1], "columns") ? 0 : 2;
     else {
       if (rank == 0) fprintf(stderr, "usage: %s [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1] [-grid_rows 0] "
-                        "[-gram_exchange columns|partial]\n", argv[0]);
+                        "[-gram_exchange auto|columns|partial]\n", argv[0]);
       MPI_Finalize();
       return 2;
     }
   }
-  itr_dist_gram_rows_exchange(partial ? ITR_GRAM_PARTIAL : ITR_GRAM_COLUMNS);
+  itr_dist_gram_rows_exchange(partial == 1 ? ITR_GRAM_PARTIAL : partial == 0 ? ITR_GRAM_COLUMNS : ITR_GRAM_AUTO);
   itr_dist_grid *grid = NULL;
   if (itr_dist_grid_create_shape(MPI_COMM_WORLD, 0, grid_rows, &grid) != ITR_OK) return fail(rank, "grid");
   const char *thr = getenv("OPENBLAS_NUM_THREADS");
   if (rank == 0) {
     printf("%d rank(s), grid %d x %d, block %d, OPENBLAS_NUM_THREADS %s; T = %ld rows per rank, R = %ld right-hand "
            "sides, best of %d; Gram exchange: %s; GFLOP/s per rank\n\n",
-           size, grid->nprow, grid->npcol, grid->mb, thr ? thr : "(default)", T, R, reps, partial ? "partial" : "columns");
+           size, grid->nprow, grid->npcol, grid->mb, thr ? thr : "(default)", T, R, reps, partial == 1 ? "partial" : partial == 0 ? "columns" : "auto");
     printf("| d_in | dgemm | stats (gram_rows + norm) | stats s | solve (pdpotrf + pdpotrs + residual) | solve s | "
            "stats vs dgemm | solve vs dgemm | sgemm |\n");
     printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");

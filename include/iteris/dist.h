@@ -126,12 +126,15 @@ itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, cons
 itr_err itr_dist_kernel_rows(const itr_dist_grid *grid, int64_t T, int64_t d, const float *x, double a, const float *y,
                              double b, itr_dist_matrix *K);
 /* How itr_dist_gram_rows moves data between ranks [same on all ranks; not Collective]:
- * ITR_GRAM_COLUMNS (the default): every rank's rows go, in the columns each owner needs (float32), to
- *   the owners of C's blocks, which form them by dgemm: n d (1 / nprow + 1 / npcol) values per rank
- *   for n rows, shrinking with the ranks;
- * ITR_GRAM_PARTIAL: each rank forms the whole partial (d, d) Gram of its own rows and the partials are
- *   summed by their owners: d^2 doubles per rank at every rank count, no row moves. */
-typedef enum { ITR_GRAM_COLUMNS = 0, ITR_GRAM_PARTIAL = 1 } itr_gram_exchange;
+ * ITR_GRAM_COLUMNS: every rank's rows go, in the columns each owner needs (float32), to the owners of
+ *   C's blocks, which form them by dgemm: about 4 n d u bytes per rank for n rows (u = 1/nprow +
+ *   1/npcol - 1/size, the share of the columns a process needs; twice that with y), shrinking with
+ *   the ranks;
+ * ITR_GRAM_PARTIAL: each rank forms the partial (d, d) Gram of its own rows and the partials' lower
+ *   triangles are summed by their owners: about 4 d^2 bytes per rank at every rank count;
+ * ITR_GRAM_AUTO (the default): columns when their bytes are under half the partials' (2 n u < d, or
+ *   4 n u < d with y), else partial (measured at 2 ranks: results/scaling.md). */
+typedef enum { ITR_GRAM_AUTO = 0, ITR_GRAM_COLUMNS = 1, ITR_GRAM_PARTIAL = 2 } itr_gram_exchange;
 void itr_dist_gram_rows_exchange(itr_gram_exchange how);
 /* The largest partial panel of itr_dist_gram_rows in bytes (0: the default, 64 MiB) [same on all
  * ranks]; for tests. Not Collective. */

@@ -48,7 +48,7 @@ typedef struct {
   int solve_groups; /* process groups solving different modules at once */
   int stages;       /* pipeline stages: process groups holding contiguous ranges of layers */
   int block_size;   /* -block_size: ScaLAPACK's block size mb (0: ITR_DIST_MB_DEFAULT) */
-  char gram_exchange[16]; /* -gram_exchange: columns | partial (itr_dist_gram_rows_exchange) */
+  char gram_exchange[16]; /* -gram_exchange: auto | columns | partial (itr_dist_gram_rows_exchange) */
   int grid_rows;    /* -grid_rows: process rows of the ScaLAPACK grid (0: itr_dist_grid_shape's) */
   int plots;        /* -plots: write convergence.png (gnuplot) beside merge_report.json */
   int fidelity_per_iter; /* -fidelity_per_iter: with -heldout and several iterations, measure the fidelity after

@@ -83,10 +83,11 @@ static const opt_entry table_[] = {
     {"grid_rows", T_INT, OFF(m.grid_rows), 0, 0, "0", U_MERGE | U_FEATURES,
      "process rows of the ScaLAPACK grid (a divisor of the rank count, or of each stage's with -stages); 0: the "
      "squarest grid with rows <= columns (1 x 2, 2 x 2, 2 x 4, 4 x 4, ...)"},
-    {"gram_exchange", T_STR, OFF(m.gram_exchange), 0, sizeof(((itr_options *)0)->m.gram_exchange), "columns", U_MERGE,
-     "columns | partial: how the Grams of input sites are formed over several ranks: every rank's rows go, in the "
-     "columns each process needs, to the owners of the Gram's blocks (bytes per rank shrink with the ranks), or each "
-     "rank forms a whole partial Gram of its rows and the partials are summed (d_in^2 per rank, no rows move)"},
+    {"gram_exchange", T_STR, OFF(m.gram_exchange), 0, sizeof(((itr_options *)0)->m.gram_exchange), "auto", U_MERGE,
+     "auto | columns | partial: how the Grams of input sites are formed over several ranks: every rank's rows go, in "
+     "the columns each process needs, to the owners of the Gram's blocks (bytes per rank shrink with the ranks), or each "
+     "rank forms the partial Gram of its rows and the partials are summed (d_in^2 / 2 values per rank, no rows move); "
+     "auto takes columns when they move under half the bytes (results/scaling.md)"},
     {"plots", T_BOOL, OFF(m.plots), 0, 0, "1", U_MERGE,
      "write OUT/convergence.png (gnuplot): the solves' scaled residuals per iteration and module (0: no plot)"},
     {"fidelity_per_iter", T_BOOL, OFF(m.fidelity_per_iter), 0, 0, "1", U_METHOD,
@@ -539,8 +540,9 @@ itr_err itr_options_parse(itr_options *opt) {
       for (int i = 0; i < opt->m.n_adapters; i++) opt->m.manual_coef[i] = 1.0;
     ITR_CHECK(opt->m.block_size >= 16 && opt->m.block_size <= 1024, ITR_ERR_INPUT,
               "-block_size must be in 16..1024, got %d", opt->m.block_size);
-    ITR_CHECK(!strcmp(opt->m.gram_exchange, "columns") || !strcmp(opt->m.gram_exchange, "partial"), ITR_ERR_INPUT,
-              "-gram_exchange must be columns or partial, got '%s'", opt->m.gram_exchange);
+    ITR_CHECK(!strcmp(opt->m.gram_exchange, "auto") || !strcmp(opt->m.gram_exchange, "columns") ||
+                  !strcmp(opt->m.gram_exchange, "partial"),
+              ITR_ERR_INPUT, "-gram_exchange must be auto, columns or partial, got '%s'", opt->m.gram_exchange);
     const char *sy = opt->m.system;
     ITR_CHECK(!strcmp(sy, "auto") || !strcmp(sy, "inputs") || !strcmp(sy, "tokens"), ITR_ERR_INPUT,
               "-system must be auto, inputs or tokens, got '%s'", sy);

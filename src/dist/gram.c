@@ -329,7 +329,7 @@ static itr_err sum_syrk(const itr_dist_grid *grid, int64_t n, int64_t k, const d
 
 /* ---- the Gram from columns gathered to their owners -------------------------------------------- */
 
-static itr_gram_exchange gram_exchange_ = ITR_GRAM_COLUMNS;
+static itr_gram_exchange gram_exchange_ = ITR_GRAM_AUTO;
 
 void itr_dist_gram_rows_exchange(itr_gram_exchange how) { gram_exchange_ = how; }
 
@@ -505,7 +505,15 @@ itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, cons
                            double b, itr_dist_matrix *C) {
   ITR_CHECK(C->grid == grid && C->m == d && C->n == d && T >= 0 && (T == 0 || x), ITR_ERR_INTERNAL,
             "gram_rows: C is %d x %d for rows of %lld (C must be d x d on the grid)", C->m, C->n, (long long)d);
-  if (grid->size > 1 && gram_exchange_ == ITR_GRAM_COLUMNS) {
+  int cols = grid->size > 1 && gram_exchange_ == ITR_GRAM_COLUMNS;
+  if (grid->size > 1 && gram_exchange_ == ITR_GRAM_AUTO) { /* the bytes of each way (itr_gram_exchange) */
+    int64_t n = T;
+    if (MPI_Allreduce(MPI_IN_PLACE, &n, 1, MPI_INT64_T, MPI_SUM, grid->comm) != MPI_SUCCESS)
+      return itr_error_set(ITR_ERR_INTERNAL, "gram_rows: MPI_Allreduce of the row count failed");
+    const double u = 1.0 / grid->nprow + 1.0 / grid->npcol - 1.0 / grid->size;
+    cols = (y && b != 0.0 ? 4.0 : 2.0) * (double)n * u < (double)d;
+  }
+  if (cols) {
     itr_err e = gram_cols(grid, T, d, x, a, y, b, C);
     if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
     return ITR_OK;

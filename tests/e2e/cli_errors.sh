@@ -30,7 +30,7 @@ expect 2 "-system tokens needs a system that is a Gram of rows plus a ridge" "${
 expect 2 "-block_size must be in 16..1024, got 8" "${base[@]}" -block_size 8
 expect 2 "-grid_rows 3 does not divide the 2 ranks" "${base[@]}" -grid_rows 3
 expect 2 "option -grid_rows: -1 is out of range" "${base[@]}" -grid_rows -1
-expect 2 "-gram_exchange must be columns or partial, got 'rows'" "${base[@]}" -gram_exchange rows
+expect 2 "-gram_exchange must be auto, columns or partial, got 'rows'" "${base[@]}" -gram_exchange rows
 expect 2 "cannot read the job file" -options_file "$W/nope.yaml"
 # job files PETSc cannot read (issue 13, defect 3: banner and a hang, or "exiting improperly"): exit 2 naming file and line
 mkdir -p "$W/jobdir.yaml"

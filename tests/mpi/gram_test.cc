@@ -178,7 +178,7 @@ TEST(DistGram, GramOfRowsMatchesFloat64Loops) {
           EXPECT_LT(max_rel(out, R.product(2.0, 0.0, 2.0, 0.0), c.d, true), 1e-13)
               << c.n << " x " << c.d << " how " << how << " grid rows " << rows << " small " << small;
           itr_dist_gram_rows_panel(0);
-          itr_dist_gram_rows_exchange(ITR_GRAM_COLUMNS);
+          itr_dist_gram_rows_exchange(ITR_GRAM_AUTO);
           itr_dist_matrix_fini(&G);
           itr_dist_grid_destroy(g);
         }
