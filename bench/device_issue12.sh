@@ -10,6 +10,7 @@
 #   01_merge_bench_np{1,16}_{columns,partial}.md   statistics and solve against the same-run dgemm
 #   02_scaling.md    bench/scaling.sh at NPS (1 2 4 8 16): wall, stages, speed-up, efficiency
 #   03_np16_*.log    np 16 with -gram_exchange partial, -grid_rows 2 and 1, -block_size 128 and 32 (-log_view)
+#   04_scaling_2layers.md   two layers at np 1 and 16, if time is left
 # Local try (packages installed, no bundle): BUNDLE=0 NPS="1 2" VARIANT_NP=2 OUT=/tmp/dev bash bench/device_issue12.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,4 +61,12 @@ for v in "-gram_exchange partial" "-grid_rows 2" "-grid_rows 1" "-block_size 128
     -calib "$C" -max_iter 1 -plots 0 -out "$CASE/merged_variant" -log_view $v \
     >"$OUT/03_np${VARIANT_NP}_$(echo "$v" | tr -d ' -').log" 2>&1
 done
+# 4. the steady state: two layers (the first layer's fresh buffers amortised), np 1 and the largest count
+if [ $(($(date +%s) - t0)) -lt 430 ]; then
+  step "scaling LAYERS=2 NPS=1 $np_max"
+  NPS="1 $np_max" LAYERS=2 BIND="--bind-to none $X" PNG="$OUT/04_scaling_2layers.png" timeout 140 bash bench/scaling.sh \
+    >"$OUT/04_scaling_2layers.md" 2>&1
+else
+  step "out of time: the two-layer run not made"
+fi
 step "done"
