@@ -1,7 +1,10 @@
 /* Statistics of tall matrices whose rows are spread over the ranks, formed straight in the
- * block-cyclic layout the solve uses: rows enter with one MPI_Alltoallv, packed for their owners,
- * Grams are pdsyrk / pdgemm, norms are local sums and one all-reduce. No rank ever holds a whole
- * (d, d) matrix: memory per rank is d^2 / size per matrix plus its share of the rows. */
+ * block-cyclic layout the solve uses. Rows enter the layout with one MPI_Alltoallv, packed for their
+ * owners (itr_dist_rows_create; Grams of those by pdsyrk / pdgemm). The Grams of the merge are formed
+ * from the rows where they are (itr_dist_gram_rows: the rows' columns gathered to the Gram's owners,
+ * gram_cols, or partial Grams summed by the owners, sum_syrk; itr_dist_kernel_rows: partial kernels).
+ * Norms are local sums and one all-reduce. No rank ever holds a whole (d, d) matrix of the layout:
+ * memory per rank is d^2 / size per matrix, its share of the rows, and the kept exchange buffers. */
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
