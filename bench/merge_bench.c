@@ -53,16 +53,17 @@ int main(int argc, char **argv) {
   itr_log_set_quiet(1);
   char dlist[256] = "4096,8192,14336";
   long T = 2048, R = 64;
-  int reps = 1, grid_rows = 0, partial = 2; /* 0 columns, 1 partial, 2 auto */
+  int reps = 1, grid_rows = 0;
+  itr_gram_exchange how = ITR_GRAM_AUTO;
+  const char *how_name = "auto";
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "-d")) snprintf(dlist, sizeof dlist, "%s", argv[i + 1]);
     else if (!strcmp(argv[i], "-T")) T = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "-R")) R = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "-reps")) reps = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "-grid_rows")) grid_rows = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "-gram_exchange") && (!strcmp(argv[i + 1], "columns") || !strcmp(argv[i + 1], "partial") ||
-                                                     !strcmp(argv[i + 1], "auto")))
-      partial = !strcmp(argv[i + 1], "partial") ? 1 : !strcmp(argv[i + 1], "columns") ? 0 : 2;
+    else if (!strcmp(argv[i], "-gram_exchange") && itr_dist_gram_exchange_parse(argv[i + 1], &how))
+      how_name = argv[i + 1];
     else {
       if (rank == 0) fprintf(stderr, "usage: %s [-d 4096,8192,14336] [-T 2048] [-R 64] [-reps 1] [-grid_rows 0] "
                         "[-gram_exchange auto|columns|partial]\n", argv[0]);
@@ -70,14 +71,14 @@ int main(int argc, char **argv) {
       return 2;
     }
   }
-  itr_dist_gram_rows_exchange(partial == 1 ? ITR_GRAM_PARTIAL : partial == 0 ? ITR_GRAM_COLUMNS : ITR_GRAM_AUTO);
+  itr_dist_gram_rows_exchange(how);
   itr_dist_grid *grid = NULL;
   if (itr_dist_grid_create_shape(MPI_COMM_WORLD, 0, grid_rows, &grid) != ITR_OK) return fail(rank, "grid");
   const char *thr = getenv("OPENBLAS_NUM_THREADS");
   if (rank == 0) {
     printf("%d rank(s), grid %d x %d, block %d, OPENBLAS_NUM_THREADS %s; T = %ld rows per rank, R = %ld right-hand "
            "sides, best of %d; Gram exchange: %s; GFLOP/s per rank\n\n",
-           size, grid->nprow, grid->npcol, grid->mb, thr ? thr : "(default)", T, R, reps, partial == 1 ? "partial" : partial == 0 ? "columns" : "auto");
+           size, grid->nprow, grid->npcol, grid->mb, thr ? thr : "(default)", T, R, reps, how_name);
     printf("| d_in | dgemm | stats (gram_rows + norm) | stats s | solve (pdpotrf + pdpotrs + residual) | solve s | "
            "stats vs dgemm | solve vs dgemm | sgemm |\n");
     printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");

@@ -136,6 +136,8 @@ itr_err itr_dist_kernel_rows(const itr_dist_grid *grid, int64_t T, int64_t d, co
  *   4 n u < d with y), else partial (measured at 2 ranks: results/scaling.md). */
 typedef enum { ITR_GRAM_AUTO = 0, ITR_GRAM_COLUMNS = 1, ITR_GRAM_PARTIAL = 2 } itr_gram_exchange;
 void itr_dist_gram_rows_exchange(itr_gram_exchange how);
+/* *out = the way named "auto", "columns" or "partial"; returns 0 (out untouched) for any other name. */
+int itr_dist_gram_exchange_parse(const char *name, itr_gram_exchange *out);
 /* The largest partial panel of itr_dist_gram_rows in bytes (0: the default, 64 MiB) [same on all
  * ranks]; for tests. Not Collective. */
 void itr_dist_gram_rows_panel(size_t bytes);

@@ -540,9 +540,9 @@ itr_err itr_options_parse(itr_options *opt) {
       for (int i = 0; i < opt->m.n_adapters; i++) opt->m.manual_coef[i] = 1.0;
     ITR_CHECK(opt->m.block_size >= 16 && opt->m.block_size <= 1024, ITR_ERR_INPUT,
               "-block_size must be in 16..1024, got %d", opt->m.block_size);
-    ITR_CHECK(!strcmp(opt->m.gram_exchange, "auto") || !strcmp(opt->m.gram_exchange, "columns") ||
-                  !strcmp(opt->m.gram_exchange, "partial"),
-              ITR_ERR_INPUT, "-gram_exchange must be auto, columns or partial, got '%s'", opt->m.gram_exchange);
+    itr_gram_exchange how;
+    ITR_CHECK(itr_dist_gram_exchange_parse(opt->m.gram_exchange, &how), ITR_ERR_INPUT,
+              "-gram_exchange must be auto, columns or partial, got '%s'", opt->m.gram_exchange);
     const char *sy = opt->m.system;
     ITR_CHECK(!strcmp(sy, "auto") || !strcmp(sy, "inputs") || !strcmp(sy, "tokens"), ITR_ERR_INPUT,
               "-system must be auto, inputs or tokens, got '%s'", sy);

@@ -336,6 +336,16 @@ static itr_gram_exchange gram_exchange_ = ITR_GRAM_AUTO;
 
 void itr_dist_gram_rows_exchange(itr_gram_exchange how) { gram_exchange_ = how; }
 
+int itr_dist_gram_exchange_parse(const char *name, itr_gram_exchange *out) {
+  static const char *const names[] = {"auto", "columns", "partial"}; /* in the enum's order */
+  for (int k = 0; k < 3; k++)
+    if (name && !strcmp(name, names[k])) return *out = (itr_gram_exchange)k, 1;
+  return 0;
+}
+
+/* Rows of a rank holding Tp rows in the round that starts at its row t0 (R rows per rank per round). */
+static int64_t round_rows(int64_t Tp, int64_t t0, int64_t R) { return Tp - t0 < R ? (Tp - t0 > 0 ? Tp - t0 : 0) : R; }
+
 /* Process row r's column blocks or process column c's: the columns of Z that the owner (r, c) of C's
  * local blocks needs (C's row blocks of r and column blocks of c). */
 static int wants_block(int64_t k, int r, int pr, int c, int pc) { return k % pr == r || k % pc == c; }
@@ -347,7 +357,8 @@ static int wants_block(int64_t k, int r, int pr, int c, int pc) { return k % pr 
  * them 16 rows at a time into A_r and A_c. On the diagonal of a square grid A_c is A_r. */
 typedef struct {
   const itr_dist_grid *grid;
-  int64_t d, T, R, *Ts;
+  int64_t d, T, R;
+  const int64_t *Ts;                 /* every rank's row count */
   const float *x, *y;
   double a, b;
   int wide;                          /* y present: x and y both travel */
@@ -370,7 +381,7 @@ static itr_err cols_exchange(cols_round *s, int64_t t0) {
   const int size = g->size, mb = g->mb, pr = g->nprow, pc = g->npcol;
   const int64_t d = s->d, nv = s->wide ? 2 : 1;
   int *scount = s->cnt, *sdispl = s->cnt + size, *rcount = s->cnt + 2 * size, *rdispl = s->cnt + 3 * size;
-  const int64_t mine = s->T - t0 < s->R ? (s->T - t0 > 0 ? s->T - t0 : 0) : s->R;
+  const int64_t mine = round_rows(s->T, t0, s->R);
   const int64_t uw_me = union_width(d, mb, g->myrow, pr, g->mycol, pc);
   int64_t o = 0;
   for (int q = 0; q < size; q++) { /* to q: my rows of its columns, row by row, x then y */
@@ -390,7 +401,7 @@ static itr_err cols_exchange(cols_round *s, int64_t t0) {
   }
   s->n_r = 0;
   for (int p = 0, ro = 0; p < size; p++) {
-    const int64_t rp = s->Ts[p] - t0 < s->R ? (s->Ts[p] - t0 > 0 ? s->Ts[p] - t0 : 0) : s->R;
+    const int64_t rp = round_rows(s->Ts[p], t0, s->R);
     rcount[p] = (int)(rp * uw_me * nv), rdispl[p] = ro, ro += rcount[p];
     s->n_r += rp;
   }
@@ -402,7 +413,7 @@ static itr_err cols_exchange(cols_round *s, int64_t t0) {
   const int same = s->Ac == s->Ar;
   int64_t row0 = 0;
   for (int p = 0; p < size; p++) {
-    const int64_t rp = s->Ts[p] - t0 < s->R ? (s->Ts[p] - t0 > 0 ? s->Ts[p] - t0 : 0) : s->R;
+    const int64_t rp = round_rows(s->Ts[p], t0, s->R);
     const float *in = s->rbuf + rdispl[p], *iny = s->wide ? in + rp * uw_me : NULL;
     for (int64_t r0 = 0; r0 < rp; r0 += 16) {
       const int64_t rn = rp - r0 < 16 ? rp - r0 : 16;
@@ -433,28 +444,29 @@ static itr_err cols_exchange(cols_round *s, int64_t t0) {
 }
 
 /* C's local blocks on or below the diagonal (+)= A_r^T A_c: local column block jb (global block
- * jb pc + mycol) needs the local row blocks from ib0(jb) on (global block ib pr + myrow >= its own).
+ * jb pc + mycol) needs the local rows from first_lower_row on (global block ib pr + myrow >= its own).
  * Column blocks go four at a time: one dgemm for the rows all four need, one per block for the rest. */
+static int64_t first_lower_row(const itr_dist_grid *g, int64_t jb, int64_t mloc) {
+  const int64_t J = jb * g->npcol + g->mycol, ib = J <= g->myrow ? 0 : (J - g->myrow + g->nprow - 1) / g->nprow;
+  return ib * g->mb < mloc ? ib * g->mb : mloc;
+}
+
 static void cols_product(const itr_dist_grid *g, const cols_round *s, double beta, itr_dist_matrix *C) {
-  const int mb = g->mb, pr = g->nprow, pc = g->npcol;
+  const int mb = g->mb;
   const int64_t ld = s->n_r > 0 ? s->n_r : 1, nbc = (s->nloc + mb - 1) / mb, G = mb >= 256 ? 1 : 256 / mb;
-#define IB0(jb) ((int64_t)(jb) * pc + g->mycol <= g->myrow ? 0 : (((int64_t)(jb) * pc + g->mycol - g->myrow) + pr - 1) / pr)
-#define ROW0(jb) (IB0(jb) * mb < s->mloc ? IB0(jb) * mb : s->mloc)
   for (int64_t j0 = 0; j0 < nbc; j0 += G) {
     const int64_t j1 = j0 + G < nbc ? j0 + G : nbc, c0 = j0 * mb, c1 = j1 * mb < s->nloc ? j1 * mb : s->nloc;
-    const int64_t rl = ROW0(j1 - 1);
+    const int64_t rl = first_lower_row(g, j1 - 1, s->mloc);
     if (rl < s->mloc)
       cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, (int)(s->mloc - rl), (int)(c1 - c0), (int)s->n_r, 1.0,
                   s->Ar + rl * ld, (int)ld, s->Ac + c0 * ld, (int)ld, beta, C->a + c0 * C->lld + rl, C->lld);
     for (int64_t jb = j0; jb < j1 - 1; jb++) {
-      const int64_t r0 = ROW0(jb), b0 = jb * mb, b1 = (jb + 1) * mb;
+      const int64_t r0 = first_lower_row(g, jb, s->mloc), b0 = jb * mb, b1 = (jb + 1) * mb;
       if (r0 < rl)
         cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, (int)(rl - r0), (int)(b1 - b0), (int)s->n_r, 1.0,
                     s->Ar + r0 * ld, (int)ld, s->Ac + b0 * ld, (int)ld, beta, C->a + b0 * C->lld + r0, C->lld);
     }
   }
-#undef ROW0
-#undef IB0
 }
 
 /* C (d, d) lower = sum over the ranks' rows of z^T z, the columns of the rows gathered to C's owners:
@@ -462,16 +474,14 @@ static void cols_product(const itr_dist_grid *g, const cols_round *s, double bet
  * n d (1 / pr + 1 / pc) values for n rows: fewer bytes than a (d, d) partial per rank whenever
  * n < d / (1 / pr + 1 / pc) / 2) and forms its blocks by dgemm, in rounds of rows that bound the
  * operands to 4 panels' bytes. Collective on the grid. */
-static itr_err gram_cols(const itr_dist_grid *g, int64_t T, int64_t d, const float *x, double a, const float *y,
-                         double b, itr_dist_matrix *C) {
+static itr_err gram_cols(const itr_dist_grid *g, int64_t T, const int64_t *Ts, int64_t tmax, int64_t d, const float *x,
+                         double a, const float *y, double b, itr_dist_matrix *C) {
   const int size = g->size, mb = g->mb, pr = g->nprow, pc = g->npcol, zero = 0, di = (int)d;
   cols_round s;
   memset(&s, 0, sizeof s);
-  s.grid = g, s.d = d, s.T = T, s.x = x, s.y = y, s.a = a, s.b = b, s.wide = y && b != 0.0;
+  s.grid = g, s.d = d, s.T = T, s.Ts = Ts, s.x = x, s.y = y, s.a = a, s.b = b, s.wide = y && b != 0.0;
   s.mloc = numroc_(&di, &mb, &g->myrow, &zero, &pr), s.nloc = numroc_(&di, &mb, &g->mycol, &zero, &pc);
-  int64_t tmax = 1;
-  itr_err e = gather_row_counts(g, T, &s.Ts, &tmax, "gram_rows");
-  if (e == ITR_OK) e = itr_dist_agree(g->comm, itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &s.cnt));
+  itr_err e = itr_dist_agree(g->comm, itr_calloc((size_t)size * 4, sizeof(int), "exchange counts", &s.cnt));
   /* rows per rank per round: A_r and A_c within 4 panels' bytes */
   const int same = pr == pc && g->myrow == g->mycol;
   int64_t cols_max = 0; /* the largest A_r + A_c over the processes, so that every rank agrees on R */
@@ -499,7 +509,6 @@ static itr_err gram_cols(const itr_dist_grid *g, int64_t T, int64_t d, const flo
     e = itr_dist_agree(g->comm, cols_exchange(&s, t0));
     if (e == ITR_OK) cols_product(g, &s, t0 == 0 ? 0.0 : 1.0, C);
   }
-  free(s.Ts);
   free(s.cnt);
   return e;
 }
@@ -508,18 +517,17 @@ itr_err itr_dist_gram_rows(const itr_dist_grid *grid, int64_t T, int64_t d, cons
                            double b, itr_dist_matrix *C) {
   ITR_CHECK(C->grid == grid && C->m == d && C->n == d && T >= 0 && (T == 0 || x), ITR_ERR_INTERNAL,
             "gram_rows: C is %d x %d for rows of %lld (C must be d x d on the grid)", C->m, C->n, (long long)d);
-  int cols = grid->size > 1 && gram_exchange_ == ITR_GRAM_COLUMNS;
-  if (grid->size > 1 && gram_exchange_ == ITR_GRAM_AUTO) { /* the bytes of each way (itr_gram_exchange) */
-    int64_t n = T;
-    if (MPI_Allreduce(MPI_IN_PLACE, &n, 1, MPI_INT64_T, MPI_SUM, grid->comm) != MPI_SUCCESS)
-      return itr_error_set(ITR_ERR_INTERNAL, "gram_rows: MPI_Allreduce of the row count failed");
+  if (grid->size > 1 && gram_exchange_ != ITR_GRAM_PARTIAL) {
+    int64_t *Ts = NULL, tmax = 1, n = 0;
+    itr_err e = gather_row_counts(grid, T, &Ts, &tmax, "gram_rows");
+    for (int p = 0; e == ITR_OK && p < grid->size; p++) n += Ts[p];
+    /* auto: the bytes of each way (itr_gram_exchange) */
     const double u = 1.0 / grid->nprow + 1.0 / grid->npcol - 1.0 / grid->size;
-    cols = (y && b != 0.0 ? 4.0 : 2.0) * (double)n * u < (double)d;
-  }
-  if (cols) {
-    itr_err e = gram_cols(grid, T, d, x, a, y, b, C);
+    const int cols = gram_exchange_ == ITR_GRAM_COLUMNS || (y && b != 0.0 ? 4.0 : 2.0) * (double)n * u < (double)d;
+    if (e == ITR_OK && cols) e = gram_cols(grid, T, Ts, tmax, d, x, a, y, b, C);
+    free(Ts);
     if (e != ITR_OK) return itr_error_frame(e, __func__, __FILE__, __LINE__);
-    return ITR_OK;
+    if (cols) return ITR_OK;
   }
   /* this rank's rows in float64, row-major (T, d): column-major (d, T), whose A A^T is Z^T Z */
   double *z = NULL;

@@ -309,9 +309,9 @@ static itr_err setup(merge_ctx *c) {
     if (e == ITR_OK) e = merge_alloc_site_buffers(c);
   }
   ITR_TRY(itr_dist_agree(c->world, e));
-  itr_dist_gram_rows_exchange(!strcmp(o->gram_exchange, "columns")   ? ITR_GRAM_COLUMNS
-                              : !strcmp(o->gram_exchange, "partial") ? ITR_GRAM_PARTIAL
-                                                                     : ITR_GRAM_AUTO);
+  itr_gram_exchange how = ITR_GRAM_AUTO; /* -gram_exchange (checked by the options) */
+  (void)itr_dist_gram_exchange_parse(o->gram_exchange, &how);
+  itr_dist_gram_rows_exchange(how);
   ITR_TRY(itr_dist_agree(c->world, itr_dist_grid_create_shape(c->comm, o->block_size, o->grid_rows, &c->grid)));
   c->n_groups = o->solve_groups < c->size ? o->solve_groups : c->size;
   if (c->n_groups > 1) {
